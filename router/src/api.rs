@@ -1,0 +1,98 @@
+//! The seam between gateways and the router.
+//!
+//! A gateway core turns what a session's client sends into [`Command`]s and
+//! submits them through a [`crate::RouterHandle`]. The router answers with
+//! [`Delivery`]s, grouped per core and handed to the gateway's [`Outlet`] once
+//! per core per batch, so a core is woken once for everything a batch
+//! produced for it, never once per message.
+//!
+//! Every outbound frame is already a complete WebSocket binary frame
+//! (header and payload): a group message is encoded once and the same
+//! [`Bytes`] is queued on every recipient's session.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use courier_protocol::frame::ClientFrame;
+
+/// Names one session: the core that owns it, its slot in that core's slab,
+/// and the slot's generation. A slot reused by a later session has a new
+/// generation, so a delivery addressed to the old one is dropped by the core
+/// instead of reaching a stranger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// The gateway core (thread) that owns the session.
+    pub core: u16,
+    /// The session's slot in the core's slab.
+    pub slot: u32,
+    /// The slot's generation when the session was created.
+    pub generation: u32,
+}
+
+/// Who a session is: the authenticated user and device.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Device {
+    /// The user id (validated at authentication).
+    pub user: Arc<str>,
+    /// The device number within the user (from 1).
+    pub device: u32,
+}
+
+/// What a gateway core asks of the router.
+#[derive(Debug)]
+pub enum Command {
+    /// A session of `device` was authenticated and opened. Any older session
+    /// of the same device is closed with `REPLACED`. The router sends it
+    /// nothing live until its catch-up (`Sync`) completes.
+    Attach { session: SessionKey, device: Device },
+    /// The session ended (the router ignores a detach for a session that is
+    /// no longer the device's current one).
+    Detach { session: SessionKey, device: Device },
+    /// A client frame the router handles: `Send`, `Delivered`, `Read`,
+    /// `Sync` and the group frames. `received_at` is when the gateway read
+    /// it, the start of the SENT-ack and delivery latency clocks.
+    Frame { session: SessionKey, device: Device, frame: ClientFrame, received_at: Instant },
+}
+
+/// How urgent an outbound frame is; a session's queue drains in this order,
+/// and under pressure sheds from the bottom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    /// Answers to the session's own requests (SENT, errors, results,
+    /// catch-up pages). Never shed.
+    Reply,
+    /// Messages and receipts for the session. Never shed: a session that
+    /// cannot take them is closed as a slow consumer and catches up later.
+    Message,
+    /// Presence and typing: dropped first under pressure.
+    Ephemeral,
+}
+
+/// What the router hands a core for one of its sessions.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Queue `frame` (a complete WebSocket frame) on `session`. `origin` is
+    /// when the gateway received the send that caused it, for the delivery
+    /// latency histogram (`None` for frames that are not a live message).
+    Frame { session: SessionKey, class: Class, frame: Bytes, origin: Option<Instant> },
+    /// Close `session` with `code` and `reason` after what is queued.
+    Close { session: SessionKey, code: u16, reason: &'static str },
+}
+
+impl Delivery {
+    /// The session this delivery is for.
+    pub fn session(&self) -> SessionKey {
+        match self {
+            Self::Frame { session, .. } | Self::Close { session, .. } => *session,
+        }
+    }
+}
+
+/// Where the router hands deliveries: implemented by the gateway (one
+/// mailbox per core) and by tests (a recording sink).
+pub trait Outlet: Send + Sync + 'static {
+    /// Takes one batch of deliveries for `core`. Called from the router
+    /// thread; must not block.
+    fn deliver(&self, core: u16, batch: Vec<Delivery>);
+}
