@@ -1,1 +1,23 @@
-//! placeholder
+//! The Courier gateway: WebSocket sessions on a thread-per-core monoio
+//! runtime, with the router and its durable store embedded by default.
+//!
+//! A node is [`node::Node`]: it binds one SO_REUSEPORT listener per core,
+//! starts the router thread and the metrics endpoint, and runs one
+//! [`core`] per thread. Each core owns its sockets and its sessions; the
+//! only cross-thread traffic is commands to the router and per-core batches
+//! of deliveries back, through [`mailbox::Mailbox`].
+//!
+//! What the gateway does itself: the HTTP upgrade ([`handshake`]) and token
+//! check, WebSocket framing and its rules, heartbeats and idle timeouts,
+//! token expiry and refresh, per-session outbound queues with priorities
+//! ([`session`]), and answering `Ping`. Everything about messages and
+//! conversations is the router's.
+
+pub mod config;
+pub mod core;
+pub mod handshake;
+pub mod mailbox;
+pub mod metrics;
+pub mod node;
+pub mod secret;
+pub mod session;

@@ -48,7 +48,14 @@ mod tests {
         for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
             assert!(!is_sendable(code), "{code}");
         }
-        for code in [NORMAL, GOING_AWAY, SLOW_CONSUMER, MALFORMED_FRAME, 3000, 4999] {
+        for code in [
+            NORMAL,
+            GOING_AWAY,
+            SLOW_CONSUMER,
+            MALFORMED_FRAME,
+            3000,
+            4999,
+        ] {
             assert!(is_sendable(code), "{code}");
         }
     }

@@ -51,7 +51,11 @@ pub struct Cursor {
 pub enum ClientFrame {
     /// Send a message. `client_id` makes it idempotent: a retry with the same
     /// id gets the original `Sent` back and is not stored twice.
-    Send { conversation: String, client_id: u64, body: Bytes },
+    Send {
+        conversation: String,
+        client_id: u64,
+        body: Bytes,
+    },
     /// This device holds every message of `conversation` up to `seq`.
     Delivered { conversation: String, seq: u64 },
     /// The user has read `conversation` up to `seq`.
@@ -62,15 +66,23 @@ pub enum ClientFrame {
     /// Create a group with the sender and `members`.
     GroupCreate { request: u32, members: Vec<String> },
     /// Add `members` to a group the sender belongs to.
-    GroupAdd { request: u32, conversation: String, members: Vec<String> },
+    GroupAdd {
+        request: u32,
+        conversation: String,
+        members: Vec<String>,
+    },
     /// Remove `members` (the sender may name itself to leave).
-    GroupRemove { request: u32, conversation: String, members: Vec<String> },
+    GroupRemove {
+        request: u32,
+        conversation: String,
+        members: Vec<String>,
+    },
     /// List a group's members.
     GroupMembers { request: u32, conversation: String },
     /// Application-level heartbeat; answered with `Pong`.
     Ping { nonce: u64 },
-    /// Replace the session's token before it expires.
-    Refresh { token: String },
+    /// Replace the session's token before it expires; answered with `Done`.
+    Refresh { request: u32, token: String },
 }
 
 /// What a sequenced conversation entry is.
@@ -111,10 +123,22 @@ pub enum ReceiptKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerFrame {
     /// First frame of every session: who the token says you are, and limits.
-    Welcome { user: String, device: u32, server_time_ms: u64, max_body: u32, idle_timeout_s: u32 },
+    Welcome {
+        user: String,
+        device: u32,
+        server_time_ms: u64,
+        max_body: u32,
+        idle_timeout_s: u32,
+    },
     /// The message with this client id is durable and has this place in its
     /// conversation.
-    Sent { client_id: u64, conversation: String, seq: u64, server_id: u64, timestamp_ms: u64 },
+    Sent {
+        client_id: u64,
+        conversation: String,
+        seq: u64,
+        server_id: u64,
+        timestamp_ms: u64,
+    },
     /// A sequenced conversation entry (a message or a membership change).
     Message {
         conversation: String,
@@ -128,21 +152,39 @@ pub enum ServerFrame {
         body: Bytes,
     },
     /// `user`'s `device` has delivered or read `conversation` up to `seq`.
-    Receipt { conversation: String, seq: u64, user: String, device: u32, kind: ReceiptKind },
+    Receipt {
+        conversation: String,
+        seq: u64,
+        user: String,
+        device: u32,
+        kind: ReceiptKind,
+    },
     /// The end of one catch-up page. With `more`, send `Sync` again with the
     /// cursors advanced by what arrived; live messages start after the last
     /// page (`more == false`).
     SyncDone { more: bool },
     /// The group was created as `conversation`; its creation is entry `seq`.
-    GroupCreated { request: u32, conversation: String, seq: u64 },
+    GroupCreated {
+        request: u32,
+        conversation: String,
+        seq: u64,
+    },
     /// The members of `conversation`.
-    Members { request: u32, conversation: String, members: Vec<String> },
+    Members {
+        request: u32,
+        conversation: String,
+        members: Vec<String>,
+    },
     /// The request succeeded.
     Done { request: u32 },
     /// Answer to `Ping`.
     Pong { nonce: u64 },
     /// The request named by `reference` (a client id or request id) failed.
-    Error { code: u16, reference: u64, detail: String },
+    Error {
+        code: u16,
+        reference: u64,
+        detail: String,
+    },
 }
 
 mod ty {
@@ -180,17 +222,29 @@ impl ClientFrame {
                 client_id: r.u64("client_id")?,
                 body: r.bytes("body")?,
             },
-            ty::DELIVERED => Self::Delivered { conversation: r.str("conversation")?, seq: r.u64("seq")? },
-            ty::READ => Self::Read { conversation: r.str("conversation")?, seq: r.u64("seq")? },
+            ty::DELIVERED => Self::Delivered {
+                conversation: r.str("conversation")?,
+                seq: r.u64("seq")?,
+            },
+            ty::READ => Self::Read {
+                conversation: r.str("conversation")?,
+                seq: r.u64("seq")?,
+            },
             ty::SYNC => {
                 let n = r.u16("cursors")?;
                 let mut cursors = Vec::with_capacity(usize::from(n).min(1024));
                 for _ in 0..n {
-                    cursors.push(Cursor { conversation: r.str("conversation")?, seq: r.u64("seq")? });
+                    cursors.push(Cursor {
+                        conversation: r.str("conversation")?,
+                        seq: r.u64("seq")?,
+                    });
                 }
                 Self::Sync { cursors }
             }
-            ty::GROUP_CREATE => Self::GroupCreate { request: r.u32("request")?, members: r.str_list("members")? },
+            ty::GROUP_CREATE => Self::GroupCreate {
+                request: r.u32("request")?,
+                members: r.str_list("members")?,
+            },
             ty::GROUP_ADD => Self::GroupAdd {
                 request: r.u32("request")?,
                 conversation: r.str("conversation")?,
@@ -201,11 +255,17 @@ impl ClientFrame {
                 conversation: r.str("conversation")?,
                 members: r.str_list("members")?,
             },
-            ty::GROUP_MEMBERS => {
-                Self::GroupMembers { request: r.u32("request")?, conversation: r.str("conversation")? }
-            }
-            ty::PING => Self::Ping { nonce: r.u64("nonce")? },
-            ty::REFRESH => Self::Refresh { token: r.str("token")? },
+            ty::GROUP_MEMBERS => Self::GroupMembers {
+                request: r.u32("request")?,
+                conversation: r.str("conversation")?,
+            },
+            ty::PING => Self::Ping {
+                nonce: r.u64("nonce")?,
+            },
+            ty::REFRESH => Self::Refresh {
+                request: r.u32("request")?,
+                token: r.str("token")?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -216,7 +276,11 @@ impl ClientFrame {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let w = out;
         match self {
-            Self::Send { conversation, client_id, body } => {
+            Self::Send {
+                conversation,
+                client_id,
+                body,
+            } => {
                 w.put_u8(ty::SEND);
                 put_str(w, conversation);
                 w.put_u64_le(*client_id);
@@ -245,19 +309,30 @@ impl ClientFrame {
                 w.put_u32_le(*request);
                 put_str_list(w, members);
             }
-            Self::GroupAdd { request, conversation, members } => {
+            Self::GroupAdd {
+                request,
+                conversation,
+                members,
+            } => {
                 w.put_u8(ty::GROUP_ADD);
                 w.put_u32_le(*request);
                 put_str(w, conversation);
                 put_str_list(w, members);
             }
-            Self::GroupRemove { request, conversation, members } => {
+            Self::GroupRemove {
+                request,
+                conversation,
+                members,
+            } => {
                 w.put_u8(ty::GROUP_REMOVE);
                 w.put_u32_le(*request);
                 put_str(w, conversation);
                 put_str_list(w, members);
             }
-            Self::GroupMembers { request, conversation } => {
+            Self::GroupMembers {
+                request,
+                conversation,
+            } => {
                 w.put_u8(ty::GROUP_MEMBERS);
                 w.put_u32_le(*request);
                 put_str(w, conversation);
@@ -266,8 +341,9 @@ impl ClientFrame {
                 w.put_u8(ty::PING);
                 w.put_u64_le(*nonce);
             }
-            Self::Refresh { token } => {
+            Self::Refresh { request, token } => {
                 w.put_u8(ty::REFRESH);
+                w.put_u32_le(*request);
                 put_str(w, token);
             }
         }
@@ -348,11 +424,17 @@ impl ServerFrame {
                 conversation: r.str("conversation")?,
                 members: r.str_list("members")?,
             },
-            ty::DONE => Self::Done { request: r.u32("request")? },
-            ty::PONG => Self::Pong { nonce: r.u64("nonce")? },
-            ty::ERROR => {
-                Self::Error { code: r.u16("code")?, reference: r.u64("reference")?, detail: r.str("detail")? }
-            }
+            ty::DONE => Self::Done {
+                request: r.u32("request")?,
+            },
+            ty::PONG => Self::Pong {
+                nonce: r.u64("nonce")?,
+            },
+            ty::ERROR => Self::Error {
+                code: r.u16("code")?,
+                reference: r.u64("reference")?,
+                detail: r.str("detail")?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -363,7 +445,13 @@ impl ServerFrame {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let w = out;
         match self {
-            Self::Welcome { user, device, server_time_ms, max_body, idle_timeout_s } => {
+            Self::Welcome {
+                user,
+                device,
+                server_time_ms,
+                max_body,
+                idle_timeout_s,
+            } => {
                 w.put_u8(ty::WELCOME);
                 put_str(w, user);
                 w.put_u32_le(*device);
@@ -371,7 +459,13 @@ impl ServerFrame {
                 w.put_u32_le(*max_body);
                 w.put_u32_le(*idle_timeout_s);
             }
-            Self::Sent { client_id, conversation, seq, server_id, timestamp_ms } => {
+            Self::Sent {
+                client_id,
+                conversation,
+                seq,
+                server_id,
+                timestamp_ms,
+            } => {
                 w.put_u8(ty::SENT);
                 w.put_u64_le(*client_id);
                 put_str(w, conversation);
@@ -401,7 +495,13 @@ impl ServerFrame {
                 w.put_u64_le(*client_id);
                 put_bytes(w, body);
             }
-            Self::Receipt { conversation, seq, user, device, kind } => {
+            Self::Receipt {
+                conversation,
+                seq,
+                user,
+                device,
+                kind,
+            } => {
                 w.put_u8(ty::RECEIPT);
                 put_str(w, conversation);
                 w.put_u64_le(*seq);
@@ -413,13 +513,21 @@ impl ServerFrame {
                 w.put_u8(ty::SYNC_DONE);
                 w.put_u8(u8::from(*more));
             }
-            Self::GroupCreated { request, conversation, seq } => {
+            Self::GroupCreated {
+                request,
+                conversation,
+                seq,
+            } => {
                 w.put_u8(ty::GROUP_CREATED);
                 w.put_u32_le(*request);
                 put_str(w, conversation);
                 w.put_u64_le(*seq);
             }
-            Self::Members { request, conversation, members } => {
+            Self::Members {
+                request,
+                conversation,
+                members,
+            } => {
                 w.put_u8(ty::MEMBERS);
                 w.put_u32_le(*request);
                 put_str(w, conversation);
@@ -433,7 +541,11 @@ impl ServerFrame {
                 w.put_u8(ty::PONG);
                 w.put_u64_le(*nonce);
             }
-            Self::Error { code, reference, detail } => {
+            Self::Error {
+                code,
+                reference,
+                detail,
+            } => {
                 w.put_u8(ty::ERROR);
                 w.put_u16_le(*code);
                 w.put_u64_le(*reference);
@@ -445,7 +557,8 @@ impl ServerFrame {
 
 /// Encodes a member list as the body of a membership entry.
 pub fn encode_members(members: &[impl AsRef<str>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + members.iter().map(|m| 2 + m.as_ref().len()).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(2 + members.iter().map(|m| 2 + m.as_ref().len()).sum::<usize>());
     put_str_list(&mut out, members);
     out
 }
@@ -522,7 +635,9 @@ impl<'a> Reader<'a> {
     fn str(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let n = usize::from(self.u16(field)?);
         let raw = self.take(n, field)?;
-        std::str::from_utf8(raw).map(str::to_owned).map_err(|_| DecodeError::NotUtf8(field))
+        std::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::NotUtf8(field))
     }
 
     fn bytes(&mut self, field: &'static str) -> Result<Bytes, DecodeError> {
@@ -570,16 +685,48 @@ mod tests {
     #[test]
     fn client_frames_round_trip() {
         let conv = "d:alice:bob".to_string();
-        client_round_trip(ClientFrame::Send { conversation: conv.clone(), client_id: 7, body: Bytes::from_static(b"hi") });
-        client_round_trip(ClientFrame::Delivered { conversation: conv.clone(), seq: 9 });
-        client_round_trip(ClientFrame::Read { conversation: conv.clone(), seq: 9 });
-        client_round_trip(ClientFrame::Sync { cursors: vec![Cursor { conversation: conv.clone(), seq: 3 }] });
-        client_round_trip(ClientFrame::GroupCreate { request: 1, members: vec!["bob".into(), "carol".into()] });
-        client_round_trip(ClientFrame::GroupAdd { request: 2, conversation: conv.clone(), members: vec!["dave".into()] });
-        client_round_trip(ClientFrame::GroupRemove { request: 3, conversation: conv.clone(), members: vec![] });
-        client_round_trip(ClientFrame::GroupMembers { request: 4, conversation: conv });
+        client_round_trip(ClientFrame::Send {
+            conversation: conv.clone(),
+            client_id: 7,
+            body: Bytes::from_static(b"hi"),
+        });
+        client_round_trip(ClientFrame::Delivered {
+            conversation: conv.clone(),
+            seq: 9,
+        });
+        client_round_trip(ClientFrame::Read {
+            conversation: conv.clone(),
+            seq: 9,
+        });
+        client_round_trip(ClientFrame::Sync {
+            cursors: vec![Cursor {
+                conversation: conv.clone(),
+                seq: 3,
+            }],
+        });
+        client_round_trip(ClientFrame::GroupCreate {
+            request: 1,
+            members: vec!["bob".into(), "carol".into()],
+        });
+        client_round_trip(ClientFrame::GroupAdd {
+            request: 2,
+            conversation: conv.clone(),
+            members: vec!["dave".into()],
+        });
+        client_round_trip(ClientFrame::GroupRemove {
+            request: 3,
+            conversation: conv.clone(),
+            members: vec![],
+        });
+        client_round_trip(ClientFrame::GroupMembers {
+            request: 4,
+            conversation: conv,
+        });
         client_round_trip(ClientFrame::Ping { nonce: u64::MAX });
-        client_round_trip(ClientFrame::Refresh { token: "t".repeat(900) });
+        client_round_trip(ClientFrame::Refresh {
+            request: 1,
+            token: "t".repeat(900),
+        });
     }
 
     #[test]
@@ -618,20 +765,38 @@ mod tests {
             kind: ReceiptKind::Read,
         });
         server_round_trip(ServerFrame::SyncDone { more: true });
-        server_round_trip(ServerFrame::GroupCreated { request: 9, conversation: conv.clone(), seq: 1 });
-        server_round_trip(ServerFrame::Members { request: 9, conversation: conv, members: vec!["a".into()] });
+        server_round_trip(ServerFrame::GroupCreated {
+            request: 9,
+            conversation: conv.clone(),
+            seq: 1,
+        });
+        server_round_trip(ServerFrame::Members {
+            request: 9,
+            conversation: conv,
+            members: vec!["a".into()],
+        });
         server_round_trip(ServerFrame::Done { request: 1 });
         server_round_trip(ServerFrame::Pong { nonce: 1 });
-        server_round_trip(ServerFrame::Error { code: 403, reference: 5, detail: "not a member".into() });
+        server_round_trip(ServerFrame::Error {
+            code: 403,
+            reference: 5,
+            detail: "not a member".into(),
+        });
     }
 
     #[test]
     fn body_shares_the_payload() {
         let mut buf = Vec::new();
-        ClientFrame::Send { conversation: "d:a:b".into(), client_id: 1, body: Bytes::from_static(b"xyz") }
-            .encode(&mut buf);
+        ClientFrame::Send {
+            conversation: "d:a:b".into(),
+            client_id: 1,
+            body: Bytes::from_static(b"xyz"),
+        }
+        .encode(&mut buf);
         let payload = Bytes::from(buf);
-        let Ok(ClientFrame::Send { body, .. }) = ClientFrame::decode(&payload) else { panic!("decode") };
+        let Ok(ClientFrame::Send { body, .. }) = ClientFrame::decode(&payload) else {
+            panic!("decode")
+        };
         assert_eq!(body.as_ptr(), payload[payload.len() - 3..].as_ptr());
     }
 
@@ -640,13 +805,48 @@ mod tests {
         let d = |b: &[u8]| ClientFrame::decode(&Bytes::copy_from_slice(b));
         assert_eq!(d(b""), Err(DecodeError::Empty));
         assert_eq!(d(&[0x7f]), Err(DecodeError::UnknownType(0x7f)));
-        assert_eq!(d(&[0x41]), Err(DecodeError::UnknownType(0x41)), "server frames are not client frames");
+        assert_eq!(
+            d(&[0x41]),
+            Err(DecodeError::UnknownType(0x41)),
+            "server frames are not client frames"
+        );
         assert_eq!(d(&[ty::PING, 1, 2]), Err(DecodeError::Truncated("nonce")));
-        assert_eq!(d(&[ty::PING, 0, 0, 0, 0, 0, 0, 0, 0, 9]), Err(DecodeError::Trailing(1)));
-        assert_eq!(d(&[ty::REFRESH, 2, 0, 0xff, 0xfe]), Err(DecodeError::NotUtf8("token")));
-        assert_eq!(d(&[ty::SEND, 5, 0, b'a']), Err(DecodeError::Truncated("conversation")));
+        assert_eq!(
+            d(&[ty::PING, 0, 0, 0, 0, 0, 0, 0, 0, 9]),
+            Err(DecodeError::Trailing(1))
+        );
+        assert_eq!(
+            d(&[ty::REFRESH, 1, 0, 0, 0, 2, 0, 0xff, 0xfe]),
+            Err(DecodeError::NotUtf8("token"))
+        );
+        assert_eq!(
+            d(&[ty::SEND, 5, 0, b'a']),
+            Err(DecodeError::Truncated("conversation"))
+        );
         // A list count far beyond the payload fails without a large allocation.
-        assert_eq!(d(&[ty::GROUP_CREATE, 0, 0, 0, 0, 0xff, 0xff]), Err(DecodeError::Truncated("members")));
-        assert_eq!(d(&[ty::SEND, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated("body")));
+        assert_eq!(
+            d(&[ty::GROUP_CREATE, 0, 0, 0, 0, 0xff, 0xff]),
+            Err(DecodeError::Truncated("members"))
+        );
+        assert_eq!(
+            d(&[
+                ty::SEND,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0xff,
+                0xff,
+                0xff,
+                0xff
+            ]),
+            Err(DecodeError::Truncated("body"))
+        );
     }
 }

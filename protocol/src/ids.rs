@@ -34,7 +34,8 @@ pub fn parse_conversation(id: &str) -> Option<ConversationKind<'_>> {
         (is_valid_user_id(a) && is_valid_user_id(b) && a < b)
             .then_some(ConversationKind::Direct(a, b))
     } else if let Some(hex) = id.strip_prefix("g:") {
-        let lower_hex = hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let lower_hex =
+            hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         lower_hex
             .then(|| u64::from_str_radix(hex, 16).ok())
             .flatten()
@@ -73,14 +74,30 @@ mod tests {
     fn conversations_round_trip() {
         let d = direct_conversation("bob", "alice");
         assert_eq!(d, "d:alice:bob");
-        assert_eq!(parse_conversation(&d), Some(ConversationKind::Direct("alice", "bob")));
+        assert_eq!(
+            parse_conversation(&d),
+            Some(ConversationKind::Direct("alice", "bob"))
+        );
         let g = group_conversation(0xdead_beef);
-        assert_eq!(parse_conversation(&g), Some(ConversationKind::Group(0xdead_beef)));
+        assert_eq!(
+            parse_conversation(&g),
+            Some(ConversationKind::Group(0xdead_beef))
+        );
     }
 
     #[test]
     fn malformed_conversations() {
-        for bad in ["", "d:", "d:bob:alice", "d:a:a", "d:a", "g:123", "g:DEADBEEFDEADBEEF", "x:1", "d:a:b:c"] {
+        for bad in [
+            "",
+            "d:",
+            "d:bob:alice",
+            "d:a:a",
+            "d:a",
+            "g:123",
+            "g:DEADBEEFDEADBEEF",
+            "x:1",
+            "d:a:b:c",
+        ] {
             assert_eq!(parse_conversation(bad), None, "{bad}");
         }
     }

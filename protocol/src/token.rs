@@ -76,8 +76,12 @@ pub enum TokenError {
 pub fn mint(secret: &Secret, claims: &Claims) -> String {
     // Encoding our own serde struct with HS256 cannot fail: the only error
     // sources are serialization (plain fields) and key type mismatch (none).
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(&secret.0))
-        .unwrap_or_default()
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(&secret.0),
+    )
+    .unwrap_or_default()
 }
 
 /// Claims for `user`'s `device`, valid from `now_s` for `ttl_s` seconds.
@@ -100,8 +104,9 @@ pub fn verify(secret: &Secret, token: &str, now_s: u64) -> Result<Claims, TokenE
     // Times are checked below against the caller's clock, not the system's.
     validation.validate_exp = false;
     validation.validate_nbf = false;
-    let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&secret.0), &validation)
-        .map_err(|_| TokenError::Invalid)?;
+    let data =
+        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&secret.0), &validation)
+            .map_err(|_| TokenError::Invalid)?;
     let claims = data.claims;
     if claims.exp + LEEWAY_S <= now_s {
         return Err(TokenError::Expired);
@@ -135,17 +140,29 @@ mod tests {
     #[test]
     fn times_are_checked_against_the_given_clock() {
         let token = mint(&secret(), &claims_for("alice", 1, NOW, 60));
-        assert_eq!(verify(&secret(), &token, NOW + 60 + LEEWAY_S), Err(TokenError::Expired));
-        assert_eq!(verify(&secret(), &token, NOW - 10 - LEEWAY_S), Err(TokenError::NotYetValid));
+        assert_eq!(
+            verify(&secret(), &token, NOW + 60 + LEEWAY_S),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            verify(&secret(), &token, NOW - 10 - LEEWAY_S),
+            Err(TokenError::NotYetValid)
+        );
     }
 
     #[test]
     fn wrong_secret_and_audience_are_invalid() {
         let token = mint(&secret(), &claims_for("alice", 1, NOW, 60));
-        assert_eq!(verify(&Secret::new(b"other".to_vec()), &token, NOW), Err(TokenError::Invalid));
+        assert_eq!(
+            verify(&Secret::new(b"other".to_vec()), &token, NOW),
+            Err(TokenError::Invalid)
+        );
         let mut claims = claims_for("alice", 1, NOW, 60);
         claims.aud = "someone-else".into();
-        assert_eq!(verify(&secret(), &mint(&secret(), &claims), NOW), Err(TokenError::Invalid));
+        assert_eq!(
+            verify(&secret(), &mint(&secret(), &claims), NOW),
+            Err(TokenError::Invalid)
+        );
     }
 
     #[test]
@@ -156,7 +173,12 @@ mod tests {
         let payload = serde_json_like(&claims);
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
         assert_eq!(verify(&secret(), &none, NOW), Err(TokenError::Invalid));
-        let hs512 = encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(&secret().0)).unwrap();
+        let hs512 = encode(
+            &Header::new(Algorithm::HS512),
+            &claims,
+            &EncodingKey::from_secret(&secret().0),
+        )
+        .unwrap();
         assert_eq!(verify(&secret(), &hs512, NOW), Err(TokenError::Invalid));
     }
 

@@ -97,7 +97,11 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder for `role` with `limits`.
     pub fn new(role: Role, limits: Limits) -> Self {
-        Self { role, limits, partial: None }
+        Self {
+            role,
+            limits,
+            partial: None,
+        }
     }
 
     /// True while a fragmented message is being reassembled.
@@ -148,16 +152,18 @@ impl Decoder {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 Err(WsError::Protocol("reserved opcode"))
             }
-            OpCode::Control(_) if !header.is_final => Err(WsError::Protocol("fragmented control frame")),
+            OpCode::Control(_) if !header.is_final => {
+                Err(WsError::Protocol("fragmented control frame"))
+            }
             OpCode::Control(_) if len > MAX_CONTROL_PAYLOAD as u64 => {
                 Err(WsError::Protocol("control frame payload over 125 bytes"))
             }
             OpCode::Data(Data::Continue) if self.partial.is_none() => {
                 Err(WsError::Protocol("continuation frame without a message"))
             }
-            OpCode::Data(Data::Text | Data::Binary) if self.partial.is_some() => {
-                Err(WsError::Protocol("new message before the fragmented one ended"))
-            }
+            OpCode::Data(Data::Text | Data::Binary) if self.partial.is_some() => Err(
+                WsError::Protocol("new message before the fragmented one ended"),
+            ),
             _ if len > self.limits.max_frame as u64 => Err(WsError::TooBig),
             OpCode::Data(Data::Continue) => {
                 let so_far = self.partial.as_ref().map_or(0, |(_, b)| b.len()) as u64;
@@ -172,7 +178,11 @@ impl Decoder {
         }
     }
 
-    fn handle_frame(&mut self, header: &FrameHeader, payload: BytesMut) -> Result<Option<Event>, WsError> {
+    fn handle_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Option<Event>, WsError> {
         let event = match header.opcode {
             OpCode::Control(Control::Ping) => Event::Ping(payload.freeze()),
             OpCode::Control(Control::Pong) => Event::Pong(payload.freeze()),
@@ -261,7 +271,14 @@ pub const MAX_HEADER: usize = 14;
 /// Appends one final frame carrying `payload` to `out`, masked with `mask`
 /// when given (clients must mask, servers must not).
 pub fn encode_frame(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) {
-    let header = FrameHeader { is_final: true, rsv1: false, rsv2: false, rsv3: false, opcode: opcode.into(), mask };
+    let header = FrameHeader {
+        is_final: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode: opcode.into(),
+        mask,
+    };
     // Formatting into a Vec cannot fail: its Write impl never errors.
     let _ = header.format(payload.len() as u64, out);
     let start = out.len();
@@ -286,7 +303,9 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str, mask: Option<[u8
 
 /// XORs `buf` with the repeating 4-byte `mask`, eight bytes at a time.
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
@@ -302,7 +321,10 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_frame: 1024, max_message: 4096 };
+    const LIMITS: Limits = Limits {
+        max_frame: 1024,
+        max_message: 4096,
+    };
     const MASK: [u8; 4] = [1, 2, 3, 4];
 
     fn server() -> Decoder {
@@ -311,7 +333,10 @@ mod tests {
 
     fn raw(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
         assert!(payload.len() < 126);
-        let mut out = vec![first, payload.len() as u8 | if mask.is_some() { 0x80 } else { 0 }];
+        let mut out = vec![
+            first,
+            payload.len() as u8 | if mask.is_some() { 0x80 } else { 0 },
+        ];
         let start = out.len() + if mask.is_some() { 4 } else { 0 };
         if let Some(m) = mask {
             out.extend_from_slice(&m);
@@ -337,7 +362,10 @@ mod tests {
         let mut buf = Vec::new();
         encode_frame(&mut buf, Opcode::Binary, b"hello world, masked", Some(MASK));
         let events = decode_all(&mut server(), &buf).unwrap();
-        assert_eq!(events, vec![Event::Binary(Bytes::from_static(b"hello world, masked"))]);
+        assert_eq!(
+            events,
+            vec![Event::Binary(Bytes::from_static(b"hello world, masked"))]
+        );
     }
 
     #[test]
@@ -357,24 +385,33 @@ mod tests {
         input.extend(raw(0x89, b"p", Some(MASK))); // ping in the middle
         input.extend(raw(0x80, b"cd", Some(MASK))); // final continuation
         let events = decode_all(&mut server(), &input).unwrap();
-        assert_eq!(events, vec![Event::Ping(Bytes::from_static(b"p")), Event::Binary(Bytes::from_static(b"abcd"))]);
+        assert_eq!(
+            events,
+            vec![
+                Event::Ping(Bytes::from_static(b"p")),
+                Event::Binary(Bytes::from_static(b"abcd"))
+            ]
+        );
     }
 
     #[test]
     fn violations_name_their_close_code() {
         let cases: Vec<(Vec<u8>, u16)> = vec![
-            (raw(0x82, b"x", None), close::PROTOCOL_ERROR),                     // unmasked
-            (raw(0xc2, b"x", Some(MASK)), close::PROTOCOL_ERROR),               // rsv1
-            (raw(0x83, b"x", Some(MASK)), close::PROTOCOL_ERROR),               // reserved data opcode
-            (raw(0x8b, b"x", Some(MASK)), close::PROTOCOL_ERROR),               // reserved control opcode
-            (raw(0x09, b"x", Some(MASK)), close::PROTOCOL_ERROR),               // fragmented ping
-            (raw(0x80, b"x", Some(MASK)), close::PROTOCOL_ERROR),               // lone continuation
-            (raw(0x81, &[0xff, 0xfe], Some(MASK)), close::INVALID_PAYLOAD),     // bad UTF-8 text
-            (raw(0x88, &[3], Some(MASK)), close::PROTOCOL_ERROR),               // one-byte close
-            (raw(0x88, &[0x03, 0xed], Some(MASK)), close::PROTOCOL_ERROR),      // close 1005
-            (raw(0x88, &[0x03, 0xee], Some(MASK)), close::PROTOCOL_ERROR),      // close 1006
-            (raw(0x88, &[0x03, 0xf7], Some(MASK)), close::PROTOCOL_ERROR),      // close 1015
-            (raw(0x88, &[0x03, 0xe8, 0xff], Some(MASK)), close::INVALID_PAYLOAD), // bad reason
+            (raw(0x82, b"x", None), close::PROTOCOL_ERROR), // unmasked
+            (raw(0xc2, b"x", Some(MASK)), close::PROTOCOL_ERROR), // rsv1
+            (raw(0x83, b"x", Some(MASK)), close::PROTOCOL_ERROR), // reserved data opcode
+            (raw(0x8b, b"x", Some(MASK)), close::PROTOCOL_ERROR), // reserved control opcode
+            (raw(0x09, b"x", Some(MASK)), close::PROTOCOL_ERROR), // fragmented ping
+            (raw(0x80, b"x", Some(MASK)), close::PROTOCOL_ERROR), // lone continuation
+            (raw(0x81, &[0xff, 0xfe], Some(MASK)), close::INVALID_PAYLOAD), // bad UTF-8 text
+            (raw(0x88, &[3], Some(MASK)), close::PROTOCOL_ERROR), // one-byte close
+            (raw(0x88, &[0x03, 0xed], Some(MASK)), close::PROTOCOL_ERROR), // close 1005
+            (raw(0x88, &[0x03, 0xee], Some(MASK)), close::PROTOCOL_ERROR), // close 1006
+            (raw(0x88, &[0x03, 0xf7], Some(MASK)), close::PROTOCOL_ERROR), // close 1015
+            (
+                raw(0x88, &[0x03, 0xe8, 0xff], Some(MASK)),
+                close::INVALID_PAYLOAD,
+            ), // bad reason
         ];
         for (input, code) in cases {
             let err = decode_all(&mut server(), &input).expect_err("must fail");
@@ -417,7 +454,9 @@ mod tests {
         encode_close(&mut buf, close::GOING_AWAY, &"é".repeat(100), None);
         let mut client = Decoder::new(Role::Client, LIMITS);
         let events = decode_all(&mut client, &buf).unwrap();
-        let [Event::Close(Some((code, reason)))] = events.as_slice() else { panic!("{events:?}") };
+        let [Event::Close(Some((code, reason)))] = events.as_slice() else {
+            panic!("{events:?}")
+        };
         assert_eq!(*code, close::GOING_AWAY);
         assert!(reason.len() <= MAX_CLOSE_REASON && reason.len() % 2 == 0);
     }
@@ -428,7 +467,11 @@ mod tests {
         for len in [0, 1, 7, 8, 9, 255] {
             let mut fast = data[..len].to_vec();
             apply_mask(&mut fast, MASK);
-            let slow: Vec<u8> = data[..len].iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]).collect();
+            let slow: Vec<u8> = data[..len]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ MASK[i % 4])
+                .collect();
             assert_eq!(fast, slow);
         }
     }

@@ -1,0 +1,158 @@
+//! Command line and environment configuration.
+//!
+//! Every setting is a flag with an environment variable of the same name in
+//! upper case with a `COURIER_` prefix; the defaults run a complete node on
+//! loopback with its data under `./data`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Courier gateway: a WebSocket chat node with the router and its store embedded.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Cli {
+    /// What to do; without a subcommand the gateway serves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serving options (also accepted after `serve`).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve WebSocket clients (the default).
+    Serve(ServeArgs),
+    /// Print a session token valid for the node that uses the same data directory.
+    Token(TokenArgs),
+}
+
+/// Which monoio driver the cores run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DriverChoice {
+    /// io_uring when the kernel allows it, else the legacy epoll driver.
+    Auto,
+    /// io_uring; refuse to start without it.
+    Uring,
+    /// The legacy epoll driver.
+    Legacy,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Options for `gateway serve`.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// Address the WebSocket listener binds (each core binds it with SO_REUSEPORT).
+    #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, env = "COURIER_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
+    pub metrics_listen: SocketAddr,
+    /// Directory for the store and the token secret.
+    #[arg(long, env = "COURIER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Gateway cores (threads, each with its own runtime and listener); 0 = all CPUs.
+    #[arg(long, env = "COURIER_CORES", default_value_t = 0)]
+    pub cores: usize,
+    /// monoio driver.
+    #[arg(long, env = "COURIER_DRIVER", value_enum, default_value_t = DriverChoice::Auto)]
+    pub driver: DriverChoice,
+    /// Node number (0..1023), part of every server id.
+    #[arg(long, env = "COURIER_NODE_ID", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..1024))]
+    pub node_id: u16,
+    /// Largest message body in bytes.
+    #[arg(long, env = "COURIER_MAX_BODY", default_value_t = 65536)]
+    pub max_body: usize,
+    /// Most members a group may have.
+    #[arg(long, env = "COURIER_MAX_GROUP_MEMBERS", default_value_t = 512)]
+    pub max_group_members: usize,
+    /// Sustained sends per second allowed per user.
+    #[arg(long, env = "COURIER_SEND_RATE", default_value_t = 50.0)]
+    pub send_rate: f64,
+    /// Burst of sends allowed per user above the sustained rate.
+    #[arg(long, env = "COURIER_SEND_BURST", default_value_t = 100.0)]
+    pub send_burst: f64,
+    /// How long a client id is remembered for idempotent retries, in hours (at least 24).
+    #[arg(long, env = "COURIER_DEDUPE_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(24..))]
+    pub dedupe_hours: u64,
+    /// Seconds of silence after which the gateway pings a client.
+    #[arg(
+        long = "ping-interval",
+        env = "COURIER_PING_INTERVAL",
+        default_value_t = 25
+    )]
+    pub ping_interval_s: u32,
+    /// Seconds of silence after which a session is closed (4004).
+    #[arg(
+        long = "idle-timeout",
+        env = "COURIER_IDLE_TIMEOUT",
+        default_value_t = 75
+    )]
+    pub idle_timeout_s: u32,
+    /// Milliseconds a client has to complete the upgrade.
+    #[arg(long, env = "COURIER_HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
+    pub handshake_timeout_ms: u64,
+    /// Largest upgrade request (request line and headers) in bytes.
+    #[arg(long, env = "COURIER_MAX_HEADER_BYTES", default_value_t = 8192)]
+    pub max_header_bytes: usize,
+    /// Bytes that may wait in one session's outbound queue before it is
+    /// closed as a slow consumer (4003).
+    #[arg(long, env = "COURIER_MAX_OUTBOUND_BYTES", default_value_t = 1 << 20)]
+    pub max_outbound_bytes: usize,
+    /// Most sessions this process holds; further upgrades get 503.
+    #[arg(long, env = "COURIER_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+    /// Log format.
+    #[arg(long, env = "COURIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// The core count to run, resolving 0 to the CPUs available.
+    pub fn core_count(&self) -> usize {
+        match self.cores {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
+    /// The upgrade deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// Largest WebSocket message accepted: the body limit plus room for the
+    /// frame's other fields (conversation id, client id, lengths).
+    pub fn max_message(&self) -> usize {
+        self.max_body + 1024
+    }
+}
+
+/// Options for `gateway token`.
+#[derive(Clone, Debug, Args)]
+pub struct TokenArgs {
+    /// The user the token is for.
+    #[arg(long)]
+    pub user: String,
+    /// The device number of the user.
+    #[arg(long, default_value_t = 1)]
+    pub device: u32,
+    /// Seconds the token stays valid.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+    /// The node's data directory (where its secret is).
+    #[arg(long, env = "COURIER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}

@@ -1,0 +1,80 @@
+//! `gateway`: serve a node, or print a token for one.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use courier_gateway::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
+use courier_gateway::node::Node;
+use courier_gateway::secret;
+use courier_protocol::{ids, token};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Token(args)) => print_token(&args),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let node = Node::start(args)?;
+    let trigger = node.shutdown_trigger();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "shutting down: closing sessions with 1001");
+                trigger();
+            }
+        })?;
+    node.wait();
+    Ok(())
+}
+
+fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        ids::is_valid_user_id(&args.user),
+        "--user: 1 to 64 characters of [A-Za-z0-9._@+-]"
+    );
+    anyhow::ensure!(args.device >= 1, "--device: devices are numbered from 1");
+    let secret = secret::load_or_create(&args.data_dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    println!(
+        "{}",
+        token::mint(
+            &secret,
+            &token::claims_for(&args.user, args.device, now, args.ttl)
+        )
+    );
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,249 @@
+//! The gateway's metrics and the HTTP endpoint that serves them.
+//!
+//! Metrics are prometheus-client atomics shared by every core. The endpoint
+//! runs hyper on its own thread with a small tokio runtime, apart from the
+//! cores, so a scrape never competes with session I/O on a core's loop.
+//! Paths: `/metrics` (OpenMetrics text), `/healthz` (the process is up),
+//! `/readyz` (the node takes new sessions; 503 while shutting down).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Label set naming a gateway core.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoreLabel {
+    /// The core's number.
+    pub core: String,
+}
+
+/// Label set naming a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: String,
+}
+
+/// Label set naming a close code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The WebSocket close code.
+    pub code: String,
+}
+
+/// Everything the gateway counts.
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    /// Open sessions per core.
+    pub connections: Family<CoreLabel, Gauge>,
+    /// Bytes waiting in outbound queues, per core (sampled each second).
+    pub outbound_queue_bytes: Family<CoreLabel, Gauge>,
+    /// WebSocket data frames read from clients.
+    pub frames_in: Counter,
+    /// WebSocket frames written to clients.
+    pub frames_out: Counter,
+    /// `Send` frames read from clients.
+    pub messages_in: Counter,
+    /// Live messages written to recipients' sockets.
+    pub messages_out: Counter,
+    /// Gateway receipt of a send to its write on a recipient's socket.
+    pub delivery_latency: Histogram,
+    /// Sessions closed because their outbound queue stayed full.
+    pub slow_consumer_closes: Counter,
+    /// Upgrades refused because of the token, by reason.
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    /// Upgrades refused for other reasons, by reason.
+    pub handshake_refusals: Family<ReasonLabel, Counter>,
+    /// Sessions closed, by close code.
+    pub closes: Family<CodeLabel, Counter>,
+    /// Accept errors (out of file descriptors and the like).
+    pub accept_errors: Counter,
+    /// Sends refused because the router's queue was full.
+    pub router_overloaded: Counter,
+}
+
+impl GatewayMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Self {
+            connections: Family::default(),
+            outbound_queue_bytes: Family::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            // 50 µs .. ~1.6 s in 16 doublings.
+            delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            slow_consumer_closes: Counter::default(),
+            auth_failures: Family::default(),
+            handshake_refusals: Family::default(),
+            closes: Family::default(),
+            accept_errors: Counter::default(),
+            router_overloaded: Counter::default(),
+        };
+        let r = registry;
+        r.register(
+            "courier_gateway_connections",
+            "Open sessions per core",
+            m.connections.clone(),
+        );
+        r.register_with_unit(
+            "courier_outbound_queue",
+            "Bytes queued for clients, per core",
+            Unit::Bytes,
+            m.outbound_queue_bytes.clone(),
+        );
+        r.register(
+            "courier_frames_in",
+            "WebSocket data frames read from clients",
+            m.frames_in.clone(),
+        );
+        r.register(
+            "courier_frames_out",
+            "WebSocket frames written to clients",
+            m.frames_out.clone(),
+        );
+        r.register(
+            "courier_messages_in",
+            "Send frames read from clients",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "courier_messages_out",
+            "Live messages written to recipient sockets",
+            m.messages_out.clone(),
+        );
+        r.register_with_unit(
+            "courier_delivery_duration",
+            "From the gateway reading a send to writing it on a recipient's socket",
+            Unit::Seconds,
+            m.delivery_latency.clone(),
+        );
+        r.register(
+            "courier_slow_consumer_closes",
+            "Sessions closed because their outbound queue stayed full",
+            m.slow_consumer_closes.clone(),
+        );
+        r.register(
+            "courier_auth_failures",
+            "Upgrades refused for the token",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "courier_handshake_refusals",
+            "Upgrades refused for other reasons",
+            m.handshake_refusals.clone(),
+        );
+        r.register(
+            "courier_session_closes",
+            "Sessions closed, by close code",
+            m.closes.clone(),
+        );
+        r.register(
+            "courier_accept_errors",
+            "Errors accepting connections",
+            m.accept_errors.clone(),
+        );
+        r.register(
+            "courier_router_overloaded",
+            "Sends refused because the router queue was full",
+            m.router_overloaded.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// Counts a session closed with `code`.
+    pub fn closed(&self, code: u16) {
+        self.closes
+            .get_or_create(&CodeLabel {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Serves the registry on `addr` until the process exits. `ready` is false
+/// once the node starts shutting down. The listener is bound before this
+/// returns, so a bind error stops the start.
+pub fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let registry = registry.clone();
+                    let ready = ready.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let response = respond(&req, &registry, &ready);
+                            async move { Ok::<_, Infallible>(response) }
+                        });
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    });
+                }
+            });
+        })?;
+    Ok(local)
+}
+
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    registry: &Registry,
+    ready: &AtomicBool,
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = status;
+        r
+    };
+    match req.uri().path() {
+        "/metrics" => {
+            let mut body = String::new();
+            if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
+            }
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

@@ -1,0 +1,205 @@
+//! Starting and stopping a whole node: listeners, router, cores, metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use courier_router::api::{Delivery, Outlet};
+use courier_router::{Router, RouterConfig};
+use prometheus_client::registry::Registry;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{DriverChoice, ServeArgs};
+use crate::core::{self, CoreMsg, Shared};
+use crate::mailbox::Mailbox;
+use crate::metrics::{self, GatewayMetrics};
+use crate::secret;
+
+/// Which monoio driver the cores run, once chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring.
+    Uring,
+    /// The legacy epoll driver.
+    Legacy,
+}
+
+impl Driver {
+    /// Resolves the configured choice against what the kernel allows.
+    pub fn choose(choice: DriverChoice) -> anyhow::Result<Self> {
+        let uring = monoio::utils::detect_uring();
+        Ok(match (choice, uring) {
+            (DriverChoice::Auto, true) | (DriverChoice::Uring, true) => Self::Uring,
+            (DriverChoice::Uring, false) => {
+                bail!("driver = uring, but io_uring is not available on this kernel")
+            }
+            (DriverChoice::Auto, false) | (DriverChoice::Legacy, _) => Self::Legacy,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Uring => "io_uring",
+            Self::Legacy => "legacy (epoll)",
+        }
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    shared: Arc<Shared>,
+    cores: Vec<JoinHandle<()>>,
+    /// The WebSocket address the cores listen on.
+    pub listen_addr: SocketAddr,
+    /// The metrics endpoint's address.
+    pub metrics_addr: SocketAddr,
+    /// The driver the cores run.
+    pub driver: Driver,
+}
+
+struct CoreOutlet(Vec<Arc<Mailbox<CoreMsg>>>);
+
+impl Outlet for CoreOutlet {
+    fn deliver(&self, core: u16, batch: Vec<Delivery>) {
+        if let Some(mailbox) = self.0.get(usize::from(core)) {
+            mailbox.push(CoreMsg::Deliveries(batch));
+        }
+    }
+}
+
+impl Node {
+    /// Starts a node; returns once every listener is bound and every core runs.
+    pub fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        let secret = secret::load_or_create(&args.data_dir)
+            .with_context(|| format!("token secret in {}", args.data_dir.display()))?;
+        let driver = Driver::choose(args.driver)?;
+        let cores = args.core_count();
+        let listeners = bind_listeners(args.listen, cores)?;
+        let listen_addr = listeners[0].local_addr()?;
+
+        let mailboxes: Vec<_> = (0..cores).map(|_| Arc::new(Mailbox::new())).collect();
+        let mut registry = Registry::default();
+        let router = Router::start(
+            RouterConfig {
+                data_dir: args.data_dir.join("store"),
+                node_id: args.node_id,
+                max_body: args.max_body,
+                max_group_members: args.max_group_members,
+                send_rate_per_s: args.send_rate,
+                send_burst: args.send_burst,
+                dedupe_window: Duration::from_secs(args.dedupe_hours * 3600),
+                ..RouterConfig::default()
+            },
+            Arc::new(CoreOutlet(mailboxes.clone())),
+            &mut registry,
+        )
+        .context("starting the router and its store")?;
+        let gateway_metrics = GatewayMetrics::register(&mut registry);
+        let ready = Arc::new(AtomicBool::new(true));
+        let metrics_addr =
+            metrics::serve(args.metrics_listen, Arc::new(registry), ready.clone())
+                .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
+
+        let shared = Arc::new(Shared {
+            config: args,
+            secret,
+            router,
+            mailboxes,
+            metrics: gateway_metrics,
+            ready,
+            connections: AtomicUsize::new(0),
+        });
+        let mut handles = Vec::with_capacity(cores);
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("core-{id}"))
+                .spawn(move || run_core(id as u16, shared, listener, driver))
+                .context("spawning a core thread")?;
+            handles.push(handle);
+        }
+        tracing::info!(
+            listen.addr = %listen_addr,
+            metrics.addr = %metrics_addr,
+            cores,
+            driver = driver.name(),
+            data.dir = %shared.config.data_dir.display(),
+            "gateway started"
+        );
+        Ok(Self {
+            shared,
+            cores: handles,
+            listen_addr,
+            metrics_addr,
+            driver,
+        })
+    }
+
+    /// Asks the node to shut down (as SIGTERM does); returns at once.
+    pub fn begin_shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
+
+    /// A handle that can start the shutdown from another thread.
+    pub fn shutdown_trigger(&self) -> impl Fn() + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.begin_shutdown()
+    }
+
+    /// Waits for every core to drain, then stops the router, which commits
+    /// what it holds and closes the store.
+    pub fn wait(self) {
+        for handle in self.cores {
+            let _ = handle.join();
+        }
+        self.shared.router.shutdown();
+        tracing::info!("gateway stopped");
+    }
+}
+
+fn run_core(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener, driver: Driver) {
+    let result = match driver {
+        Driver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(4096)
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(core::run(id, shared.clone(), listener))),
+        Driver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(core::run(id, shared.clone(), listener))),
+    };
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => {
+            tracing::error!(conn.core = id, error = %e, "core stopped with an error");
+            shared.begin_shutdown();
+        }
+    }
+}
+
+/// Binds one listener per core on the same address with SO_REUSEPORT, so
+/// the kernel spreads connections across cores. With port 0 the first bind
+/// picks the port and the others join it.
+fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(cores);
+    for _ in 0..cores {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("binding {addr}"))?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}

@@ -1,0 +1,253 @@
+//! The per-core record of one session, and its outbound queue.
+//!
+//! A [`Slot`] lives in its core's slab from the moment the upgrade is
+//! accepted until the session task ends; the task creates it and removes it.
+//! It holds only what the rest of the core must reach without the socket:
+//! who the session is, what is queued for it, and when it was last heard
+//! from. The socket, the frame decoder and any partly read or partly
+//! written bytes belong to the session task.
+//!
+//! The layout is budgeted: an idle session's slot holds no buffer. The
+//! outbound queue is boxed and exists only while something is queued.
+
+use std::collections::VecDeque;
+use std::task::Waker;
+use std::time::Instant;
+
+use bytes::Bytes;
+use courier_router::api::{Class, Device};
+
+/// Why and how a session is being closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// The close code sent to the client.
+    pub code: u16,
+    /// The close reason sent to the client (at most 123 bytes).
+    pub reason: &'static str,
+    /// Whether frames already queued are sent before the close frame
+    /// (a graceful close) or dropped (the connection is failed).
+    pub flush_first: bool,
+}
+
+/// One session's entry in its core's slab.
+#[derive(Debug)]
+pub struct Slot {
+    /// The slab slot's generation; a [`courier_router::api::SessionKey`]
+    /// with another generation names an earlier session and is ignored.
+    pub generation: u32,
+    /// The authenticated user and device.
+    pub device: Device,
+    /// Token expiry, seconds since the Unix epoch; refreshed by `Refresh`.
+    pub token_exp_s: u64,
+    /// When a frame was last read, in the core's coarse seconds.
+    pub last_rx_s: u32,
+    /// Whether a WebSocket ping was sent since the last frame was read.
+    pub ping_outstanding: bool,
+    /// The session task's waker, set each time the task is polled. The core
+    /// wakes it when it queues frames or asks for a close.
+    pub waker: Option<Waker>,
+    /// Set by [`Slot::wake`], cleared when the task is polled, so a burst of
+    /// deliveries wakes the task once.
+    pub wake_pending: bool,
+    /// Frames waiting to be written; `None` while nothing is queued.
+    pub out: Option<Box<Outbound>>,
+    /// A close asked for by the router, the sweep or the session itself.
+    pub close: Option<CloseRequest>,
+    /// When the close frame was queued (core seconds), so the sweep can end
+    /// sessions whose peer never answers it.
+    pub closing_since_s: Option<u32>,
+    /// Set by the sweep when the peer did not answer our close in time; the
+    /// task then ends the session without waiting further.
+    pub force_end: bool,
+}
+
+impl Slot {
+    /// Wakes the session task so it writes or closes.
+    pub fn wake(&mut self) {
+        if !self.wake_pending {
+            if let Some(w) = &self.waker {
+                w.wake_by_ref();
+                self.wake_pending = true;
+            }
+        }
+    }
+
+    /// Queues a close; the first request wins.
+    pub fn request_close(&mut self, req: CloseRequest) {
+        if self.close.is_none() {
+            self.close = Some(req);
+            self.wake();
+        }
+    }
+
+    /// The outbound queue, created on first use.
+    pub fn out_mut(&mut self) -> &mut Outbound {
+        self.out.get_or_insert_with(Box::default)
+    }
+
+    /// Bytes queued and not yet taken by the session task.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.bytes)
+    }
+}
+
+/// Frames queued for one session, drained in priority order: control frames
+/// (pong, close) first, then replies, then messages and receipts, then
+/// presence and typing.
+#[derive(Debug, Default)]
+pub struct Outbound {
+    control: VecDeque<Bytes>,
+    reply: VecDeque<Bytes>,
+    message: VecDeque<(Bytes, Option<Instant>)>,
+    ephemeral: VecDeque<Bytes>,
+    /// A graceful close frame, written after everything else.
+    last: Option<Bytes>,
+    /// Total bytes in the queues above.
+    bytes: usize,
+}
+
+/// What [`Outbound::push`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued.
+    Queued,
+    /// Dropped: an ephemeral frame on a queue past its soft limit.
+    Shed,
+    /// The queue is past its hard limit: the session is a slow consumer.
+    Full,
+}
+
+impl Outbound {
+    /// Queues a WebSocket control frame (pong or close); never refused.
+    pub fn push_control(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.control.push_back(frame);
+    }
+
+    /// Queues the frame that ends the session after everything queued.
+    pub fn push_last(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.last = Some(frame);
+    }
+
+    /// Queues `frame` of `class` unless the queue is over `limit` bytes.
+    /// Ephemeral frames are shed once half the limit is used.
+    pub fn push(
+        &mut self,
+        class: Class,
+        frame: Bytes,
+        origin: Option<Instant>,
+        limit: usize,
+    ) -> Pushed {
+        match class {
+            Class::Ephemeral if self.bytes + frame.len() > limit / 2 => return Pushed::Shed,
+            _ if self.bytes + frame.len() > limit => return Pushed::Full,
+            _ => {}
+        }
+        self.bytes += frame.len();
+        match class {
+            Class::Reply => self.reply.push_back(frame),
+            Class::Message => self.message.push_back((frame, origin)),
+            Class::Ephemeral => self.ephemeral.push_back(frame),
+        }
+        Pushed::Queued
+    }
+
+    /// Drops every queued data frame, keeping control frames.
+    pub fn drop_data(&mut self) {
+        self.reply.clear();
+        self.message.clear();
+        self.ephemeral.clear();
+        self.bytes = self.control.iter().map(Bytes::len).sum::<usize>()
+            + self.last.as_ref().map_or(0, Bytes::len);
+    }
+
+    /// Moves frames, in priority order, into `buf` until it holds at least
+    /// `target` bytes or the queue is empty. Origins of the messages moved
+    /// are appended to `origins`. Returns how many frames were moved.
+    pub fn drain_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        target: usize,
+        origins: &mut Vec<Instant>,
+    ) -> usize {
+        let mut frames = 0;
+        while buf.len() < target {
+            let frame = if let Some(f) = self.control.pop_front() {
+                f
+            } else if let Some(f) = self.reply.pop_front() {
+                f
+            } else if let Some((f, origin)) = self.message.pop_front() {
+                origins.extend(origin);
+                f
+            } else if let Some(f) = self.ephemeral.pop_front() {
+                f
+            } else if let Some(f) = self.last.take() {
+                f
+            } else {
+                break;
+            };
+            self.bytes -= frame.len();
+            buf.extend_from_slice(&frame);
+            frames += 1;
+        }
+        frames
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0 && self.control.is_empty() && self.last.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drains_in_priority_order() {
+        let mut out = Outbound::default();
+        let b = |s: &'static [u8]| Bytes::from_static(s);
+        assert_eq!(
+            out.push(Class::Ephemeral, b(b"t"), None, 100),
+            Pushed::Queued
+        );
+        assert_eq!(
+            out.push(Class::Message, b(b"m"), Some(Instant::now()), 100),
+            Pushed::Queued
+        );
+        assert_eq!(out.push(Class::Reply, b(b"r"), None, 100), Pushed::Queued);
+        out.push_last(b(b"x"));
+        out.push_control(b(b"c"));
+        let (mut buf, mut origins) = (Vec::new(), Vec::new());
+        assert_eq!(out.drain_into(&mut buf, usize::MAX, &mut origins), 5);
+        assert_eq!(buf, b"crmtx");
+        assert_eq!(origins.len(), 1);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn sheds_ephemeral_first_and_reports_full() {
+        let mut out = Outbound::default();
+        let frame = Bytes::from(vec![0u8; 40]);
+        assert_eq!(
+            out.push(Class::Message, frame.clone(), None, 100),
+            Pushed::Queued
+        );
+        assert_eq!(
+            out.push(Class::Ephemeral, frame.clone(), None, 100),
+            Pushed::Shed
+        );
+        assert_eq!(
+            out.push(Class::Message, frame.clone(), None, 100),
+            Pushed::Queued
+        );
+        assert_eq!(
+            out.push(Class::Message, frame.clone(), None, 100),
+            Pushed::Full
+        );
+        out.push_control(Bytes::from_static(b"close"));
+        out.drop_data();
+        assert_eq!(out.bytes, 5);
+    }
+}

@@ -1,0 +1,544 @@
+//! End-to-end tests of a node over real sockets: messages, groups,
+//! catch-up, restarts, and every kind of bad input getting its documented
+//! answer. The suite runs under both monoio drivers (`COURIER_DRIVER`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{raw_upgrade, upgrade_request, Client, TestNode, TIMEOUT};
+use courier_protocol::close;
+use courier_protocol::frame::{ClientFrame, Cursor, EntryKind, ReceiptKind, ServerFrame};
+use courier_protocol::ids::direct_conversation;
+use courier_protocol::token::{self, claims_for};
+use courier_protocol::ws::{Event, Opcode};
+
+fn message_seq(frame: &ServerFrame) -> (String, u64, Bytes) {
+    match frame {
+        ServerFrame::Message {
+            conversation,
+            seq,
+            body,
+            kind: EntryKind::Message,
+            ..
+        } => (conversation.clone(), *seq, body.clone()),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[test]
+fn direct_message_is_acked_delivered_and_receipted() {
+    let node = TestNode::start(&[]);
+    let (mut alice, _) = node.online("alice", 1);
+    let (mut bob, _) = node.online("bob", 1);
+    let conv = direct_conversation("alice", "bob");
+
+    alice.send_text(&conv, 42, b"hello bob");
+    let ServerFrame::Sent {
+        client_id,
+        conversation,
+        seq,
+        server_id,
+        timestamp_ms,
+    } = alice.next()
+    else {
+        panic!("expected Sent")
+    };
+    assert_eq!(
+        (client_id, conversation.as_str(), seq),
+        (42, conv.as_str(), 1)
+    );
+    assert!(server_id != 0 && timestamp_ms > 1_700_000_000_000);
+
+    match bob.next() {
+        ServerFrame::Message {
+            conversation,
+            seq,
+            sender,
+            sender_device,
+            client_id,
+            body,
+            server_id: sid,
+            ..
+        } => {
+            assert_eq!(
+                (conversation.as_str(), seq, sender.as_str(), sender_device),
+                (conv.as_str(), 1, "alice", 1)
+            );
+            assert_eq!(
+                (client_id, sid, &body[..]),
+                (42, server_id, &b"hello bob"[..])
+            );
+        }
+        other => panic!("expected Message, got {other:?}"),
+    }
+
+    bob.send(&ClientFrame::Delivered {
+        conversation: conv.clone(),
+        seq: 1,
+    });
+    match alice.next() {
+        ServerFrame::Receipt {
+            conversation,
+            seq,
+            user,
+            device,
+            kind,
+        } => {
+            assert_eq!(
+                (conversation, seq, user.as_str(), device, kind),
+                (conv, 1, "bob", 1, ReceiptKind::Delivered)
+            );
+        }
+        other => panic!("expected Receipt, got {other:?}"),
+    }
+}
+
+#[test]
+fn group_message_reaches_every_other_member() {
+    let node = TestNode::start(&[]);
+    let (mut alice, _) = node.online("alice", 1);
+    let (mut bob, _) = node.online("bob", 1);
+    let (mut carol, _) = node.online("carol", 1);
+    alice.send(&ClientFrame::GroupCreate {
+        request: 7,
+        members: vec!["bob".into(), "carol".into()],
+    });
+    let ServerFrame::GroupCreated {
+        request: 7,
+        conversation: group,
+        seq: 1,
+    } = alice.next()
+    else {
+        panic!("expected GroupCreated")
+    };
+    for member in [&mut bob, &mut carol] {
+        match member.next() {
+            ServerFrame::Message {
+                kind: EntryKind::MembersAdded,
+                seq: 1,
+                conversation,
+                ..
+            } => assert_eq!(conversation, group),
+            other => panic!("expected the creation entry, got {other:?}"),
+        }
+    }
+    assert_eq!(bob.send_acked(&group, 1, b"hi all"), 2);
+    for member in [&mut alice, &mut carol] {
+        let (conv, seq, body) = message_seq(&member.next());
+        assert_eq!(
+            (conv.as_str(), seq, &body[..]),
+            (group.as_str(), 2, &b"hi all"[..])
+        );
+    }
+    alice.send(&ClientFrame::GroupMembers {
+        request: 8,
+        conversation: group.clone(),
+    });
+    let ServerFrame::Members {
+        request: 8,
+        mut members,
+        ..
+    } = alice.next()
+    else {
+        panic!("expected Members")
+    };
+    members.sort();
+    assert_eq!(members, ["alice", "bob", "carol"]);
+}
+
+#[test]
+fn offline_recipient_catches_up_in_order_after_reconnect() {
+    let node = TestNode::start(&[]);
+    let (mut alice, _) = node.online("alice", 1);
+    let conv = direct_conversation("alice", "bob");
+    let (mut bob, _) = node.online("bob", 1);
+    assert_eq!(alice.send_acked(&conv, 1, b"one"), 1);
+    assert_eq!(message_seq(&bob.next()).1, 1);
+    drop(bob);
+
+    for (i, body) in [b"two", b"tri", b"for"].iter().enumerate() {
+        assert_eq!(alice.send_acked(&conv, 10 + i as u64, *body), 2 + i as u64);
+    }
+    let mut bob = node.connect("bob", 1);
+    let caught = bob.sync(vec![Cursor {
+        conversation: conv.clone(),
+        seq: 1,
+    }]);
+    let seqs: Vec<u64> = caught.iter().map(|f| message_seq(f).1).collect();
+    assert_eq!(seqs, [2, 3, 4]);
+    // Live again after catch-up.
+    assert_eq!(alice.send_acked(&conv, 20, b"live"), 5);
+    assert_eq!(message_seq(&bob.next()).1, 5);
+}
+
+#[test]
+fn retried_send_gets_the_original_ack_even_after_restart() {
+    let node = TestNode::start(&[]);
+    let conv = direct_conversation("alice", "bob");
+    let (mut alice, _) = node.online("alice", 1);
+    alice.send_text(&conv, 99, b"once");
+    let first = alice.next();
+    alice.send_text(&conv, 99, b"once");
+    assert_eq!(
+        alice.next(),
+        first,
+        "a retry in the same session is deduplicated"
+    );
+    drop(alice);
+    let dir = node.stop();
+
+    let node = TestNode::start_in(&dir, &[]);
+    let (mut alice, _) = node.online("alice", 1);
+    alice.send_text(&conv, 99, b"once");
+    assert_eq!(
+        alice.next(),
+        first,
+        "a retry after a restart is deduplicated"
+    );
+    assert_eq!(
+        alice.send_acked(&conv, 100, b"next"),
+        2,
+        "sequence resumes after the restart"
+    );
+    let (_bob, caught) = node.online("bob", 1);
+    assert_eq!(
+        caught.iter().map(|f| message_seq(f).1).collect::<Vec<_>>(),
+        [1, 2],
+        "stored exactly once"
+    );
+}
+
+#[test]
+fn shutdown_closes_sessions_with_going_away() {
+    let node = TestNode::start(&[]);
+    let (mut alice, _) = node.online("alice", 1);
+    node.begin_shutdown();
+    assert_eq!(alice.expect_close().0, close::GOING_AWAY);
+    let (status, _) = common::http_get(node.metrics_addr, "/readyz");
+    assert_eq!(status, 503);
+}
+
+#[test]
+fn newer_session_of_a_device_replaces_the_older() {
+    let node = TestNode::start(&[]);
+    let (mut first, _) = node.online("alice", 1);
+    let (_second, _) = node.online("alice", 1);
+    assert_eq!(first.expect_close().0, close::REPLACED);
+}
+
+#[test]
+fn bad_tokens_are_refused_at_the_upgrade() {
+    let node = TestNode::start(&[]);
+    let now = common::now_s();
+    let expired = node.token_with(&claims_for("alice", 1, now - 7200, 60));
+    let future = node.token_with(&claims_for("alice", 1, now + 7200, 60));
+    let foreign = token::mint(
+        &token::Secret::new(b"not-this-node-secret".to_vec()),
+        &claims_for("alice", 1, now, 60),
+    );
+    let unsigned = {
+        let good = node.token("alice", 1);
+        let claims = good.split('.').nth(1).unwrap().to_owned();
+        format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.")
+    };
+    for bad in [
+        expired.as_str(),
+        future.as_str(),
+        foreign.as_str(),
+        unsigned.as_str(),
+        "garbage",
+    ] {
+        assert_eq!(Client::connect(node.addr, bad).err(), Some(401), "{bad}");
+    }
+    let (status, _, _) = raw_upgrade(node.addr, &upgrade_request(None, ""));
+    assert_eq!(status, 401, "no token");
+    assert!(node.metrics().contains("courier_auth_failures_total"));
+}
+
+#[test]
+fn malformed_upgrades_get_http_errors() {
+    let node = TestNode::start(&["--max-header-bytes", "2048"]);
+    let token = node.token("alice", 1);
+    let no_proto =
+        upgrade_request(Some(&token), "").replace("Sec-WebSocket-Protocol: courier.v1\r\n", "");
+    assert_eq!(raw_upgrade(node.addr, &no_proto).0, 400);
+    let huge = upgrade_request(Some(&token), &format!("X-Pad: {}\r\n", "p".repeat(4000)));
+    assert_eq!(raw_upgrade(node.addr, &huge).0, 431);
+    assert_eq!(
+        raw_upgrade(node.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").0,
+        426
+    );
+}
+
+#[test]
+fn an_upgrade_that_never_completes_is_closed_at_the_deadline() {
+    let node = TestNode::start(&["--handshake-timeout-ms", "300"]);
+    let start = std::time::Instant::now();
+    // Half a request line, then silence.
+    let (status, _, _) = raw_upgrade(node.addr, "GET / HT");
+    assert_eq!(status, 408);
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn malformed_client_frame_gets_an_error_then_close_4400() {
+    let node = TestNode::start(&[]);
+    let (mut alice, _) = node.online("alice", 1);
+    alice.send_ws(Opcode::Binary, &[0x7f, 1, 2, 3]);
+    match alice.next() {
+        ServerFrame::Error {
+            code: 400, detail, ..
+        } => assert!(detail.contains("unknown frame type"), "{detail}"),
+        other => panic!("expected Error 400, got {other:?}"),
+    }
+    assert_eq!(alice.expect_close().0, close::MALFORMED_FRAME);
+}
+
+#[test]
+fn websocket_violations_close_with_rfc_codes() {
+    let node = TestNode::start(&["--max-body", "1024"]);
+    // Text frames: protocol v1 is binary.
+    let (mut c, _) = node.online("alice", 1);
+    c.send_ws(Opcode::Text, b"hello");
+    assert_eq!(c.expect_close().0, close::UNSUPPORTED_DATA);
+    // An unmasked frame.
+    let (mut c, _) = node.online("alice", 2);
+    c.send_raw(&[0x82, 0x01, 0x00]);
+    assert_eq!(c.expect_close().0, close::PROTOCOL_ERROR);
+    // A frame over the limit fails from its header.
+    let (mut c, _) = node.online("alice", 3);
+    c.send_raw(&[0x82, 0xfe, 0xff, 0xff, 1, 2, 3, 4]);
+    assert_eq!(c.expect_close().0, close::MESSAGE_TOO_BIG);
+    // Invalid UTF-8 in a text frame.
+    let (mut c, _) = node.online("alice", 4);
+    c.send_ws(Opcode::Text, &[0xff, 0xfe]);
+    assert_eq!(c.expect_close().0, close::INVALID_PAYLOAD);
+}
+
+#[test]
+fn oversized_body_non_member_and_bad_conversation_get_error_frames() {
+    let node = TestNode::start(&["--max-body", "1024"]);
+    let (mut mallory, _) = node.online("mallory", 1);
+    mallory.send_text("d:alice:bob", 1, b"let me in");
+    assert!(matches!(
+        mallory.next(),
+        ServerFrame::Error {
+            code: 403,
+            reference: 1,
+            ..
+        }
+    ));
+    mallory.send_text("not-a-conversation", 2, b"x");
+    assert!(matches!(
+        mallory.next(),
+        ServerFrame::Error {
+            code: 400,
+            reference: 2,
+            ..
+        }
+    ));
+    mallory.send_text(&direct_conversation("mallory", "bob"), 3, &[0u8; 1025]);
+    assert!(matches!(
+        mallory.next(),
+        ServerFrame::Error {
+            code: 413,
+            reference: 3,
+            ..
+        }
+    ));
+    mallory.send_text("g:00000000000000aa", 4, b"x");
+    assert!(matches!(
+        mallory.next(),
+        ServerFrame::Error {
+            code: 404,
+            reference: 4,
+            ..
+        }
+    ));
+    // The session is still usable.
+    assert_eq!(
+        mallory.send_acked(&direct_conversation("mallory", "bob"), 5, b"ok"),
+        1
+    );
+}
+
+#[test]
+fn send_flood_is_rate_limited_and_nothing_accepted_is_lost() {
+    let node = TestNode::start(&["--send-rate", "5", "--send-burst", "10"]);
+    let conv = direct_conversation("alice", "bob");
+    let (mut alice, _) = node.online("alice", 1);
+    for id in 1..=40u64 {
+        alice.send_text(&conv, id, b"flood");
+    }
+    let (mut acked, mut limited) = (Vec::new(), 0);
+    for _ in 0..40 {
+        match alice.next() {
+            ServerFrame::Sent { seq, .. } => acked.push(seq),
+            ServerFrame::Error { code: 429, .. } => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(limited >= 20, "{limited} limited");
+    assert!(acked.len() >= 10, "the burst is accepted");
+    let (_bob, caught) = node.online("bob", 1);
+    let got: Vec<u64> = caught.iter().map(|f| message_seq(f).1).collect();
+    assert_eq!(
+        got,
+        (1..=acked.len() as u64).collect::<Vec<_>>(),
+        "every acked message is stored, in order"
+    );
+}
+
+#[test]
+fn pings_are_answered_at_both_levels() {
+    let node = TestNode::start(&[]);
+    let (mut c, _) = node.online("alice", 1);
+    c.send(&ClientFrame::Ping { nonce: 77 });
+    assert_eq!(c.next(), ServerFrame::Pong { nonce: 77 });
+    c.send_ws(Opcode::Ping, b"abc");
+    match c.event(TIMEOUT) {
+        Some(Event::Pong(data)) => assert_eq!(&data[..], b"abc"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+}
+
+#[test]
+fn silent_client_is_pinged_then_closed_at_the_idle_timeout() {
+    let node = TestNode::start(&["--ping-interval", "1", "--idle-timeout", "3"]);
+    let (mut c, _) = node.online("alice", 1);
+    let mut pinged = false;
+    loop {
+        match c.event(Duration::from_secs(8)) {
+            Some(Event::Ping(_)) => pinged = true,
+            Some(Event::Close(Some((code, _)))) => {
+                assert_eq!(code, close::IDLE_TIMEOUT);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pinged, "a ping came before the timeout");
+}
+
+#[test]
+fn client_close_is_answered_with_the_same_code() {
+    let node = TestNode::start(&[]);
+    let (mut c, _) = node.online("alice", 1);
+    c.send_ws(Opcode::Close, &[0x03, 0xe8]);
+    assert_eq!(c.expect_close().0, close::NORMAL);
+}
+
+#[test]
+fn token_refresh_extends_the_session() {
+    let node = TestNode::start(&[]);
+    let (mut c, _) = node.online("alice", 1);
+    let fresh = node.token("alice", 1);
+    c.send(&ClientFrame::Refresh {
+        request: 3,
+        token: fresh,
+    });
+    assert_eq!(c.next(), ServerFrame::Done { request: 3 });
+    let other = node.token("bob", 1);
+    c.send(&ClientFrame::Refresh {
+        request: 4,
+        token: other,
+    });
+    assert!(matches!(
+        c.next(),
+        ServerFrame::Error {
+            code: 400,
+            reference: 4,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn expired_session_token_closes_the_session() {
+    let node = TestNode::start(&[]);
+    // Valid now, expires within the leeway window plus a second.
+    let now = common::now_s();
+    let claims = claims_for("alice", 1, now, 0);
+    let token = node.token_with(&claims);
+    let mut c = Client::connect(node.addr, &token).expect("accepted inside the leeway");
+    c.sync(vec![]);
+    let started = std::time::Instant::now();
+    let (code, _) = loop {
+        match c.event(Duration::from_secs(token::LEEWAY_S + 5)) {
+            Some(Event::Close(Some(close))) => break close,
+            Some(_) => continue,
+            None => panic!("no close"),
+        }
+    };
+    assert_eq!(code, close::TOKEN_EXPIRED);
+    assert!(started.elapsed() <= Duration::from_secs(token::LEEWAY_S + 3));
+}
+
+#[test]
+fn slow_consumer_is_closed_and_catches_up_without_loss() {
+    let node = TestNode::start(&[
+        "--max-outbound-bytes",
+        "65536",
+        "--send-rate",
+        "100000",
+        "--send-burst",
+        "100000",
+    ]);
+    let conv = direct_conversation("alice", "bob");
+    let (mut alice, _) = node.online("alice", 1);
+    // Bob's socket takes little and bob does not read.
+    let (mut bob, _) = node.online("bob", 1);
+    let body = vec![b'x'; 4000];
+    let mut acked = 0;
+    // 6 MB: more than the kernel's socket buffers on both ends hold.
+    for id in 1..=1500u64 {
+        alice.send_text(&conv, id, &body);
+    }
+    for _ in 0..1500 {
+        if let ServerFrame::Sent { .. } = alice.next() {
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, 1500);
+    // Whatever bob got before the close, the close says why.
+    let (code, _) = bob.expect_close();
+    assert_eq!(code, close::SLOW_CONSUMER);
+    assert!(node
+        .metrics()
+        .contains("courier_slow_consumer_closes_total 1"));
+    let mut bob = node.connect("bob", 1);
+    let caught = bob.sync(vec![]);
+    let seqs: Vec<u64> = caught.iter().map(|f| message_seq(f).1).collect();
+    assert_eq!(seqs, (1..=1500).collect::<Vec<_>>());
+}
+
+#[test]
+fn metrics_endpoint_serves_the_operator_view() {
+    let node = TestNode::start(&[]);
+    let (mut alice, _) = node.online("alice", 1);
+    let (mut bob, _) = node.online("bob", 1);
+    alice.send_acked(&direct_conversation("alice", "bob"), 1, b"m");
+    bob.next();
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = node.metrics();
+    for name in [
+        "courier_gateway_connections{core=",
+        "courier_frames_in_total",
+        "courier_frames_out_total",
+        "courier_messages_in_total",
+        "courier_messages_out_total",
+        "courier_delivery_duration_seconds_bucket",
+        "courier_sent_ack_duration_seconds_bucket",
+        "courier_store_commit_duration_seconds_bucket",
+        "courier_outbound_queue_bytes{core=",
+        "courier_slow_consumer_closes_total",
+    ] {
+        assert!(text.contains(name), "missing {name} in:\n{text}");
+    }
+    assert_eq!(common::http_get(node.metrics_addr, "/healthz").0, 200);
+    assert_eq!(common::http_get(node.metrics_addr, "/readyz").0, 200);
+}
