@@ -52,7 +52,12 @@ pub enum Command {
     /// A client frame the router handles: `Send`, `Delivered`, `Read`,
     /// `Sync` and the group frames. `received_at` is when the gateway read
     /// it, the start of the SENT-ack and delivery latency clocks.
-    Frame { session: SessionKey, device: Device, frame: ClientFrame, received_at: Instant },
+    Frame {
+        session: SessionKey,
+        device: Device,
+        frame: ClientFrame,
+        received_at: Instant,
+    },
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,
@@ -75,9 +80,18 @@ pub enum Delivery {
     /// Queue `frame` (a complete WebSocket frame) on `session`. `origin` is
     /// when the gateway received the send that caused it, for the delivery
     /// latency histogram (`None` for frames that are not a live message).
-    Frame { session: SessionKey, class: Class, frame: Bytes, origin: Option<Instant> },
+    Frame {
+        session: SessionKey,
+        class: Class,
+        frame: Bytes,
+        origin: Option<Instant>,
+    },
     /// Close `session` with `code` and `reason` after what is queued.
-    Close { session: SessionKey, code: u16, reason: &'static str },
+    Close {
+        session: SessionKey,
+        code: u16,
+        reason: &'static str,
+    },
 }
 
 impl Delivery {
