@@ -1,1 +1,340 @@
-//! placeholder
+//! Courier's embedded message service: the router.
+//!
+//! The router runs inside the gateway process on one thread of its own and
+//! owns everything about messages: it validates sends (membership, body
+//! size, per-user rate), dedupes retries by (user, device, client id),
+//! assigns each message its per-conversation sequence, server id and
+//! timestamp, makes it durable in an embedded fjall store, and only then
+//! acks `Sent` and fans the message out to the recipients' live sessions.
+//! It also keeps receipt cursors, runs groups, and serves catch-up.
+//!
+//! ```text
+//!  gateway cores ──submit(Command)──► channel ──► router thread
+//!                                                   │  recv, then drain up to max_batch
+//!                                                   │  decide every command (one write set)
+//!                                                   │  commit + one fdatasync  (group commit)
+//!                                                   │  answers and fan-out, then catch-up pages
+//!  gateway cores ◄──Outlet::deliver(core, Vec)──────┘  once per core per batch
+//! ```
+//!
+//! Commands that arrive while a batch is being synced form the next batch,
+//! so under load many sends share one fdatasync.
+//!
+//! What it does not do: sockets, tokens, presence, typing, push, key
+//! bundles, or talk to other nodes. Those belong to the gateway or are
+//! later work; see `docs/router.md` for the design and its known limits.
+//!
+//! [`RouterCore`] is the logic without the thread, for tests and benches;
+//! [`Router::start`] wraps it in the thread and hands out [`RouterHandle`]s.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod codec;
+mod core;
+mod metrics;
+mod rate;
+mod server_id;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use courier_protocol::frame::ClientFrame;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use prometheus_client::registry::Registry;
+
+pub use crate::core::RouterCore;
+
+/// The router's settings. Every field has a default ([`Default`]); a value
+/// out of range stops the start with [`RouterError::Config`] naming it.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Where the store lives (created if missing).
+    pub data_dir: PathBuf,
+    /// This node's number in server ids, 0 to 1023.
+    pub node_id: u16,
+    /// Largest message body accepted, in bytes.
+    pub max_body: usize,
+    /// Most members a group may have, its creator included.
+    pub max_group_members: usize,
+    /// Sends per second a user may keep up (all devices together).
+    pub send_rate_per_s: f64,
+    /// Sends a user may make at once before the rate applies.
+    pub send_burst: f64,
+    /// How long a client id is remembered for dedupe; at least 24 hours.
+    pub dedupe_window: Duration,
+    /// Most entries one catch-up page carries.
+    pub sync_page: usize,
+    /// Most commands handled by one batch (one commit).
+    pub max_batch: usize,
+    /// Commands waiting for the router beyond which sends are refused.
+    pub max_inflight: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            node_id: 0,
+            max_body: 65_536,
+            max_group_members: 512,
+            send_rate_per_s: 50.0,
+            send_burst: 100.0,
+            dedupe_window: Duration::from_secs(7 * 24 * 3600),
+            sync_page: 500,
+            max_batch: 4096,
+            max_inflight: 100_000,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Checks every value, naming the first one out of range.
+    pub fn validate(&self) -> Result<(), RouterError> {
+        let bad = |key: &'static str, reason: &str| {
+            Err(RouterError::Config {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.node_id > server_id::MAX_NODE_ID {
+            return bad("node_id", "must be at most 1023 (10 bits of the server id)");
+        }
+        if self.max_body == 0 || self.max_body > u32::MAX as usize {
+            return bad("max_body", "must be between 1 and 4294967295 bytes");
+        }
+        if self.max_group_members < 2 || self.max_group_members > usize::from(u16::MAX) {
+            return bad("max_group_members", "must be between 2 and 65535");
+        }
+        if !(self.send_rate_per_s.is_finite() && self.send_rate_per_s > 0.0) {
+            return bad("send_rate_per_s", "must be a positive number");
+        }
+        if !(self.send_burst.is_finite() && self.send_burst >= 1.0) {
+            return bad("send_burst", "must be at least 1");
+        }
+        if self.dedupe_window < core::MIN_DEDUPE_WINDOW {
+            return bad(
+                "dedupe_window",
+                "must be at least 24 hours, to cover clients that retry after a day offline",
+            );
+        }
+        if self.sync_page == 0 {
+            return bad("sync_page", "must be at least 1");
+        }
+        if self.max_batch == 0 {
+            return bad("max_batch", "must be at least 1");
+        }
+        if self.max_inflight == 0 {
+            return bad("max_inflight", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Why the router did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouterError {
+    /// A config value is out of range.
+    #[error("router config `{key}` {reason}")]
+    Config { key: &'static str, reason: String },
+    /// The store could not be opened.
+    #[error("cannot open the store at {}: {source}", path.display())]
+    Store {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The router thread could not be started.
+    #[error("cannot start the router thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The router refused a command: too many are queued, or it is stopping.
+/// The gateway answers a refused send with an `Unavailable` (504) error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("router overloaded or stopping")]
+pub struct Overloaded;
+
+/// Starts routers.
+#[derive(Debug)]
+pub struct Router;
+
+impl Router {
+    /// Opens the store, registers the metrics in `registry` and starts the
+    /// router thread, which hands its deliveries to `outlet`.
+    pub fn start(
+        config: RouterConfig,
+        outlet: Arc<dyn api::Outlet>,
+        registry: &mut Registry,
+    ) -> Result<RouterHandle, RouterError> {
+        let core = RouterCore::open(config.clone(), registry)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let worker = Worker {
+            core,
+            rx,
+            outlet,
+            depth: depth.clone(),
+            max_batch: config.max_batch,
+        };
+        let thread = std::thread::Builder::new()
+            .name("courier-router".into())
+            .spawn(move || worker.run())
+            .map_err(RouterError::Spawn)?;
+        tracing::info!(
+            router.data_dir = %config.data_dir.display(),
+            router.node_id = config.node_id,
+            router.max_batch = config.max_batch,
+            "router started"
+        );
+        let thread_id = thread.thread().id();
+        Ok(RouterHandle {
+            shared: Arc::new(Shared {
+                tx,
+                depth,
+                max_inflight: config.max_inflight,
+                closed: AtomicBool::new(false),
+                thread: Mutex::new(Some(thread)),
+                thread_id,
+            }),
+        })
+    }
+}
+
+/// Submits commands to a running router. Cheap to clone (one shared
+/// pointer); every gateway core keeps one.
+#[derive(Clone, Debug)]
+pub struct RouterHandle {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    tx: Sender<Msg>,
+    /// Commands submitted and not yet taken by the router thread.
+    depth: Arc<AtomicUsize>,
+    max_inflight: usize,
+    closed: AtomicBool,
+    /// Taken and joined by the first `shutdown`.
+    thread: Mutex<Option<JoinHandle<()>>>,
+    thread_id: std::thread::ThreadId,
+}
+
+impl RouterHandle {
+    /// Queues `cmd` for the router; never blocks. A `Send` frame is refused
+    /// with [`Overloaded`] when `max_inflight` commands are already queued;
+    /// other commands (attach, detach, receipts, catch-up, groups) are
+    /// always taken. Everything is refused once the router is stopping.
+    pub fn submit(&self, cmd: api::Command) -> Result<(), Overloaded> {
+        let shared = &*self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(Overloaded);
+        }
+        let is_send = matches!(
+            cmd,
+            api::Command::Frame {
+                frame: ClientFrame::Send { .. },
+                ..
+            }
+        );
+        if is_send && shared.depth.load(Ordering::Relaxed) >= shared.max_inflight {
+            return Err(Overloaded);
+        }
+        shared.depth.fetch_add(1, Ordering::Relaxed);
+        shared.tx.send(Msg::Command(cmd)).map_err(|_| {
+            shared.depth.fetch_sub(1, Ordering::Relaxed);
+            Overloaded
+        })
+    }
+
+    /// Stops the router: refuses new commands, handles those already
+    /// queued, commits, syncs the store and joins the thread. Idempotent;
+    /// a second call waits for the first to finish.
+    pub fn shutdown(&self) {
+        let shared = &*self.shared;
+        shared.closed.store(true, Ordering::Release);
+        let mut thread = match shared.thread.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(handle) = thread.take() else { return };
+        // The thread is still running (we hold its handle), so the
+        // receiver is alive; a failed send means it already exited.
+        let _ = shared.tx.send(Msg::Shutdown);
+        if std::thread::current().id() == shared.thread_id {
+            // Called from the router thread itself (an outlet calling
+            // back): it stops after this batch; joining would deadlock.
+            return;
+        }
+        if handle.join().is_err() {
+            tracing::error!("router thread panicked");
+        }
+    }
+}
+
+/// What travels to the router thread.
+#[derive(Debug)]
+enum Msg {
+    Command(api::Command),
+    Shutdown,
+}
+
+/// The router thread's state: the core and its channel ends.
+struct Worker {
+    core: RouterCore,
+    rx: Receiver<Msg>,
+    outlet: Arc<dyn api::Outlet>,
+    depth: Arc<AtomicUsize>,
+    max_batch: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let queue_depth = self.core.metrics().queue_depth.clone();
+        let mut stopping = false;
+        while !stopping {
+            // Block for the first command, then take what else is queued.
+            let mut batch = Vec::new();
+            match self.rx.recv() {
+                Ok(Msg::Command(cmd)) => batch.push(cmd),
+                Ok(Msg::Shutdown) => stopping = true,
+                // Every handle is gone: nobody can submit any more.
+                Err(_) => stopping = true,
+            }
+            while !stopping && batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(Msg::Command(cmd)) => batch.push(cmd),
+                    Ok(Msg::Shutdown) | Err(TryRecvError::Disconnected) => stopping = true,
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            let left = self
+                .depth
+                .fetch_sub(batch.len(), Ordering::Relaxed)
+                .saturating_sub(batch.len());
+            queue_depth.set(left as i64);
+            if batch.is_empty() {
+                continue;
+            }
+            for (core, deliveries) in self.core.handle_batch(batch, now_ms()) {
+                self.outlet.deliver(core, deliveries);
+            }
+        }
+        self.core.close();
+        tracing::info!("router stopped");
+    }
+}
+
+/// Wall-clock milliseconds since 1970 (0 if the clock is before it).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

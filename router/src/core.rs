@@ -1,0 +1,1592 @@
+//! The router's logic, with no thread and no clock: [`RouterCore`].
+//!
+//! One call to [`RouterCore::handle_batch`] handles one batch of commands in
+//! four steps, always in this order:
+//!
+//! 1. **Decide.** Each command, in arrival order, is validated against the
+//!    router's view of the store plus what earlier commands of the batch
+//!    changed; its writes go into one write set and its answer is held back.
+//!    Attach, Detach and Sync update the routes here (a Sync makes its
+//!    session not live).
+//! 2. **Commit.** The write set is committed with one fdatasync.
+//! 3. **Answer.** Held answers go out in arrival order: `Sent`, results and
+//!    live fan-out when the commit succeeded, `StoreUnavailable` errors when
+//!    it failed (and the router's view is then reloaded from the store).
+//! 4. **Catch up.** Each Sync of the batch reads the committed store and
+//!    streams a page of what its session is missing; a Sync that finishes
+//!    with nothing more makes its session live.
+//!
+//! Because step 4 reads what step 2 committed and a session turns live only
+//! after it, an entry reaches a session either in its catch-up or live,
+//! never neither, and in sequence order per conversation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_protocol::error::ErrorCode;
+use courier_protocol::frame::{
+    encode_members, ClientFrame, Cursor, EntryKind, ReceiptKind, ServerFrame,
+};
+use courier_protocol::ids::{self, ConversationKind as IdKind};
+use courier_protocol::ws::{encode_frame, Opcode, MAX_HEADER};
+use prometheus_client::registry::Registry;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::api::{Class, Command, Delivery, Device, SessionKey};
+use crate::codec::{
+    ConversationKind, ConversationMeta, Cursors, DedupeRecord, Member, Membership, StoredEntry,
+};
+use crate::metrics::{CodeLabel, Metrics};
+use crate::rate::TokenBucket;
+use crate::server_id::ServerIds;
+use crate::store::{self, Part, Store, StoreError, WriteSet};
+use crate::{RouterConfig, RouterError};
+
+/// How often the sweep drops expired dedupe records and idle rate buckets.
+const SWEEP_INTERVAL_MS: u64 = 60_000;
+
+/// Most dedupe records one sweep deletes; a longer backlog continues at the
+/// next batch.
+const SWEEP_LIMIT: usize = 10_000;
+
+/// Conversations kept in memory before the cache is dropped whole (it is
+/// reloaded lazily from the store, between batches, so dropping is safe).
+const CONVERSATION_CACHE_LIMIT: usize = 1 << 20;
+
+/// Least time between two logged commit failures.
+const FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// The router's state and logic, driven one batch at a time.
+///
+/// Call [`handle_batch`](Self::handle_batch) with each batch and hand the
+/// returned deliveries to the gateway; call [`close`](Self::close) once at
+/// the end. [`crate::Router`] runs this on its own thread; tests drive it
+/// directly with a clock they step.
+pub struct RouterCore {
+    config: RouterConfig,
+    store: Store,
+    metrics: Metrics,
+    /// Conversations used since the start (or since the cache was last
+    /// dropped), loaded from the store on first use. Reflects the batch in
+    /// progress; dropped whole after a failed commit.
+    conversations: FxHashMap<Box<str>, Conversation>,
+    /// Devices attached now, per user. An entry is added by Attach and
+    /// removed by the matching Detach.
+    routes: FxHashMap<Arc<str>, Vec<Route>>,
+    /// Send-rate buckets of users who sent recently; the sweep drops full ones.
+    buckets: FxHashMap<Arc<str>, TokenBucket>,
+    ids: ServerIds,
+    next_sweep_ms: Option<u64>,
+    last_failure_log_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for RouterCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterCore")
+            .field("store", &self.store)
+            .field("conversations", &self.conversations.len())
+            .field("routed_users", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A conversation as the router sees it while deciding.
+#[derive(Debug)]
+struct Conversation {
+    kind: ConversationKind,
+    creator: Arc<str>,
+    /// Current members. Replaced (never edited) on a change, so an answer
+    /// held for fan-out keeps the members at the time of its entry.
+    members: Arc<[Member]>,
+    last_seq: u64,
+    /// False for a direct conversation whose first message is not written
+    /// yet: that send writes its metadata and memberships.
+    stored: bool,
+}
+
+impl Conversation {
+    fn is_member(&self, user: &str) -> bool {
+        self.members.iter().any(|m| &*m.user == user)
+    }
+
+    fn meta(&self) -> ConversationMeta {
+        ConversationMeta {
+            kind: self.kind,
+            creator: self.creator.clone(),
+            members: self.members.to_vec(),
+        }
+    }
+}
+
+/// One attached device.
+#[derive(Clone, Copy, Debug)]
+struct Route {
+    device: u32,
+    session: SessionKey,
+    /// Set when the session's catch-up finished; cleared by a new Sync.
+    live: bool,
+}
+
+/// Why a request is refused: the code and a detail for the error frame.
+#[derive(Debug)]
+struct Reject {
+    code: ErrorCode,
+    detail: String,
+}
+
+impl Reject {
+    fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Reject {
+    fn from(e: StoreError) -> Self {
+        tracing::debug!(error = %e, "store read failed");
+        Self::new(
+            ErrorCode::StoreUnavailable,
+            "store unavailable; retry later",
+        )
+    }
+}
+
+/// An entry to fan out once its batch is durable.
+#[derive(Debug)]
+struct Fanout {
+    message: ServerFrame,
+    /// The members at the time of the entry (for a removal, including the
+    /// removed ones).
+    recipients: Arc<[Member]>,
+    sender: Arc<str>,
+    sender_device: u32,
+    origin: Instant,
+}
+
+/// An answer held until the batch's commit is known.
+#[derive(Debug)]
+enum Pending {
+    /// Goes out whatever the commit does (validation errors, closes, reads).
+    Now(Delivery),
+    /// A send's `Sent` (new or a retry); `StoreUnavailable` if not durable.
+    Sent {
+        session: SessionKey,
+        sent: ServerFrame,
+        client_id: u64,
+        received_at: Instant,
+        fanout: Option<Fanout>,
+    },
+    /// A group change's answer and entry.
+    Group {
+        session: SessionKey,
+        reply: ServerFrame,
+        request: u32,
+        fanout: Fanout,
+    },
+    /// A receipt that moved a cursor, and where to forward it.
+    Receipt {
+        session: SessionKey,
+        forward: Option<(Arc<str>, ServerFrame)>,
+    },
+}
+
+/// A Sync to serve after the commit.
+#[derive(Debug)]
+struct SyncRequest {
+    session: SessionKey,
+    device: Device,
+    cursors: Vec<Cursor>,
+}
+
+/// What one batch has decided so far.
+#[derive(Debug, Default)]
+struct Batch {
+    writes: WriteSet,
+    pending: Vec<Pending>,
+    syncs: Vec<SyncRequest>,
+    /// Dedupe records written by this batch (the store cannot see them yet).
+    dedupe: FxHashMap<Vec<u8>, DedupeRecord>,
+    /// Cursors written by this batch.
+    cursors: FxHashMap<Vec<u8>, Cursors>,
+    /// Users who spent a rate token on a write of this batch, refunded if
+    /// the commit fails.
+    spent: Vec<Arc<str>>,
+    messages: u64,
+    issued_ids: bool,
+}
+
+/// Deliveries of one batch, grouped per core in the order they were made.
+#[derive(Debug, Default)]
+struct Outbox {
+    per_core: FxHashMap<u16, Vec<Delivery>>,
+}
+
+impl Outbox {
+    fn push(&mut self, d: Delivery) {
+        self.per_core.entry(d.session().core).or_default().push(d);
+    }
+
+    fn reply(&mut self, session: SessionKey, frame: &ServerFrame) {
+        self.push(Delivery::Frame {
+            session,
+            class: Class::Reply,
+            frame: ws_frame(frame),
+            origin: None,
+        });
+    }
+
+    fn into_batches(self) -> Vec<(u16, Vec<Delivery>)> {
+        let mut out: Vec<_> = self.per_core.into_iter().collect();
+        out.sort_unstable_by_key(|(core, _)| *core);
+        out
+    }
+}
+
+/// Encodes `frame` as one complete WebSocket binary frame.
+fn ws_frame(frame: &ServerFrame) -> Bytes {
+    let mut payload = Vec::with_capacity(64);
+    frame.encode(&mut payload);
+    let mut out = Vec::with_capacity(MAX_HEADER + payload.len());
+    encode_frame(&mut out, Opcode::Binary, &payload, None);
+    Bytes::from(out)
+}
+
+fn error_frame(code: ErrorCode, reference: u64, detail: String) -> ServerFrame {
+    ServerFrame::Error {
+        code: code as u16,
+        reference,
+        detail,
+    }
+}
+
+impl RouterCore {
+    /// Opens the store under `config.data_dir` and registers the router's
+    /// metrics in `registry`. The config must be valid
+    /// ([`RouterConfig::validate`]).
+    pub fn open(config: RouterConfig, registry: &mut Registry) -> Result<Self, RouterError> {
+        config.validate()?;
+        Self::with_metrics(config, Metrics::register(registry))
+    }
+
+    pub(crate) fn with_metrics(
+        config: RouterConfig,
+        metrics: Metrics,
+    ) -> Result<Self, RouterError> {
+        let path = config.data_dir.clone();
+        let store_error = |source: Box<dyn std::error::Error + Send + Sync>| RouterError::Store {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| store_error(Box::new(e)))?;
+        let store = Store::open(&config.data_dir).map_err(|e| store_error(Box::new(e)))?;
+        let high = store
+            .server_id_high()
+            .map_err(|e| store_error(Box::new(e)))?;
+        Ok(Self {
+            ids: ServerIds::resume(config.node_id, high),
+            config,
+            store,
+            metrics,
+            conversations: FxHashMap::default(),
+            routes: FxHashMap::default(),
+            buckets: FxHashMap::default(),
+            next_sweep_ms: None,
+            last_failure_log_ms: None,
+        })
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Durable commits made since the store was opened (one fdatasync each).
+    pub fn store_fsyncs(&self) -> u64 {
+        self.store.fsyncs()
+    }
+
+    /// Test hook: the next `n` commits fail before anything reaches the
+    /// journal, as a full disk would fail them.
+    #[cfg(test)]
+    pub(crate) fn fail_next_commits(&mut self, n: usize) {
+        self.store.fail_commits = n;
+    }
+
+    /// Syncs the store to disk and closes it.
+    pub fn close(self) {
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "store flush at stop failed");
+        }
+    }
+
+    /// Handles one batch at wall-clock time `now_ms` and returns what it
+    /// produced, one list per gateway core, in order.
+    pub fn handle_batch(
+        &mut self,
+        commands: Vec<Command>,
+        now_ms: u64,
+    ) -> Vec<(u16, Vec<Delivery>)> {
+        self.metrics.batch_commands.observe(commands.len() as f64);
+        self.before_batch(now_ms);
+
+        // Decide.
+        let mut batch = Batch::default();
+        for command in commands {
+            self.decide(&mut batch, command, now_ms);
+        }
+        if batch.issued_ids {
+            batch.writes.put(
+                Part::Router,
+                store::SERVER_ID_HIGH.to_vec(),
+                self.ids.high().to_le_bytes().to_vec(),
+            );
+        }
+
+        // Commit.
+        let committed = self.commit(std::mem::take(&mut batch.writes), now_ms);
+        if committed {
+            self.metrics.messages_stored.inc_by(batch.messages);
+        } else {
+            self.after_failed_commit(&batch);
+        }
+
+        // Answer.
+        let mut out = Outbox::default();
+        for pending in batch.pending {
+            self.answer(&mut out, pending, committed);
+        }
+
+        // Catch up.
+        for sync in batch.syncs {
+            self.catch_up(&mut out, sync);
+        }
+
+        self.metrics
+            .routes_online
+            .set(self.routes.values().map(|r| r.len() as i64).sum());
+        out.into_batches()
+    }
+
+    // ----- batch bookkeeping -----
+
+    fn before_batch(&mut self, now_ms: u64) {
+        if self.conversations.len() > CONVERSATION_CACHE_LIMIT {
+            self.conversations.clear();
+        }
+        match self.next_sweep_ms {
+            None => self.next_sweep_ms = Some(now_ms + SWEEP_INTERVAL_MS),
+            Some(at) if now_ms >= at => self.sweep(now_ms),
+            Some(_) => {}
+        }
+    }
+
+    /// Commits the batch's writes; false when that failed.
+    fn commit(&mut self, writes: WriteSet, now_ms: u64) -> bool {
+        if writes.is_empty() {
+            return true;
+        }
+        let started = Instant::now();
+        match self.store.commit(writes, true) {
+            Ok(()) => {
+                self.metrics
+                    .commit_duration
+                    .observe(started.elapsed().as_secs_f64());
+                true
+            }
+            Err(e) => {
+                self.metrics.commit_failures.inc();
+                let quiet = self
+                    .last_failure_log_ms
+                    .is_some_and(|at| now_ms < at + FAILURE_LOG_INTERVAL_MS);
+                if !quiet {
+                    tracing::error!(error = %e, "store commit failed; the batch's sends are refused");
+                    self.last_failure_log_ms = Some(now_ms);
+                }
+                false
+            }
+        }
+    }
+
+    /// Puts the router's view back in line with the store after a commit
+    /// that did not happen: the conversation cache (sequence counters,
+    /// members) is dropped and reloads from disk, the store is reopened
+    /// (fjall refuses all writes after a failed sync), and spent rate
+    /// tokens are given back. Server ids are not reused: a gap in them is
+    /// harmless.
+    fn after_failed_commit(&mut self, batch: &Batch) {
+        self.conversations.clear();
+        if let Err(e) = self.store.reopen() {
+            tracing::error!(error = %e, "store reopen after a failed commit failed; retrying next batch");
+        }
+        let burst = self.config.send_burst;
+        for user in &batch.spent {
+            if let Some(bucket) = self.buckets.get_mut(user) {
+                bucket.refund(burst);
+            }
+        }
+    }
+
+    /// Drops expired dedupe records and refilled rate buckets.
+    fn sweep(&mut self, now_ms: u64) {
+        self.next_sweep_ms = Some(now_ms + SWEEP_INTERVAL_MS);
+        let (rate, burst) = (self.config.send_rate_per_s, self.config.send_burst);
+        self.buckets.retain(|_, b| !b.is_full(now_ms, rate, burst));
+
+        let cutoff = now_ms.saturating_sub(self.config.dedupe_window.as_millis() as u64);
+        let expired = match self.store.expired_dedupe(cutoff, SWEEP_LIMIT) {
+            Ok(expired) => expired,
+            Err(e) => {
+                tracing::warn!(error = %e, "dedupe sweep could not read the store");
+                return;
+            }
+        };
+        if expired.len() == SWEEP_LIMIT {
+            // More than one sweep's worth: continue at the next batch.
+            self.next_sweep_ms = Some(now_ms);
+        }
+        let mut writes = WriteSet::default();
+        for e in expired {
+            // A record rewritten after it expired has a newer time and its
+            // own index entry; only the stale index entry goes.
+            if let Ok(Some(record)) = self.store.dedupe(&e.key) {
+                if record.stored_at_ms == e.stored_at_ms {
+                    writes.remove(Part::Dedupe, e.key);
+                }
+            }
+            writes.remove(Part::DedupeByTime, e.index_key);
+        }
+        // Deletions need no sync of their own: the next batch's sync covers
+        // them, and losing them in a crash only delays the sweep.
+        if let Err(e) = self.store.commit(writes, false) {
+            tracing::warn!(error = %e, "dedupe sweep commit failed");
+        }
+    }
+
+    // ----- step 1: decide -----
+
+    fn decide(&mut self, b: &mut Batch, command: Command, now_ms: u64) {
+        match command {
+            Command::Attach { session, device } => self.attach(b, session, device),
+            Command::Detach { session, device } => self.detach(session, &device),
+            Command::Frame {
+                session,
+                device,
+                frame,
+                received_at,
+            } => match frame {
+                ClientFrame::Send {
+                    conversation,
+                    client_id,
+                    body,
+                } => {
+                    match self.send(
+                        b,
+                        &device,
+                        &conversation,
+                        client_id,
+                        body,
+                        received_at,
+                        now_ms,
+                    ) {
+                        Ok((fanout, sent)) => {
+                            b.pending.push(Pending::Sent {
+                                session,
+                                sent,
+                                client_id,
+                                received_at,
+                                fanout,
+                            });
+                        }
+                        Err(reject) => {
+                            self.count_send_error(reject.code);
+                            let frame = error_frame(reject.code, client_id, reject.detail);
+                            b.pending.push(Pending::Now(reply(session, &frame)));
+                        }
+                    }
+                }
+                ClientFrame::Delivered { conversation, seq } => {
+                    self.receipt(
+                        b,
+                        session,
+                        &device,
+                        &conversation,
+                        seq,
+                        ReceiptKind::Delivered,
+                    );
+                }
+                ClientFrame::Read { conversation, seq } => {
+                    self.receipt(b, session, &device, &conversation, seq, ReceiptKind::Read);
+                }
+                ClientFrame::Sync { cursors } => {
+                    self.set_live(&device, session, false);
+                    b.syncs.push(SyncRequest {
+                        session,
+                        device,
+                        cursors,
+                    });
+                }
+                ClientFrame::GroupCreate { request, members } => {
+                    let result =
+                        self.group_create(b, &device, request, members, received_at, now_ms);
+                    self.hold_group(b, session, request, result);
+                }
+                ClientFrame::GroupAdd {
+                    request,
+                    conversation,
+                    members,
+                } => {
+                    let result = self.group_add(
+                        b,
+                        &device,
+                        request,
+                        &conversation,
+                        members,
+                        received_at,
+                        now_ms,
+                    );
+                    self.hold_group(b, session, request, result);
+                }
+                ClientFrame::GroupRemove {
+                    request,
+                    conversation,
+                    members,
+                } => {
+                    let result = self.group_remove(
+                        b,
+                        &device,
+                        request,
+                        &conversation,
+                        members,
+                        received_at,
+                        now_ms,
+                    );
+                    self.hold_group(b, session, request, result);
+                }
+                ClientFrame::GroupMembers {
+                    request,
+                    conversation,
+                } => {
+                    let frame = match self.group_members(&device, &conversation) {
+                        Ok(members) => ServerFrame::Members {
+                            request,
+                            conversation,
+                            members,
+                        },
+                        Err(r) => error_frame(r.code, u64::from(request), r.detail),
+                    };
+                    b.pending.push(Pending::Now(reply(session, &frame)));
+                }
+                ClientFrame::Ping { nonce } => {
+                    b.pending
+                        .push(Pending::Now(reply(session, &ServerFrame::Pong { nonce })));
+                }
+                ClientFrame::Refresh { .. } => {
+                    // Tokens are the gateway's business; a refresh that
+                    // reaches the router has nothing to change here.
+                    tracing::debug!("router ignores a refresh frame");
+                }
+            },
+        }
+    }
+
+    fn attach(&mut self, b: &mut Batch, session: SessionKey, device: Device) {
+        let routes = self.routes.entry(device.user).or_default();
+        match routes.iter_mut().find(|r| r.device == device.device) {
+            Some(route) if route.session == session => {}
+            Some(route) => {
+                b.pending.push(Pending::Now(Delivery::Close {
+                    session: route.session,
+                    code: courier_protocol::close::REPLACED,
+                    reason: "replaced by a newer session",
+                }));
+                *route = Route {
+                    device: device.device,
+                    session,
+                    live: false,
+                };
+            }
+            None => routes.push(Route {
+                device: device.device,
+                session,
+                live: false,
+            }),
+        }
+    }
+
+    fn detach(&mut self, session: SessionKey, device: &Device) {
+        if let Some(routes) = self.routes.get_mut(&device.user) {
+            routes.retain(|r| !(r.device == device.device && r.session == session));
+            if routes.is_empty() {
+                self.routes.remove(&device.user);
+            }
+        }
+    }
+
+    fn set_live(&mut self, device: &Device, session: SessionKey, live: bool) {
+        if let Some(routes) = self.routes.get_mut(&device.user) {
+            for r in routes
+                .iter_mut()
+                .filter(|r| r.device == device.device && r.session == session)
+            {
+                r.live = live;
+            }
+        }
+    }
+
+    fn count_send_error(&self, code: ErrorCode) {
+        self.metrics
+            .send_errors
+            .get_or_create(&CodeLabel { code: code.name() })
+            .inc();
+    }
+
+    /// Loads `id` into the cache if the store has it; true when it exists
+    /// (in the cache after this call).
+    fn load(&mut self, id: &str) -> Result<bool, StoreError> {
+        if self.conversations.contains_key(id) {
+            return Ok(true);
+        }
+        let Some(meta) = self.store.conversation(id)? else {
+            return Ok(false);
+        };
+        let last_seq = self.store.last_seq(id)?;
+        let conv = Conversation {
+            kind: meta.kind,
+            creator: meta.creator,
+            members: meta.members.into(),
+            last_seq,
+            stored: true,
+        };
+        self.conversations.insert(id.into(), conv);
+        Ok(true)
+    }
+
+    /// Takes a rate token from `user`, refusing with the time to wait.
+    fn take_token(&mut self, b: &mut Batch, user: &Arc<str>, now_ms: u64) -> Result<(), Reject> {
+        let (rate, burst) = (self.config.send_rate_per_s, self.config.send_burst);
+        let bucket = self
+            .buckets
+            .entry(user.clone())
+            .or_insert_with(|| TokenBucket::full(burst, now_ms));
+        match bucket.take(now_ms, rate, burst) {
+            Ok(()) => {
+                b.spent.push(user.clone());
+                Ok(())
+            }
+            Err(wait_ms) => Err(Reject::new(
+                ErrorCode::RateLimited,
+                format!("send rate exceeded; retry in {wait_ms} ms"),
+            )),
+        }
+    }
+
+    /// Writes entry `seq` of `conversation`.
+    fn write_entry(&mut self, b: &mut Batch, conversation: &str, seq: u64, entry: &StoredEntry) {
+        b.writes.put(
+            Part::Entries,
+            store::entry_key(conversation, seq),
+            entry.encode(),
+        );
+    }
+
+    /// Validates, dedupes and sequences a send. `Ok` holds the fan-out (none
+    /// for a retry) and the `Sent` frame.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        conversation: &str,
+        client_id: u64,
+        body: Bytes,
+        received_at: Instant,
+        now_ms: u64,
+    ) -> Result<(Option<Fanout>, ServerFrame), Reject> {
+        let user = &device.user;
+        if body.len() > self.config.max_body {
+            let detail = format!(
+                "body is {} bytes; the limit is {}",
+                body.len(),
+                self.config.max_body
+            );
+            return Err(Reject::new(ErrorCode::BodyTooLarge, detail));
+        }
+        let kind = ids::parse_conversation(conversation)
+            .ok_or_else(|| Reject::new(ErrorCode::BadRequest, "malformed conversation id"))?;
+
+        // A retry gets the original answer, whatever changed since.
+        let dedupe_key = store::dedupe_key(user, device.device, client_id);
+        let window_ms = self.config.dedupe_window.as_millis() as u64;
+        let original = match b.dedupe.get(&dedupe_key) {
+            Some(record) => Some(record.clone()),
+            None => self
+                .store
+                .dedupe(&dedupe_key)?
+                .filter(|r| r.stored_at_ms.saturating_add(window_ms) > now_ms),
+        };
+        if let Some(r) = original {
+            let sent = ServerFrame::Sent {
+                client_id,
+                conversation: r.conversation.to_string(),
+                seq: r.seq,
+                server_id: r.server_id,
+                timestamp_ms: r.timestamp_ms,
+            };
+            return Ok((None, sent));
+        }
+
+        if let IdKind::Direct(a, b_user) = kind {
+            if **user != *a && **user != *b_user {
+                return Err(Reject::new(
+                    ErrorCode::NotMember,
+                    "not a participant of this direct conversation",
+                ));
+            }
+            if !self.load(conversation)? {
+                let members: Arc<[Member]> = [a, b_user]
+                    .iter()
+                    .map(|u| Member {
+                        user: Arc::from(*u),
+                        join_seq: 1,
+                    })
+                    .collect();
+                // Normally 0; read anyway so that a conversation whose
+                // metadata record was lost or corrupt continues its
+                // sequence instead of overwriting its entries.
+                let last_seq = self.store.last_seq(conversation)?;
+                let conv = Conversation {
+                    kind: ConversationKind::Direct,
+                    creator: user.clone(),
+                    members,
+                    last_seq,
+                    stored: false,
+                };
+                self.conversations.insert(conversation.into(), conv);
+            }
+        } else if !self.load(conversation)? {
+            return Err(Reject::new(
+                ErrorCode::UnknownConversation,
+                "no such conversation",
+            ));
+        }
+        let is_member = self
+            .conversations
+            .get(conversation)
+            .is_some_and(|c| c.is_member(user));
+        if !is_member {
+            return Err(Reject::new(
+                ErrorCode::NotMember,
+                "not a member of this conversation",
+            ));
+        }
+        self.take_token(b, user, now_ms)?;
+
+        let server_id = self.ids.next(now_ms);
+        b.issued_ids = true;
+        let Some(conv) = self.conversations.get_mut(conversation) else {
+            return Err(Reject::new(
+                ErrorCode::UnknownConversation,
+                "no such conversation",
+            ));
+        };
+        conv.last_seq += 1;
+        let seq = conv.last_seq;
+        if !conv.stored {
+            conv.stored = true;
+            b.writes.put(
+                Part::Conversations,
+                conversation.as_bytes().to_vec(),
+                conv.meta().encode(),
+            );
+            for m in conv.members.iter() {
+                let membership = Membership {
+                    join_seq: 1,
+                    left_seq: 0,
+                };
+                b.writes.put(
+                    Part::Memberships,
+                    store::membership_key(&m.user, conversation),
+                    membership.encode(),
+                );
+            }
+        }
+        let recipients = conv.members.clone();
+
+        let entry = StoredEntry {
+            kind: EntryKind::Message,
+            server_id,
+            timestamp_ms: now_ms,
+            sender: user.clone(),
+            sender_device: device.device,
+            client_id,
+            body,
+        };
+        self.write_entry(b, conversation, seq, &entry);
+        let record = DedupeRecord {
+            conversation: Arc::from(conversation),
+            seq,
+            server_id,
+            timestamp_ms: now_ms,
+            stored_at_ms: now_ms,
+        };
+        b.writes
+            .put(Part::Dedupe, dedupe_key.clone(), record.encode());
+        b.writes.put(
+            Part::DedupeByTime,
+            store::dedupe_time_key(now_ms, &dedupe_key),
+            Vec::new(),
+        );
+        b.dedupe.insert(dedupe_key, record);
+        b.messages += 1;
+
+        let sent = ServerFrame::Sent {
+            client_id,
+            conversation: conversation.to_owned(),
+            seq,
+            server_id,
+            timestamp_ms: now_ms,
+        };
+        let fanout = Fanout {
+            message: message_frame(conversation, seq, &entry),
+            recipients,
+            sender: user.clone(),
+            sender_device: device.device,
+            origin: received_at,
+        };
+        Ok((Some(fanout), sent))
+    }
+
+    fn receipt(
+        &mut self,
+        b: &mut Batch,
+        session: SessionKey,
+        device: &Device,
+        conversation: &str,
+        seq: u64,
+        kind: ReceiptKind,
+    ) {
+        match self.receipt_inner(b, device, conversation, seq, kind) {
+            Ok(CursorMove::Unchanged) => {}
+            Ok(CursorMove::Moved { forward }) => {
+                b.pending.push(Pending::Receipt { session, forward })
+            }
+            Err(r) => b.pending.push(Pending::Now(reply(
+                session,
+                &error_frame(r.code, 0, r.detail),
+            ))),
+        }
+    }
+
+    /// Moves a device's cursor; says whether it moved and where to forward
+    /// the receipt.
+    fn receipt_inner(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        conversation: &str,
+        seq: u64,
+        kind: ReceiptKind,
+    ) -> Result<CursorMove, Reject> {
+        let user = &device.user;
+        let bad = |detail: &str| Reject::new(ErrorCode::BadRequest, detail);
+        if ids::parse_conversation(conversation).is_none() {
+            return Err(bad("malformed conversation id"));
+        }
+        if seq == 0 {
+            return Err(bad("sequence must be at least 1"));
+        }
+        if !self.load(conversation)? {
+            return Err(bad("not a member of this conversation"));
+        }
+        let Some(conv) = self.conversations.get(conversation) else {
+            return Err(bad("not a member of this conversation"));
+        };
+        let (limit, direct, other) = if conv.is_member(user) {
+            let other = conv
+                .members
+                .iter()
+                .find(|m| m.user != *user)
+                .map(|m| m.user.clone());
+            (conv.last_seq, conv.kind == ConversationKind::Direct, other)
+        } else {
+            // A former member may acknowledge up to its removal.
+            match self.store.membership(user, conversation)? {
+                Some(m) if m.left_seq > 0 => (m.left_seq, false, None),
+                _ => return Err(bad("not a member of this conversation")),
+            }
+        };
+        if seq > limit {
+            return Err(bad("sequence is beyond the conversation's last entry"));
+        }
+
+        let key = store::cursor_key(user, device.device, conversation);
+        let old = match b.cursors.get(&key) {
+            Some(c) => *c,
+            None => self.store.cursors(user, device.device, conversation)?,
+        };
+        let mut new = old;
+        match kind {
+            ReceiptKind::Delivered => new.delivered = new.delivered.max(seq),
+            ReceiptKind::Read => {
+                // What was read was delivered.
+                new.read = new.read.max(seq);
+                new.delivered = new.delivered.max(new.read);
+            }
+        }
+        if new == old {
+            return Ok(CursorMove::Unchanged);
+        }
+        b.writes.put(Part::Cursors, key.clone(), new.encode());
+        b.cursors.insert(key, new);
+
+        let advanced = match kind {
+            ReceiptKind::Delivered => new.delivered > old.delivered,
+            ReceiptKind::Read => new.read > old.read,
+        };
+        // Groups get no per-member receipt pushes: aggregating them ("read
+        // by 5 of 10") is computed on request, a later addition.
+        let forward = match (direct && advanced, other) {
+            (true, Some(other)) => {
+                let value = if kind == ReceiptKind::Read {
+                    new.read
+                } else {
+                    new.delivered
+                };
+                let frame = ServerFrame::Receipt {
+                    conversation: conversation.to_owned(),
+                    seq: value,
+                    user: user.to_string(),
+                    device: device.device,
+                    kind,
+                };
+                Some((other, frame))
+            }
+            _ => None,
+        };
+        Ok(CursorMove::Moved { forward })
+    }
+
+    fn hold_group(
+        &mut self,
+        b: &mut Batch,
+        session: SessionKey,
+        request: u32,
+        result: Result<GroupChange, Reject>,
+    ) {
+        match result {
+            Ok(GroupChange::Entry { reply, fanout }) => b.pending.push(Pending::Group {
+                session,
+                reply,
+                request,
+                fanout,
+            }),
+            Ok(GroupChange::Nothing) => b
+                .pending
+                .push(Pending::Now(reply(session, &ServerFrame::Done { request }))),
+            Err(r) => b.pending.push(Pending::Now(reply(
+                session,
+                &error_frame(r.code, u64::from(request), r.detail),
+            ))),
+        }
+    }
+
+    /// Validates a member list from a client: non-empty, valid ids, without
+    /// repeats (first occurrence kept).
+    fn member_list(members: Vec<String>) -> Result<Vec<Arc<str>>, Reject> {
+        if members.is_empty() {
+            return Err(Reject::new(ErrorCode::BadRequest, "member list is empty"));
+        }
+        let mut seen = FxHashSet::default();
+        let mut out = Vec::with_capacity(members.len());
+        for m in members {
+            if !ids::is_valid_user_id(&m) {
+                return Err(Reject::new(
+                    ErrorCode::BadRequest,
+                    "invalid user id in member list",
+                ));
+            }
+            if seen.insert(m.clone()) {
+                out.push(Arc::from(m));
+            }
+        }
+        Ok(out)
+    }
+
+    fn group_create(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        request: u32,
+        members: Vec<String>,
+        received_at: Instant,
+        now_ms: u64,
+    ) -> Result<GroupChange, Reject> {
+        let creator = &device.user;
+        let named = Self::member_list(members)?;
+        let mut all = Vec::with_capacity(named.len() + 1);
+        all.push(creator.clone());
+        all.extend(named.into_iter().filter(|m| m != creator));
+        if all.len() > self.config.max_group_members {
+            let detail = format!(
+                "a group has at most {} members",
+                self.config.max_group_members
+            );
+            return Err(Reject::new(ErrorCode::GroupFull, detail));
+        }
+        let id = self.new_group_id()?;
+        self.take_token(b, creator, now_ms)?;
+        let members: Arc<[Member]> = all
+            .iter()
+            .map(|u| Member {
+                user: u.clone(),
+                join_seq: 1,
+            })
+            .collect();
+        let conv = Conversation {
+            kind: ConversationKind::Group,
+            creator: creator.clone(),
+            members: members.clone(),
+            last_seq: 1,
+            stored: true,
+        };
+        b.writes.put(
+            Part::Conversations,
+            id.as_bytes().to_vec(),
+            conv.meta().encode(),
+        );
+        for m in members.iter() {
+            let membership = Membership {
+                join_seq: 1,
+                left_seq: 0,
+            };
+            b.writes.put(
+                Part::Memberships,
+                store::membership_key(&m.user, &id),
+                membership.encode(),
+            );
+        }
+        self.conversations.insert(id.as_str().into(), conv);
+
+        let fanout = self.membership_entry(
+            b,
+            device,
+            &id,
+            1,
+            EntryKind::MembersAdded,
+            &all,
+            members,
+            received_at,
+            now_ms,
+        );
+        Ok(GroupChange::Entry {
+            reply: ServerFrame::GroupCreated {
+                request,
+                conversation: id,
+                seq: 1,
+            },
+            fanout,
+        })
+    }
+
+    /// Picks a group number no conversation has.
+    fn new_group_id(&mut self) -> Result<String, Reject> {
+        for _ in 0..8 {
+            let n = getrandom::u64().map_err(|e| {
+                tracing::error!(error = %e, "the system random source failed");
+                Reject::new(
+                    ErrorCode::Unavailable,
+                    "could not pick a group id; retry later",
+                )
+            })?;
+            let id = ids::group_conversation(n);
+            if !self.conversations.contains_key(id.as_str())
+                && self.store.conversation(&id)?.is_none()
+            {
+                return Ok(id);
+            }
+        }
+        Err(Reject::new(
+            ErrorCode::Unavailable,
+            "could not pick a group id; retry later",
+        ))
+    }
+
+    /// Loads a group for a change by `user`, who must be a current member.
+    fn group_for_change(&mut self, conversation: &str, user: &str) -> Result<(), Reject> {
+        match ids::parse_conversation(conversation) {
+            None => {
+                return Err(Reject::new(
+                    ErrorCode::BadRequest,
+                    "malformed conversation id",
+                ))
+            }
+            Some(IdKind::Direct(..)) => {
+                return Err(Reject::new(
+                    ErrorCode::BadRequest,
+                    "a direct conversation's members are fixed",
+                ));
+            }
+            Some(IdKind::Group(_)) => {}
+        }
+        if !self.load(conversation)? {
+            return Err(Reject::new(
+                ErrorCode::UnknownConversation,
+                "no such conversation",
+            ));
+        }
+        match self.conversations.get(conversation) {
+            Some(conv) if conv.is_member(user) => Ok(()),
+            _ => Err(Reject::new(
+                ErrorCode::NotMember,
+                "not a member of this conversation",
+            )),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn group_add(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        request: u32,
+        conversation: &str,
+        members: Vec<String>,
+        received_at: Instant,
+        now_ms: u64,
+    ) -> Result<GroupChange, Reject> {
+        let named = Self::member_list(members)?;
+        self.group_for_change(conversation, &device.user)?;
+        let (current, last_seq) = match self.conversations.get(conversation) {
+            Some(conv) => (conv.members.clone(), conv.last_seq),
+            None => {
+                return Err(Reject::new(
+                    ErrorCode::UnknownConversation,
+                    "no such conversation",
+                ))
+            }
+        };
+        let added: Vec<Arc<str>> = named
+            .into_iter()
+            .filter(|u| !current.iter().any(|m| m.user == *u))
+            .collect();
+        if added.is_empty() {
+            return Ok(GroupChange::Nothing);
+        }
+        if current.len() + added.len() > self.config.max_group_members {
+            let detail = format!(
+                "a group has at most {} members",
+                self.config.max_group_members
+            );
+            return Err(Reject::new(ErrorCode::GroupFull, detail));
+        }
+        self.take_token(b, &device.user, now_ms)?;
+
+        let seq = last_seq + 1;
+        let mut next: Vec<Member> = current.to_vec();
+        next.extend(added.iter().map(|u| Member {
+            user: u.clone(),
+            join_seq: seq,
+        }));
+        let next: Arc<[Member]> = next.into();
+        for u in &added {
+            let membership = Membership {
+                join_seq: seq,
+                left_seq: 0,
+            };
+            b.writes.put(
+                Part::Memberships,
+                store::membership_key(u, conversation),
+                membership.encode(),
+            );
+        }
+        if let Some(conv) = self.conversations.get_mut(conversation) {
+            conv.members = next.clone();
+            conv.last_seq = seq;
+            b.writes.put(
+                Part::Conversations,
+                conversation.as_bytes().to_vec(),
+                conv.meta().encode(),
+            );
+        }
+        let fanout = self.membership_entry(
+            b,
+            device,
+            conversation,
+            seq,
+            EntryKind::MembersAdded,
+            &added,
+            next,
+            received_at,
+            now_ms,
+        );
+        Ok(GroupChange::Entry {
+            reply: ServerFrame::Done { request },
+            fanout,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn group_remove(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        request: u32,
+        conversation: &str,
+        members: Vec<String>,
+        received_at: Instant,
+        now_ms: u64,
+    ) -> Result<GroupChange, Reject> {
+        let named = Self::member_list(members)?;
+        self.group_for_change(conversation, &device.user)?;
+        let (current, last_seq, creator) = match self.conversations.get(conversation) {
+            Some(conv) => (conv.members.clone(), conv.last_seq, conv.creator.clone()),
+            None => {
+                return Err(Reject::new(
+                    ErrorCode::UnknownConversation,
+                    "no such conversation",
+                ))
+            }
+        };
+        let removed: Vec<Arc<str>> = named
+            .into_iter()
+            .filter(|u| current.iter().any(|m| m.user == *u))
+            .collect();
+        if removed.iter().any(|u| *u != device.user) && device.user != creator {
+            return Err(Reject::new(
+                ErrorCode::NotMember,
+                "only the group's creator can remove other members",
+            ));
+        }
+        if removed.is_empty() {
+            return Ok(GroupChange::Nothing);
+        }
+        self.take_token(b, &device.user, now_ms)?;
+
+        let seq = last_seq + 1;
+        let next: Arc<[Member]> = current
+            .iter()
+            .filter(|m| !removed.contains(&m.user))
+            .cloned()
+            .collect();
+        for m in current.iter().filter(|m| removed.contains(&m.user)) {
+            let membership = Membership {
+                join_seq: m.join_seq,
+                left_seq: seq,
+            };
+            b.writes.put(
+                Part::Memberships,
+                store::membership_key(&m.user, conversation),
+                membership.encode(),
+            );
+        }
+        if let Some(conv) = self.conversations.get_mut(conversation) {
+            conv.members = next;
+            conv.last_seq = seq;
+            b.writes.put(
+                Part::Conversations,
+                conversation.as_bytes().to_vec(),
+                conv.meta().encode(),
+            );
+        }
+        // The removed members receive the entry that removes them.
+        let fanout = self.membership_entry(
+            b,
+            device,
+            conversation,
+            seq,
+            EntryKind::MembersRemoved,
+            &removed,
+            current,
+            received_at,
+            now_ms,
+        );
+        Ok(GroupChange::Entry {
+            reply: ServerFrame::Done { request },
+            fanout,
+        })
+    }
+
+    /// Writes a membership entry and returns its fan-out.
+    #[allow(clippy::too_many_arguments)]
+    fn membership_entry(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        conversation: &str,
+        seq: u64,
+        kind: EntryKind,
+        changed: &[Arc<str>],
+        recipients: Arc<[Member]>,
+        received_at: Instant,
+        now_ms: u64,
+    ) -> Fanout {
+        let server_id = self.ids.next(now_ms);
+        b.issued_ids = true;
+        let entry = StoredEntry {
+            kind,
+            server_id,
+            timestamp_ms: now_ms,
+            sender: device.user.clone(),
+            sender_device: device.device,
+            client_id: 0,
+            body: Bytes::from(encode_members(changed)),
+        };
+        self.write_entry(b, conversation, seq, &entry);
+        Fanout {
+            message: message_frame(conversation, seq, &entry),
+            recipients,
+            sender: device.user.clone(),
+            sender_device: device.device,
+            origin: received_at,
+        }
+    }
+
+    fn group_members(
+        &mut self,
+        device: &Device,
+        conversation: &str,
+    ) -> Result<Vec<String>, Reject> {
+        match ids::parse_conversation(conversation) {
+            None => Err(Reject::new(
+                ErrorCode::BadRequest,
+                "malformed conversation id",
+            )),
+            Some(IdKind::Direct(a, b)) => {
+                if *device.user == *a || *device.user == *b {
+                    Ok(vec![a.to_owned(), b.to_owned()])
+                } else {
+                    Err(Reject::new(
+                        ErrorCode::NotMember,
+                        "not a participant of this direct conversation",
+                    ))
+                }
+            }
+            Some(IdKind::Group(_)) => {
+                if !self.load(conversation)? {
+                    return Err(Reject::new(
+                        ErrorCode::UnknownConversation,
+                        "no such conversation",
+                    ));
+                }
+                match self.conversations.get(conversation) {
+                    Some(conv) if conv.is_member(&device.user) => {
+                        Ok(conv.members.iter().map(|m| m.user.to_string()).collect())
+                    }
+                    _ => Err(Reject::new(
+                        ErrorCode::NotMember,
+                        "not a member of this conversation",
+                    )),
+                }
+            }
+        }
+    }
+
+    // ----- step 3: answer -----
+
+    fn answer(&self, out: &mut Outbox, pending: Pending, committed: bool) {
+        match pending {
+            Pending::Now(delivery) => out.push(delivery),
+            Pending::Sent {
+                session,
+                sent,
+                client_id,
+                received_at,
+                fanout,
+            } => {
+                if committed {
+                    out.reply(session, &sent);
+                    self.metrics
+                        .sent_ack_duration
+                        .observe(received_at.elapsed().as_secs_f64());
+                    if let Some(f) = fanout {
+                        self.fan_out(out, &f);
+                    }
+                } else {
+                    self.count_send_error(ErrorCode::StoreUnavailable);
+                    let detail = "message not stored; retry with the same client id".to_owned();
+                    out.reply(
+                        session,
+                        &error_frame(ErrorCode::StoreUnavailable, client_id, detail),
+                    );
+                }
+            }
+            Pending::Group {
+                session,
+                reply,
+                request,
+                fanout,
+            } => {
+                if committed {
+                    out.reply(session, &reply);
+                    self.fan_out(out, &fanout);
+                } else {
+                    let detail = "change not stored; retry".to_owned();
+                    out.reply(
+                        session,
+                        &error_frame(ErrorCode::StoreUnavailable, u64::from(request), detail),
+                    );
+                }
+            }
+            Pending::Receipt { session, forward } => {
+                if !committed {
+                    let detail = "receipt not stored; send it again".to_owned();
+                    out.reply(
+                        session,
+                        &error_frame(ErrorCode::StoreUnavailable, 0, detail),
+                    );
+                } else if let Some((user, frame)) = forward {
+                    let bytes = ws_frame(&frame);
+                    for r in self
+                        .routes
+                        .get(&user)
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| r.live)
+                    {
+                        out.push(Delivery::Frame {
+                            session: r.session,
+                            class: Class::Message,
+                            frame: bytes.clone(),
+                            origin: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one entry to every live session of its recipients but the
+    /// device that made it. The frame is encoded once and shared.
+    fn fan_out(&self, out: &mut Outbox, f: &Fanout) {
+        let mut bytes: Option<Bytes> = None;
+        for member in f.recipients.iter() {
+            for r in self.routes.get(&member.user).into_iter().flatten() {
+                if !r.live || (member.user == f.sender && r.device == f.sender_device) {
+                    continue;
+                }
+                let frame = bytes.get_or_insert_with(|| ws_frame(&f.message)).clone();
+                out.push(Delivery::Frame {
+                    session: r.session,
+                    class: Class::Message,
+                    frame,
+                    origin: Some(f.origin),
+                });
+            }
+        }
+    }
+
+    // ----- step 4: catch up -----
+
+    fn catch_up(&mut self, out: &mut Outbox, sync: SyncRequest) {
+        match self.catch_up_page(out, &sync) {
+            Ok(more) => {
+                out.reply(sync.session, &ServerFrame::SyncDone { more });
+                if !more {
+                    self.set_live(&sync.device, sync.session, true);
+                }
+            }
+            Err(e) => {
+                let r = Reject::from(e);
+                out.reply(sync.session, &error_frame(r.code, 0, r.detail));
+            }
+        }
+    }
+
+    /// Streams up to one page of what the device is missing; true when
+    /// more remains.
+    fn catch_up_page(&self, out: &mut Outbox, sync: &SyncRequest) -> Result<bool, StoreError> {
+        let user = &*sync.device.user;
+        let listed: FxHashMap<&str, u64> = sync
+            .cursors
+            .iter()
+            .map(|c| (c.conversation.as_str(), c.seq))
+            .collect();
+        let mut budget = self.config.sync_page;
+        for (conversation, m) in self.store.memberships(user)? {
+            let held = match listed.get(conversation.as_str()) {
+                Some(&seq) => seq,
+                None => {
+                    self.store
+                        .cursors(user, sync.device.device, &conversation)?
+                        .delivered
+                }
+            };
+            let after = held.max(m.join_seq.saturating_sub(1));
+            let until = if m.left_seq > 0 { m.left_seq } else { u64::MAX };
+            if budget == 0 {
+                if self.store.has_entries(&conversation, after, until)? {
+                    return Ok(true);
+                }
+                continue;
+            }
+            if after >= until {
+                continue;
+            }
+            let entries = self
+                .store
+                .entries(&conversation, after + 1, until, budget)?;
+            let mut last = after;
+            for (seq, entry) in &entries {
+                // A corrupt entry (logged by the store) is skipped but
+                // counts against the page, so paging always advances.
+                if let Some(entry) = entry {
+                    out.reply(sync.session, &message_frame(&conversation, *seq, entry));
+                }
+                last = *seq;
+            }
+            budget = budget.saturating_sub(entries.len());
+            if budget == 0 && self.store.has_entries(&conversation, last, until)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// What a receipt did to its device's cursor.
+#[derive(Debug)]
+enum CursorMove {
+    /// The cursor was already there or beyond.
+    Unchanged,
+    /// The cursor moved; `forward` names the user to tell, with the frame.
+    Moved {
+        forward: Option<(Arc<str>, ServerFrame)>,
+    },
+}
+
+/// What a group request changed.
+#[derive(Debug)]
+enum GroupChange {
+    /// Nothing to change (every named member already in, or already out).
+    Nothing,
+    /// A membership entry was written; `reply` goes to the requester.
+    Entry { reply: ServerFrame, fanout: Fanout },
+}
+
+fn reply(session: SessionKey, frame: &ServerFrame) -> Delivery {
+    Delivery::Frame {
+        session,
+        class: Class::Reply,
+        frame: ws_frame(frame),
+        origin: None,
+    }
+}
+
+fn message_frame(conversation: &str, seq: u64, e: &StoredEntry) -> ServerFrame {
+    ServerFrame::Message {
+        conversation: conversation.to_owned(),
+        seq,
+        server_id: e.server_id,
+        timestamp_ms: e.timestamp_ms,
+        kind: e.kind,
+        sender: e.sender.to_string(),
+        sender_device: e.sender_device,
+        client_id: e.client_id,
+        body: e.body.clone(),
+    }
+}
+
+/// The dedupe window's shortest allowed length.
+pub const MIN_DEDUPE_WINDOW: Duration = Duration::from_secs(24 * 3600);

@@ -1,0 +1,100 @@
+//! The router's Prometheus metrics. Labels never carry a user, device or
+//! conversation: their number would grow with the user base.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Latency buckets from 50 µs to 1 s, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// The `code` label of `courier_send_errors_total`: an `ErrorCode::name()`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+/// Handles to every router metric. Created once per router and registered
+/// in the registry the gateway serves.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// One observation per durable commit (one fdatasync).
+    pub commit_duration: Histogram,
+    /// Commands per batch.
+    pub batch_commands: Histogram,
+    /// From the gateway reading a send to its `Sent` being handed out.
+    pub sent_ack_duration: Histogram,
+    /// Messages made durable (membership entries are not counted).
+    pub messages_stored: Counter,
+    /// Sends answered with an error, by code.
+    pub send_errors: Family<CodeLabel, Counter>,
+    /// Commands submitted and not yet taken by the router thread.
+    pub queue_depth: Gauge,
+    /// Commits that failed (each fails its whole batch).
+    pub commit_failures: Counter,
+    /// Device routes currently attached.
+    pub routes_online: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            commit_duration: Histogram::new(LATENCY_BUCKETS),
+            batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            sent_ack_duration: Histogram::new(LATENCY_BUCKETS),
+            messages_stored: Counter::default(),
+            send_errors: Family::default(),
+            queue_depth: Gauge::default(),
+            commit_failures: Counter::default(),
+            routes_online: Gauge::default(),
+        };
+        registry.register(
+            "courier_store_commit_duration_seconds",
+            "Time to commit one batch to the store, fdatasync included",
+            m.commit_duration.clone(),
+        );
+        registry.register(
+            "courier_router_batch_commands",
+            "Commands handled per router batch",
+            m.batch_commands.clone(),
+        );
+        registry.register(
+            "courier_sent_ack_duration_seconds",
+            "From the gateway reading a send to the router emitting its SENT ack",
+            m.sent_ack_duration.clone(),
+        );
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "courier_messages_stored",
+            "Messages made durable",
+            m.messages_stored.clone(),
+        );
+        registry.register(
+            "courier_send_errors",
+            "Sends answered with an error frame, by code",
+            m.send_errors.clone(),
+        );
+        registry.register(
+            "courier_router_queue_depth",
+            "Commands waiting for the router thread",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "courier_store_commit_failures",
+            "Store commits that failed; every send in the batch was refused",
+            m.commit_failures.clone(),
+        );
+        registry.register(
+            "courier_routes_online",
+            "Device routes attached to this router",
+            m.routes_online.clone(),
+        );
+        m
+    }
+}

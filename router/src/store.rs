@@ -1,0 +1,589 @@
+//! The router's durable store: fjall partitions, their keys, and the one
+//! commit per batch.
+//!
+//! # Layout
+//!
+//! Keys use big-endian integers so byte order is numeric order; a string in
+//! a key is preceded by its `u16` big-endian length so one id is never a
+//! prefix of another's key. Values are encoded as in `codec.rs`.
+//!
+//! | partition | key | value |
+//! |---|---|---|
+//! | `entries` | `len conversation seq` | [`StoredEntry`]: kind, server id, time, sender, device, client id, body |
+//! | `conversations` | `conversation` | [`ConversationMeta`]: kind, creator, current members |
+//! | `memberships` | `len user conversation` | [`Membership`]: join seq, left seq (0 while a member) |
+//! | `cursors` | `len user device conversation` | [`Cursors`]: delivered, read |
+//! | `dedupe` | `len user device client_id` | [`DedupeRecord`]: the original `Sent` fields and when it was stored |
+//! | `dedupe_by_time` | `stored_at_ms len user device client_id` | empty: the sweep's index |
+//! | `router` | a name | node state (the highest server id issued) |
+//!
+//! A conversation's entries are one prefix range of `entries`, in sequence
+//! order. Its last sequence is the key of its last entry, read back when the
+//! conversation is first used after a start, so sequence counters resume
+//! exactly and a message never rewrites the conversation's metadata.
+//!
+//! Everything a batch changes goes into one [`WriteSet`], committed as one
+//! fjall batch with one fdatasync ([`Store::commit`]).
+
+use std::collections::hash_map::Entry;
+use std::path::{Path, PathBuf};
+
+use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
+use rustc_hash::FxHashMap;
+
+use crate::codec::{ConversationMeta, Corrupt, Cursors, DedupeRecord, Membership, StoredEntry};
+
+/// Why the store could not do what was asked. Every variant means "not now":
+/// callers answer `StoreUnavailable` and keep going.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An earlier failure closed the store and reopening it failed too.
+    #[error("store is closed after an earlier failure")]
+    Closed,
+    /// fjall reported an I/O error (or is poisoned by an earlier one).
+    #[error(transparent)]
+    Fjall(#[from] fjall::Error),
+    /// A test asked this commit to fail.
+    #[cfg(test)]
+    #[error("injected commit failure")]
+    Injected,
+}
+
+/// The partitions, named for logs and write sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    Entries,
+    Conversations,
+    Memberships,
+    Cursors,
+    Dedupe,
+    DedupeByTime,
+    Router,
+}
+
+impl Part {
+    const ALL: [Part; 7] = [
+        Part::Entries,
+        Part::Conversations,
+        Part::Memberships,
+        Part::Cursors,
+        Part::Dedupe,
+        Part::DedupeByTime,
+        Part::Router,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Part::Entries => "entries",
+            Part::Conversations => "conversations",
+            Part::Memberships => "memberships",
+            Part::Cursors => "cursors",
+            Part::Dedupe => "dedupe",
+            Part::DedupeByTime => "dedupe_by_time",
+            Part::Router => "router",
+        }
+    }
+}
+
+/// The key in the `router` partition holding the highest server id issued.
+pub const SERVER_ID_HIGH: &[u8] = b"server_id_high";
+
+/// Writes collected while a batch is processed, applied by one commit.
+/// Nothing here is visible to reads until then, which is why the router
+/// keeps its own view of the batch's effects (see `core.rs`). A key written
+/// twice keeps its last value, in place, so the commit never holds two
+/// writes of one key.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    ops: Vec<(Part, Vec<u8>, Option<Vec<u8>>)>,
+    index: FxHashMap<(Part, Vec<u8>), usize>,
+}
+
+impl WriteSet {
+    pub fn put(&mut self, part: Part, key: Vec<u8>, value: Vec<u8>) {
+        self.write(part, key, Some(value));
+    }
+
+    pub fn remove(&mut self, part: Part, key: Vec<u8>) {
+        self.write(part, key, None);
+    }
+
+    fn write(&mut self, part: Part, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match self.index.entry((part, key)) {
+            Entry::Occupied(at) => self.ops[*at.get()].2 = value,
+            Entry::Vacant(slot) => {
+                self.ops.push((part, slot.key().1.clone(), value));
+                slot.insert(self.ops.len() - 1);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// The open keyspace and its partitions. Dropped whole when a failure
+/// poisons it, then opened again from disk (see [`Store::reopen`]).
+struct Open {
+    keyspace: Keyspace,
+    parts: [PartitionHandle; 7],
+}
+
+impl Open {
+    fn new(path: &Path) -> Result<Self, fjall::Error> {
+        // Batches choose their own durability; fjall never flushes the
+        // journal on its own schedule.
+        let keyspace = Config::new(path)
+            .manual_journal_persist(true)
+            .fsync_ms(None)
+            .open()?;
+        let mut parts = Vec::with_capacity(Part::ALL.len());
+        for part in Part::ALL {
+            parts.push(keyspace.open_partition(part.name(), PartitionCreateOptions::default())?);
+        }
+        let parts: [PartitionHandle; 7] = match parts.try_into() {
+            Ok(parts) => parts,
+            // Part::ALL has 7 items and each pushed one handle.
+            Err(_) => unreachable!("one handle per partition"),
+        };
+        Ok(Self { keyspace, parts })
+    }
+
+    fn part(&self, part: Part) -> &PartitionHandle {
+        &self.parts[part as usize]
+    }
+}
+
+/// The store. Owned by the router thread; reads see only committed data.
+pub struct Store {
+    path: PathBuf,
+    open: Option<Open>,
+    fsyncs: u64,
+    /// Test hook: how many of the next commits fail before anything reaches
+    /// the journal, as a full disk would fail them.
+    #[cfg(test)]
+    pub fail_commits: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("open", &self.open.is_some())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `path`.
+    pub fn open(path: &Path) -> Result<Self, fjall::Error> {
+        Ok(Self {
+            path: path.to_owned(),
+            open: Some(Open::new(path)?),
+            fsyncs: 0,
+            #[cfg(test)]
+            fail_commits: 0,
+        })
+    }
+
+    /// How many durable commits (each one fdatasync) this store has made.
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs
+    }
+
+    /// Applies `writes` atomically. With `durable`, the journal is
+    /// fdatasync'ed before the writes become visible to reads, so a failed
+    /// sync never shows unacknowledged data to a reader in this process.
+    /// An empty write set commits nothing and costs no sync.
+    pub fn commit(&mut self, writes: WriteSet, durable: bool) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let open = self.open.as_ref().ok_or(StoreError::Closed)?;
+        #[cfg(test)]
+        if self.fail_commits > 0 {
+            self.fail_commits -= 1;
+            return Err(StoreError::Injected);
+        }
+        let mode = if durable {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        let mut batch = open.keyspace.batch().durability(Some(mode));
+        for (part, key, value) in writes.ops {
+            match value {
+                Some(value) => batch.insert(open.part(part), key, value),
+                None => batch.remove(open.part(part), key),
+            }
+        }
+        batch.commit()?;
+        if durable {
+            self.fsyncs += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops the open keyspace and opens it again from disk. fjall refuses
+    /// every write after a failed sync (it is "poisoned"); reopening replays
+    /// the journal, so what reached the disk is what the store holds.
+    pub fn reopen(&mut self) -> Result<(), StoreError> {
+        self.open = None;
+        self.open = Some(Open::new(&self.path)?);
+        Ok(())
+    }
+
+    /// Syncs everything to disk, for a clean stop.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let open = self.open.as_ref().ok_or(StoreError::Closed)?;
+        open.keyspace.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn part(&self, part: Part) -> Result<&PartitionHandle, StoreError> {
+        Ok(self.open.as_ref().ok_or(StoreError::Closed)?.part(part))
+    }
+
+    fn get(&self, part: Part, key: &[u8]) -> Result<Option<Slice>, StoreError> {
+        Ok(self.part(part)?.get(key)?)
+    }
+
+    /// The conversation's metadata, `None` when it does not exist (or its
+    /// record is corrupt, which is logged).
+    pub fn conversation(&self, conversation: &str) -> Result<Option<ConversationMeta>, StoreError> {
+        let raw = self.get(Part::Conversations, conversation.as_bytes())?;
+        Ok(raw.and_then(|raw| skip_corrupt(Part::Conversations, ConversationMeta::decode(&raw))))
+    }
+
+    /// The sequence of the conversation's last entry (0 when it has none).
+    pub fn last_seq(&self, conversation: &str) -> Result<u64, StoreError> {
+        let prefix = entries_prefix(conversation);
+        match self.part(Part::Entries)?.prefix(&prefix).next_back() {
+            None => Ok(0),
+            Some(item) => {
+                let (key, _) = item?;
+                Ok(seq_of_entry_key(&key, prefix.len()).unwrap_or_else(|| {
+                    tracing::error!(store.partition = "entries", "entry key of the wrong length");
+                    0
+                }))
+            }
+        }
+    }
+
+    /// The entries of `conversation` with sequences in `from..=to`, in
+    /// order, at most `limit` of them. A corrupt entry is logged and comes
+    /// back as `None`, so the caller still sees its place.
+    pub fn entries(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
+        let mut out = Vec::new();
+        if from > to || limit == 0 {
+            return Ok(out);
+        }
+        let prefix_len = entries_prefix(conversation).len();
+        let range = entry_key(conversation, from)..=entry_key(conversation, to);
+        for item in self.part(Part::Entries)?.range(range).take(limit) {
+            let (key, value) = item?;
+            let Some(seq) = seq_of_entry_key(&key, prefix_len) else {
+                tracing::error!(store.partition = "entries", "entry key of the wrong length");
+                continue;
+            };
+            out.push((
+                seq,
+                skip_corrupt(Part::Entries, StoredEntry::decode(&value)),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// True when `conversation` has an entry after `after` and up to `to`.
+    pub fn has_entries(&self, conversation: &str, after: u64, to: u64) -> Result<bool, StoreError> {
+        if after >= to {
+            return Ok(false);
+        }
+        let range = entry_key(conversation, after + 1)..=entry_key(conversation, to);
+        match self.part(Part::Entries)?.range(range).next() {
+            None => Ok(false),
+            Some(item) => item.map(|_| true).map_err(Into::into),
+        }
+    }
+
+    /// Every conversation `user` is or was a member of, in key order.
+    pub fn memberships(&self, user: &str) -> Result<Vec<(String, Membership)>, StoreError> {
+        let prefix = user_prefix(user);
+        let mut out = Vec::new();
+        for item in self.part(Part::Memberships)?.prefix(&prefix) {
+            let (key, value) = item?;
+            let Ok(conversation) = std::str::from_utf8(&key[prefix.len()..]) else {
+                tracing::error!(
+                    store.partition = "memberships",
+                    "conversation in key is not UTF-8"
+                );
+                continue;
+            };
+            if let Some(m) = skip_corrupt(Part::Memberships, Membership::decode(&value)) {
+                out.push((conversation.to_owned(), m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `user`'s membership of `conversation`, if they ever had one.
+    pub fn membership(
+        &self,
+        user: &str,
+        conversation: &str,
+    ) -> Result<Option<Membership>, StoreError> {
+        let raw = self.get(Part::Memberships, &membership_key(user, conversation))?;
+        Ok(raw.and_then(|raw| skip_corrupt(Part::Memberships, Membership::decode(&raw))))
+    }
+
+    /// The device's receipt cursors in `conversation` (zero when none).
+    pub fn cursors(
+        &self,
+        user: &str,
+        device: u32,
+        conversation: &str,
+    ) -> Result<Cursors, StoreError> {
+        let raw = self.get(Part::Cursors, &cursor_key(user, device, conversation))?;
+        Ok(raw
+            .and_then(|raw| skip_corrupt(Part::Cursors, Cursors::decode(&raw)))
+            .unwrap_or_default())
+    }
+
+    /// The dedupe record under `key` (from [`dedupe_key`]).
+    pub fn dedupe(&self, key: &[u8]) -> Result<Option<DedupeRecord>, StoreError> {
+        let raw = self.get(Part::Dedupe, key)?;
+        Ok(raw.and_then(|raw| skip_corrupt(Part::Dedupe, DedupeRecord::decode(&raw))))
+    }
+
+    /// Up to `limit` dedupe time-index entries stored before `before_ms`,
+    /// oldest first.
+    pub fn expired_dedupe(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ExpiredDedupe>, StoreError> {
+        let end = before_ms.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .part(Part::DedupeByTime)?
+            .range(..end.as_slice())
+            .take(limit)
+        {
+            let (key, _) = item?;
+            if key.len() < 8 {
+                tracing::error!(store.partition = "dedupe_by_time", "index key too short");
+                continue;
+            }
+            let mut at = [0u8; 8];
+            at.copy_from_slice(&key[..8]);
+            out.push(ExpiredDedupe {
+                index_key: key.to_vec(),
+                key: key[8..].to_vec(),
+                stored_at_ms: u64::from_be_bytes(at),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The highest server id recorded by an earlier run (0 when none).
+    pub fn server_id_high(&self) -> Result<u64, StoreError> {
+        let raw = self.get(Part::Router, SERVER_ID_HIGH)?;
+        Ok(match raw {
+            Some(raw) if raw.len() == 8 => {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&raw);
+                u64::from_le_bytes(v)
+            }
+            Some(_) => {
+                tracing::error!(
+                    store.partition = "router",
+                    "server id high-water record is corrupt"
+                );
+                0
+            }
+            None => 0,
+        })
+    }
+}
+
+/// A dedupe time-index entry past the window.
+#[derive(Debug)]
+pub struct ExpiredDedupe {
+    /// The index entry's own key.
+    pub index_key: Vec<u8>,
+    /// The dedupe record it points at.
+    pub key: Vec<u8>,
+    /// When that record was stored, as the index says.
+    pub stored_at_ms: u64,
+}
+
+/// Logs a corrupt record and turns it into "absent".
+fn skip_corrupt<T>(part: Part, decoded: Result<T, Corrupt>) -> Option<T> {
+    match decoded {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(store.partition = part.name(), error = %e, "skipping corrupt record");
+            None
+        }
+    }
+}
+
+fn push_str(key: &mut Vec<u8>, s: &str) {
+    // Ids in keys are validated user and conversation ids, far below the
+    // u16 length limit; the cut keeps the prefix honest regardless.
+    let n = s.len().min(usize::from(u16::MAX));
+    key.extend_from_slice(&(n as u16).to_be_bytes());
+    key.extend_from_slice(&s.as_bytes()[..n]);
+}
+
+fn entries_prefix(conversation: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + conversation.len() + 8);
+    push_str(&mut key, conversation);
+    key
+}
+
+/// The key of entry `seq` of `conversation`.
+pub fn entry_key(conversation: &str, seq: u64) -> Vec<u8> {
+    let mut key = entries_prefix(conversation);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn seq_of_entry_key(key: &[u8], prefix_len: usize) -> Option<u64> {
+    let tail: [u8; 8] = key.get(prefix_len..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+fn user_prefix(user: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + user.len() + 24);
+    push_str(&mut key, user);
+    key
+}
+
+/// The key of `user`'s membership of `conversation`.
+pub fn membership_key(user: &str, conversation: &str) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(conversation.as_bytes());
+    key
+}
+
+/// The key of a device's cursors in a conversation.
+pub fn cursor_key(user: &str, device: u32, conversation: &str) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&device.to_be_bytes());
+    key.extend_from_slice(conversation.as_bytes());
+    key
+}
+
+/// The key of the dedupe record for a device's client id.
+pub fn dedupe_key(user: &str, device: u32, client_id: u64) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&device.to_be_bytes());
+    key.extend_from_slice(&client_id.to_be_bytes());
+    key
+}
+
+/// The sweep index key for a dedupe record stored at `stored_at_ms`.
+pub fn dedupe_time_key(stored_at_ms: u64, dedupe_key: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + dedupe_key.len());
+    key.extend_from_slice(&stored_at_ms.to_be_bytes());
+    key.extend_from_slice(dedupe_key);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_id_is_never_a_prefix_of_another() {
+        assert!(!entry_key("d:a:bc", 1).starts_with(&entries_prefix("d:a:b")));
+        assert!(!membership_key("alicex", "d:a:b").starts_with(&user_prefix("alice")));
+        assert!(entry_key("g:1", 1) < entry_key("g:1", 2));
+        assert!(entry_key("g:1", 255) < entry_key("g:1", 256));
+    }
+
+    #[test]
+    fn a_key_written_twice_keeps_its_last_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let key = cursor_key("alice", 1, "d:alice:bob");
+        let mut w = WriteSet::default();
+        w.put(
+            Part::Cursors,
+            key.clone(),
+            Cursors {
+                delivered: 1,
+                read: 0,
+            }
+            .encode(),
+        );
+        w.put(
+            Part::Cursors,
+            key.clone(),
+            Cursors {
+                delivered: 3,
+                read: 2,
+            }
+            .encode(),
+        );
+        w.put(Part::Dedupe, key.clone(), vec![1]);
+        w.remove(Part::Dedupe, key.clone());
+        assert_eq!(w.ops.len(), 2);
+        store.commit(w, true).expect("commit");
+        let got = store.cursors("alice", 1, "d:alice:bob").expect("read");
+        assert_eq!(
+            got,
+            Cursors {
+                delivered: 3,
+                read: 2
+            }
+        );
+        assert!(store.get(Part::Dedupe, &key).expect("read").is_none());
+    }
+
+    #[test]
+    fn ranges_and_last_seq_come_back_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let mut w = WriteSet::default();
+        for (conv, n) in [("d:a:b", 3u64), ("d:a:bc", 5)] {
+            for seq in 1..=n {
+                let e = StoredEntry {
+                    kind: courier_protocol::frame::EntryKind::Message,
+                    server_id: seq,
+                    timestamp_ms: 0,
+                    sender: "a".into(),
+                    sender_device: 1,
+                    client_id: seq,
+                    body: bytes::Bytes::new(),
+                };
+                w.put(Part::Entries, entry_key(conv, seq), e.encode());
+            }
+        }
+        store.commit(w, true).expect("commit");
+        assert_eq!(store.fsyncs(), 1);
+        drop(store);
+
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.last_seq("d:a:b").expect("last"), 3);
+        assert_eq!(store.last_seq("d:a:bc").expect("last"), 5);
+        assert_eq!(store.last_seq("d:a:c").expect("last"), 0);
+        let seqs: Vec<u64> = store
+            .entries("d:a:bc", 2, u64::MAX, 2)
+            .expect("range")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(seqs, vec![2, 3]);
+        assert!(store.has_entries("d:a:b", 2, u64::MAX).expect("has"));
+        assert!(!store.has_entries("d:a:b", 3, u64::MAX).expect("has"));
+    }
+}

@@ -1,0 +1,229 @@
+//! Catch-up and routes: paging, liveness, replaced sessions, reconnects.
+
+use courier_protocol::close;
+use courier_protocol::frame::{ClientFrame, ServerFrame};
+
+use super::{messages, Harness};
+use crate::api::Class;
+
+const AB: &str = "d:alice:bob";
+const AC: &str = "d:alice:carol";
+
+#[test]
+fn an_offline_device_catches_up_after_reconnecting() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+    h.step(vec![alice.send(AB, 1, b"1")]);
+    h.step(vec![bob.detach()]);
+
+    // Offline: nothing is pushed, everything waits.
+    let out = h.step(vec![alice.send(AB, 2, b"2"), alice.send(AB, 3, b"3")]);
+    assert!(out.frames(&bob).is_empty());
+
+    // Back with the last sequence it holds.
+    let bob = bob.reconnect();
+    let out = h.step(vec![bob.attach(), bob.sync(vec![(AB, 1)])]);
+    let frames = out.classified(&bob);
+    assert!(
+        frames.iter().all(|(class, _)| *class == Class::Reply),
+        "catch-up pages are replies"
+    );
+    let frames: Vec<_> = frames.into_iter().map(|f| f.1).collect();
+    let got: Vec<u64> = messages(&frames).iter().map(|m| m.1).collect();
+    assert_eq!(got, vec![2, 3]);
+    assert_eq!(frames.last(), Some(&ServerFrame::SyncDone { more: false }));
+
+    // Now live again.
+    let out = h.step(vec![alice.send(AB, 4, b"4")]);
+    assert_eq!(out.messages(&bob).len(), 1);
+}
+
+#[test]
+fn without_a_cursor_catch_up_resumes_from_the_stored_delivered_cursor() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+    h.step((1..=4).map(|i| alice.send(AB, i, b"m")).collect());
+    h.step(vec![
+        bob.frame(ClientFrame::Delivered {
+            conversation: AB.into(),
+            seq: 3,
+        }),
+        bob.detach(),
+    ]);
+
+    let bob = bob.reconnect();
+    let got: Vec<u64> = messages(&h.connect(&bob)).iter().map(|m| m.1).collect();
+    assert_eq!(got, vec![4]);
+    // A cursor the client names wins over the stored one (a reinstall).
+    let bob = bob.reconnect();
+    let out = h.step(vec![bob.attach(), bob.sync(vec![(AB, 0)])]);
+    let got: Vec<u64> = out.messages(&bob).iter().map(|m| m.1).collect();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn catch_up_pages_and_the_session_stays_not_live_until_the_last_page() {
+    let mut h = Harness::with(|c| c.sync_page = 3);
+    let alice = h.client("alice", 1, 0);
+    let carol = h.client("carol", 1, 0);
+    h.connect(&alice);
+    h.connect(&carol);
+    // Four in one conversation and two in another, while bob is away.
+    h.step((1..=4).map(|i| alice.send(AB, i, b"ab")).collect());
+    h.step((1..=2).map(|i| alice.send(AC, i, b"ac")).collect());
+
+    let bob = h.client("bob", 1, 0);
+    let out = h.step(vec![bob.attach(), bob.sync(vec![])]);
+    let page1 = out.frames(&bob);
+    assert_eq!(page1.last(), Some(&ServerFrame::SyncDone { more: true }));
+    let mut got: Vec<u64> = messages(&page1).iter().map(|m| m.1).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+
+    // Not live yet: a new message waits for catch-up.
+    let out = h.step(vec![alice.send(AB, 5, b"ab")]);
+    assert!(
+        out.frames(&bob).is_empty(),
+        "no live message before the catch-up ends"
+    );
+
+    let out = h.step(vec![bob.sync(vec![(AB, 3)])]);
+    let page2 = out.frames(&bob);
+    assert_eq!(page2.last(), Some(&ServerFrame::SyncDone { more: false }));
+    got.extend(messages(&page2).iter().map(|m| m.1));
+    assert_eq!(got, vec![1, 2, 3, 4, 5]);
+
+    // Live from here.
+    let out = h.step(vec![alice.send(AB, 6, b"ab")]);
+    assert_eq!(
+        out.messages(&bob).iter().map(|m| m.1).collect::<Vec<_>>(),
+        vec![6]
+    );
+    // Bob is not in AC: it never appeared.
+}
+
+#[test]
+fn catch_up_pages_across_conversations() {
+    let mut h = Harness::with(|c| c.sync_page = 2);
+    let alice = h.client("alice", 1, 0);
+    h.connect(&alice);
+    h.step(vec![
+        alice.send(AB, 1, b"x"),
+        alice.send(AB, 2, b"x"),
+        alice.send(AC, 3, b"y"),
+    ]);
+
+    // Exactly a page in the first conversation, more in the second.
+    let alice2 = h.client("alice", 2, 0);
+    let out = h.step(vec![alice2.attach(), alice2.sync(vec![])]);
+    let frames = out.frames(&alice2);
+    assert_eq!(frames.last(), Some(&ServerFrame::SyncDone { more: true }));
+    assert_eq!(messages(&frames).len(), 2);
+    let mut cursors: Vec<(String, u64)> = Vec::new();
+    for m in messages(&frames) {
+        cursors.retain(|c| c.0 != m.0);
+        cursors.push((m.0, m.1));
+    }
+    let cursors: Vec<(&str, u64)> = cursors.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    let out = h.step(vec![alice2.sync(cursors)]);
+    let frames = out.frames(&alice2);
+    assert_eq!(
+        messages(&frames)
+            .iter()
+            .map(|m| (m.0.as_str(), m.1))
+            .collect::<Vec<_>>(),
+        vec![(AC, 1)]
+    );
+    assert_eq!(frames.last(), Some(&ServerFrame::SyncDone { more: false }));
+}
+
+#[test]
+fn nothing_is_lost_or_reordered_between_catch_up_and_live() {
+    // Messages keep arriving in every batch while bob pages through his
+    // catch-up one small page at a time: he must see 1..=N exactly once,
+    // in order.
+    let mut h = Harness::with(|c| c.sync_page = 2);
+    let alice = h.client("alice", 1, 0);
+    h.connect(&alice);
+    h.step((1..=5).map(|i| alice.send(AB, i, b"m")).collect());
+
+    let bob = h.client("bob", 1, 0);
+    let mut seen = Vec::new();
+    let mut next_id = 6;
+    let mut out = h.step(vec![
+        bob.attach(),
+        bob.sync(vec![]),
+        alice.send(AB, next_id, b"m"),
+    ]);
+    loop {
+        let frames = out.frames(&bob);
+        seen.extend(messages(&frames).iter().map(|m| m.1));
+        let done = frames.contains(&ServerFrame::SyncDone { more: false });
+        next_id += 1;
+        let send = alice.send(AB, next_id, b"m");
+        if done {
+            // Live now: two more batches arrive live.
+            out = h.step(vec![send]);
+            seen.extend(out.messages(&bob).iter().map(|m| m.1));
+            next_id += 1;
+            out = h.step(vec![alice.send(AB, next_id, b"m")]);
+            seen.extend(out.messages(&bob).iter().map(|m| m.1));
+            break;
+        }
+        // The next page request and a new message in the same batch.
+        let cursor = *seen.last().unwrap_or(&0);
+        out = h.step(vec![send, bob.sync(vec![(AB, cursor)])]);
+        assert!(seen.len() < 100, "catch-up converges");
+    }
+    let expected: Vec<u64> = (1..=next_id).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_new_session_replaces_the_old_one_of_the_same_device() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+
+    let bob_new = bob.reconnect();
+    let out = h.step(vec![bob_new.attach()]);
+    assert_eq!(out.closes(), vec![(bob.session, close::REPLACED)]);
+
+    // The old session's late Detach does not remove the new route.
+    h.step(vec![bob.detach(), bob_new.sync(vec![])]);
+    let out = h.step(vec![alice.send(AB, 1, b"x")]);
+    assert!(out.frames(&bob).is_empty());
+    assert_eq!(out.messages(&bob_new).len(), 1);
+    // Attaching the same session twice is harmless.
+    let out = h.step(vec![bob_new.attach()]);
+    assert!(out.closes().is_empty());
+    assert!(
+        h.metrics_text().contains("courier_routes_online 2"),
+        "{}",
+        h.metrics_text()
+    );
+}
+
+#[test]
+fn a_new_sync_pauses_live_delivery_until_it_completes() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+    // One batch holds bob's fresh Sync and a send: he gets the message
+    // once, in his catch-up, and not live as well.
+    let out = h.step(vec![bob.sync(vec![(AB, 0)]), alice.send(AB, 1, b"x")]);
+    let frames = out.classified(&bob);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(frames[0].0, Class::Reply);
+    assert!(matches!(frames[0].1, ServerFrame::Message { seq: 1, .. }));
+    assert_eq!(frames[1].1, ServerFrame::SyncDone { more: false });
+}
