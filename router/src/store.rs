@@ -62,16 +62,6 @@ pub enum Part {
 }
 
 impl Part {
-    const ALL: [Part; 7] = [
-        Part::Entries,
-        Part::Conversations,
-        Part::Memberships,
-        Part::Cursors,
-        Part::Dedupe,
-        Part::DedupeByTime,
-        Part::Router,
-    ];
-
     fn name(self) -> &'static str {
         match self {
             Part::Entries => "entries",
@@ -138,15 +128,18 @@ impl Open {
             .manual_journal_persist(true)
             .fsync_ms(None)
             .open()?;
-        let mut parts = Vec::with_capacity(Part::ALL.len());
-        for part in Part::ALL {
-            parts.push(keyspace.open_partition(part.name(), PartitionCreateOptions::default())?);
-        }
-        let parts: [PartitionHandle; 7] = match parts.try_into() {
-            Ok(parts) => parts,
-            // Part::ALL has 7 items and each pushed one handle.
-            Err(_) => unreachable!("one handle per partition"),
-        };
+        let open =
+            |part: Part| keyspace.open_partition(part.name(), PartitionCreateOptions::default());
+        // In `Part` order: `part()` indexes this array by discriminant.
+        let parts = [
+            open(Part::Entries)?,
+            open(Part::Conversations)?,
+            open(Part::Memberships)?,
+            open(Part::Cursors)?,
+            open(Part::Dedupe)?,
+            open(Part::DedupeByTime)?,
+            open(Part::Router)?,
+        ];
         Ok(Self { keyspace, parts })
     }
 
@@ -508,6 +501,23 @@ mod tests {
         assert!(!membership_key("alicex", "d:a:b").starts_with(&user_prefix("alice")));
         assert!(entry_key("g:1", 1) < entry_key("g:1", 2));
         assert!(entry_key("g:1", 255) < entry_key("g:1", 256));
+    }
+
+    #[test]
+    fn each_part_indexes_its_own_partition() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = Open::new(dir.path()).expect("open");
+        for part in [
+            Part::Entries,
+            Part::Conversations,
+            Part::Memberships,
+            Part::Cursors,
+            Part::Dedupe,
+            Part::DedupeByTime,
+            Part::Router,
+        ] {
+            assert_eq!(&*open.part(part).name, part.name());
+        }
     }
 
     #[test]
