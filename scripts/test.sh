@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's test command: lints, the Rust suite under both monoio
+# drivers, and the Python client suite against the real gateway binary.
+# Works on a fresh machine with the Rust toolchain, cargo-nextest and
+# Python 3 (it installs the Python packages it needs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=${NEXTEST_PROFILE:-default}
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== build"
+cargo build --workspace --bins --locked
+
+echo "== Rust suite, io_uring driver"
+COURIER_DRIVER=uring cargo nextest run --workspace --locked --profile "$profile"
+
+echo "== gateway suite again, legacy (epoll) driver"
+COURIER_DRIVER=legacy cargo nextest run -p courier-gateway --locked --profile "$profile"
+
+echo "== Python client suite (websockets)"
+python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+COURIER_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python
