@@ -189,9 +189,8 @@ fn retried_send_gets_the_original_ack_even_after_restart() {
         "a retry in the same session is deduplicated"
     );
     drop(alice);
-    let dir = node.stop();
 
-    let node = TestNode::start_in(&dir, &[]);
+    let node = node.restart(&[]);
     let (mut alice, _) = node.online("alice", 1);
     alice.send_text(&conv, 99, b"once");
     assert_eq!(

@@ -97,12 +97,21 @@ impl TestNode {
     }
 
     /// Shuts the node down as SIGTERM does and waits for it.
-    pub fn stop(mut self) -> PathBuf {
+    pub fn stop(mut self) {
         if let Some(node) = self.node.take() {
             node.begin_shutdown();
             node.wait();
         }
-        self.dir.clone()
+    }
+
+    /// Stops the node and starts a new one on the same data directory.
+    pub fn restart(mut self, extra: &[&str]) -> Self {
+        let tmp = self._tmp.take();
+        let dir = self.dir.clone();
+        self.stop();
+        let mut node = Self::start_in(&dir, extra);
+        node._tmp = tmp;
+        node
     }
 
     pub fn begin_shutdown(&self) {
