@@ -1,1 +1,46 @@
-//! placeholder
+//! Courier's load generator.
+//!
+//! loadgen opens many real WebSocket connections to a Courier gateway, one
+//! user (device 1) each, authenticated with tokens it signs with the node's
+//! own secret. It creates groups, drives 1:1 and group messages on an
+//! open-loop schedule, and checks per recipient device that every message
+//! the server acknowledged with SENT arrived exactly once and in sequence
+//! order. Latencies (SENT ack, end to end) go into HDR histograms timed
+//! from each message's *intended* send time, so a stalled server cannot
+//! hide behind a stalled generator.
+//!
+//! ```text
+//!            Config ─► Plan (users, conversations, groups, schedule: pure)
+//!                          │
+//!      coordinator ── Control ──► worker 0 … worker n-1   (monoio threads)
+//!            ▲                       │  connections, sends, checks
+//!            └── WorkerEvent ────────┘  progress every 250 ms, Outcome at end
+//!            │
+//!            ▼
+//!      merge Outcomes ─► audit (lost / unknown outcome) ─► Report
+//! ```
+//!
+//! The plan and schedule are computed from the seed alone, so every worker
+//! knows who sends what without being told, and a recipient can check that
+//! a message it received is one its sender really sent. Worker outcomes are
+//! plain values that merge by addition, so workers can move into separate
+//! processes without changing the checker.
+//!
+//! What it does not do (yet): TLS, several worker processes or source
+//! addresses, scenario files, receipts and typing beyond the `Delivered`
+//! acknowledgement. It only targets loopback addresses.
+//!
+
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod check;
+pub mod config;
+pub mod handshake;
+pub mod latency;
+pub mod plan;
+pub mod rangeset;
+pub mod rng;
+pub mod stats;
+
+pub use config::{Args, Config, ConfigError};

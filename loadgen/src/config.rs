@@ -1,0 +1,463 @@
+//! Command-line flags and the typed configuration a run is started with.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+
+use courier_protocol::token::Secret;
+
+use crate::body::HEADER_LEN;
+use crate::handshake::{Target, TokenIn, UrlError};
+use crate::plan::PlanParams;
+
+/// Drive real WebSocket clients against a Courier node and check that every
+/// acknowledged message arrived exactly once, in order.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "loadgen", version, about, long_about = None)]
+pub struct Args {
+    /// The gateway to load (ws:// on a loopback address).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/")]
+    pub url: String,
+    /// The node's data directory; its jwt.secret signs loadgen's tokens.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Connections to open, one user (device 1) each.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: u32,
+    /// Messages per second over all senders; 0 holds the connections idle,
+    /// heartbeating.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// How long traffic runs, e.g. 30s, 2m, 1m30s, 500ms.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// New connections per second while connecting.
+    #[arg(long, default_value_t = 2000.0)]
+    pub ramp: f64,
+    /// Share of messages sent to a group (0 to 1).
+    #[arg(long, default_value_t = 0.2)]
+    pub group_share: f64,
+    /// Groups to create [default: connections / group-mean, so each user is
+    /// in about one group].
+    #[arg(long)]
+    pub groups: Option<u32>,
+    /// Smallest group.
+    #[arg(long, default_value_t = 3)]
+    pub group_min: u32,
+    /// Largest group.
+    #[arg(long, default_value_t = 200)]
+    pub group_max: u32,
+    /// Mean group size the size distribution is fitted to.
+    #[arg(long, default_value_t = 20.0)]
+    pub group_mean: f64,
+    /// Bytes in each message body (at least 28: loadgen's stamp).
+    #[arg(long, default_value_t = 200)]
+    pub body_bytes: usize,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Seed of the plan and schedule.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Run id in hex, part of every user name [default: random, so each run
+    /// has fresh users].
+    #[arg(long, value_parser = parse_run_id)]
+    pub run_id: Option<u32>,
+    /// Runtime threads, each owning a share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Use monoio's legacy (epoll) driver even where io_uring works.
+    #[arg(long)]
+    pub legacy: bool,
+    /// Reconnect dropped connections (with backoff), catch up and resend
+    /// what was not acked.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub reconnect: bool,
+    /// After traffic, wait at most this long for SENTs and deliveries still
+    /// in flight.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Give up connecting after this long past the ramp.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub setup_timeout: Duration,
+    /// Where the token goes in the upgrade request.
+    #[arg(long, value_enum, default_value_t = TokenIn::Header)]
+    pub token_in: TokenIn,
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A value that stops the start, naming the flag.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// `--url` is not a usable target.
+    #[error("--url: {0}")]
+    Url(#[from] UrlError),
+    /// A number is out of its range.
+    #[error("--{flag}: {why}")]
+    Range {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Everything a run needs. [`Config::default`] is what `loadgen` with no
+/// flags runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The gateway.
+    pub target: Target,
+    /// Where `jwt.secret` is read from when `secret` is `None`.
+    pub data_dir: PathBuf,
+    /// The signing secret, when the caller has it (tests).
+    pub secret: Option<Secret>,
+    /// Connections (users) to open.
+    pub connections: u32,
+    /// Messages per second (0: idle).
+    pub rate: f64,
+    /// Traffic duration.
+    pub duration: Duration,
+    /// Connections opened per second.
+    pub ramp: f64,
+    /// Share of messages to groups.
+    pub group_share: f64,
+    /// Groups to create (None: connections / group_mean).
+    pub groups: Option<u32>,
+    /// Smallest group.
+    pub group_min: u32,
+    /// Largest group.
+    pub group_max: u32,
+    /// Target mean group size.
+    pub group_mean: f64,
+    /// Body size in bytes.
+    pub body_bytes: usize,
+    /// Seed of the plan.
+    pub seed: u64,
+    /// Run id (None: random).
+    pub run_id: Option<u32>,
+    /// Runtime threads.
+    pub threads: usize,
+    /// Force the legacy driver.
+    pub legacy: bool,
+    /// Reconnect dropped connections.
+    pub reconnect: bool,
+    /// Longest wait after traffic.
+    pub drain: Duration,
+    /// Longest wait for connections past the ramp.
+    pub setup_timeout: Duration,
+    /// Where the token goes.
+    pub token_in: TokenIn,
+    /// Print the live progress line.
+    pub progress: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults of `Args` are valid; parsing them cannot fail.
+        Args::parse_from(["loadgen"])
+            .into_config()
+            .expect("default flags are valid")
+    }
+}
+
+impl Args {
+    /// Checks the flags and builds the configuration.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let range = |flag: &'static str, why: String| Err(ConfigError::Range { flag, why });
+        if self.connections < 2 {
+            return range(
+                "connections",
+                "at least 2 (a conversation needs two users)".into(),
+            );
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            return range("rate", format!("must be 0 or more, got {}", self.rate));
+        }
+        if !(self.ramp > 0.0 && self.ramp.is_finite()) {
+            return range("ramp", format!("must be more than 0, got {}", self.ramp));
+        }
+        if !(0.0..=1.0).contains(&self.group_share) {
+            return range(
+                "group-share",
+                format!("must be between 0 and 1, got {}", self.group_share),
+            );
+        }
+        if self.group_min < 3 || self.group_min > self.group_max {
+            return range(
+                "group-min",
+                format!(
+                    "need 3 <= group-min <= group-max, got {}..{}",
+                    self.group_min, self.group_max
+                ),
+            );
+        }
+        if !(self.group_mean >= f64::from(self.group_min)
+            && self.group_mean <= f64::from(self.group_max))
+        {
+            return range(
+                "group-mean",
+                format!("must lie in {}..={}", self.group_min, self.group_max),
+            );
+        }
+        if self.body_bytes < HEADER_LEN {
+            return range(
+                "body-bytes",
+                format!("at least {HEADER_LEN} (the stamp loadgen checks bodies by)"),
+            );
+        }
+        if self.threads == 0 {
+            return range("threads", "at least 1".into());
+        }
+        if self.duration.is_zero() {
+            return range("duration", "must be more than 0".into());
+        }
+        Ok(Config {
+            target: Target::parse(&self.url)?,
+            data_dir: self.data_dir,
+            secret: None,
+            connections: self.connections,
+            rate: self.rate,
+            duration: self.duration,
+            ramp: self.ramp,
+            group_share: self.group_share,
+            groups: self.groups,
+            group_min: self.group_min,
+            group_max: self.group_max,
+            group_mean: self.group_mean,
+            body_bytes: self.body_bytes,
+            seed: self.seed,
+            run_id: self.run_id,
+            threads: self.threads,
+            legacy: self.legacy,
+            reconnect: self.reconnect,
+            drain: self.drain,
+            setup_timeout: self.setup_timeout,
+            token_in: self.token_in,
+            progress: !self.quiet,
+        })
+    }
+}
+
+impl Config {
+    /// The plan parameters for run `run_id`.
+    pub fn plan_params(&self, run_id: u32) -> PlanParams {
+        PlanParams {
+            run_id,
+            seed: self.seed,
+            users: self.connections,
+            groups: self.groups,
+            group_min: self.group_min,
+            group_max: self.group_max,
+            group_mean: self.group_mean,
+            group_share: self.group_share,
+            rate: self.rate,
+            duration: self.duration,
+        }
+    }
+
+    /// The configuration as the report prints it.
+    pub fn echo(&self, run_id: u32) -> ConfigEcho {
+        ConfigEcho {
+            url: self.target.url.clone(),
+            run_id: format!("{run_id:08x}"),
+            connections: self.connections,
+            rate: self.rate,
+            duration_s: self.duration.as_secs_f64(),
+            ramp: self.ramp,
+            group_share: self.group_share,
+            groups: self.groups,
+            group_min: self.group_min,
+            group_max: self.group_max,
+            group_mean: self.group_mean,
+            body_bytes: self.body_bytes,
+            seed: self.seed,
+            threads: self.threads,
+            legacy: self.legacy,
+            reconnect: self.reconnect,
+            drain_s: self.drain.as_secs_f64(),
+            setup_timeout_s: self.setup_timeout.as_secs_f64(),
+            token_in: self.token_in,
+        }
+    }
+}
+
+/// The run's configuration, as written into the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[allow(missing_docs)]
+pub struct ConfigEcho {
+    pub url: String,
+    pub run_id: String,
+    pub connections: u32,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub ramp: f64,
+    pub group_share: f64,
+    pub groups: Option<u32>,
+    pub group_min: u32,
+    pub group_max: u32,
+    pub group_mean: f64,
+    pub body_bytes: usize,
+    pub seed: u64,
+    pub threads: usize,
+    pub legacy: bool,
+    pub reconnect: bool,
+    pub drain_s: f64,
+    pub setup_timeout_s: f64,
+    pub token_in: TokenIn,
+}
+
+/// Parses `90`, `90s`, `500ms`, `2m`, `1h`, `1m30s`: a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return secs_to_duration(secs, s);
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("`{s}`: expected a number before `{rest}`"));
+        }
+        let value: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{s}`: bad number"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "" => {
+                return Err(format!(
+                    "`{s}`: a unit (ms, s, m, h) must follow every number but a lone one"
+                ))
+            }
+            u => return Err(format!("`{s}`: unknown unit `{u}` (use ms, s, m or h)")),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    secs_to_duration(total, s)
+}
+
+fn secs_to_duration(secs: f64, s: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a duration"))
+}
+
+fn parse_run_id(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 16).map_err(|_| format!("`{s}` is not a hex number of at most 8 digits"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["loadgen"];
+        all.extend_from_slice(args);
+        let args = Args::try_parse_from(all).map_err(|e| e.to_string())?;
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration(" 10s "), Ok(Duration::from_secs(10)));
+        for bad in ["", "s", "10x", "1m30", "-5s", "ms10"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.target.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(
+            (c.connections, c.rate, c.duration),
+            (1000, 1000.0, Duration::from_secs(30))
+        );
+        assert_eq!((c.ramp, c.group_share, c.body_bytes), (2000.0, 0.2, 200));
+        assert_eq!((c.group_min, c.group_max, c.group_mean), (3, 200, 20.0));
+        assert_eq!(
+            (c.threads, c.legacy, c.reconnect, c.progress),
+            (1, false, true, true)
+        );
+        assert_eq!(c.drain, Duration::from_secs(5));
+        assert_eq!(c.token_in, TokenIn::Header);
+        assert_eq!(Config::default().connections, 1000);
+    }
+
+    #[test]
+    fn everyday_flags() {
+        let c = parse(&[
+            "--connections",
+            "10000",
+            "--rate",
+            "5000",
+            "--duration",
+            "60s",
+            "--threads",
+            "2",
+            "--reconnect",
+            "false",
+            "--run-id",
+            "beef",
+            "--legacy",
+            "--token-in",
+            "query",
+            "--quiet",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.connections, c.rate, c.duration),
+            (10_000, 5000.0, Duration::from_secs(60))
+        );
+        assert_eq!(
+            (c.threads, c.reconnect, c.run_id, c.legacy),
+            (2, false, Some(0xbeef), true)
+        );
+        assert_eq!((c.token_in, c.progress), (TokenIn::Query, false));
+        assert_eq!(parse(&["--rate", "0"]).unwrap().rate, 0.0);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--connections", "1"], "--connections"),
+            (&["--rate=-1"], "--rate"),
+            (&["--group-share", "1.5"], "--group-share"),
+            (&["--group-min", "2"], "--group-min"),
+            (&["--group-mean", "500"], "--group-mean"),
+            (&["--body-bytes", "10"], "--body-bytes"),
+            (&["--threads", "0"], "--threads"),
+            (&["--url", "ws://192.168.1.1:8080/"], "--url"),
+            (&["--duration", "soon"], "--duration"),
+            (&["--ramp", "0"], "--ramp"),
+        ];
+        for (args, flag) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Latency histograms, corrected for coordinated omission.
+//!
+//! Every clock starts at the message's *intended* send time from the
+//! open-loop schedule, not at the moment loadgen got round to sending it.
+//! A stalled server therefore shows up as latency for every message that
+//! should have gone out during the stall, instead of as a quiet gap in
+//! the samples (the "coordinated omission" a closed-loop generator has).
+//!
+//! Values are recorded in microseconds with three significant digits;
+//! histograms from any number of workers merge exactly.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// The histograms one worker keeps.
+#[derive(Clone, Debug)]
+pub struct Latencies {
+    /// Intended send to SENT received.
+    pub sent_ack: Histogram<u64>,
+    /// Intended send to a recipient's receipt, one sample per first arrival.
+    pub end_to_end: Histogram<u64>,
+    /// Intended send to the moment loadgen wrote the send: how far behind
+    /// its own schedule loadgen ran.
+    pub schedule_lag: Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latencies {
+    /// Empty histograms.
+    pub fn new() -> Self {
+        Self {
+            sent_ack: histogram(),
+            end_to_end: histogram(),
+            schedule_lag: histogram(),
+        }
+    }
+
+    /// Adds another worker's samples.
+    pub fn merge(&mut self, other: &Latencies) {
+        add(&mut self.sent_ack, &other.sent_ack);
+        add(&mut self.end_to_end, &other.end_to_end);
+        add(&mut self.schedule_lag, &other.schedule_lag);
+    }
+
+    /// Empties every histogram, keeping their allocations.
+    pub fn reset(&mut self) {
+        self.sent_ack.reset();
+        self.end_to_end.reset();
+        self.schedule_lag.reset();
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.sent_ack.is_empty() && self.end_to_end.is_empty() && self.schedule_lag.is_empty()
+    }
+}
+
+/// An empty histogram that grows to fit what it records.
+pub fn histogram() -> Histogram<u64> {
+    // hdrhistogram refuses only precisions above 5 digits.
+    Histogram::new(3).expect("3 significant digits is a valid precision")
+}
+
+/// Records a latency given in nanoseconds.
+pub fn record_ns(h: &mut Histogram<u64>, ns: u64) {
+    // An auto-resizing histogram takes any value below u64::MAX / 2.
+    let _ = h.record((ns / 1000).max(1));
+}
+
+fn add(into: &mut Histogram<u64>, from: &Histogram<u64>) {
+    // Both grow on demand, so adding cannot run out of range.
+    let _ = into.add(from);
+}
+
+/// Percentiles of one histogram, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest sample.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+}
+
+impl Summary {
+    /// The percentiles of `h` (all zero when it is empty).
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_histograms_equal_one_that_saw_everything() {
+        let mut whole = Latencies::new();
+        let mut parts = [Latencies::new(), Latencies::new(), Latencies::new()];
+        for i in 0..30_000u64 {
+            // 1 ms typical, a 250 ms tail one sample in a thousand.
+            let ns = if i % 1000 == 0 {
+                250_000_000
+            } else {
+                1_000_000 + (i % 977) * 1000
+            };
+            record_ns(&mut whole.end_to_end, ns);
+            record_ns(&mut parts[(i % 3) as usize].end_to_end, ns);
+        }
+        let mut merged = Latencies::new();
+        for p in &parts {
+            merged.merge(p);
+        }
+        assert_eq!(
+            Summary::of(&merged.end_to_end),
+            Summary::of(&whole.end_to_end)
+        );
+        let s = Summary::of(&merged.end_to_end);
+        assert_eq!(s.count, 30_000);
+        assert!((s.p50 - 1.49).abs() < 0.02, "p50 {}", s.p50);
+        assert!((s.max - 250.0).abs() < 0.5, "max {}", s.max);
+        assert!(s.p999 < 3.0 && s.p99 < 3.0, "{s:?}");
+    }
+
+    #[test]
+    fn empty_and_tiny_values() {
+        let mut l = Latencies::new();
+        assert!(l.is_empty());
+        assert_eq!(Summary::of(&l.sent_ack), Summary::default());
+        record_ns(&mut l.sent_ack, 10); // under a microsecond counts as one
+        assert_eq!(Summary::of(&l.sent_ack).max, 0.001);
+        l.reset();
+        assert!(l.is_empty());
+    }
+}

@@ -1,0 +1,626 @@
+//! The run's world and its schedule, computed from the seed alone.
+//!
+//! A [`Plan`] says which users exist (`lg-<run>-<n>`, device 1 each), which
+//! conversations they are in, and, for every message index `i`, who sends it,
+//! to which conversation and at what intended time. Every worker computes
+//! the same plan from the same parameters, which is what lets a recipient
+//! check that a message it got was really scheduled by its sender, and lets
+//! the checker merge workers' results without shipping the schedule around.
+//!
+//! Conversations are numbered: direct conversations first (`0..directs`,
+//! a ring pairing user `p` with user `p + 1`), then groups
+//! (`directs..directs + groups`). Group ids are assigned by the server;
+//! the plan only knows their members.
+
+use std::time::Duration;
+
+use rustc_hash::FxHashSet;
+
+use crate::rng::{mix, SplitMix64};
+
+/// What a plan is built from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanParams {
+    /// The run id, part of every user name and every body.
+    pub run_id: u32,
+    /// Seed of the plan and schedule.
+    pub seed: u64,
+    /// Number of users (one device, one connection each).
+    pub users: u32,
+    /// Number of groups to create (`None`: about one group per user on
+    /// average, `users * 1 / group_mean`).
+    pub groups: Option<u32>,
+    /// Smallest group.
+    pub group_min: u32,
+    /// Largest group.
+    pub group_max: u32,
+    /// Target mean group size.
+    pub group_mean: f64,
+    /// Share of messages that go to a group.
+    pub group_share: f64,
+    /// Messages per second (0: no messages).
+    pub rate: f64,
+    /// How long the traffic phase lasts.
+    pub duration: Duration,
+}
+
+/// Why a plan could not be built.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// Conversations need two users.
+    #[error("at least 2 connections are needed (one conversation needs two users)")]
+    TooFewUsers,
+    /// The group size bounds make no sense.
+    #[error("group sizes must satisfy 3 <= group-min <= group-max (got {0}..{1})")]
+    GroupBounds(u32, u32),
+}
+
+/// One scheduled message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scheduled {
+    /// The message index (its client id is `msg + 1`).
+    pub msg: u64,
+    /// The sending user.
+    pub sender: u32,
+    /// The conversation number.
+    pub conv: u32,
+    /// When the message is meant to be sent, in ns after the traffic start.
+    pub intended_ns: u64,
+}
+
+/// The world of one run. Immutable once built; shared by every worker.
+#[derive(Debug)]
+pub struct Plan {
+    /// The run id.
+    pub run_id: u32,
+    seed: u64,
+    users: u32,
+    directs: u32,
+    /// Members of each group; the first is its creator.
+    groups: Vec<Vec<u32>>,
+    /// The same members sorted, for membership tests.
+    groups_sorted: Vec<Vec<u32>>,
+    /// Conversation numbers of each user.
+    user_convs: Vec<Vec<u32>>,
+    group_share: f64,
+    rate: f64,
+    total: u64,
+    sizes: SizeDistribution,
+}
+
+const GROUPS_STREAM: u64 = 0x6772_6f75_7073; // "groups"
+const SCHEDULE_STREAM: u64 = 0x7363_6865_6475; // "schedu"
+
+impl Plan {
+    /// Builds the plan for `p`.
+    pub fn new(p: &PlanParams) -> Result<Self, PlanError> {
+        if p.users < 2 {
+            return Err(PlanError::TooFewUsers);
+        }
+        if p.group_min < 3 || p.group_min > p.group_max {
+            return Err(PlanError::GroupBounds(p.group_min, p.group_max));
+        }
+        let users = p.users;
+        let directs = if users == 2 { 1 } else { users };
+        let sizes = SizeDistribution::new(p.group_min, p.group_max, p.group_mean);
+        let wanted = match p.groups {
+            Some(n) => n,
+            None if users < p.group_min => 0,
+            None => (f64::from(users) / p.group_mean.max(1.0)).ceil() as u32,
+        };
+        let groups = if users < 3 {
+            Vec::new()
+        } else {
+            draw_groups(p.seed, users, wanted, &sizes)
+        };
+        let groups_sorted: Vec<Vec<u32>> = groups.iter().map(|m| sorted(m)).collect();
+
+        let mut user_convs: Vec<Vec<u32>> = (0..users)
+            .map(|u| {
+                if users == 2 {
+                    vec![0]
+                } else {
+                    vec![u, (u + users - 1) % users]
+                }
+            })
+            .collect();
+        for (g, members) in groups.iter().enumerate() {
+            for &m in members {
+                user_convs[m as usize].push(directs + g as u32);
+            }
+        }
+        let total = if p.rate > 0.0 {
+            (p.rate * p.duration.as_secs_f64()).floor() as u64
+        } else {
+            0
+        };
+        Ok(Self {
+            run_id: p.run_id,
+            seed: p.seed,
+            users,
+            directs,
+            groups,
+            groups_sorted,
+            user_convs,
+            group_share: p.group_share,
+            rate: p.rate,
+            total,
+            sizes,
+        })
+    }
+
+    /// Number of users.
+    pub fn users(&self) -> u32 {
+        self.users
+    }
+
+    /// Number of direct conversations.
+    pub fn directs(&self) -> u32 {
+        self.directs
+    }
+
+    /// Number of groups.
+    pub fn groups(&self) -> u32 {
+        self.groups.len() as u32
+    }
+
+    /// Number of conversations of both kinds.
+    pub fn conversations(&self) -> u32 {
+        self.directs + self.groups()
+    }
+
+    /// Number of messages the schedule holds.
+    pub fn total_messages(&self) -> u64 {
+        self.total
+    }
+
+    /// The exponent of the group size distribution, solved for the mean.
+    pub fn size_exponent(&self) -> f64 {
+        self.sizes.exponent
+    }
+
+    /// The name of user `u`.
+    pub fn user_name(&self, u: u32) -> String {
+        format!("lg-{:08x}-{u}", self.run_id)
+    }
+
+    /// The user a name belongs to, if it is one of this run's.
+    pub fn parse_user(&self, name: &str) -> Option<u32> {
+        let rest = name.strip_prefix("lg-")?;
+        let (run, n) = rest.split_once('-')?;
+        if run.len() != 8 || u32::from_str_radix(run, 16).ok()? != self.run_id {
+            return None;
+        }
+        if n.len() > 1 && n.starts_with('0') {
+            return None;
+        }
+        let u: u32 = n.parse().ok()?;
+        (u < self.users).then_some(u)
+    }
+
+    /// Conversation number of group `g`.
+    pub fn group_conv(&self, g: u32) -> u32 {
+        self.directs + g
+    }
+
+    /// The group a conversation number names, if it is a group.
+    pub fn conv_group(&self, conv: u32) -> Option<u32> {
+        conv.checked_sub(self.directs)
+            .filter(|&g| g < self.groups())
+    }
+
+    /// Members of group `g`, its creator first.
+    pub fn group_members(&self, g: u32) -> &[u32] {
+        self.groups.get(g as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Members of group `g` in ascending order.
+    pub fn group_members_sorted(&self, g: u32) -> &[u32] {
+        self.groups_sorted
+            .get(g as usize)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The two users of direct conversation `conv`.
+    pub fn direct_pair(&self, conv: u32) -> (u32, u32) {
+        (conv, (conv + 1) % self.users)
+    }
+
+    /// Members of any conversation.
+    pub fn members(&self, conv: u32) -> Members<'_> {
+        match self.conv_group(conv) {
+            Some(g) => Members::Group(self.group_members_sorted(g)),
+            None => {
+                let (a, b) = self.direct_pair(conv);
+                Members::Direct([a, b])
+            }
+        }
+    }
+
+    /// True when `user` is a member of `conv`.
+    pub fn is_member(&self, conv: u32, user: u32) -> bool {
+        match self.conv_group(conv) {
+            Some(g) => self.group_members_sorted(g).binary_search(&user).is_ok(),
+            None if conv < self.directs => {
+                let (a, b) = self.direct_pair(conv);
+                user == a || user == b
+            }
+            None => false,
+        }
+    }
+
+    /// How many devices receive a message sent to `conv` (every member but
+    /// the sender: each user has one device).
+    pub fn recipients(&self, conv: u32) -> u32 {
+        match self.conv_group(conv) {
+            Some(g) => self.group_members(g).len().saturating_sub(1) as u32,
+            None => 1,
+        }
+    }
+
+    /// Conversation numbers `user` belongs to.
+    pub fn user_conversations(&self, user: u32) -> &[u32] {
+        self.user_convs
+            .get(user as usize)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The id of direct conversation `conv`.
+    pub fn direct_id(&self, conv: u32) -> String {
+        let (a, b) = self.direct_pair(conv);
+        courier_protocol::ids::direct_conversation(&self.user_name(a), &self.user_name(b))
+    }
+
+    /// Mean size of the groups drawn.
+    pub fn group_size_mean(&self) -> f64 {
+        if self.groups.is_empty() {
+            return 0.0;
+        }
+        self.groups.iter().map(Vec::len).sum::<usize>() as f64 / self.groups.len() as f64
+    }
+
+    /// Largest group drawn.
+    pub fn group_size_max(&self) -> u32 {
+        self.groups.iter().map(Vec::len).max().unwrap_or(0) as u32
+    }
+
+    /// When message `i` is meant to be sent, in ns after the traffic start.
+    pub fn intended_ns(&self, i: u64) -> u64 {
+        if self.rate <= 0.0 {
+            return 0;
+        }
+        (i as f64 * 1e9 / self.rate) as u64
+    }
+
+    /// Message `i` of the schedule. Pure: any worker computes the same.
+    ///
+    /// A message goes to a group with probability `group_share` (a group
+    /// chosen uniformly, then a sender uniformly among its members, so the
+    /// fan-out a message sees follows the group size distribution);
+    /// otherwise a uniformly chosen user sends to one of its two direct
+    /// conversations.
+    pub fn message(&self, i: u64) -> Scheduled {
+        let mut r = SplitMix64::new(mix(self.seed ^ SCHEDULE_STREAM, i));
+        let to_group = !self.groups.is_empty() && r.unit() < self.group_share;
+        let (sender, conv) = if to_group {
+            let g = r.below(self.groups.len() as u64) as u32;
+            let members = self.group_members(g);
+            let sender = members[r.below(members.len() as u64) as usize];
+            (sender, self.group_conv(g))
+        } else {
+            let sender = r.below(u64::from(self.users)) as u32;
+            let conv = if self.users == 2 || r.next_u64() & 1 == 0 {
+                sender.min(self.directs - 1)
+            } else {
+                (sender + self.users - 1) % self.users
+            };
+            (sender, conv)
+        };
+        Scheduled {
+            msg: i,
+            sender,
+            conv,
+            intended_ns: self.intended_ns(i),
+        }
+    }
+}
+
+/// The members of a conversation, in ascending order.
+#[derive(Clone, Copy, Debug)]
+pub enum Members<'a> {
+    /// The two users of a direct conversation.
+    Direct([u32; 2]),
+    /// A group's members.
+    Group(&'a [u32]),
+}
+
+impl Members<'_> {
+    /// The members as a slice.
+    pub fn as_slice(&self) -> &[u32] {
+        match self {
+            Self::Direct(pair) => pair,
+            Self::Group(m) => m,
+        }
+    }
+}
+
+/// Group sizes on `[min, max]` with `P(s)` proportional to `s^-exponent`,
+/// the exponent solved so the mean is as near the target as the bounds
+/// allow: most groups small, a long tail of big ones.
+#[derive(Clone, Debug)]
+pub struct SizeDistribution {
+    min: u32,
+    /// Cumulative probability of each size from `min` up.
+    cdf: Vec<f64>,
+    /// The exponent found.
+    pub exponent: f64,
+}
+
+impl SizeDistribution {
+    /// The distribution on `[min, max]` whose mean is nearest `mean`.
+    pub fn new(min: u32, max: u32, mean: f64) -> Self {
+        let mean_of = |a: f64| {
+            let (mut w, mut ws) = (0.0, 0.0);
+            for s in min..=max {
+                let p = f64::from(s).powf(-a);
+                w += p;
+                ws += p * f64::from(s);
+            }
+            ws / w
+        };
+        // The mean falls as the exponent grows; bisect on [-40, 40], wide
+        // enough to pin the mean to either bound (200^40 still fits an f64).
+        let (mut lo, mut hi) = (-40.0f64, 40.0f64);
+        for _ in 0..80 {
+            let mid = (lo + hi) / 2.0;
+            if mean_of(mid) > mean {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let exponent = (lo + hi) / 2.0;
+        let weights: Vec<f64> = (min..=max).map(|s| f64::from(s).powf(-exponent)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        Self { min, cdf, exponent }
+    }
+
+    /// The size at cumulative probability `u` in `[0, 1)`.
+    pub fn sample(&self, u: f64) -> u32 {
+        let i = self
+            .cdf
+            .partition_point(|&c| c <= u)
+            .min(self.cdf.len().saturating_sub(1));
+        self.min + i as u32
+    }
+
+    /// The distribution's mean.
+    pub fn mean(&self) -> f64 {
+        let mut prev = 0.0;
+        let mut mean = 0.0;
+        for (i, &c) in self.cdf.iter().enumerate() {
+            mean += (c - prev) * f64::from(self.min + i as u32);
+            prev = c;
+        }
+        mean
+    }
+}
+
+/// Draws `wanted` groups with distinct member sets. Members come from a
+/// stream of shuffled permutations of all users, so every user lands in
+/// about the same number of groups.
+fn draw_groups(seed: u64, users: u32, wanted: u32, sizes: &SizeDistribution) -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64::new(mix(seed, GROUPS_STREAM));
+    let mut perm: Vec<u32> = (0..users).collect();
+    rng.shuffle(&mut perm);
+    let mut next = 0usize;
+    let mut seen: FxHashSet<Vec<u32>> = FxHashSet::default();
+    let mut groups = Vec::with_capacity(wanted as usize);
+    for _ in 0..wanted {
+        let size = sizes.sample(rng.unit()).min(users);
+        let mut members = Vec::with_capacity(size as usize);
+        // Two full permutations always hold `size <= users` distinct users.
+        for _ in 0..2 * users as usize {
+            if members.len() == size as usize {
+                break;
+            }
+            if next == perm.len() {
+                rng.shuffle(&mut perm);
+                next = 0;
+            }
+            let u = perm[next];
+            next += 1;
+            if !members.contains(&u) {
+                members.push(u);
+            }
+        }
+        // A member set already taken would make the group's creation entry
+        // ambiguous to its members; redraw at random a bounded number of
+        // times, then give the group up.
+        let mut tries = 0;
+        while seen.contains(&sorted(&members)) && tries < 16 {
+            members.clear();
+            while members.len() < size as usize {
+                let u = rng.below(u64::from(users)) as u32;
+                if !members.contains(&u) {
+                    members.push(u);
+                }
+            }
+            tries += 1;
+        }
+        if seen.insert(sorted(&members)) {
+            groups.push(members);
+        }
+    }
+    groups
+}
+
+fn sorted(members: &[u32]) -> Vec<u32> {
+    let mut v = members.to_vec();
+    v.sort_unstable();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(users: u32) -> PlanParams {
+        PlanParams {
+            run_id: 0xabcd_0123,
+            seed: 42,
+            users,
+            groups: None,
+            group_min: 3,
+            group_max: 200,
+            group_mean: 20.0,
+            group_share: 0.2,
+            rate: 1000.0,
+            duration: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn size_distribution_hits_the_mean_and_bounds() {
+        let d = SizeDistribution::new(3, 200, 20.0);
+        assert!((d.mean() - 20.0).abs() < 0.01, "mean {}", d.mean());
+        assert!(
+            d.exponent > 0.5 && d.exponent < 3.0,
+            "exponent {}",
+            d.exponent
+        );
+        let mut r = SplitMix64::new(9);
+        let samples: Vec<u32> = (0..100_000).map(|_| d.sample(r.unit())).collect();
+        assert!(samples.iter().all(|s| (3..=200).contains(s)));
+        let mean = samples.iter().map(|&s| f64::from(s)).sum::<f64>() / samples.len() as f64;
+        assert!((mean - 20.0).abs() < 1.0, "sampled mean {mean}");
+        // Most groups are small.
+        let small = samples.iter().filter(|&&s| s <= 10).count();
+        assert!(
+            small * 2 > samples.len(),
+            "{small} of {} are 10 or less",
+            samples.len()
+        );
+    }
+
+    #[test]
+    fn unreachable_mean_is_clamped_to_the_bounds() {
+        let d = SizeDistribution::new(3, 5, 50.0);
+        assert!(d.mean() > 4.9);
+        assert_eq!(d.sample(0.999_999), 5);
+    }
+
+    #[test]
+    fn the_plan_is_a_function_of_its_parameters() {
+        let a = Plan::new(&params(1000)).unwrap();
+        let b = Plan::new(&params(1000)).unwrap();
+        assert_eq!(a.groups, b.groups);
+        for i in [0, 1, 777, 9999] {
+            assert_eq!(a.message(i), b.message(i));
+        }
+        let mut other = params(1000);
+        other.seed = 43;
+        let c = Plan::new(&other).unwrap();
+        assert_ne!(a.groups, c.groups);
+    }
+
+    #[test]
+    fn groups_cover_users_with_distinct_member_sets() {
+        let plan = Plan::new(&params(1000)).unwrap();
+        assert_eq!(plan.groups(), 50);
+        let mut sets: Vec<&[u32]> = (0..plan.groups())
+            .map(|g| plan.group_members_sorted(g))
+            .collect();
+        sets.sort();
+        sets.dedup();
+        assert_eq!(sets.len(), 50);
+        for g in 0..plan.groups() {
+            let m = plan.group_members(g);
+            assert!(m.len() >= 3 && m.len() <= 200);
+            assert_eq!(
+                plan.group_members_sorted(g)
+                    .windows(2)
+                    .filter(|w| w[0] == w[1])
+                    .count(),
+                0
+            );
+            for &u in m {
+                assert!(plan.user_conversations(u).contains(&plan.group_conv(g)));
+                assert!(plan.is_member(plan.group_conv(g), u));
+            }
+        }
+        assert!(plan.group_size_mean() > 8.0 && plan.group_size_mean() < 40.0);
+    }
+
+    #[test]
+    fn tiny_worlds_still_work() {
+        let two = Plan::new(&params(2)).unwrap();
+        assert_eq!((two.directs(), two.groups()), (1, 0));
+        for i in 0..100 {
+            let m = two.message(i);
+            assert_eq!(m.conv, 0);
+            assert!(two.is_member(0, m.sender));
+        }
+        let three = Plan::new(&params(3)).unwrap();
+        assert_eq!(three.groups(), 1);
+        assert_eq!(three.group_members(0).len(), 3);
+        assert_eq!(Plan::new(&params(1)).unwrap_err(), PlanError::TooFewUsers);
+    }
+
+    #[test]
+    fn schedule_is_open_loop_and_mixes_kinds() {
+        let plan = Plan::new(&params(1000)).unwrap();
+        assert_eq!(plan.total_messages(), 10_000);
+        assert_eq!(plan.intended_ns(0), 0);
+        assert_eq!(plan.intended_ns(1000), 1_000_000_000);
+        assert_eq!(plan.intended_ns(1), 1_000_000);
+        let mut to_groups = 0;
+        let mut senders = FxHashSet::default();
+        for i in 0..plan.total_messages() {
+            let m = plan.message(i);
+            assert!(plan.is_member(m.conv, m.sender), "{m:?}");
+            assert!(plan.user_conversations(m.sender).contains(&m.conv));
+            if plan.conv_group(m.conv).is_some() {
+                to_groups += 1;
+            }
+            senders.insert(m.sender);
+        }
+        let share = f64::from(to_groups) / plan.total_messages() as f64;
+        assert!((share - 0.2).abs() < 0.02, "group share {share}");
+        assert!(senders.len() > 950, "{} distinct senders", senders.len());
+    }
+
+    #[test]
+    fn names_round_trip_and_foreign_names_are_refused() {
+        let plan = Plan::new(&params(10)).unwrap();
+        assert_eq!(plan.user_name(7), "lg-abcd0123-7");
+        assert_eq!(plan.parse_user("lg-abcd0123-7"), Some(7));
+        for bad in [
+            "lg-abcd0123-10",
+            "lg-abcd0124-7",
+            "lg-abcd0123-07",
+            "alice",
+            "lg-abcd0123-",
+            "lg-x-1",
+        ] {
+            assert_eq!(plan.parse_user(bad), None, "{bad}");
+        }
+        assert_eq!(plan.direct_id(9), "d:lg-abcd0123-0:lg-abcd0123-9");
+        assert_eq!(plan.direct_pair(9), (9, 0));
+    }
+
+    #[test]
+    fn zero_rate_schedules_nothing() {
+        let mut p = params(100);
+        p.rate = 0.0;
+        assert_eq!(Plan::new(&p).unwrap().total_messages(), 0);
+    }
+}
