@@ -363,9 +363,6 @@ impl RouterCore {
             self.catch_up(&mut out, sync);
         }
 
-        self.metrics
-            .routes_online
-            .set(self.routes.values().map(|r| r.len() as i64).sum());
         out.into_batches()
     }
 
@@ -607,17 +604,24 @@ impl RouterCore {
                     live: false,
                 };
             }
-            None => routes.push(Route {
-                device: device.device,
-                session,
-                live: false,
-            }),
+            None => {
+                routes.push(Route {
+                    device: device.device,
+                    session,
+                    live: false,
+                });
+                self.metrics.routes_online.inc();
+            }
         }
     }
 
     fn detach(&mut self, session: SessionKey, device: &Device) {
         if let Some(routes) = self.routes.get_mut(&device.user) {
+            let before = routes.len();
             routes.retain(|r| !(r.device == device.device && r.session == session));
+            if routes.len() < before {
+                self.metrics.routes_online.dec();
+            }
             if routes.is_empty() {
                 self.routes.remove(&device.user);
             }

@@ -209,6 +209,8 @@ fn a_new_session_replaces_the_old_one_of_the_same_device() {
         "{}",
         h.metrics_text()
     );
+    h.step(vec![bob_new.detach(), bob_new.detach()]);
+    assert!(h.metrics_text().contains("courier_routes_online 1"));
 }
 
 #[test]
