@@ -1,0 +1,283 @@
+"""End to end: the real gateway binary, driven by the `websockets` package.
+
+Each test starts its own gateway on free loopback ports with a fresh data
+directory, and talks to it through examples/courier_client.py. Nothing here
+waits without a bound: every receive has a timeout and every test body runs
+under one overall deadline.
+
+    COURIER_GATEWAY_BIN=target/release/gateway python3 -m pytest tests/python
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+import courier_client as cc  # noqa: E402
+
+GATEWAY = Path(os.environ.get("COURIER_GATEWAY_BIN", ROOT / "target/release/gateway"))
+TEST_DEADLINE_S = 60
+STEP_S = 10
+
+
+def run(coro):
+    """Runs one test body under the overall deadline."""
+    return asyncio.run(asyncio.wait_for(coro, TEST_DEADLINE_S))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """A gateway process on its own ports and data directory."""
+
+    def __init__(self, data_dir: Path):
+        if not GATEWAY.exists():
+            pytest.fail(f"no gateway binary at {GATEWAY}: cargo build --release -p courier-gateway")
+        self.data_dir = data_dir
+        self.proc = None
+        self.log = open(data_dir.parent / "gateway.log", "ab")
+
+    def start(self):
+        self.port, metrics_port = free_port(), free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.proc = subprocess.Popen(
+            [str(GATEWAY), "--listen", f"127.0.0.1:{self.port}",
+             "--metrics-listen", f"127.0.0.1:{metrics_port}",
+             "--cores", "1", "--data-dir", str(self.data_dir)],
+            stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + STEP_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"gateway exited with {self.proc.returncode} at start; see {self.log.name}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("gateway did not accept connections within 10 s")
+
+    def token(self, user, device=1):
+        return cc.mint_token(user, device, str(GATEWAY), str(self.data_dir))
+
+    async def client(self, user, device=1) -> cc.Client:
+        c = await cc.Client.connect(self.token(user, device), self.url, timeout=STEP_S)
+        assert (c.welcome.user, c.welcome.device) == (user, device)
+        return c
+
+    async def live(self, user, device=1) -> cc.Client:
+        """A session that has caught up (nothing to catch up) and is live."""
+        c = await self.client(user, device)
+        assert await c.sync(timeout=STEP_S) == []
+        return c
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STEP_S)
+        self.log.close()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    gw = Gateway(tmp_path / "data")
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+async def closed_with(client: cc.Client) -> int:
+    """Reads until the server closes the session; returns its close code."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        for _ in range(100):
+            await client.recv(timeout=STEP_S)
+    assert closed.value.rcvd is not None, "the connection ended without a close frame"
+    return closed.value.rcvd.code
+
+
+def test_codec_matches_the_worked_example_in_docs():
+    """The bytes of docs/protocol.md's worked example, both directions."""
+    send = cc.Send("d:alice:bob", 7, b"hi")
+    wire = bytes.fromhex("010b00643a616c6963653a626f620700000000000000020000006869")
+    assert cc.encode(send) == wire
+    assert cc.decode(wire, cc.CLIENT_FRAMES) == send
+    sent = bytes.fromhex("4107000000000000000b00643a616c6963653a626f62"
+                         "0100000000000000" "00000000aab6dd66" "00a8da769b010000")
+    assert cc.decode(sent) == cc.Sent(7, "d:alice:bob", 1, 0x66DDB6AA00000000, 1_767_225_600_000)
+    for bad in (b"", b"\x7f", b"\x48\x01", cc.encode(cc.Pong(1)) + b"\x00"):
+        with pytest.raises(cc.FrameError):
+            cc.decode(bad)
+
+
+def test_direct_message_and_receipt(gateway):
+    async def body():
+        alice, bob = await gateway.live("alice"), await gateway.live("bob")
+        conv = cc.direct_conversation("alice", "bob")
+        before_ms = time.time() * 1000
+
+        sent = await alice.send(conv, b"hello bob", client_id=41)
+        assert (sent.client_id, sent.conversation, sent.seq) == (41, "d:alice:bob", 1)
+        assert sent.server_id > 0
+        assert before_ms - 5000 <= sent.timestamp_ms <= time.time() * 1000 + 5000
+
+        msg = await bob.recv(timeout=STEP_S)
+        assert isinstance(msg, cc.Message), msg
+        assert (msg.conversation, msg.seq, msg.server_id, msg.timestamp_ms) == \
+            (conv, 1, sent.server_id, sent.timestamp_ms)
+        assert (msg.kind, msg.sender, msg.sender_device, msg.client_id, msg.body) == \
+            (cc.KIND_MESSAGE, "alice", 1, 41, b"hello bob")
+
+        await bob.put(cc.Delivered(conv, 1))
+        receipt = await alice.recv(timeout=STEP_S)
+        assert receipt == cc.Receipt(conv, 1, "bob", 1, cc.RECEIPT_DELIVERED)
+        await bob.put(cc.Read(conv, 1))
+        receipt = await alice.recv(timeout=STEP_S)
+        assert receipt == cc.Receipt(conv, 1, "bob", 1, cc.RECEIPT_READ)
+
+        # A retry of the same client id gets the original answer back.
+        assert await alice.send(conv, b"hello bob", client_id=41) == sent
+        await alice.close()
+        await bob.close()
+    run(body())
+
+
+def test_group_create_and_message(gateway):
+    async def body():
+        alice, bob, carol = [await gateway.live(u) for u in ("alice", "bob", "carol")]
+
+        created = await alice.create_group(["bob", "carol"])
+        assert created.conversation.startswith("g:") and created.seq == 1
+        group = created.conversation
+        for member in (bob, carol):
+            entry = await member.recv(timeout=STEP_S)
+            assert isinstance(entry, cc.Message), entry
+            assert (entry.conversation, entry.seq, entry.kind, entry.sender) == \
+                (group, 1, cc.KIND_MEMBERS_ADDED, "alice")
+            assert sorted(cc.decode_members(entry.body)) == ["alice", "bob", "carol"]
+
+        sent = await bob.send(group, b"hi all")
+        assert (sent.conversation, sent.seq) == (group, 2)
+        for member in (alice, carol):
+            msg = await member.recv(timeout=STEP_S)
+            assert isinstance(msg, cc.Message), msg
+            assert (msg.conversation, msg.seq, msg.server_id, msg.sender, msg.body) == \
+                (group, 2, sent.server_id, "bob", b"hi all")
+
+        members = await alice.request(lambda r: cc.GroupMembers(r, group))
+        assert sorted(members.members) == ["alice", "bob", "carol"]
+        for c in (alice, bob, carol):
+            await c.close()
+    run(body())
+
+
+def test_catch_up_after_reconnect(gateway):
+    async def body():
+        alice, bob = await gateway.live("alice"), await gateway.live("bob")
+        conv = cc.direct_conversation("alice", "bob")
+        await alice.send(conv, b"before")
+        first = await bob.recv(timeout=STEP_S)
+        assert first.seq == 1
+        await bob.close()
+
+        sent = [await alice.send(conv, f"missed {i}".encode()) for i in range(3)]
+        assert [s.seq for s in sent] == [2, 3, 4]
+
+        bob = await gateway.client("bob")
+        await bob.put(cc.Sync([cc.Cursor(conv, first.seq)]))
+        got = [await bob.recv(timeout=STEP_S) for _ in range(4)]
+        assert [type(f) for f in got] == [cc.Message] * 3 + [cc.SyncDone], got
+        assert [(m.seq, m.server_id, m.body) for m in got[:3]] == \
+            [(s.seq, s.server_id, f"missed {i}".encode()) for i, s in enumerate(sent)]
+        assert got[3].more is False
+
+        # Now live: the next message is pushed.
+        await alice.send(conv, b"live again")
+        live = await bob.recv(timeout=STEP_S)
+        assert (live.seq, live.body) == (5, b"live again")
+        await alice.close()
+        await bob.close()
+    run(body())
+
+
+def test_bad_token_is_refused_with_401(gateway, tmp_path):
+    async def body():
+        other_node = cc.mint_token("alice", 1, str(GATEWAY), str(tmp_path / "elsewhere"))
+        for token in ("not-a-jwt", other_node):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await cc.Client.connect(token, gateway.url, timeout=STEP_S)
+            assert refused.value.response.status_code == 401
+        # No token at all is refused the same way.
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await ws_connect(gateway.url, subprotocols=[cc.SUBPROTOCOL], open_timeout=STEP_S)
+        assert refused.value.response.status_code == 401
+        # A good token without the subprotocol is a bad request.
+        headers = {"Authorization": f"Bearer {gateway.token('alice')}"}
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await ws_connect(gateway.url, additional_headers=headers, open_timeout=STEP_S)
+        assert refused.value.response.status_code == 400
+    run(body())
+
+
+def test_malformed_frame_gets_error_400_then_close_4400(gateway):
+    async def body():
+        malformed = [
+            bytes([0x7F]),                    # unknown frame type
+            bytes([0x09, 1, 2, 3]),           # Ping with a truncated nonce
+            cc.encode(cc.Ping(1)) + b"\x00",  # a byte after the last field
+        ]
+        for payload in malformed:
+            c = await gateway.client("alice")
+            await c.ws.send(payload)
+            err = await c.recv(timeout=STEP_S)
+            assert isinstance(err, cc.Error), err
+            assert (err.code, err.reference) == (400, 0)
+            assert await closed_with(c) == 4400
+        # A text frame is not protocol v1 at all.
+        c = await gateway.client("alice")
+        await c.ws.send("hello")
+        assert await closed_with(c) == 1003
+    run(body())
+
+
+def test_sigterm_closes_with_1001_and_restart_keeps_messages(gateway):
+    async def body():
+        alice, bob = await gateway.live("alice"), await gateway.live("bob")
+        conv = cc.direct_conversation("alice", "bob")
+        sent = [await alice.send(conv, f"kept {i}".encode(), client_id=100 + i) for i in range(2)]
+        for s in sent:
+            assert (await bob.recv(timeout=STEP_S)).server_id == s.server_id
+
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert await closed_with(alice) == 1001
+        assert await closed_with(bob) == 1001
+        assert await asyncio.to_thread(gateway.proc.wait, STEP_S) == 0
+
+        gateway.start()
+        bob = await gateway.client("bob")
+        await bob.put(cc.Sync([cc.Cursor(conv, 0)]))
+        got = [await bob.recv(timeout=STEP_S) for _ in range(3)]
+        assert [(m.seq, m.server_id, m.body) for m in got[:2]] == \
+            [(s.seq, s.server_id, f"kept {i}".encode()) for i, s in enumerate(sent)]
+        assert got[2] == cc.SyncDone(False)
+
+        # Dedupe survived the restart: a retry gets the original Sent.
+        alice = await gateway.client("alice")
+        assert await alice.send(conv, b"kept 0", client_id=100) == sent[0]
+        # And the sequence continues where it stopped.
+        assert (await alice.send(conv, b"after restart")).seq == 3
+        await alice.close()
+        await bob.close()
+    run(body())
