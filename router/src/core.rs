@@ -169,8 +169,19 @@ struct Fanout {
 /// An answer held until the batch's commit is known.
 #[derive(Debug)]
 enum Pending {
-    /// Goes out whatever the commit does (validation errors, closes, reads).
-    Now(Delivery),
+    /// Goes out whatever the commit does (closes, pongs).
+    Always(Delivery),
+    /// An answer decided against the batch's view of the store (an error,
+    /// a member list, a `Done` that changed nothing). If the commit fails
+    /// that view was wrong, and the answer becomes `StoreUnavailable` for
+    /// `reference`.
+    Answer {
+        session: SessionKey,
+        frame: ServerFrame,
+        reference: u64,
+        /// The request was a send (its errors are counted by code).
+        send: bool,
+    },
     /// A send's `Sent` (new or a retry); `StoreUnavailable` if not durable.
     Sent {
         session: SessionKey,
@@ -496,11 +507,12 @@ impl RouterCore {
                                 fanout,
                             });
                         }
-                        Err(reject) => {
-                            self.count_send_error(reject.code);
-                            let frame = error_frame(reject.code, client_id, reject.detail);
-                            b.pending.push(Pending::Now(reply(session, &frame)));
-                        }
+                        Err(reject) => b.pending.push(Pending::Answer {
+                            session,
+                            frame: error_frame(reject.code, client_id, reject.detail),
+                            reference: client_id,
+                            send: true,
+                        }),
                     }
                 }
                 ClientFrame::Delivered { conversation, seq } => {
@@ -573,11 +585,18 @@ impl RouterCore {
                         },
                         Err(r) => error_frame(r.code, u64::from(request), r.detail),
                     };
-                    b.pending.push(Pending::Now(reply(session, &frame)));
+                    b.pending.push(Pending::Answer {
+                        session,
+                        frame,
+                        reference: u64::from(request),
+                        send: false,
+                    });
                 }
                 ClientFrame::Ping { nonce } => {
-                    b.pending
-                        .push(Pending::Now(reply(session, &ServerFrame::Pong { nonce })));
+                    b.pending.push(Pending::Always(reply(
+                        session,
+                        &ServerFrame::Pong { nonce },
+                    )));
                 }
                 ClientFrame::Refresh { .. } => {
                     // Tokens are the gateway's business; a refresh that
@@ -593,7 +612,7 @@ impl RouterCore {
         match routes.iter_mut().find(|r| r.device == device.device) {
             Some(route) if route.session == session => {}
             Some(route) => {
-                b.pending.push(Pending::Now(Delivery::Close {
+                b.pending.push(Pending::Always(Delivery::Close {
                     session: route.session,
                     code: courier_protocol::close::REPLACED,
                     reason: "replaced by a newer session",
@@ -876,10 +895,12 @@ impl RouterCore {
             Ok(CursorMove::Moved { forward }) => {
                 b.pending.push(Pending::Receipt { session, forward })
             }
-            Err(r) => b.pending.push(Pending::Now(reply(
+            Err(r) => b.pending.push(Pending::Answer {
                 session,
-                &error_frame(r.code, 0, r.detail),
-            ))),
+                frame: error_frame(r.code, 0, r.detail),
+                reference: 0,
+                send: false,
+            }),
         }
     }
 
@@ -986,13 +1007,18 @@ impl RouterCore {
                 request,
                 fanout,
             }),
-            Ok(GroupChange::Nothing) => b
-                .pending
-                .push(Pending::Now(reply(session, &ServerFrame::Done { request }))),
-            Err(r) => b.pending.push(Pending::Now(reply(
+            Ok(GroupChange::Nothing) => b.pending.push(Pending::Answer {
                 session,
-                &error_frame(r.code, u64::from(request), r.detail),
-            ))),
+                frame: ServerFrame::Done { request },
+                reference: u64::from(request),
+                send: false,
+            }),
+            Err(r) => b.pending.push(Pending::Answer {
+                session,
+                frame: error_frame(r.code, u64::from(request), r.detail),
+                reference: u64::from(request),
+                send: false,
+            }),
         }
     }
 
@@ -1391,7 +1417,31 @@ impl RouterCore {
 
     fn answer(&self, out: &mut Outbox, pending: Pending, committed: bool) {
         match pending {
-            Pending::Now(delivery) => out.push(delivery),
+            Pending::Always(delivery) => out.push(delivery),
+            Pending::Answer {
+                session,
+                frame,
+                reference,
+                send,
+            } => {
+                if committed {
+                    if let (true, ServerFrame::Error { code, .. }) = (send, &frame) {
+                        if let Some(code) = ErrorCode::from_u16(*code) {
+                            self.count_send_error(code);
+                        }
+                    }
+                    out.reply(session, &frame);
+                } else {
+                    if send {
+                        self.count_send_error(ErrorCode::StoreUnavailable);
+                    }
+                    let detail = "not handled: the store is unavailable; retry".to_owned();
+                    out.reply(
+                        session,
+                        &error_frame(ErrorCode::StoreUnavailable, reference, detail),
+                    );
+                }
+            }
             Pending::Sent {
                 session,
                 sent,

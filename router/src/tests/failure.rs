@@ -34,13 +34,27 @@ fn a_failed_commit_refuses_the_batch_and_leaves_no_gap() {
             request: 8,
             members: vec!["alice".into()],
         }),
+        // Answers decided against the batch's uncommitted view say 503 too.
+        alice.send("g:00000000000000aa", 9, b"x"),
+        bob.frame(ClientFrame::GroupMembers {
+            request: 10,
+            conversation: "d:alice:bob".into(),
+        }),
     ]);
     let unavailable = ErrorCode::StoreUnavailable as u16;
     assert_eq!(
         out.errors(&alice),
-        vec![(unavailable, 2), (unavailable, 3), (unavailable, 1)]
+        vec![
+            (unavailable, 2),
+            (unavailable, 3),
+            (unavailable, 1),
+            (unavailable, 9)
+        ]
     );
-    assert_eq!(out.errors(&bob), vec![(unavailable, 0), (unavailable, 8)]);
+    assert_eq!(
+        out.errors(&bob),
+        vec![(unavailable, 0), (unavailable, 8), (unavailable, 10)]
+    );
     assert!(
         out.messages(&bob).is_empty(),
         "nothing unacked is delivered"
@@ -52,7 +66,7 @@ fn a_failed_commit_refuses_the_batch_and_leaves_no_gap() {
         "{text}"
     );
     assert!(
-        text.contains("courier_send_errors_total{code=\"store_unavailable\"} 3"),
+        text.contains("courier_send_errors_total{code=\"store_unavailable\"} 4"),
         "{text}"
     );
 
