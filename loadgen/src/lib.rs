@@ -30,17 +30,27 @@
 //! addresses, scenario files, receipts and typing beyond the `Delivered`
 //! acknowledgement. It only targets loopback addresses.
 //!
+//! Use [`run`] with a [`Config`] to drive a run from code; the `loadgen`
+//! binary is a thin wrapper around it.
 
 #![forbid(unsafe_code)]
 
 pub mod body;
 pub mod check;
 pub mod config;
+mod conn;
+pub mod control;
 pub mod handshake;
 pub mod latency;
+mod pacer;
 pub mod plan;
 pub mod rangeset;
+pub mod report;
 pub mod rng;
+mod run;
 pub mod stats;
+mod worker;
 
 pub use config::{Args, Config, ConfigError};
+pub use report::Report;
+pub use run::{run, RunError};

@@ -1,0 +1,347 @@
+//! The run's result: a JSON report and a readable summary.
+//!
+//! Every field is documented in `docs/loadgen.md`; change both together.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::check::{Findings, LostExample};
+use crate::config::ConfigEcho;
+use crate::control::Outcome;
+use crate::latency::Summary;
+use crate::plan::Plan;
+
+/// What a run found. Serialized as the `--report` JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// loadgen's version.
+    pub loadgen_version: &'static str,
+    /// The run id (hex), part of every user name.
+    pub run_id: String,
+    /// The I/O driver the workers ran on: `io_uring`, `legacy` or `mixed`.
+    pub driver: String,
+    /// The configuration of the run.
+    pub config: ConfigEcho,
+    /// The world the plan drew.
+    pub plan: PlanSummary,
+    /// Most connections up (upgraded and caught up) at once.
+    pub connections: u64,
+    /// Connections up when traffic ended.
+    pub connections_at_end: u64,
+    /// Successful upgrades, reconnects included.
+    pub connects: u64,
+    /// Upgrades after a connection's first.
+    pub reconnects: u64,
+    /// Sessions that ended before the run did.
+    pub disconnects: u64,
+    /// Distinct messages sent.
+    pub sent: u64,
+    /// Transmissions after the first (reconnect or retryable error).
+    pub resent: u64,
+    /// Distinct messages acknowledged with SENT.
+    pub acked: u64,
+    /// Messages sent but never acked (includes `unknown_outcome` and
+    /// `send_failed`).
+    pub unacked: u64,
+    /// Messages refused with a non-retryable error.
+    pub send_failed: u64,
+    /// Scheduled messages not sent because their group's id was unknown.
+    pub skipped: u64,
+    /// Deliveries the acked messages owe (one per member device but the
+    /// sender's).
+    pub expected_deliveries: u64,
+    /// First arrivals of messages at recipient devices.
+    pub delivered: u64,
+    /// Owed deliveries missing at the end.
+    pub lost: u64,
+    /// Arrivals of something the device already had.
+    pub duplicates: u64,
+    /// First arrivals below a sequence already received.
+    pub reordered: u64,
+    /// Catch-up resends above the requested cursor (expected).
+    pub redelivered: u64,
+    /// Messages some device holds whose SENT never arrived.
+    pub unknown_outcome: u64,
+    /// Deliveries that were never sent as such (wrong body, sender,
+    /// conversation or recipient).
+    pub invalid: u64,
+    /// The sender's own device received its message.
+    pub own_echoes: u64,
+    /// Messages acked at two different sequences (a retry stored twice).
+    pub dedupe_mismatches: u64,
+    /// Repeated SENTs for the same message and sequence.
+    pub repeated_acks: u64,
+    /// Membership entries received (group creations).
+    pub membership_entries: u64,
+    /// Groups created.
+    pub groups_created: u64,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Latency percentiles in milliseconds.
+    pub latency_ms: LatencyReport,
+    /// Average rates over the traffic phase, per second.
+    pub rates: Rates,
+    /// How long each phase took, in seconds.
+    pub timing: Timing,
+    /// Up to ten lost deliveries by name.
+    pub lost_examples: Vec<LostExample>,
+    /// True when nothing was lost, reordered or invalid and something was acked.
+    pub passed: bool,
+    /// Why the run failed, one line per reason.
+    pub failures: Vec<String>,
+}
+
+/// The drawn world.
+#[derive(Clone, Debug, Serialize)]
+#[allow(missing_docs)]
+pub struct PlanSummary {
+    pub users: u32,
+    pub direct_conversations: u32,
+    pub groups: u32,
+    pub group_size_mean: f64,
+    pub group_size_max: u32,
+    pub group_size_exponent: f64,
+    pub messages_scheduled: u64,
+}
+
+/// The three latency histograms.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyReport {
+    /// Intended send to SENT.
+    pub sent_ack: Summary,
+    /// Intended send to a recipient's receipt.
+    pub end_to_end: Summary,
+    /// Intended send to actual send (loadgen's own lag).
+    pub schedule_lag: Summary,
+}
+
+/// Average rates over the traffic phase.
+#[derive(Clone, Debug, Serialize)]
+#[allow(missing_docs)]
+pub struct Rates {
+    pub sent_per_s: f64,
+    pub acked_per_s: f64,
+    pub delivered_per_s: f64,
+}
+
+/// Phase durations in seconds.
+#[derive(Clone, Debug, Serialize)]
+#[allow(missing_docs)]
+pub struct Timing {
+    pub setup_s: f64,
+    pub traffic_s: f64,
+    pub drain_s: f64,
+}
+
+/// What the coordinator measured itself, beside the workers' outcome.
+#[derive(Clone, Debug)]
+pub(crate) struct Observed {
+    pub connections_peak: u64,
+    pub connections_at_end: u64,
+    pub timing: Timing,
+}
+
+impl Report {
+    pub(crate) fn build(
+        config: ConfigEcho,
+        plan: &Plan,
+        outcome: &Outcome,
+        findings: &Findings,
+        seen: Observed,
+    ) -> Self {
+        let c = &outcome.counters;
+        let traffic = seen.timing.traffic_s.max(1e-9);
+        let mut report = Self {
+            loadgen_version: env!("CARGO_PKG_VERSION"),
+            run_id: config.run_id.clone(),
+            driver: outcome.driver.to_owned(),
+            config,
+            plan: PlanSummary {
+                users: plan.users(),
+                direct_conversations: plan.directs(),
+                groups: plan.groups(),
+                group_size_mean: plan.group_size_mean(),
+                group_size_max: plan.group_size_max(),
+                group_size_exponent: plan.size_exponent(),
+                messages_scheduled: plan.total_messages(),
+            },
+            connections: seen.connections_peak,
+            connections_at_end: seen.connections_at_end,
+            connects: c.connects,
+            reconnects: c.reconnects,
+            disconnects: c.disconnects,
+            sent: c.sent,
+            resent: c.resent,
+            acked: findings.acked,
+            unacked: c.sent.saturating_sub(findings.acked),
+            send_failed: c.send_failed,
+            skipped: c.skipped,
+            expected_deliveries: findings.expected,
+            delivered: c.delivered,
+            lost: findings.lost,
+            duplicates: c.duplicates,
+            reordered: c.reordered,
+            redelivered: c.redelivered,
+            unknown_outcome: findings.unknown_outcome,
+            invalid: c.invalid,
+            own_echoes: c.own_echoes,
+            dedupe_mismatches: findings.dedupe_mismatches,
+            repeated_acks: findings.repeated_acks.max(c.repeated_acks),
+            membership_entries: c.membership_entries,
+            groups_created: c.groups_created,
+            errors: outcome.errors.0.clone(),
+            latency_ms: LatencyReport {
+                sent_ack: Summary::of(&outcome.latencies.sent_ack),
+                end_to_end: Summary::of(&outcome.latencies.end_to_end),
+                schedule_lag: Summary::of(&outcome.latencies.schedule_lag),
+            },
+            rates: Rates {
+                sent_per_s: c.sent as f64 / traffic,
+                acked_per_s: findings.acked as f64 / traffic,
+                delivered_per_s: c.delivered as f64 / traffic,
+            },
+            timing: seen.timing,
+            lost_examples: findings.lost_examples.clone(),
+            passed: false,
+            failures: Vec::new(),
+        };
+        report.failures = report.judge();
+        report.passed = report.failures.is_empty();
+        report
+    }
+
+    /// The reasons the run failed (empty: it passed).
+    fn judge(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.lost > 0 {
+            let eg = self.lost_examples.first().map_or(String::new(), |e| {
+                format!(
+                    " (e.g. seq {} of {} missing at {})",
+                    e.seq, e.conversation, e.recipient
+                )
+            });
+            why.push(format!("{} acked deliveries lost{eg}", self.lost));
+        }
+        if self.reordered > 0 {
+            why.push(format!(
+                "{} entries arrived out of sequence order",
+                self.reordered
+            ));
+        }
+        if self.invalid > 0 {
+            let kinds: Vec<String> = self
+                .errors
+                .iter()
+                .filter(|(k, _)| k.starts_with("invalid.") || k.starts_with("sent."))
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            why.push(format!(
+                "{} deliveries or SENTs that were never sent ({})",
+                self.invalid,
+                kinds.join(", ")
+            ));
+        }
+        if self.plan.messages_scheduled > 0 && self.acked == 0 {
+            why.push("no message was acked".to_owned());
+        }
+        why
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        // Plain data with string keys: serialization cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// A readable summary for the terminal.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let cfg = &self.config;
+        let _ = writeln!(
+            s,
+            "loadgen run {}: {} connections to {}, {} msg/s for {:.0}s ({}, {} thread{})",
+            self.run_id,
+            cfg.connections,
+            cfg.url,
+            cfg.rate,
+            cfg.duration_s,
+            self.driver,
+            cfg.threads,
+            if cfg.threads == 1 { "" } else { "s" }
+        );
+        let p = &self.plan;
+        let _ = writeln!(
+            s,
+            "  plan         {} direct conversations, {} groups (sizes {}..{}, mean {:.1}, max {}), {} messages",
+            p.direct_conversations, p.groups, cfg.group_min, cfg.group_max, p.group_size_mean, p.group_size_max,
+            p.messages_scheduled
+        );
+        let _ = writeln!(
+            s,
+            "  connections  {} up at peak, {} at end; {} upgrades, {} reconnects, {} disconnects",
+            self.connections,
+            self.connections_at_end,
+            self.connects,
+            self.reconnects,
+            self.disconnects
+        );
+        let _ = writeln!(
+            s,
+            "  messages     sent {}, acked {}, unacked {} (unknown outcome {}, refused {}), resent {}, skipped {}",
+            self.sent, self.acked, self.unacked, self.unknown_outcome, self.send_failed, self.resent, self.skipped
+        );
+        let _ = writeln!(
+            s,
+            "  deliveries   expected {}, delivered {}, lost {}, duplicates {}, reordered {}, invalid {}, redelivered {}",
+            self.expected_deliveries, self.delivered, self.lost, self.duplicates, self.reordered, self.invalid,
+            self.redelivered
+        );
+        let _ = writeln!(
+            s,
+            "  rates        sent {:.0}/s, acked {:.0}/s, delivered {:.0}/s",
+            self.rates.sent_per_s, self.rates.acked_per_s, self.rates.delivered_per_s
+        );
+        let _ = writeln!(
+            s,
+            "  latency (ms)      p50      p90      p99    p99.9      max    count"
+        );
+        for (name, l) in [
+            ("SENT ack", &self.latency_ms.sent_ack),
+            ("end to end", &self.latency_ms.end_to_end),
+            ("schedule lag", &self.latency_ms.schedule_lag),
+        ] {
+            let _ = writeln!(
+                s,
+                "    {name:<12} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8}",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.count
+            );
+        }
+        if self.errors.is_empty() {
+            let _ = writeln!(s, "  errors       none");
+        } else {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "  errors       {}", list.join(", "));
+        }
+        for e in &self.lost_examples {
+            let _ = writeln!(
+                s,
+                "  lost         seq {} of {} (message {}) at {}",
+                e.seq, e.conversation, e.msg, e.recipient
+            );
+        }
+        if self.passed {
+            let _ = writeln!(s, "  result       PASS");
+        } else {
+            for f in &self.failures {
+                let _ = writeln!(s, "  result       FAIL: {f}");
+            }
+        }
+        s
+    }
+}

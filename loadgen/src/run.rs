@@ -1,0 +1,436 @@
+//! The coordinator: starts the workers, moves the run through its phases,
+//! prints progress, merges the outcomes and audits them.
+
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use courier_protocol::token::Secret;
+
+use crate::check::audit;
+use crate::config::Config;
+use crate::control::{Control, Outcome, Phase, WorkerEvent};
+use crate::latency::{Latencies, Summary};
+use crate::plan::{Plan, PlanError};
+use crate::report::{Observed, Report, Timing};
+use crate::rng::mix;
+use crate::stats::{Counters, Errors};
+use crate::worker::{run_worker, WorkerSetup};
+
+/// Why a run could not produce a report.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The node's signing secret could not be read.
+    #[error("cannot read the node's token secret {path}: {source} (start the gateway once so it creates it, or pass --data-dir)")]
+    Secret {
+        /// The file tried.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The plan's parameters are inconsistent.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Every connection attempt was refused.
+    #[error("nothing is listening on {0} (connection refused); start the gateway first")]
+    NoServer(String),
+    /// The gateway refuses the tokens loadgen signs.
+    #[error("the gateway at {0} refuses loadgen's tokens (HTTP 401); is --data-dir the node's data directory?")]
+    Unauthorized(String),
+    /// No connection came up in time.
+    #[error("no connection came up within the setup timeout (errors: {0})")]
+    NoConnections(String),
+    /// A worker failed or stopped reporting.
+    #[error("worker {worker}: {error}")]
+    Worker {
+        /// Its index.
+        worker: usize,
+        /// What happened.
+        error: String,
+    },
+    /// A worker thread could not be started.
+    #[error("could not start a worker thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// How long the coordinator waits, at most, for the groups to be known
+/// everywhere once their creation was asked for.
+const GROUPS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Gap between fixing the traffic start and the start itself, so every
+/// worker sees it before its first message is due.
+const START_LEAD: Duration = Duration::from_millis(50);
+/// How long workers get to hand over their outcome after `Finish`.
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// A run whose connections were all refused for this long stops early.
+const FAST_FAIL: Duration = Duration::from_secs(3);
+
+/// Runs loadgen with `config` and returns its report. Blocks the calling
+/// thread for the whole run (connect, groups, traffic, drain); the work
+/// happens on `config.threads` worker threads of their own.
+pub fn run(config: Config) -> Result<Report, RunError> {
+    let run_id = config.run_id.unwrap_or_else(random_run_id);
+    let secret = match config.secret.clone() {
+        Some(s) => s,
+        None => read_secret(&config)?,
+    };
+    let plan = Arc::new(Plan::new(&config.plan_params(run_id))?);
+    let config = Arc::new(config);
+    let control = Arc::new(Control::default());
+    let (tx, rx) = mpsc::channel();
+    let workers = config.threads.min(config.connections as usize).max(1);
+    let mut handles = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let setup = WorkerSetup {
+            index: index as u32,
+            count: workers as u32,
+            plan: plan.clone(),
+            config: config.clone(),
+            secret: secret.clone(),
+            control: control.clone(),
+            events: tx.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("loadgen-w{index}"))
+            .spawn(move || run_worker(setup))
+            .map_err(RunError::Spawn);
+        match handle {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                control.advance(Phase::Finish);
+                return Err(e);
+            }
+        }
+    }
+    drop(tx);
+    let mut co = Coordinator::new(rx, workers, &config);
+    if config.progress {
+        eprintln!(
+            "loadgen: run {run_id:08x}: {} users, {} direct conversations, {} groups (sizes {}..{}, mean {:.1}, exponent {:.2}), {} messages at {}/s",
+            plan.users(),
+            plan.directs(),
+            plan.groups(),
+            config.group_min,
+            config.group_max,
+            plan.group_size_mean(),
+            plan.size_exponent(),
+            plan.total_messages(),
+            config.rate,
+        );
+    }
+    let result = co.drive(&config, &plan, &control);
+    // Whatever happened, the workers stop now.
+    control.advance(Phase::Finish);
+    let result = result.and_then(|seen| co.collect().map(|outcome| (seen, outcome)));
+    co.end_line();
+    for h in handles {
+        // A worker that panicked has already failed the run through its
+        // missing outcome.
+        let _ = h.join();
+    }
+    let (seen, outcome) = result?;
+    let findings = audit(&plan, &outcome.tally);
+    Ok(Report::build(
+        config.echo(run_id),
+        &plan,
+        &outcome,
+        &findings,
+        seen,
+    ))
+}
+
+fn read_secret(config: &Config) -> Result<Secret, RunError> {
+    let path = config.data_dir.join("jwt.secret");
+    std::fs::read(&path)
+        .map(Secret::new)
+        .map_err(|source| RunError::Secret { path, source })
+}
+
+fn random_run_id() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    mix(nanos, u64::from(std::process::id())) as u32
+}
+
+/// The coordinator's view of the workers.
+struct Coordinator {
+    rx: Receiver<WorkerEvent>,
+    /// Latest counters and errors per worker.
+    counters: Vec<Counters>,
+    errors: Vec<Errors>,
+    outcomes: Vec<Option<Outcome>>,
+    /// Every latency sample reported so far (for the progress line).
+    so_far: Latencies,
+    target: u64,
+    peak: u64,
+    started: Instant,
+    phase: &'static str,
+    progress: bool,
+    tty: bool,
+    last_print: Instant,
+    last: Counters,
+    printed: bool,
+}
+
+impl Coordinator {
+    fn new(rx: Receiver<WorkerEvent>, workers: usize, config: &Config) -> Self {
+        let now = Instant::now();
+        Self {
+            rx,
+            counters: vec![Counters::default(); workers],
+            errors: vec![Errors::default(); workers],
+            outcomes: (0..workers).map(|_| None).collect(),
+            so_far: Latencies::new(),
+            target: u64::from(config.connections),
+            peak: 0,
+            started: now,
+            phase: "connect",
+            progress: config.progress,
+            tty: std::io::stderr().is_terminal(),
+            last_print: now,
+            last: Counters::default(),
+            printed: false,
+        }
+    }
+
+    /// Connect, groups, traffic, drain. Returns what the coordinator saw.
+    fn drive(
+        &mut self,
+        config: &Config,
+        plan: &Plan,
+        control: &Control,
+    ) -> Result<Observed, RunError> {
+        // Connect: every connection up and caught up, or the setup timeout.
+        let ramp = Duration::from_secs_f64(f64::from(config.connections) / config.ramp);
+        let setup_deadline = self.started + ramp + config.setup_timeout;
+        loop {
+            self.pump(Instant::now() + Duration::from_millis(100))?;
+            let (c, e) = self.totals();
+            if c.connections_up >= self.target || Instant::now() >= setup_deadline {
+                break;
+            }
+            if c.connects == 0 && self.started.elapsed() >= FAST_FAIL {
+                if e.0.contains_key("connect.refused") {
+                    return Err(RunError::NoServer(config.target.url.clone()));
+                }
+                if e.0.contains_key("handshake.status_401") {
+                    return Err(RunError::Unauthorized(config.target.url.clone()));
+                }
+            }
+        }
+        let (c, e) = self.totals();
+        if c.connections_up == 0 {
+            let list: Vec<String> = e.0.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            return Err(RunError::NoConnections(if list.is_empty() {
+                "none".into()
+            } else {
+                list.join(", ")
+            }));
+        }
+        if c.connections_up < self.target {
+            self.note(&format!(
+                "continuing with {} of {} connections up",
+                c.connections_up, self.target
+            ));
+        }
+
+        // Groups: creators ask, members learn the ids from the creation entry.
+        self.phase = "groups";
+        control.advance(Phase::Groups);
+        let groups_deadline = Instant::now() + GROUPS_TIMEOUT;
+        while plan.groups() > 0 && Instant::now() < groups_deadline {
+            self.pump(Instant::now() + Duration::from_millis(50))?;
+            if self.totals().0.groups_missing == 0 {
+                break;
+            }
+        }
+        let missing = self.totals().0.groups_missing;
+        if missing > 0 {
+            self.note(&format!(
+                "{missing} group ids still unknown to some worker; their messages are skipped"
+            ));
+        }
+
+        // Traffic: the open-loop schedule from t0.
+        let t0 = Instant::now() + START_LEAD;
+        let setup_s = (t0 - self.started).as_secs_f64();
+        self.phase = "traffic";
+        control.start_traffic(t0);
+        let traffic_end = t0 + config.duration;
+        self.pump(traffic_end)?;
+
+        // Drain: wait for SENTs and deliveries still in flight.
+        self.phase = "drain";
+        let drain_deadline = Instant::now() + config.drain;
+        loop {
+            let (c, _) = self.totals();
+            let workers = self.counters.len() as u64;
+            let settled = c.shards_done_sending == workers
+                && c.pending == 0
+                && c.delivered >= c.expected
+                && c.connections_up >= self.target;
+            if settled || Instant::now() >= drain_deadline {
+                break;
+            }
+            self.pump(Instant::now() + Duration::from_millis(50))?;
+        }
+        let drain_s = traffic_end.elapsed().as_secs_f64();
+        let connections_at_end = self.totals().0.connections_up;
+        self.phase = "finish";
+        Ok(Observed {
+            connections_peak: self.peak,
+            connections_at_end,
+            timing: Timing {
+                setup_s,
+                traffic_s: config.duration.as_secs_f64(),
+                drain_s,
+            },
+        })
+    }
+
+    /// Waits for every worker's outcome and merges them.
+    fn collect(&mut self) -> Result<Outcome, RunError> {
+        let deadline = Instant::now() + COLLECT_TIMEOUT;
+        while self.outcomes.iter().any(Option::is_none) && Instant::now() < deadline {
+            self.pump(Instant::now() + Duration::from_millis(100))?;
+        }
+        let mut merged = Outcome::default();
+        for (worker, outcome) in self.outcomes.iter_mut().enumerate() {
+            let outcome = outcome.take().ok_or(RunError::Worker {
+                worker,
+                error: "did not hand over its outcome".into(),
+            })?;
+            merged.merge(outcome);
+        }
+        Ok(merged)
+    }
+
+    /// Handles worker events until `until`, printing progress once a second.
+    fn pump(&mut self, until: Instant) -> Result<(), RunError> {
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            match self
+                .rx
+                .recv_timeout((until - now).min(Duration::from_millis(100)))
+            {
+                Ok(event) => self.handle(event)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every worker has ended; nothing more will come.
+                    std::thread::sleep(
+                        until
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(100)),
+                    );
+                    if self.outcomes.iter().all(Option::is_some) {
+                        return Ok(());
+                    }
+                }
+            }
+            if self.last_print.elapsed() >= Duration::from_secs(1) {
+                self.print_progress();
+            }
+        }
+    }
+
+    fn handle(&mut self, event: WorkerEvent) -> Result<(), RunError> {
+        match event {
+            WorkerEvent::Progress {
+                worker,
+                counters,
+                errors,
+                interval,
+            } => {
+                if let Some(slot) = self.counters.get_mut(worker) {
+                    *slot = counters;
+                }
+                if let Some(slot) = self.errors.get_mut(worker) {
+                    *slot = errors;
+                }
+                self.so_far.merge(&interval);
+                let up = self.counters.iter().map(|c| c.connections_up).sum();
+                self.peak = self.peak.max(up);
+            }
+            WorkerEvent::Done { worker, outcome } => {
+                if let Some(slot) = self.counters.get_mut(worker) {
+                    *slot = outcome.counters.clone();
+                }
+                if let Some(slot) = self.outcomes.get_mut(worker) {
+                    *slot = Some(*outcome);
+                }
+            }
+            WorkerEvent::Failed { worker, error } => {
+                return Err(RunError::Worker { worker, error })
+            }
+        }
+        Ok(())
+    }
+
+    fn totals(&self) -> (Counters, Errors) {
+        let mut c = Counters::default();
+        for w in &self.counters {
+            c += w;
+        }
+        let mut e = Errors::default();
+        for w in &self.errors {
+            e.merge(w);
+        }
+        (c, e)
+    }
+
+    fn print_progress(&mut self) {
+        let elapsed = self.last_print.elapsed().as_secs_f64().max(1e-9);
+        self.last_print = Instant::now();
+        let (c, _) = self.totals();
+        if self.progress {
+            let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / elapsed;
+            let ack = Summary::of(&self.so_far.sent_ack);
+            let e2e = Summary::of(&self.so_far.end_to_end);
+            let line = format!(
+                "[{:>6.1}s {:<7}] conns {}/{} | sent {:.0}/s acked {:.0}/s delivered {:.0}/s | pending {} | errors {} | p99 ack {:.2} ms, e2e {:.2} ms",
+                self.started.elapsed().as_secs_f64(),
+                self.phase,
+                c.connections_up,
+                self.target,
+                rate(c.sent, self.last.sent),
+                rate(c.acked, self.last.acked),
+                rate(c.delivered, self.last.delivered),
+                c.pending,
+                c.errors,
+                ack.p99,
+                e2e.p99,
+            );
+            let mut err = std::io::stderr().lock();
+            // A closed stderr costs the progress line and nothing else.
+            let _ = if self.tty {
+                write!(err, "\r\x1b[2K{line}")
+            } else {
+                writeln!(err, "{line}")
+            };
+            let _ = err.flush();
+            self.printed = true;
+        }
+        self.last = c;
+    }
+
+    /// Prints a note on its own line.
+    fn note(&mut self, text: &str) {
+        if self.progress {
+            self.end_line();
+            eprintln!("loadgen: {text}");
+        }
+    }
+
+    /// Ends a progress line left open on a terminal.
+    fn end_line(&mut self) {
+        if self.progress && self.tty && self.printed {
+            eprintln!();
+            self.printed = false;
+        }
+    }
+}
