@@ -422,10 +422,16 @@ fn draw_groups(seed: u64, users: u32, wanted: u32, sizes: &SizeDistribution) -> 
     let mut perm: Vec<u32> = (0..users).collect();
     rng.shuffle(&mut perm);
     let mut next = 0usize;
+    // Stratified sizes: group k draws from the k-th of `wanted` equal slices
+    // of the distribution (in shuffled order), so even 50 groups have a mean
+    // near the target instead of whatever a few tail draws make it.
+    let mut strata: Vec<u32> = (0..wanted).collect();
+    rng.shuffle(&mut strata);
     let mut seen: FxHashSet<Vec<u32>> = FxHashSet::default();
     let mut groups = Vec::with_capacity(wanted as usize);
-    for _ in 0..wanted {
-        let size = sizes.sample(rng.unit()).min(users);
+    for stratum in strata {
+        let u = (f64::from(stratum) + rng.unit()) / f64::from(wanted);
+        let size = sizes.sample(u).min(users);
         let mut members = Vec::with_capacity(size as usize);
         // Two full permutations always hold `size <= users` distinct users.
         for _ in 0..2 * users as usize {
@@ -557,7 +563,20 @@ mod tests {
                 assert!(plan.is_member(plan.group_conv(g), u));
             }
         }
-        assert!(plan.group_size_mean() > 8.0 && plan.group_size_mean() < 40.0);
+        let mean = plan.group_size_mean();
+        assert!((mean - 20.0).abs() < 2.0, "realised mean {mean}");
+    }
+
+    #[test]
+    fn realised_mean_stays_near_the_target_at_every_scale() {
+        for users in [1000, 2000, 10_000, 15_000, 100_000] {
+            let plan = Plan::new(&params(users)).unwrap();
+            let mean = plan.group_size_mean();
+            assert!(
+                (mean - 20.0).abs() < 1.5,
+                "{users} users: realised mean {mean}"
+            );
+        }
     }
 
     #[test]
