@@ -1002,3 +1002,24 @@ fn close_reason(e: &ws::WsError) -> &'static str {
         ws::WsError::InvalidUtf8 => "invalid UTF-8",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The idle-session memory budget starts here: these are the bytes
+    /// every open session holds in its task and its slot, before the
+    /// allocator's rounding and the kernel's socket.
+    #[test]
+    fn session_state_stays_small() {
+        let task = std::mem::size_of::<SessionTask>();
+        let slot = std::mem::size_of::<Slot>();
+        eprintln!(
+            "SessionTask {task} B, Slot {slot} B, stream {} B, decoder {} B",
+            std::mem::size_of::<TcpStreamPoll>(),
+            std::mem::size_of::<Decoder>()
+        );
+        assert!(task <= 256, "SessionTask is {task} bytes");
+        assert!(slot <= 160, "Slot is {slot} bytes");
+    }
+}

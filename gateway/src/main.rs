@@ -8,6 +8,7 @@ use courier_gateway::node::Node;
 use courier_gateway::secret;
 use courier_protocol::{ids, token};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -481,7 +481,7 @@ fn expired_session_token_closes_the_session() {
 fn slow_consumer_is_closed_and_catches_up_without_loss() {
     let node = TestNode::start(&[
         "--max-outbound-bytes",
-        "65536",
+        "131072",
         "--send-rate",
         "100000",
         "--send-burst",

@@ -1558,6 +1558,7 @@ impl RouterCore {
             .map(|c| (c.conversation.as_str(), c.seq))
             .collect();
         let mut budget = self.config.sync_page;
+        let mut bytes_left = self.config.sync_page_bytes;
         for (conversation, m) in self.store.memberships(user)? {
             let held = match listed.get(conversation.as_str()) {
                 Some(&seq) => seq,
@@ -1582,15 +1583,25 @@ impl RouterCore {
                 .store
                 .entries(&conversation, after + 1, until, budget)?;
             let mut last = after;
+            let mut taken = 0;
             for (seq, entry) in &entries {
+                // The byte budget ends the page early; the first entry of a
+                // page always goes, so paging advances whatever its size.
+                let size = entry.as_ref().map_or(0, |e| e.body.len());
+                if size > bytes_left && (taken > 0 || budget < self.config.sync_page) {
+                    budget = 0;
+                    break;
+                }
                 // A corrupt entry (logged by the store) is skipped but
                 // counts against the page, so paging always advances.
                 if let Some(entry) = entry {
                     out.reply(sync.session, &message_frame(&conversation, *seq, entry));
                 }
+                bytes_left = bytes_left.saturating_sub(size);
                 last = *seq;
+                taken += 1;
             }
-            budget = budget.saturating_sub(entries.len());
+            budget = budget.saturating_sub(taken);
             if budget == 0 && self.store.has_entries(&conversation, last, until)? {
                 return Ok(true);
             }

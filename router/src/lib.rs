@@ -72,6 +72,9 @@ pub struct RouterConfig {
     pub dedupe_window: Duration,
     /// Most entries one catch-up page carries.
     pub sync_page: usize,
+    /// Most body bytes one catch-up page carries (a page always carries at
+    /// least one entry), so a page fits in a session's outbound queue.
+    pub sync_page_bytes: usize,
     /// Most commands handled by one batch (one commit).
     pub max_batch: usize,
     /// Commands waiting for the router beyond which sends are refused.
@@ -89,6 +92,7 @@ impl Default for RouterConfig {
             send_burst: 100.0,
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             sync_page: 500,
+            sync_page_bytes: 256 * 1024,
             max_batch: 4096,
             max_inflight: 100_000,
         }
@@ -127,6 +131,9 @@ impl RouterConfig {
         }
         if self.sync_page == 0 {
             return bad("sync_page", "must be at least 1");
+        }
+        if self.sync_page_bytes == 0 {
+            return bad("sync_page_bytes", "must be at least 1");
         }
         if self.max_batch == 0 {
             return bad("max_batch", "must be at least 1");

@@ -229,3 +229,22 @@ fn a_new_sync_pauses_live_delivery_until_it_completes() {
     assert!(matches!(frames[0].1, ServerFrame::Message { seq: 1, .. }));
     assert_eq!(frames[1].1, ServerFrame::SyncDone { more: false });
 }
+
+#[test]
+fn a_catch_up_page_stops_at_its_byte_budget() {
+    let mut h = Harness::with(|c| c.sync_page_bytes = 10);
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.step((1..=5).map(|i| alice.send(AB, i, b"1234")).collect());
+
+    // 4-byte bodies against a 10-byte budget: two entries a page.
+    let out = h.step(vec![bob.attach(), bob.sync(vec![])]);
+    let frames = out.frames(&bob);
+    let got: Vec<u64> = messages(&frames).iter().map(|m| m.1).collect();
+    assert_eq!(got, vec![1, 2]);
+    assert_eq!(frames.last(), Some(&ServerFrame::SyncDone { more: true }));
+    let out = h.step(vec![bob.sync(vec![(AB, 2)])]);
+    let got: Vec<u64> = messages(&out.frames(&bob)).iter().map(|m| m.1).collect();
+    assert_eq!(got, vec![3, 4]);
+}
