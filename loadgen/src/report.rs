@@ -188,7 +188,7 @@ impl Report {
             invalid: c.invalid,
             own_echoes: c.own_echoes,
             dedupe_mismatches: findings.dedupe_mismatches,
-            repeated_acks: findings.repeated_acks.max(c.repeated_acks),
+            repeated_acks: findings.repeated_acks,
             membership_entries: c.membership_entries,
             groups_created: c.groups_created,
             errors: outcome.errors.0.clone(),

@@ -50,6 +50,16 @@ pub enum RunError {
         /// What happened.
         error: String,
     },
+    /// The process may not open a socket per connection.
+    #[error("--connections: {connections} connections need about {needed} file descriptors, but this process may open {limit} (raise `ulimit -n` or use fewer connections)")]
+    FdLimit {
+        /// Connections asked for.
+        connections: u32,
+        /// Descriptors they need with loadgen's own.
+        needed: u64,
+        /// The soft limit.
+        limit: u64,
+    },
     /// A worker thread could not be started.
     #[error("could not start a worker thread: {0}")]
     Spawn(std::io::Error),
@@ -76,6 +86,14 @@ pub fn run(config: Config) -> Result<Report, RunError> {
         None => read_secret(&config)?,
     };
     let plan = Arc::new(Plan::new(&config.plan_params(run_id))?);
+    let needed = u64::from(config.connections) + FD_RESERVE;
+    if let Some(limit) = open_files_limit().filter(|&l| l < needed) {
+        return Err(RunError::FdLimit {
+            connections: config.connections,
+            needed,
+            limit,
+        });
+    }
     let config = Arc::new(config);
     let control = Arc::new(Control::default());
     let (tx, rx) = mpsc::channel();
@@ -138,6 +156,22 @@ pub fn run(config: Config) -> Result<Report, RunError> {
         &findings,
         seen,
     ))
+}
+
+/// Descriptors loadgen needs beside one per connection (runtime, pacer,
+/// stdio, the report).
+const FD_RESERVE: u64 = 64;
+
+/// The soft limit on open files, from `/proc/self/limits` (None where that
+/// file is missing or unreadable, or the limit is unlimited).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn read_secret(config: &Config) -> Result<Secret, RunError> {

@@ -58,3 +58,26 @@ fn a_missing_secret_names_the_file() {
     assert!(matches!(err, RunError::Secret { .. }), "{err}");
     assert!(err.to_string().contains("jwt.secret"), "{err}");
 }
+
+#[test]
+fn more_connections_than_file_descriptors_is_refused_up_front() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            l["Max open files".len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<u32>()
+                .ok()
+        });
+    let Some(soft) = soft else { return }; // unlimited: nothing to refuse
+    let c = Config {
+        connections: soft,
+        ..config(false)
+    };
+    let err = run(c).unwrap_err();
+    assert!(matches!(err, RunError::FdLimit { .. }), "{err}");
+    assert!(err.to_string().contains("ulimit -n"), "{err}");
+}
