@@ -426,14 +426,17 @@ async fn read_upgrade(
     stream: &mut TcpStreamPoll,
     max: usize,
 ) -> io::Result<Result<(Upgrade, Vec<u8>), Refusal>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
+    let mut buf = Vec::new();
     loop {
-        let n = read_some(stream, &mut chunk).await?;
+        // Read into the buffer's own spare room, up to the header limit
+        // (plus a little, so an over-long request is seen as such).
+        let len = buf.len();
+        buf.resize((len + 1024).min(max + 1).max(len + 1), 0);
+        let n = read_some(stream, &mut buf[len..]).await?;
+        buf.truncate(len + n);
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf.extend_from_slice(&chunk[..n]);
         match handshake::parse(&buf, max) {
             Ok(None) => continue,
             Ok(Some(up)) => {

@@ -13,6 +13,7 @@
 //! ([`session`]), and answering `Ping`. Everything about messages and
 //! conversations is the router's.
 
+pub mod alloc;
 pub mod config;
 pub mod core;
 pub mod handshake;

@@ -13,6 +13,7 @@ use courier_protocol::{ids, token};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    courier_gateway::alloc::configure();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Token(args)) => print_token(&args),
