@@ -183,10 +183,17 @@ fn run_core(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener, drive
 }
 
 /// Binds one listener per core on the same address with SO_REUSEPORT, so
-/// the kernel spreads connections across cores. With port 0 the first bind
-/// picks the port and the others join it.
+/// the kernel spreads connections across cores.
+///
+/// Port 0 is resolved first with a plain bind (no SO_REUSEPORT): the kernel
+/// may hand a reuseport bind to port 0 a port that another process's
+/// reuseport listeners of the same user already hold, and the two would
+/// then share connections.
 fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut addr = addr;
+    if addr.port() == 0 {
+        addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    }
     let mut out = Vec::with_capacity(cores);
     for _ in 0..cores {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -197,9 +204,7 @@ fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net
             .bind(&addr.into())
             .with_context(|| format!("binding {addr}"))?;
         socket.listen(4096)?;
-        let listener: std::net::TcpListener = socket.into();
-        addr = listener.local_addr()?;
-        out.push(listener);
+        out.push(socket.into());
     }
     Ok(out)
 }

@@ -303,39 +303,128 @@ struct Worker {
 }
 
 impl Worker {
+    /// The router loop, pipelined one batch deep: while the syncer thread
+    /// fsyncs batch n, this thread drains and decides batch n+1 (writing it
+    /// to the store unsynced); then it answers batch n, and hands n+1 to the
+    /// syncer. A batch's answers, fan-out and catch-up go out only after the
+    /// sync that covers it, so SENT still means durable, and the fsync no
+    /// longer stops the deciding.
     fn run(mut self) {
         let queue_depth = self.core.metrics().queue_depth.clone();
+        let syncer = match Syncer::spawn() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "router syncer thread failed to start; syncing inline");
+                return self.run_inline();
+            }
+        };
+        let mut in_flight: Option<core::Written> = None;
         let mut stopping = false;
-        while !stopping {
-            // Block for the first command, then take what else is queued.
-            let mut batch = Vec::new();
-            match self.rx.recv() {
-                Ok(Msg::Command(cmd)) => batch.push(cmd),
-                Ok(Msg::Shutdown) => stopping = true,
-                // Every handle is gone: nobody can submit any more.
-                Err(_) => stopping = true,
+        loop {
+            // Block for work only when no batch waits on a sync.
+            let batch = self.take_batch(in_flight.is_none() && !stopping, &mut stopping);
+            queue_depth.set(self.depth.load(Ordering::Relaxed) as i64);
+            let next = (!batch.is_empty()).then(|| self.core.prepare(batch, now_ms()));
+            if let Some(written) = in_flight.take() {
+                let synced = syncer.wait();
+                self.deliver(written, synced);
             }
-            while !stopping && batch.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(Msg::Command(cmd)) => batch.push(cmd),
-                    Ok(Msg::Shutdown) | Err(TryRecvError::Disconnected) => stopping = true,
-                    Err(TryRecvError::Empty) => break,
-                }
-            }
-            let left = self
-                .depth
-                .fetch_sub(batch.len(), Ordering::Relaxed)
-                .saturating_sub(batch.len());
-            queue_depth.set(left as i64);
-            if batch.is_empty() {
-                continue;
-            }
-            for (core, deliveries) in self.core.handle_batch(batch, now_ms()) {
-                self.outlet.deliver(core, deliveries);
+            match next {
+                Some(written) if written.needs_sync() => match self.core.sync_handle() {
+                    Some(handle) => {
+                        syncer.start(handle);
+                        in_flight = Some(written);
+                    }
+                    None => self.deliver(written, Err(store::StoreError::Closed)),
+                },
+                Some(written) => self.deliver(written, Ok(Duration::ZERO)),
+                None if stopping => break,
+                None => {}
             }
         }
         self.core.close();
         tracing::info!("router stopped");
+    }
+
+    /// The loop without a syncer thread: decide, sync, answer, in turn.
+    fn run_inline(mut self) {
+        let mut stopping = false;
+        while !stopping {
+            let batch = self.take_batch(true, &mut stopping);
+            if !batch.is_empty() {
+                for (core, deliveries) in self.core.handle_batch(batch, now_ms()) {
+                    self.outlet.deliver(core, deliveries);
+                }
+            }
+        }
+        self.core.close();
+        tracing::info!("router stopped");
+    }
+
+    /// Takes up to `max_batch` queued commands, waiting for the first one
+    /// when `block`. Sets `stopping` on shutdown.
+    fn take_batch(&mut self, block: bool, stopping: &mut bool) -> Vec<api::Command> {
+        let mut batch = Vec::new();
+        if block {
+            match self.rx.recv() {
+                Ok(Msg::Command(cmd)) => batch.push(cmd),
+                // Shutdown, or every handle is gone: nobody can submit any more.
+                Ok(Msg::Shutdown) | Err(_) => *stopping = true,
+            }
+        }
+        while !*stopping && batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(Msg::Command(cmd)) => batch.push(cmd),
+                Ok(Msg::Shutdown) | Err(TryRecvError::Disconnected) => *stopping = true,
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        batch
+    }
+
+    fn deliver(&mut self, written: core::Written, synced: Result<Duration, store::StoreError>) {
+        for (core, deliveries) in self.core.finish(written, synced) {
+            self.outlet.deliver(core, deliveries);
+        }
+    }
+}
+
+/// The thread that fsyncs the store's journal for the router thread, one
+/// request at a time.
+struct Syncer {
+    requests: Sender<store::SyncHandle>,
+    results: Receiver<Result<Duration, store::StoreError>>,
+}
+
+impl Syncer {
+    fn spawn() -> std::io::Result<Self> {
+        let (requests, jobs) = crossbeam_channel::bounded::<store::SyncHandle>(1);
+        let (done, results) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new()
+            .name("courier-sync".into())
+            .spawn(move || {
+                for handle in jobs {
+                    let started = std::time::Instant::now();
+                    let result = handle.sync().map(|()| started.elapsed());
+                    if done.send(result).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { requests, results })
+    }
+
+    fn start(&self, handle: store::SyncHandle) {
+        // The channel holds one request and the router waits for each
+        // result before the next, so this never blocks.
+        let _ = self.requests.send(handle);
+    }
+
+    fn wait(&self) -> Result<Duration, store::StoreError> {
+        self.results
+            .recv()
+            .unwrap_or(Err(store::StoreError::Closed))
     }
 }
 

@@ -90,6 +90,22 @@ pub struct WriteSet {
 }
 
 impl WriteSet {
+    /// The lowest entry sequence this set writes, per conversation.
+    pub fn first_entries(&self) -> FxHashMap<Box<str>, u64> {
+        let mut first: FxHashMap<Box<str>, u64> = FxHashMap::default();
+        for (part, key, value) in &self.ops {
+            if *part != Part::Entries || value.is_none() {
+                continue;
+            }
+            let Some((conversation, seq)) = parse_entry_key(key) else {
+                continue;
+            };
+            let slot = first.entry(conversation.into()).or_insert(seq);
+            *slot = (*slot).min(seq);
+        }
+        first
+    }
+
     pub fn put(&mut self, part: Part, key: Vec<u8>, value: Vec<u8>) {
         self.write(part, key, Some(value));
     }
@@ -216,6 +232,22 @@ impl Store {
             self.fsyncs += 1;
         }
         Ok(())
+    }
+
+    /// Makes everything committed so far durable (one fdatasync of the
+    /// journal).
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        self.sync_handle().ok_or(StoreError::Closed)?.sync()?;
+        self.fsyncs += 1;
+        Ok(())
+    }
+
+    /// A handle that syncs this store's journal from another thread, so the
+    /// router can decide the next batch while the last one is synced.
+    pub fn sync_handle(&self) -> Option<SyncHandle> {
+        self.open
+            .as_ref()
+            .map(|open| SyncHandle(open.keyspace.clone()))
     }
 
     /// Drops the open keyspace and opens it again from disk. fjall refuses
@@ -447,6 +479,31 @@ pub fn entry_key(conversation: &str, seq: u64) -> Vec<u8> {
     let mut key = entries_prefix(conversation);
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The conversation and sequence an entry key names.
+fn parse_entry_key(key: &[u8]) -> Option<(&str, u64)> {
+    let len = usize::from(u16::from_be_bytes(key.get(..2)?.try_into().ok()?));
+    let conversation = std::str::from_utf8(key.get(2..2 + len)?).ok()?;
+    Some((conversation, seq_of_entry_key(key, 2 + len)?))
+}
+
+/// Syncs a store's journal; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct SyncHandle(fjall::Keyspace);
+
+impl SyncHandle {
+    /// One fdatasync of everything written to the journal so far.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.0.persist(PersistMode::SyncData)?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SyncHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncHandle")
+    }
 }
 
 fn seq_of_entry_key(key: &[u8], prefix_len: usize) -> Option<u64> {

@@ -182,6 +182,7 @@ pub fn raw_upgrade(addr: SocketAddr, request: &str) -> (u16, TcpStream, Vec<u8>)
             return (status, s, rest);
         }
         match s.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => return (0, s, buf),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -263,9 +264,16 @@ impl Client {
                 .unwrap();
             let mut chunk = [0u8; 65536];
             match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
+                Ok(0) => {
+                    eprintln!("client {}/{}: end of stream", self.user, self.device);
+                    return None;
+                }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("client {}/{}: read error {e}", self.user, self.device);
+                    return None;
+                }
             }
         }
     }
