@@ -5,7 +5,7 @@
 
 /// Normal closure: the peer asked to close, or the session ended cleanly.
 pub const NORMAL: u16 = 1000;
-/// The gateway is shutting down or draining; reconnect (after the hinted delay).
+/// The gateway is shutting down; reconnect with backoff and catch up.
 pub const GOING_AWAY: u16 = 1001;
 /// A WebSocket framing rule was broken (RFC 6455 section 7.4.1).
 pub const PROTOCOL_ERROR: u16 = 1002;
@@ -13,11 +13,12 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const UNSUPPORTED_DATA: u16 = 1003;
 /// A text frame that is not valid UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
-/// A policy was violated (for example the send rate flood limit).
+/// A policy was violated. Reserved: v1 answers a send flood with `Error`
+/// 429 and does not close.
 pub const POLICY_VIOLATION: u16 = 1008;
 /// A frame or message over the size limit.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
-/// The gateway hit an internal error.
+/// The gateway hit an internal error. Reserved: v1 does not send it.
 pub const INTERNAL_ERROR: u16 = 1011;
 
 /// The session's token expired and was not refreshed in time.
