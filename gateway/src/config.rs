@@ -114,6 +114,14 @@ pub struct ServeArgs {
     /// Most sessions this process holds; further upgrades get 503.
     #[arg(long, env = "COURIER_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,
+    /// Microseconds an idle router waits after a first command for more to
+    /// join its batch (fewer fsyncs and wake-ups, at most this much latency).
+    #[arg(long, env = "COURIER_BATCH_LINGER_US", default_value_t = 0)]
+    pub batch_linger_us: u64,
+    /// Join other processes already listening on `--listen` (SO_REUSEPORT)
+    /// instead of refusing to start.
+    #[arg(long, env = "COURIER_SHARE_PORT")]
+    pub share_port: bool,
     /// Log format.
     #[arg(long, env = "COURIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

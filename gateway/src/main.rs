@@ -1,5 +1,6 @@
 //! `gateway`: serve a node, or print a token for one.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -55,7 +56,7 @@ fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
         "--user: 1 to 64 characters of [A-Za-z0-9._@+-]"
     );
     anyhow::ensure!(args.device >= 1, "--device: devices are numbered from 1");
-    let secret = secret::load_or_create(&args.data_dir)?;
+    let secret = secret::load(&args.data_dir)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -74,7 +75,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -59,6 +59,8 @@ pub struct Node {
     pub metrics_addr: SocketAddr,
     /// The driver the cores run.
     pub driver: Driver,
+    /// The exclusive lock on the data directory, held while the node runs.
+    _data_lock: std::fs::File,
 }
 
 struct CoreOutlet(Vec<Arc<Mailbox<CoreMsg>>>);
@@ -74,10 +76,14 @@ impl Outlet for CoreOutlet {
 impl Node {
     /// Starts a node; returns once every listener is bound and every core runs.
     pub fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        let data_lock = lock_data_dir(&args.data_dir)?;
         let secret = secret::load_or_create(&args.data_dir)
             .with_context(|| format!("token secret in {}", args.data_dir.display()))?;
         let driver = Driver::choose(args.driver)?;
         let cores = args.core_count();
+        if !args.share_port {
+            probe_port(args.listen)?;
+        }
         let listeners = bind_listeners(args.listen, cores)?;
         let listen_addr = listeners[0].local_addr()?;
 
@@ -92,6 +98,7 @@ impl Node {
                 send_rate_per_s: args.send_rate,
                 send_burst: args.send_burst,
                 dedupe_window: Duration::from_secs(args.dedupe_hours * 3600),
+                batch_linger: Duration::from_micros(args.batch_linger_us),
                 ..RouterConfig::default()
             },
             Arc::new(CoreOutlet(mailboxes.clone())),
@@ -136,6 +143,7 @@ impl Node {
             listen_addr,
             metrics_addr,
             driver,
+            _data_lock: data_lock,
         })
     }
 
@@ -179,6 +187,53 @@ fn run_core(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener, drive
             tracing::error!(conn.core = id, error = %e, "core stopped with an error");
             shared.begin_shutdown();
         }
+    }
+}
+
+/// Takes an exclusive lock on `<data dir>/LOCK`, so a second node can never
+/// open the same store: two writers would each assign the same sequences
+/// and one's acknowledged messages would be lost. The lock is released when
+/// the process exits, however it exits.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!(
+                "data directory {} is in use by another gateway (its LOCK is held)",
+                dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// Refuses to start on an address another process already listens on.
+/// SO_REUSEPORT would otherwise let this node silently share the port with
+/// a stranger (another node with another store and secret) and split the
+/// connections between them. `--share-port` skips the check, for several
+/// gateway processes of one deployment on one port.
+fn probe_port(addr: SocketAddr) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "{addr} is already in use by another process \
+             (pass --share-port to join its SO_REUSEPORT group on purpose)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("binding {addr}")),
     }
 }
 

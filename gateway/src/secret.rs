@@ -21,6 +21,29 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
 }
 
+/// Reads an existing secret; a clear error when no node has created one in
+/// `data_dir` (a token signed with a fresh secret would be refused by every
+/// node).
+pub fn load(data_dir: &Path) -> io::Result<Secret> {
+    let path = path(data_dir);
+    match fs::read(&path) {
+        Ok(bytes) if bytes.len() >= 16 => Ok(Secret::new(bytes)),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} holds fewer than 16 bytes", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no token secret at {}: start the gateway once with this --data-dir, \
+                 or pass the node's --data-dir",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads the secret, creating it (and the data directory) if absent.
 pub fn load_or_create(data_dir: &Path) -> io::Result<Secret> {
     let path = path(data_dir);

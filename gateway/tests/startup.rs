@@ -1,0 +1,71 @@
+//! What the gateway refuses at start, with the reason named.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use clap::Parser;
+use common::TestNode;
+use courier_gateway::config::Cli;
+use courier_gateway::node::Node;
+
+fn args(extra: &[&str]) -> courier_gateway::config::ServeArgs {
+    let mut argv = vec!["gateway", "--metrics-listen", "127.0.0.1:0", "--cores", "1"];
+    argv.extend_from_slice(extra);
+    Cli::try_parse_from(argv).unwrap().serve
+}
+
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let node = TestNode::start(&[]);
+    let dir = node.dir.to_str().unwrap().to_owned();
+    let err = Node::start(args(&["--listen", "127.0.0.1:0", "--data-dir", &dir])).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("in use by another gateway"),
+        "{err:#}"
+    );
+    // The first node is untouched and still serves.
+    let (_alice, _) = node.online("alice", 1);
+}
+
+#[test]
+fn a_port_another_process_listens_on_is_refused_unless_shared_on_purpose() {
+    let node = TestNode::start(&[]);
+    let other = tempfile::tempdir().unwrap();
+    let addr = node.addr.to_string();
+    let dir = other.path().to_str().unwrap().to_owned();
+    let err = Node::start(args(&["--listen", &addr, "--data-dir", &dir])).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("already in use by another process"),
+        "{err:#}"
+    );
+    let shared = Node::start(args(&[
+        "--listen",
+        &addr,
+        "--data-dir",
+        &dir,
+        "--share-port",
+    ]))
+    .expect("--share-port joins the port");
+    shared.begin_shutdown();
+    shared.wait();
+}
+
+#[test]
+fn token_for_a_data_directory_without_a_secret_is_an_error() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["token", "--user", "alice", "--data-dir"])
+        .arg(empty.path().join("nowhere"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no token secret"), "{stderr}");
+    assert!(
+        !empty.path().join("nowhere").exists(),
+        "nothing was created"
+    );
+}
