@@ -506,6 +506,20 @@ impl RouterCore {
         self.store.sync_handle()
     }
 
+    /// Records a group's new member list as of entry `seq`, in the cache and
+    /// in the batch's writes.
+    fn set_members(&mut self, b: &mut Batch, conversation: &str, members: Arc<[Member]>, seq: u64) {
+        if let Some(conv) = self.conversations.get_mut(conversation) {
+            conv.members = members;
+            conv.last_seq = seq;
+            b.writes.put(
+                Part::Conversations,
+                conversation.as_bytes().to_vec(),
+                conv.meta().encode(),
+            );
+        }
+    }
+
     /// A device's cursors in a conversation: the cache's, else the store's.
     fn cursor(
         &self,
@@ -1381,15 +1395,7 @@ impl RouterCore {
                 membership.encode(),
             );
         }
-        if let Some(conv) = self.conversations.get_mut(conversation) {
-            conv.members = next.clone();
-            conv.last_seq = seq;
-            b.writes.put(
-                Part::Conversations,
-                conversation.as_bytes().to_vec(),
-                conv.meta().encode(),
-            );
-        }
+        self.set_members(b, conversation, next.clone(), seq);
         let fanout = self.membership_entry(
             b,
             device,
@@ -1461,15 +1467,7 @@ impl RouterCore {
                 membership.encode(),
             );
         }
-        if let Some(conv) = self.conversations.get_mut(conversation) {
-            conv.members = next;
-            conv.last_seq = seq;
-            b.writes.put(
-                Part::Conversations,
-                conversation.as_bytes().to_vec(),
-                conv.meta().encode(),
-            );
-        }
+        self.set_members(b, conversation, next, seq);
         // The removed members receive the entry that removes them.
         let fanout = self.membership_entry(
             b,
