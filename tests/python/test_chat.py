@@ -214,7 +214,12 @@ def test_catch_up_after_reconnect(gateway):
 
 def test_bad_token_is_refused_with_401(gateway, tmp_path):
     async def body():
-        other_node = cc.mint_token("alice", 1, str(GATEWAY), str(tmp_path / "elsewhere"))
+        # A token signed by another node's secret (`gateway token` only
+        # signs with a secret a node already made, so make one here).
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "jwt.secret").write_text(os.urandom(32).hex())
+        other_node = cc.mint_token("alice", 1, str(GATEWAY), str(elsewhere))
         for token in ("not-a-jwt", other_node):
             with pytest.raises(websockets.InvalidStatus) as refused:
                 await cc.Client.connect(token, gateway.url, timeout=STEP_S)
