@@ -584,7 +584,6 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
     let mut task = SessionTask {
         core,
         key,
-        device,
         stream,
         decoder: Decoder::new(Role::Server, limits),
         partial: None,
@@ -614,7 +613,6 @@ enum State {
 struct SessionTask {
     core: Rc<Core>,
     key: SessionKey,
-    device: Device,
     stream: TcpStreamPoll,
     decoder: Decoder,
     /// The unread tail of a frame that has not fully arrived; `None` between
@@ -802,7 +800,11 @@ impl SessionTask {
             ClientFrame::Ping { nonce } => core.reply(self.key, &ServerFrame::Pong { nonce }),
             ClientFrame::Refresh { request, token } => {
                 let answer = match token::verify(&core.shared.secret, &token, unix_now_s()) {
-                    Ok(c) if *c.sub == *self.device.user && c.dev == self.device.device => {
+                    Ok(c)
+                        if self
+                            .device()
+                            .is_some_and(|d| *c.sub == *d.user && c.dev == d.device) =>
+                    {
                         if let Some(slot) = live_slot(&mut core.slots.borrow_mut(), self.key) {
                             slot.token_exp_s = c.exp;
                         }
@@ -829,9 +831,10 @@ impl SessionTask {
                     }
                     _ => None,
                 };
+                let Some(device) = self.device() else { return };
                 let cmd = Command::Frame {
                     session: self.key,
-                    device: self.device.clone(),
+                    device,
                     frame,
                     received_at: Instant::now(),
                 };
@@ -848,6 +851,12 @@ impl SessionTask {
                 }
             }
         }
+    }
+
+    /// Who this session is, from its slot (the task keeps no copy).
+    fn device(&self) -> Option<Device> {
+        let mut slots = self.core.slots.borrow_mut();
+        live_slot(&mut slots, self.key).map(|s| s.device.clone())
     }
 
     fn push_control(&self, frame: Bytes) {
@@ -991,7 +1000,7 @@ impl SessionTask {
                 .dec();
             let _ = core.shared.router.submit(Command::Detach {
                 session: self.key,
-                device: self.device.clone(),
+                device: slot.device,
             });
         }
     }
