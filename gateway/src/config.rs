@@ -78,6 +78,20 @@ pub struct ServeArgs {
     /// Most members a group may have.
     #[arg(long, env = "COURIER_MAX_GROUP_MEMBERS", default_value_t = 512)]
     pub max_group_members: usize,
+    /// Most linked devices per user; a session of one more is closed (4006).
+    #[arg(long, env = "COURIER_MAX_DEVICES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_devices: u16,
+    /// How long a typing indicator lasts unless renewed, in milliseconds.
+    #[arg(long, env = "COURIER_TYPING_TTL_MS", default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1000..=60000))]
+    pub typing_ttl_ms: u64,
+    /// How long a user with no session left still shows online, so a quick
+    /// reconnect is never announced, in milliseconds.
+    #[arg(long, env = "COURIER_PRESENCE_DEBOUNCE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=300000))]
+    pub presence_debounce_ms: u64,
+    /// Most last-seen records written per second (a mass disconnect is
+    /// written at this rate).
+    #[arg(long, env = "COURIER_PRESENCE_WRITES_PER_S", default_value_t = 2000.0)]
+    pub presence_writes_per_s: f64,
     /// Sustained sends per second allowed per user.
     #[arg(long, env = "COURIER_SEND_RATE", default_value_t = 50.0)]
     pub send_rate: f64,

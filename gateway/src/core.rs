@@ -579,6 +579,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
     let _ = shared.router.submit(Command::Attach {
         session: key,
         device: device.clone(),
+        issued_at_s: claims.iat,
     });
     let limits = core.limits();
     let mut task = SessionTask {
@@ -998,9 +999,14 @@ impl SessionTask {
                 .connections
                 .get_or_create(&core.label)
                 .dec();
+            // Last seen: when the peer was last heard from (an idle timeout
+            // ends a session long after that).
+            let quiet_s = core.now_s().saturating_sub(slot.last_rx_s);
+            let last_seen_ms = unix_now_ms().saturating_sub(u64::from(quiet_s) * 1000);
             let _ = core.shared.router.submit(Command::Detach {
                 session: self.key,
                 device: slot.device,
+                last_seen_ms,
             });
         }
     }

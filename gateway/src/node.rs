@@ -99,6 +99,10 @@ impl Node {
                 send_burst: args.send_burst,
                 dedupe_window: Duration::from_secs(args.dedupe_hours * 3600),
                 batch_linger: Duration::from_micros(args.batch_linger_us),
+                max_devices: usize::from(args.max_devices),
+                typing_ttl: Duration::from_millis(args.typing_ttl_ms),
+                presence_debounce: Duration::from_millis(args.presence_debounce_ms),
+                presence_writes_per_s: args.presence_writes_per_s,
                 ..RouterConfig::default()
             },
             Arc::new(CoreOutlet(mailboxes.clone())),

@@ -499,7 +499,15 @@ fn handle_frame(w: &Worker, c: &Conn, frame: ServerFrame) {
         ServerFrame::Pong { .. }
         | ServerFrame::Receipt { .. }
         | ServerFrame::Members { .. }
-        | ServerFrame::Done { .. } => {}
+        | ServerFrame::Done { .. }
+        | ServerFrame::History { .. }
+        | ServerFrame::Chats { .. }
+        | ServerFrame::ReceiptSummary { .. }
+        | ServerFrame::Typing { .. }
+        | ServerFrame::Presence { .. }
+        | ServerFrame::Settings { .. }
+        | ServerFrame::Devices { .. }
+        | ServerFrame::SyncSummary { .. } => {}
     }
 }
 
@@ -534,7 +542,14 @@ fn on_welcome(w: &Worker, c: &Conn, max_body: u32, idle_timeout_s: u32) {
         }
     }
     st.phase = SessionPhase::CatchingUp;
-    w.push_frame(&mut st.out, &ClientFrame::Sync { cursors });
+    w.push_frame(
+        &mut st.out,
+        &ClientFrame::Sync {
+            tail: 0,
+            summary: false,
+            cursors,
+        },
+    );
     st.last_write = Instant::now();
 }
 
@@ -562,7 +577,14 @@ fn on_sync_done(w: &Worker, c: &Conn, more: bool) {
                 seq: st.book.cursor(conv).max(seen),
             });
         }
-        w.push_frame(&mut st.out, &ClientFrame::Sync { cursors });
+        w.push_frame(
+            &mut st.out,
+            &ClientFrame::Sync {
+                tail: 0,
+                summary: false,
+                cursors,
+            },
+        );
         st.last_write = Instant::now();
         return;
     }

@@ -30,6 +30,12 @@ pub const REPLACED: u16 = 4002;
 pub const SLOW_CONSUMER: u16 = 4003;
 /// Nothing was received within the idle timeout.
 pub const IDLE_TIMEOUT: u16 = 4004;
+/// The session's device was unlinked by another device of the user; its
+/// tokens issued before that are refused from now on.
+pub const DEVICE_REMOVED: u16 = 4005;
+/// The user already has as many linked devices as the node allows; unlink
+/// one first.
+pub const DEVICE_LIMIT: u16 = 4006;
 /// A client protocol frame could not be decoded.
 pub const MALFORMED_FRAME: u16 = 4400;
 

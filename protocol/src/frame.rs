@@ -62,7 +62,14 @@ pub enum ClientFrame {
     Read { conversation: String, seq: u64 },
     /// Catch-up: the highest sequence this device holds per conversation.
     /// Conversations not listed resume from the device's stored cursor.
-    Sync { cursors: Vec<Cursor> },
+    /// `tail` caps what is streamed per conversation to its newest `tail`
+    /// entries (0: everything missing); `summary` asks for a
+    /// [`ServerFrame::SyncSummary`] first.
+    Sync {
+        tail: u16,
+        summary: bool,
+        cursors: Vec<Cursor>,
+    },
     /// Create a group with the sender and `members`.
     GroupCreate { request: u32, members: Vec<String> },
     /// Add `members` to a group the sender belongs to.
@@ -83,6 +90,122 @@ pub enum ClientFrame {
     Ping { nonce: u64 },
     /// Replace the session's token before it expires; answered with `Done`.
     Refresh { request: u32, token: String },
+    /// Up to `limit` entries of `conversation` before `before_seq` (0: the
+    /// newest), answered with [`ServerFrame::History`].
+    History {
+        request: u32,
+        conversation: String,
+        before_seq: u64,
+        limit: u16,
+    },
+    /// A page of the user's conversations, most recent first, starting after
+    /// (`before_ms`, `before_conversation`) (0 and "" for the first page);
+    /// answered with [`ServerFrame::Chats`].
+    ChatList {
+        request: u32,
+        before_ms: u64,
+        before_conversation: String,
+        limit: u16,
+    },
+    /// Who of a group has delivered and read entry `seq` (the asker's own
+    /// message); answered with [`ServerFrame::ReceiptSummary`].
+    ReceiptQuery {
+        request: u32,
+        conversation: String,
+        seq: u64,
+    },
+    /// The user started (`active`) or stopped typing in `conversation`.
+    Typing { conversation: String, active: bool },
+    /// The presence of `users`, answered with [`ServerFrame::Presence`].
+    PresenceQuery { request: u32, users: Vec<String> },
+    /// Replaces the session's presence subscriptions with `users` (empty:
+    /// none); answered with their presence now, then pushed on changes.
+    PresenceSubscribe { request: u32, users: Vec<String> },
+    /// Sets the user's privacy settings named by `mask` to `flags` (see
+    /// [`settings`]); a mask of 0 only reads them. Answered with
+    /// [`ServerFrame::Settings`].
+    Settings { request: u32, mask: u8, flags: u8 },
+    /// Lists the user's linked devices.
+    DeviceList { request: u32 },
+    /// Unlinks one of the user's devices: its sessions are closed and its
+    /// tokens issued until now are refused.
+    DeviceRemove { request: u32, device: u32 },
+}
+
+/// The bits of a user's privacy settings.
+pub mod settings {
+    /// The user neither sends nor receives READ receipts.
+    pub const READ_RECEIPTS_OFF: u8 = 0b01;
+    /// Others see the user's online state but not its last-seen time.
+    pub const HIDE_LAST_SEEN: u8 = 0b10;
+    /// Every defined bit.
+    pub const ALL: u8 = READ_RECEIPTS_OFF | HIDE_LAST_SEEN;
+}
+
+/// One entry of a history page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub seq: u64,
+    pub server_id: u64,
+    pub timestamp_ms: u64,
+    pub kind: EntryKind,
+    pub sender: String,
+    pub sender_device: u32,
+    pub client_id: u64,
+    pub body: Bytes,
+}
+
+/// One conversation of the chat list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chat {
+    pub conversation: String,
+    /// The conversation's newest entry, its time and who made it.
+    pub last_seq: u64,
+    pub last_ms: u64,
+    pub last_sender: String,
+    /// The user's read cursor (shared by all its devices).
+    pub read_seq: u64,
+    /// Entries after `read_seq` (the user's own messages mark what is
+    /// before them read).
+    pub unread: u64,
+}
+
+/// One conversation of a catch-up summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub conversation: String,
+    pub last_seq: u64,
+    /// This device's delivered cursor before this catch-up, and the user's
+    /// read cursor.
+    pub delivered: u64,
+    pub read: u64,
+    pub unread: u64,
+    /// The first sequence this catch-up streams; entries after `delivered`
+    /// and before it were left behind (fetch them with `History`).
+    pub from_seq: u64,
+    /// In a direct conversation, how far the other participant has
+    /// delivered and read (0 in groups; read is 0 when either side has read
+    /// receipts off).
+    pub peer_delivered: u64,
+    pub peer_read: u64,
+}
+
+/// One user's presence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub user: String,
+    pub online: bool,
+    /// When the user was last seen (0: hidden by the user, or never seen).
+    pub last_seen_ms: u64,
+}
+
+/// One linked device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device: u32,
+    pub linked_ms: u64,
+    pub last_seen_ms: u64,
+    pub online: bool,
 }
 
 /// What a sequenced conversation entry is.
@@ -185,6 +308,59 @@ pub enum ServerFrame {
         reference: u64,
         detail: String,
     },
+    /// A page of a conversation's history, oldest first; `more` when older
+    /// entries remain.
+    History {
+        request: u32,
+        conversation: String,
+        more: bool,
+        entries: Vec<HistoryEntry>,
+    },
+    /// A page of the chat list, most recent first; `more` when older
+    /// conversations remain.
+    Chats {
+        request: u32,
+        more: bool,
+        chats: Vec<Chat>,
+    },
+    /// Of the `recipients` members an entry was for, who has delivered it
+    /// and who has read it.
+    ReceiptSummary {
+        request: u32,
+        conversation: String,
+        seq: u64,
+        recipients: u32,
+        delivered: Vec<String>,
+        read: Vec<String>,
+    },
+    /// `user` is typing in `conversation` (for at most `ttl_ms` unless told
+    /// again), or stopped.
+    Typing {
+        conversation: String,
+        user: String,
+        device: u32,
+        active: bool,
+        ttl_ms: u32,
+    },
+    /// Presence: the answer to a query or subscription (`request`), or a
+    /// change pushed to a subscriber (`request == 0`).
+    Presence {
+        request: u32,
+        entries: Vec<PresenceEntry>,
+    },
+    /// The user's privacy settings (answer, or pushed to its other devices
+    /// with `request == 0` when one changed them).
+    Settings { request: u32, flags: u8 },
+    /// The user's linked devices.
+    Devices {
+        request: u32,
+        devices: Vec<DeviceInfo>,
+    },
+    /// The start of a catch-up: per conversation with news, where it
+    /// stands.
+    SyncSummary {
+        conversations: Vec<ConversationSummary>,
+    },
 }
 
 mod ty {
@@ -198,6 +374,15 @@ mod ty {
     pub const GROUP_MEMBERS: u8 = 0x08;
     pub const PING: u8 = 0x09;
     pub const REFRESH: u8 = 0x0a;
+    pub const HISTORY: u8 = 0x0b;
+    pub const CHAT_LIST: u8 = 0x0c;
+    pub const RECEIPT_QUERY: u8 = 0x0d;
+    pub const TYPING: u8 = 0x0e;
+    pub const PRESENCE_QUERY: u8 = 0x0f;
+    pub const PRESENCE_SUBSCRIBE: u8 = 0x10;
+    pub const SETTINGS: u8 = 0x11;
+    pub const DEVICE_LIST: u8 = 0x12;
+    pub const DEVICE_REMOVE: u8 = 0x13;
 
     pub const WELCOME: u8 = 0x40;
     pub const SENT: u8 = 0x41;
@@ -209,6 +394,14 @@ mod ty {
     pub const DONE: u8 = 0x47;
     pub const PONG: u8 = 0x48;
     pub const ERROR: u8 = 0x49;
+    pub const HISTORY_PAGE: u8 = 0x4a;
+    pub const CHATS: u8 = 0x4b;
+    pub const RECEIPT_SUMMARY: u8 = 0x4c;
+    pub const TYPING_EVENT: u8 = 0x4d;
+    pub const PRESENCE: u8 = 0x4e;
+    pub const SETTINGS_STATE: u8 = 0x4f;
+    pub const DEVICES: u8 = 0x50;
+    pub const SYNC_SUMMARY: u8 = 0x51;
 }
 
 impl ClientFrame {
@@ -231,6 +424,8 @@ impl ClientFrame {
                 seq: r.u64("seq")?,
             },
             ty::SYNC => {
+                let tail = r.u16("tail")?;
+                let summary = r.bool("summary")?;
                 let n = r.u16("cursors")?;
                 let mut cursors = Vec::with_capacity(usize::from(n).min(1024));
                 for _ in 0..n {
@@ -239,7 +434,11 @@ impl ClientFrame {
                         seq: r.u64("seq")?,
                     });
                 }
-                Self::Sync { cursors }
+                Self::Sync {
+                    tail,
+                    summary,
+                    cursors,
+                }
             }
             ty::GROUP_CREATE => Self::GroupCreate {
                 request: r.u32("request")?,
@@ -265,6 +464,47 @@ impl ClientFrame {
             ty::REFRESH => Self::Refresh {
                 request: r.u32("request")?,
                 token: r.str("token")?,
+            },
+            ty::HISTORY => Self::History {
+                request: r.u32("request")?,
+                conversation: r.str("conversation")?,
+                before_seq: r.u64("before_seq")?,
+                limit: r.u16("limit")?,
+            },
+            ty::CHAT_LIST => Self::ChatList {
+                request: r.u32("request")?,
+                before_ms: r.u64("before_ms")?,
+                before_conversation: r.str("before_conversation")?,
+                limit: r.u16("limit")?,
+            },
+            ty::RECEIPT_QUERY => Self::ReceiptQuery {
+                request: r.u32("request")?,
+                conversation: r.str("conversation")?,
+                seq: r.u64("seq")?,
+            },
+            ty::TYPING => Self::Typing {
+                conversation: r.str("conversation")?,
+                active: r.bool("active")?,
+            },
+            ty::PRESENCE_QUERY => Self::PresenceQuery {
+                request: r.u32("request")?,
+                users: r.str_list("users")?,
+            },
+            ty::PRESENCE_SUBSCRIBE => Self::PresenceSubscribe {
+                request: r.u32("request")?,
+                users: r.str_list("users")?,
+            },
+            ty::SETTINGS => Self::Settings {
+                request: r.u32("request")?,
+                mask: r.u8("mask")?,
+                flags: r.u8("flags")?,
+            },
+            ty::DEVICE_LIST => Self::DeviceList {
+                request: r.u32("request")?,
+            },
+            ty::DEVICE_REMOVE => Self::DeviceRemove {
+                request: r.u32("request")?,
+                device: r.u32("device")?,
             },
             other => return Err(DecodeError::UnknownType(other)),
         };
@@ -296,8 +536,14 @@ impl ClientFrame {
                 put_str(w, conversation);
                 w.put_u64_le(*seq);
             }
-            Self::Sync { cursors } => {
+            Self::Sync {
+                tail,
+                summary,
+                cursors,
+            } => {
                 w.put_u8(ty::SYNC);
+                w.put_u16_le(*tail);
+                w.put_u8(u8::from(*summary));
                 w.put_u16_le(cursors.len() as u16);
                 for c in cursors {
                     put_str(w, &c.conversation);
@@ -346,6 +592,77 @@ impl ClientFrame {
                 w.put_u32_le(*request);
                 put_str(w, token);
             }
+            Self::History {
+                request,
+                conversation,
+                before_seq,
+                limit,
+            } => {
+                w.put_u8(ty::HISTORY);
+                w.put_u32_le(*request);
+                put_str(w, conversation);
+                w.put_u64_le(*before_seq);
+                w.put_u16_le(*limit);
+            }
+            Self::ChatList {
+                request,
+                before_ms,
+                before_conversation,
+                limit,
+            } => {
+                w.put_u8(ty::CHAT_LIST);
+                w.put_u32_le(*request);
+                w.put_u64_le(*before_ms);
+                put_str(w, before_conversation);
+                w.put_u16_le(*limit);
+            }
+            Self::ReceiptQuery {
+                request,
+                conversation,
+                seq,
+            } => {
+                w.put_u8(ty::RECEIPT_QUERY);
+                w.put_u32_le(*request);
+                put_str(w, conversation);
+                w.put_u64_le(*seq);
+            }
+            Self::Typing {
+                conversation,
+                active,
+            } => {
+                w.put_u8(ty::TYPING);
+                put_str(w, conversation);
+                w.put_u8(u8::from(*active));
+            }
+            Self::PresenceQuery { request, users } => {
+                w.put_u8(ty::PRESENCE_QUERY);
+                w.put_u32_le(*request);
+                put_str_list(w, users);
+            }
+            Self::PresenceSubscribe { request, users } => {
+                w.put_u8(ty::PRESENCE_SUBSCRIBE);
+                w.put_u32_le(*request);
+                put_str_list(w, users);
+            }
+            Self::Settings {
+                request,
+                mask,
+                flags,
+            } => {
+                w.put_u8(ty::SETTINGS);
+                w.put_u32_le(*request);
+                w.put_u8(*mask);
+                w.put_u8(*flags);
+            }
+            Self::DeviceList { request } => {
+                w.put_u8(ty::DEVICE_LIST);
+                w.put_u32_le(*request);
+            }
+            Self::DeviceRemove { request, device } => {
+                w.put_u8(ty::DEVICE_REMOVE);
+                w.put_u32_le(*request);
+                w.put_u32_le(*device);
+            }
         }
     }
 
@@ -362,6 +679,15 @@ impl ClientFrame {
             Self::GroupMembers { .. } => "group_members",
             Self::Ping { .. } => "ping",
             Self::Refresh { .. } => "refresh",
+            Self::History { .. } => "history",
+            Self::ChatList { .. } => "chat_list",
+            Self::ReceiptQuery { .. } => "receipt_query",
+            Self::Typing { .. } => "typing",
+            Self::PresenceQuery { .. } => "presence_query",
+            Self::PresenceSubscribe { .. } => "presence_subscribe",
+            Self::Settings { .. } => "settings",
+            Self::DeviceList { .. } => "device_list",
+            Self::DeviceRemove { .. } => "device_remove",
         }
     }
 }
@@ -408,11 +734,7 @@ impl ServerFrame {
                 },
             },
             ty::SYNC_DONE => Self::SyncDone {
-                more: match r.u8("more")? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::OutOfRange("more")),
-                },
+                more: r.bool("more")?,
             },
             ty::GROUP_CREATED => Self::GroupCreated {
                 request: r.u32("request")?,
@@ -434,6 +756,92 @@ impl ServerFrame {
                 code: r.u16("code")?,
                 reference: r.u64("reference")?,
                 detail: r.str("detail")?,
+            },
+            ty::HISTORY_PAGE => Self::History {
+                request: r.u32("request")?,
+                conversation: r.str("conversation")?,
+                more: r.bool("more")?,
+                entries: r.list("entries", |r| {
+                    Ok(HistoryEntry {
+                        seq: r.u64("seq")?,
+                        server_id: r.u64("server_id")?,
+                        timestamp_ms: r.u64("timestamp_ms")?,
+                        kind: EntryKind::from_u8(r.u8("kind")?)
+                            .ok_or(DecodeError::OutOfRange("kind"))?,
+                        sender: r.str("sender")?,
+                        sender_device: r.u32("sender_device")?,
+                        client_id: r.u64("client_id")?,
+                        body: r.bytes("body")?,
+                    })
+                })?,
+            },
+            ty::CHATS => Self::Chats {
+                request: r.u32("request")?,
+                more: r.bool("more")?,
+                chats: r.list("chats", |r| {
+                    Ok(Chat {
+                        conversation: r.str("conversation")?,
+                        last_seq: r.u64("last_seq")?,
+                        last_ms: r.u64("last_ms")?,
+                        last_sender: r.str("last_sender")?,
+                        read_seq: r.u64("read_seq")?,
+                        unread: r.u64("unread")?,
+                    })
+                })?,
+            },
+            ty::RECEIPT_SUMMARY => Self::ReceiptSummary {
+                request: r.u32("request")?,
+                conversation: r.str("conversation")?,
+                seq: r.u64("seq")?,
+                recipients: r.u32("recipients")?,
+                delivered: r.str_list("delivered")?,
+                read: r.str_list("read")?,
+            },
+            ty::TYPING_EVENT => Self::Typing {
+                conversation: r.str("conversation")?,
+                user: r.str("user")?,
+                device: r.u32("device")?,
+                active: r.bool("active")?,
+                ttl_ms: r.u32("ttl_ms")?,
+            },
+            ty::PRESENCE => Self::Presence {
+                request: r.u32("request")?,
+                entries: r.list("entries", |r| {
+                    Ok(PresenceEntry {
+                        user: r.str("user")?,
+                        online: r.bool("online")?,
+                        last_seen_ms: r.u64("last_seen_ms")?,
+                    })
+                })?,
+            },
+            ty::SETTINGS_STATE => Self::Settings {
+                request: r.u32("request")?,
+                flags: r.u8("flags")?,
+            },
+            ty::DEVICES => Self::Devices {
+                request: r.u32("request")?,
+                devices: r.list("devices", |r| {
+                    Ok(DeviceInfo {
+                        device: r.u32("device")?,
+                        linked_ms: r.u64("linked_ms")?,
+                        last_seen_ms: r.u64("last_seen_ms")?,
+                        online: r.bool("online")?,
+                    })
+                })?,
+            },
+            ty::SYNC_SUMMARY => Self::SyncSummary {
+                conversations: r.list("conversations", |r| {
+                    Ok(ConversationSummary {
+                        conversation: r.str("conversation")?,
+                        last_seq: r.u64("last_seq")?,
+                        delivered: r.u64("delivered")?,
+                        read: r.u64("read")?,
+                        unread: r.u64("unread")?,
+                        from_seq: r.u64("from_seq")?,
+                        peer_delivered: r.u64("peer_delivered")?,
+                        peer_read: r.u64("peer_read")?,
+                    })
+                })?,
             },
             other => return Err(DecodeError::UnknownType(other)),
         };
@@ -551,6 +959,116 @@ impl ServerFrame {
                 w.put_u64_le(*reference);
                 put_str(w, detail);
             }
+            Self::History {
+                request,
+                conversation,
+                more,
+                entries,
+            } => {
+                w.put_u8(ty::HISTORY_PAGE);
+                w.put_u32_le(*request);
+                put_str(w, conversation);
+                w.put_u8(u8::from(*more));
+                w.put_u16_le(entries.len() as u16);
+                for e in entries {
+                    w.put_u64_le(e.seq);
+                    w.put_u64_le(e.server_id);
+                    w.put_u64_le(e.timestamp_ms);
+                    w.put_u8(e.kind as u8);
+                    put_str(w, &e.sender);
+                    w.put_u32_le(e.sender_device);
+                    w.put_u64_le(e.client_id);
+                    put_bytes(w, &e.body);
+                }
+            }
+            Self::Chats {
+                request,
+                more,
+                chats,
+            } => {
+                w.put_u8(ty::CHATS);
+                w.put_u32_le(*request);
+                w.put_u8(u8::from(*more));
+                w.put_u16_le(chats.len() as u16);
+                for c in chats {
+                    put_str(w, &c.conversation);
+                    w.put_u64_le(c.last_seq);
+                    w.put_u64_le(c.last_ms);
+                    put_str(w, &c.last_sender);
+                    w.put_u64_le(c.read_seq);
+                    w.put_u64_le(c.unread);
+                }
+            }
+            Self::ReceiptSummary {
+                request,
+                conversation,
+                seq,
+                recipients,
+                delivered,
+                read,
+            } => {
+                w.put_u8(ty::RECEIPT_SUMMARY);
+                w.put_u32_le(*request);
+                put_str(w, conversation);
+                w.put_u64_le(*seq);
+                w.put_u32_le(*recipients);
+                put_str_list(w, delivered);
+                put_str_list(w, read);
+            }
+            Self::Typing {
+                conversation,
+                user,
+                device,
+                active,
+                ttl_ms,
+            } => {
+                w.put_u8(ty::TYPING_EVENT);
+                put_str(w, conversation);
+                put_str(w, user);
+                w.put_u32_le(*device);
+                w.put_u8(u8::from(*active));
+                w.put_u32_le(*ttl_ms);
+            }
+            Self::Presence { request, entries } => {
+                w.put_u8(ty::PRESENCE);
+                w.put_u32_le(*request);
+                w.put_u16_le(entries.len() as u16);
+                for e in entries {
+                    put_str(w, &e.user);
+                    w.put_u8(u8::from(e.online));
+                    w.put_u64_le(e.last_seen_ms);
+                }
+            }
+            Self::Settings { request, flags } => {
+                w.put_u8(ty::SETTINGS_STATE);
+                w.put_u32_le(*request);
+                w.put_u8(*flags);
+            }
+            Self::Devices { request, devices } => {
+                w.put_u8(ty::DEVICES);
+                w.put_u32_le(*request);
+                w.put_u16_le(devices.len() as u16);
+                for d in devices {
+                    w.put_u32_le(d.device);
+                    w.put_u64_le(d.linked_ms);
+                    w.put_u64_le(d.last_seen_ms);
+                    w.put_u8(u8::from(d.online));
+                }
+            }
+            Self::SyncSummary { conversations } => {
+                w.put_u8(ty::SYNC_SUMMARY);
+                w.put_u16_le(conversations.len() as u16);
+                for c in conversations {
+                    put_str(w, &c.conversation);
+                    w.put_u64_le(c.last_seq);
+                    w.put_u64_le(c.delivered);
+                    w.put_u64_le(c.read);
+                    w.put_u64_le(c.unread);
+                    w.put_u64_le(c.from_seq);
+                    w.put_u64_le(c.peer_delivered);
+                    w.put_u64_le(c.peer_read);
+                }
+            }
         }
     }
 }
@@ -647,6 +1165,29 @@ impl<'a> Reader<'a> {
         Ok(self.src.slice(start..start + n))
     }
 
+    fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::OutOfRange(field)),
+        }
+    }
+
+    /// A `u16` count and that many items read by `item`. The allocation is
+    /// bounded by the bytes left, not by the count a peer claims.
+    fn list<T>(
+        &mut self,
+        field: &'static str,
+        mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let n = self.u16(field)?;
+        let mut out = Vec::with_capacity(usize::from(n).min(self.src.len() - self.pos));
+        for _ in 0..n {
+            out.push(item(self)?);
+        }
+        Ok(out)
+    }
+
     fn str_list(&mut self, field: &'static str) -> Result<Vec<String>, DecodeError> {
         let n = self.u16(field)?;
         // Each item takes at least two bytes, which bounds the allocation by
@@ -699,6 +1240,8 @@ mod tests {
             seq: 9,
         });
         client_round_trip(ClientFrame::Sync {
+            tail: 50,
+            summary: true,
             cursors: vec![Cursor {
                 conversation: conv.clone(),
                 seq: 3,
@@ -726,6 +1269,45 @@ mod tests {
         client_round_trip(ClientFrame::Refresh {
             request: 1,
             token: "t".repeat(900),
+        });
+        client_round_trip(ClientFrame::History {
+            request: 2,
+            conversation: "d:a:b".into(),
+            before_seq: 90,
+            limit: 50,
+        });
+        client_round_trip(ClientFrame::ChatList {
+            request: 3,
+            before_ms: 17,
+            before_conversation: "d:a:b".into(),
+            limit: 20,
+        });
+        client_round_trip(ClientFrame::ReceiptQuery {
+            request: 4,
+            conversation: "g:00000000000000ff".into(),
+            seq: 3,
+        });
+        client_round_trip(ClientFrame::Typing {
+            conversation: "d:a:b".into(),
+            active: true,
+        });
+        client_round_trip(ClientFrame::PresenceQuery {
+            request: 5,
+            users: vec!["bob".into()],
+        });
+        client_round_trip(ClientFrame::PresenceSubscribe {
+            request: 6,
+            users: vec![],
+        });
+        client_round_trip(ClientFrame::Settings {
+            request: 7,
+            mask: settings::ALL,
+            flags: settings::HIDE_LAST_SEEN,
+        });
+        client_round_trip(ClientFrame::DeviceList { request: 8 });
+        client_round_trip(ClientFrame::DeviceRemove {
+            request: 9,
+            device: 3,
         });
     }
 
@@ -781,6 +1363,81 @@ mod tests {
             code: 403,
             reference: 5,
             detail: "not a member".into(),
+        });
+        server_round_trip(ServerFrame::History {
+            request: 1,
+            conversation: "d:a:b".into(),
+            more: true,
+            entries: vec![HistoryEntry {
+                seq: 4,
+                server_id: 5,
+                timestamp_ms: 6,
+                kind: EntryKind::Message,
+                sender: "a".into(),
+                sender_device: 1,
+                client_id: 7,
+                body: Bytes::from_static(b"x"),
+            }],
+        });
+        server_round_trip(ServerFrame::Chats {
+            request: 2,
+            more: false,
+            chats: vec![Chat {
+                conversation: "d:a:b".into(),
+                last_seq: 9,
+                last_ms: 10,
+                last_sender: "b".into(),
+                read_seq: 7,
+                unread: 2,
+            }],
+        });
+        server_round_trip(ServerFrame::ReceiptSummary {
+            request: 3,
+            conversation: "g:00000000000000ff".into(),
+            seq: 2,
+            recipients: 10,
+            delivered: vec!["b".into(), "c".into()],
+            read: vec!["b".into()],
+        });
+        server_round_trip(ServerFrame::Typing {
+            conversation: "d:a:b".into(),
+            user: "a".into(),
+            device: 2,
+            active: true,
+            ttl_ms: 6000,
+        });
+        server_round_trip(ServerFrame::Presence {
+            request: 0,
+            entries: vec![PresenceEntry {
+                user: "b".into(),
+                online: false,
+                last_seen_ms: 99,
+            }],
+        });
+        server_round_trip(ServerFrame::Settings {
+            request: 4,
+            flags: settings::READ_RECEIPTS_OFF,
+        });
+        server_round_trip(ServerFrame::Devices {
+            request: 5,
+            devices: vec![DeviceInfo {
+                device: 1,
+                linked_ms: 2,
+                last_seen_ms: 3,
+                online: true,
+            }],
+        });
+        server_round_trip(ServerFrame::SyncSummary {
+            conversations: vec![ConversationSummary {
+                conversation: "d:a:b".into(),
+                last_seq: 9,
+                delivered: 3,
+                read: 2,
+                unread: 7,
+                from_seq: 5,
+                peer_delivered: 9,
+                peer_read: 8,
+            }],
         });
     }
 

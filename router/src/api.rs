@@ -45,10 +45,21 @@ pub enum Command {
     /// A session of `device` was authenticated and opened. Any older session
     /// of the same device is closed with `REPLACED`. The router sends it
     /// nothing live until its catch-up (`Sync`) completes.
-    Attach { session: SessionKey, device: Device },
+    /// `issued_at_s` is the token's `iat`: a device unlinked after it
+    /// was issued is refused (closed with `DEVICE_REMOVED`).
+    Attach {
+        session: SessionKey,
+        device: Device,
+        issued_at_s: u64,
+    },
     /// The session ended (the router ignores a detach for a session that is
-    /// no longer the device's current one).
-    Detach { session: SessionKey, device: Device },
+    /// no longer the device's current one). `last_seen_ms` is when the
+    /// gateway last heard from it (its last heartbeat or frame).
+    Detach {
+        session: SessionKey,
+        device: Device,
+        last_seen_ms: u64,
+    },
     /// A client frame the router handles: `Send`, `Delivered`, `Read`,
     /// `Sync` and the group frames. `received_at` is when the gateway read
     /// it, the start of the SENT-ack and delivery latency clocks.

@@ -69,11 +69,35 @@ pub struct Membership {
     pub left_seq: u64,
 }
 
-/// A device's receipt cursors in one conversation.
+/// A device's receipt cursors in one conversation (device 0: the user's,
+/// the highest over its devices).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursors {
     pub delivered: u64,
     pub read: u64,
+    /// When either cursor last moved (0 in records written before it was
+    /// kept).
+    pub updated_ms: u64,
+}
+
+/// A linked device of a user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// When the device was (last) linked.
+    pub linked_ms: u64,
+    /// When it was unlinked (0 while linked); tokens issued up to then are
+    /// refused.
+    pub removed_ms: u64,
+    /// When it was last seen (its last frame before its session ended).
+    pub last_seen_ms: u64,
+    /// When it last finished a catch-up.
+    pub last_sync_ms: u64,
+}
+
+/// A user's privacy settings (`courier_protocol::frame::settings` bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    pub flags: u8,
 }
 
 /// What a send was answered with, kept so a retry gets the same answer.
@@ -189,20 +213,66 @@ impl Membership {
 
 impl Cursors {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(17);
+        let mut w = Writer::with_capacity(25);
         w.u64(self.delivered);
         w.u64(self.read);
+        w.u64(self.updated_ms);
         w.finish()
     }
 
     pub fn decode(raw: &[u8]) -> Result<Self, Corrupt> {
         let mut r = Reader::new(raw)?;
-        let c = Self {
+        let mut c = Self {
             delivered: r.u64("delivered")?,
             read: r.u64("read")?,
+            updated_ms: 0,
         };
+        // Records from before `updated_ms` end here.
+        if r.remaining() > 0 {
+            c.updated_ms = r.u64("updated_ms")?;
+        }
         r.finish()?;
         Ok(c)
+    }
+}
+
+impl DeviceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(33);
+        w.u64(self.linked_ms);
+        w.u64(self.removed_ms);
+        w.u64(self.last_seen_ms);
+        w.u64(self.last_sync_ms);
+        w.finish()
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<Self, Corrupt> {
+        let mut r = Reader::new(raw)?;
+        let d = Self {
+            linked_ms: r.u64("linked_ms")?,
+            removed_ms: r.u64("removed_ms")?,
+            last_seen_ms: r.u64("last_seen_ms")?,
+            last_sync_ms: r.u64("last_sync_ms")?,
+        };
+        r.finish()?;
+        Ok(d)
+    }
+}
+
+impl UserSettings {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(2);
+        w.u8(self.flags);
+        w.finish()
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<Self, Corrupt> {
+        let mut r = Reader::new(raw)?;
+        let s = Self {
+            flags: r.u8("flags")?,
+        };
+        r.finish()?;
+        Ok(s)
     }
 }
 
@@ -389,6 +459,7 @@ mod tests {
         let c = Cursors {
             delivered: 10,
             read: 8,
+            ..Cursors::default()
         };
         assert_eq!(Cursors::decode(&c.encode()), Ok(c));
 
@@ -407,11 +478,25 @@ mod tests {
         let c = Cursors {
             delivered: 1,
             read: 1,
+            ..Cursors::default()
         }
         .encode();
         assert_eq!(Cursors::decode(&[]), Err(Corrupt("version")));
         assert_eq!(Cursors::decode(&[9]), Err(Corrupt("version")));
-        assert_eq!(Cursors::decode(&c[..c.len() - 1]), Err(Corrupt("read")));
+        assert_eq!(
+            Cursors::decode(&c[..c.len() - 1]),
+            Err(Corrupt("updated_ms"))
+        );
+        assert_eq!(Cursors::decode(&c[..16]), Err(Corrupt("read")));
+        // A record from before `updated_ms` was kept still reads.
+        assert_eq!(
+            Cursors::decode(&c[..17]),
+            Ok(Cursors {
+                delivered: 1,
+                read: 1,
+                updated_ms: 0
+            })
+        );
         let mut long = c.clone();
         long.push(0);
         assert_eq!(Cursors::decode(&long), Err(Corrupt("trailing bytes")));

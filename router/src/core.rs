@@ -43,6 +43,12 @@ use crate::server_id::ServerIds;
 use crate::store::{self, Part, Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterError};
 
+mod social;
+mod views;
+
+pub(crate) use social::UserState;
+use views::Query;
+
 /// How often the sweep drops expired dedupe records and idle rate buckets.
 const SWEEP_INTERVAL_MS: u64 = 60_000;
 
@@ -114,6 +120,11 @@ pub struct RouterCore {
     dirty_order: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// The time of the batch being decided.
     batch_now_ms: u64,
+    /// Settings and devices of users seen since the start, loaded on first
+    /// use (see `social.rs`).
+    users: FxHashMap<Arc<str>, UserState>,
+    /// Presence, typing and device bookkeeping (see `social.rs`).
+    social: social::Social,
 }
 
 /// A batch whose writes are in the store but not yet known to be durable:
@@ -156,6 +167,9 @@ struct Conversation {
     /// held for fan-out keeps the members at the time of its entry.
     members: Arc<[Member]>,
     last_seq: u64,
+    /// When the last entry was made, and by whom (for the chat list).
+    last_ms: u64,
+    last_sender: Arc<str>,
     /// False for a direct conversation whose first message is not written
     /// yet: that send writes its metadata and memberships.
     stored: bool,
@@ -256,8 +270,19 @@ enum Pending {
     /// A receipt that moved a cursor, and where to forward it.
     Receipt {
         session: SessionKey,
-        forward: Option<(Arc<str>, ServerFrame)>,
+        forward: Vec<Forward>,
     },
+    /// Frames for users' live sessions once the batch is durable (a
+    /// settings change told to the user's other devices).
+    Notify(Vec<Forward>),
+}
+
+/// A frame for every live session of `user` but `except_device`'s.
+#[derive(Debug)]
+struct Forward {
+    user: Arc<str>,
+    except_device: Option<u32>,
+    frame: ServerFrame,
 }
 
 /// A Sync to serve after the commit.
@@ -266,6 +291,8 @@ struct SyncRequest {
     session: SessionKey,
     device: Device,
     cursors: Vec<Cursor>,
+    tail: u16,
+    summary: bool,
 }
 
 /// What one batch has decided so far.
@@ -274,6 +301,9 @@ struct Batch {
     writes: WriteSet,
     pending: Vec<Pending>,
     syncs: Vec<SyncRequest>,
+    /// Reads answered from the committed store (history, chat list,
+    /// receipt summaries).
+    queries: Vec<Query>,
     /// Dedupe records written by this batch (the store cannot see them yet).
     dedupe: FxHashMap<Vec<u8>, DedupeRecord>,
     /// Users who spent a rate token on a write of this batch, refunded if
@@ -368,6 +398,8 @@ impl RouterCore {
             dirty_cursors: rustc_hash::FxHashSet::default(),
             dirty_order: std::collections::VecDeque::new(),
             batch_now_ms: 0,
+            users: FxHashMap::default(),
+            social: social::Social::default(),
         })
     }
 
@@ -391,6 +423,7 @@ impl RouterCore {
     pub fn close(mut self) {
         let mut writes = WriteSet::default();
         self.flush_cursors(&mut writes, u64::MAX, usize::MAX);
+        self.flush_devices(&mut writes, usize::MAX);
         if let Err(e) = self.store.commit(writes, false) {
             tracing::error!(error = %e, "writing delivery cursors at stop failed");
         }
@@ -423,13 +456,17 @@ impl RouterCore {
     /// decides the next batch while this one is being synced.
     pub fn prepare(&mut self, commands: Vec<Command>, now_ms: u64) -> Written {
         self.batch_now_ms = now_ms;
-        self.metrics.batch_commands.observe(commands.len() as f64);
+        if !commands.is_empty() {
+            self.metrics.batch_commands.observe(commands.len() as f64);
+        }
         self.before_batch(now_ms);
 
         let mut batch = Batch::default();
+        self.timers(&mut batch, now_ms);
         for command in commands {
             self.decide(&mut batch, command, now_ms);
         }
+        self.write_presence(&mut batch, now_ms);
         if batch.issued_ids {
             batch.writes.put(
                 Part::Router,
@@ -505,7 +542,10 @@ impl RouterCore {
             self.answer(&mut out, pending, committed);
         }
         for sync in batch.syncs {
-            self.catch_up(&mut out, sync);
+            self.catch_up(&mut out, sync, committed, now_ms);
+        }
+        for query in batch.queries {
+            self.query(&mut out, query, committed);
         }
         out.into_batches()
     }
@@ -634,6 +674,7 @@ impl RouterCore {
         self.next_sweep_ms = Some(now_ms + SWEEP_INTERVAL_MS);
         let (rate, burst) = (self.config.send_rate_per_s, self.config.send_burst);
         self.buckets.retain(|_, b| !b.is_full(now_ms, rate, burst));
+        self.sweep_typing(now_ms);
 
         let cutoff = now_ms.saturating_sub(self.config.dedupe_window.as_millis() as u64);
         let expired = match self.store.expired_dedupe(cutoff, SWEEP_LIMIT) {
@@ -669,8 +710,16 @@ impl RouterCore {
 
     fn decide(&mut self, b: &mut Batch, command: Command, now_ms: u64) {
         match command {
-            Command::Attach { session, device } => self.attach(b, session, device),
-            Command::Detach { session, device } => self.detach(session, &device),
+            Command::Attach {
+                session,
+                device,
+                issued_at_s,
+            } => self.attach(b, session, device, issued_at_s, now_ms),
+            Command::Detach {
+                session,
+                device,
+                last_seen_ms,
+            } => self.detach(session, &device, last_seen_ms, now_ms),
             Command::Frame {
                 session,
                 device,
@@ -721,14 +770,79 @@ impl RouterCore {
                 ClientFrame::Read { conversation, seq } => {
                     self.receipt(b, session, &device, &conversation, seq, ReceiptKind::Read);
                 }
-                ClientFrame::Sync { cursors } => {
+                ClientFrame::Sync {
+                    tail,
+                    summary,
+                    cursors,
+                } => {
                     self.set_live(&device, session, false);
                     b.syncs.push(SyncRequest {
                         session,
                         device,
                         cursors,
+                        tail,
+                        summary,
                     });
                 }
+                ClientFrame::History {
+                    request,
+                    conversation,
+                    before_seq,
+                    limit,
+                } => b.queries.push(Query::History {
+                    session,
+                    device,
+                    request,
+                    conversation,
+                    before_seq,
+                    limit,
+                }),
+                ClientFrame::ChatList {
+                    request,
+                    before_ms,
+                    before_conversation,
+                    limit,
+                } => b.queries.push(Query::ChatList {
+                    session,
+                    device,
+                    request,
+                    before_ms,
+                    before_conversation,
+                    limit,
+                }),
+                ClientFrame::ReceiptQuery {
+                    request,
+                    conversation,
+                    seq,
+                } => b.queries.push(Query::Receipts {
+                    session,
+                    device,
+                    request,
+                    conversation,
+                    seq,
+                }),
+                ClientFrame::Typing {
+                    conversation,
+                    active,
+                } => self.typing(b, session, &device, &conversation, active, now_ms),
+                ClientFrame::PresenceQuery { request, users } => {
+                    self.presence_query(b, session, request, users, false)
+                }
+                ClientFrame::PresenceSubscribe { request, users } => {
+                    self.presence_query(b, session, request, users, true)
+                }
+                ClientFrame::Settings {
+                    request,
+                    mask,
+                    flags,
+                } => self.settings(b, session, &device, request, mask, flags),
+                ClientFrame::DeviceList { request } => {
+                    self.device_list(b, session, &device, request)
+                }
+                ClientFrame::DeviceRemove {
+                    request,
+                    device: target,
+                } => self.device_remove(b, session, &device, request, target, now_ms),
                 ClientFrame::GroupCreate { request, members } => {
                     let result =
                         self.group_create(b, &device, request, members, received_at, now_ms);
@@ -800,46 +914,6 @@ impl RouterCore {
         }
     }
 
-    fn attach(&mut self, b: &mut Batch, session: SessionKey, device: Device) {
-        let routes = self.routes.entry(device.user).or_default();
-        match routes.iter_mut().find(|r| r.device == device.device) {
-            Some(route) if route.session == session => {}
-            Some(route) => {
-                b.pending.push(Pending::Always(Delivery::Close {
-                    session: route.session,
-                    code: courier_protocol::close::REPLACED,
-                    reason: "replaced by a newer session",
-                }));
-                *route = Route {
-                    device: device.device,
-                    session,
-                    live: false,
-                };
-            }
-            None => {
-                routes.push(Route {
-                    device: device.device,
-                    session,
-                    live: false,
-                });
-                self.metrics.routes_online.inc();
-            }
-        }
-    }
-
-    fn detach(&mut self, session: SessionKey, device: &Device) {
-        if let Some(routes) = self.routes.get_mut(&device.user) {
-            let before = routes.len();
-            routes.retain(|r| !(r.device == device.device && r.session == session));
-            if routes.len() < before {
-                self.metrics.routes_online.dec();
-            }
-            if routes.is_empty() {
-                self.routes.remove(&device.user);
-            }
-        }
-    }
-
     fn set_live(&mut self, device: &Device, session: SessionKey, live: bool) {
         if let Some(routes) = self.routes.get_mut(&device.user) {
             for r in routes
@@ -867,12 +941,19 @@ impl RouterCore {
         let Some(meta) = self.store.conversation(id)? else {
             return Ok(false);
         };
-        let last_seq = self.store.last_seq(id)?;
+        let (last_seq, last_ms, last_sender) = match self.store.last_entry(id)? {
+            Some((seq, e)) => (seq, e.timestamp_ms, e.sender),
+            // No entry, or a corrupt last one (logged): the sequence still
+            // continues after it.
+            None => (self.store.last_seq(id)?, 0, meta.creator.clone()),
+        };
         let conv = Conversation {
             kind: meta.kind,
             creator: meta.creator,
             members: meta.members.into(),
             last_seq,
+            last_ms,
+            last_sender,
             stored: true,
         };
         self.conversations.insert(id.into(), conv);
@@ -977,6 +1058,8 @@ impl RouterCore {
                     creator: user.clone(),
                     members,
                     last_seq,
+                    last_ms: 0,
+                    last_sender: user.clone(),
                     stored: false,
                 };
                 self.conversations.insert(conversation.into(), conv);
@@ -1008,6 +1091,8 @@ impl RouterCore {
             ));
         };
         conv.last_seq += 1;
+        conv.last_ms = now_ms;
+        conv.last_sender = user.clone();
         let seq = conv.last_seq;
         if !conv.stored {
             conv.stored = true;
@@ -1056,6 +1141,10 @@ impl RouterCore {
         );
         b.dedupe.insert(dedupe_key, record);
         b.messages += 1;
+        // The message ends its sender's typing, and replying marks what came
+        // before it read.
+        self.typing_ends(conversation, user, device.device);
+        self.auto_read(b, device, conversation, seq);
 
         let sent = ServerFrame::Sent {
             client_id,
@@ -1138,6 +1227,7 @@ impl RouterCore {
             return Err(bad("sequence is beyond the conversation's last entry"));
         }
 
+        let now_ms = self.batch_now_ms;
         let key = store::cursor_key(user, device.device, conversation);
         let old = self.cursor(&key, user, device.device, conversation)?;
         let mut new = old;
@@ -1149,39 +1239,90 @@ impl RouterCore {
                 new.delivered = new.delivered.max(new.read);
             }
         }
-        if new == old {
+        if (new.delivered, new.read) == (old.delivered, old.read) {
             return Ok(CursorMove::Unchanged);
         }
-        self.cursor_cache.insert(key.clone(), new);
+        new.updated_ms = now_ms;
+        self.set_cursor(key, new);
+
+        // The user's cursor is the highest over its devices: a message
+        // delivered to one device is delivered to the user, and a read on
+        // one device is a read on all of them.
+        let user_key = store::cursor_key(user, 0, conversation);
+        let old_user = self.cursor(&user_key, user, 0, conversation)?;
+        let mut user_cursor = old_user;
+        user_cursor.delivered = user_cursor.delivered.max(new.delivered);
+        user_cursor.read = user_cursor.read.max(new.read);
+        let mut forward = Vec::new();
+        if (user_cursor.delivered, user_cursor.read) == (old_user.delivered, old_user.read) {
+            return Ok(CursorMove::Moved { forward });
+        }
+        user_cursor.updated_ms = now_ms;
+        self.set_cursor(user_key, user_cursor);
+
+        let receipt = |kind: ReceiptKind, seq: u64| ServerFrame::Receipt {
+            conversation: conversation.to_owned(),
+            seq,
+            user: user.to_string(),
+            device: device.device,
+            kind,
+        };
+        let read_moved = user_cursor.read > old_user.read;
+        if read_moved {
+            forward.push(Forward {
+                user: user.clone(),
+                except_device: Some(device.device),
+                frame: receipt(ReceiptKind::Read, user_cursor.read),
+            });
+        }
+        // Groups get no per-member pushes: their senders ask for the
+        // aggregate (`ReceiptQuery`).
+        if let (true, Some(other)) = (direct, other) {
+            let read_told =
+                read_moved && self.read_receipts_on(user)? && self.read_receipts_on(&other)?;
+            if read_told {
+                forward.push(Forward {
+                    user: other.clone(),
+                    except_device: None,
+                    frame: receipt(ReceiptKind::Read, user_cursor.read),
+                });
+            }
+            let delivered_moved = user_cursor.delivered > old_user.delivered;
+            if delivered_moved && !(read_told && user_cursor.read >= user_cursor.delivered) {
+                forward.push(Forward {
+                    user: other,
+                    except_device: None,
+                    frame: receipt(ReceiptKind::Delivered, user_cursor.delivered),
+                });
+            }
+        }
+        Ok(CursorMove::Moved { forward })
+    }
+
+    /// Puts a cursor in the cache and marks it for the write-behind.
+    fn set_cursor(&mut self, key: Vec<u8>, cursor: Cursors) {
+        self.cursor_cache.insert(key.clone(), cursor);
         if self.dirty_cursors.insert(key.clone()) {
             self.dirty_order.push_back((self.batch_now_ms, key));
         }
+    }
 
-        let advanced = match kind {
-            ReceiptKind::Delivered => new.delivered > old.delivered,
-            ReceiptKind::Read => new.read > old.read,
+    /// A send marks its conversation read up to the message for its user
+    /// (replying means having read): only the user's cursor moves, for
+    /// unread counts, and nothing is pushed (the message itself reaches the
+    /// user's other devices and the other participants).
+    fn auto_read(&mut self, b: &mut Batch, device: &Device, conversation: &str, seq: u64) {
+        let _ = b;
+        let key = store::cursor_key(&device.user, 0, conversation);
+        let Ok(mut cursor) = self.cursor(&key, &device.user, 0, conversation) else {
+            return;
         };
-        // Groups get no per-member receipt pushes: aggregating them ("read
-        // by 5 of 10") is computed on request, a later addition.
-        let forward = match (direct && advanced, other) {
-            (true, Some(other)) => {
-                let value = if kind == ReceiptKind::Read {
-                    new.read
-                } else {
-                    new.delivered
-                };
-                let frame = ServerFrame::Receipt {
-                    conversation: conversation.to_owned(),
-                    seq: value,
-                    user: user.to_string(),
-                    device: device.device,
-                    kind,
-                };
-                Some((other, frame))
-            }
-            _ => None,
-        };
-        Ok(CursorMove::Moved { forward })
+        if cursor.read < seq {
+            cursor.read = seq;
+            cursor.delivered = cursor.delivered.max(seq);
+            cursor.updated_ms = self.batch_now_ms;
+            self.set_cursor(key, cursor);
+        }
     }
 
     fn hold_group(
@@ -1270,6 +1411,8 @@ impl RouterCore {
             creator: creator.clone(),
             members: members.clone(),
             last_seq: 1,
+            last_ms: now_ms,
+            last_sender: creator.clone(),
             stored: true,
         };
         b.writes.put(
@@ -1529,6 +1672,10 @@ impl RouterCore {
     ) -> Fanout {
         let server_id = self.ids.next(now_ms);
         b.issued_ids = true;
+        if let Some(conv) = self.conversations.get_mut(conversation) {
+            conv.last_ms = now_ms;
+            conv.last_sender = device.user.clone();
+        }
         let entry = StoredEntry {
             kind,
             server_id,
@@ -1665,23 +1812,33 @@ impl RouterCore {
                         session,
                         &error_frame(ErrorCode::StoreUnavailable, 0, detail),
                     );
-                } else if let Some((user, frame)) = forward {
-                    let bytes = ws_frame(&frame);
-                    for r in self
-                        .routes
-                        .get(&user)
-                        .into_iter()
-                        .flatten()
-                        .filter(|r| r.live)
-                    {
-                        out.push(Delivery::Frame {
-                            session: r.session,
-                            class: Class::Message,
-                            frame: bytes.clone(),
-                            origin: None,
-                        });
-                    }
+                } else {
+                    self.forward(out, &forward);
                 }
+            }
+            Pending::Notify(forward) => {
+                if committed {
+                    self.forward(out, &forward);
+                }
+            }
+        }
+    }
+
+    /// Queues each forwarded frame on the live sessions it names.
+    fn forward(&self, out: &mut Outbox, forward: &[Forward]) {
+        for f in forward {
+            let mut bytes: Option<Bytes> = None;
+            for r in self.routes.get(&f.user).into_iter().flatten() {
+                if !r.live || Some(r.device) == f.except_device {
+                    continue;
+                }
+                let frame = bytes.get_or_insert_with(|| ws_frame(&f.frame)).clone();
+                out.push(Delivery::Frame {
+                    session: r.session,
+                    class: Class::Message,
+                    frame,
+                    origin: None,
+                });
             }
         }
     }
@@ -1705,85 +1862,6 @@ impl RouterCore {
             }
         }
     }
-
-    // ----- step 4: catch up -----
-
-    fn catch_up(&mut self, out: &mut Outbox, sync: SyncRequest) {
-        match self.catch_up_page(out, &sync) {
-            Ok(more) => {
-                out.reply(sync.session, &ServerFrame::SyncDone { more });
-                if !more {
-                    self.set_live(&sync.device, sync.session, true);
-                }
-            }
-            Err(e) => {
-                let r = Reject::from(e);
-                out.reply(sync.session, &error_frame(r.code, 0, r.detail));
-            }
-        }
-    }
-
-    /// Streams up to one page of what the device is missing; true when
-    /// more remains.
-    fn catch_up_page(&self, out: &mut Outbox, sync: &SyncRequest) -> Result<bool, StoreError> {
-        let user = &*sync.device.user;
-        let listed: FxHashMap<&str, u64> = sync
-            .cursors
-            .iter()
-            .map(|c| (c.conversation.as_str(), c.seq))
-            .collect();
-        let mut budget = self.config.sync_page;
-        let mut bytes_left = self.config.sync_page_bytes;
-        for (conversation, m) in self.store.memberships(user)? {
-            let held = match listed.get(conversation.as_str()) {
-                Some(&seq) => seq,
-                None => {
-                    let key = store::cursor_key(user, sync.device.device, &conversation);
-                    self.cursor(&key, user, sync.device.device, &conversation)?
-                        .delivered
-                }
-            };
-            let after = held.max(m.join_seq.saturating_sub(1));
-            let until = if m.left_seq > 0 { m.left_seq } else { u64::MAX };
-            let until = self.durable_until(&conversation, until);
-            if budget == 0 {
-                if self.store.has_entries(&conversation, after, until)? {
-                    return Ok(true);
-                }
-                continue;
-            }
-            if after >= until {
-                continue;
-            }
-            let entries = self
-                .store
-                .entries(&conversation, after + 1, until, budget)?;
-            let mut last = after;
-            let mut taken = 0;
-            for (seq, entry) in &entries {
-                // The byte budget ends the page early; the first entry of a
-                // page always goes, so paging advances whatever its size.
-                let size = entry.as_ref().map_or(0, |e| e.body.len());
-                if size > bytes_left && (taken > 0 || budget < self.config.sync_page) {
-                    budget = 0;
-                    break;
-                }
-                // A corrupt entry (logged by the store) is skipped but
-                // counts against the page, so paging always advances.
-                if let Some(entry) = entry {
-                    out.reply(sync.session, &message_frame(&conversation, *seq, entry));
-                }
-                bytes_left = bytes_left.saturating_sub(size);
-                last = *seq;
-                taken += 1;
-            }
-            budget = budget.saturating_sub(taken);
-            if budget == 0 && self.store.has_entries(&conversation, last, until)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
 }
 
 /// What a receipt did to its device's cursor.
@@ -1791,10 +1869,8 @@ impl RouterCore {
 enum CursorMove {
     /// The cursor was already there or beyond.
     Unchanged,
-    /// The cursor moved; `forward` names the user to tell, with the frame.
-    Moved {
-        forward: Option<(Arc<str>, ServerFrame)>,
-    },
+    /// The cursor moved; `forward` says whom to tell what.
+    Moved { forward: Vec<Forward> },
 }
 
 /// What a group request changed.

@@ -47,7 +47,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use courier_protocol::frame::ClientFrame;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use prometheus_client::registry::Registry;
 
 pub use crate::core::RouterCore;
@@ -83,6 +83,23 @@ pub struct RouterConfig {
     /// join its batch. Fewer, larger batches mean fewer fsyncs and fewer
     /// thread wake-ups per message, for at most this much added latency.
     pub batch_linger: Duration,
+    /// Most linked devices a user may have.
+    pub max_devices: usize,
+    /// How long a typing indicator lasts unless renewed.
+    pub typing_ttl: Duration,
+    /// Typing events per second a user may keep up, and at once.
+    pub typing_rate_per_s: f64,
+    pub typing_burst: f64,
+    /// How long a user with no session left stays online to its
+    /// subscribers, so a quick reconnect (a flap) is never announced.
+    pub presence_debounce: Duration,
+    /// Most device presence records (last seen) written per second; a mass
+    /// disconnect is written at this rate, not all at once.
+    pub presence_writes_per_s: f64,
+    /// Most users one session may subscribe to for presence.
+    pub max_presence_subscriptions: usize,
+    /// Most entries one history or chat-list page carries.
+    pub history_page: usize,
 }
 
 impl Default for RouterConfig {
@@ -100,6 +117,14 @@ impl Default for RouterConfig {
             max_batch: 4096,
             max_inflight: 100_000,
             batch_linger: Duration::ZERO,
+            max_devices: 4,
+            typing_ttl: Duration::from_secs(6),
+            typing_rate_per_s: 2.0,
+            typing_burst: 10.0,
+            presence_debounce: Duration::from_secs(5),
+            presence_writes_per_s: 2_000.0,
+            max_presence_subscriptions: 16,
+            history_page: 200,
         }
     }
 }
@@ -127,6 +152,30 @@ impl RouterConfig {
         }
         if !(self.send_burst.is_finite() && self.send_burst >= 1.0) {
             return bad("send_burst", "must be at least 1");
+        }
+        if self.max_devices == 0 || self.max_devices > 64 {
+            return bad("max_devices", "must be between 1 and 64");
+        }
+        if self.typing_ttl < Duration::from_secs(1) || self.typing_ttl > Duration::from_secs(60) {
+            return bad("typing_ttl", "must be between 1 and 60 seconds");
+        }
+        if !(self.typing_rate_per_s.is_finite() && self.typing_rate_per_s > 0.0) {
+            return bad("typing_rate_per_s", "must be a positive number");
+        }
+        if !(self.typing_burst.is_finite() && self.typing_burst >= 1.0) {
+            return bad("typing_burst", "must be at least 1");
+        }
+        if self.presence_debounce > Duration::from_secs(300) {
+            return bad("presence_debounce", "must be at most 300 seconds");
+        }
+        if !(self.presence_writes_per_s.is_finite() && self.presence_writes_per_s >= 1.0) {
+            return bad("presence_writes_per_s", "must be at least 1");
+        }
+        if self.max_presence_subscriptions == 0 || self.max_presence_subscriptions > 1024 {
+            return bad("max_presence_subscriptions", "must be between 1 and 1024");
+        }
+        if self.history_page == 0 || self.history_page > usize::from(u16::MAX) {
+            return bad("history_page", "must be between 1 and 65535");
         }
         if self.dedupe_window < core::MIN_DEDUPE_WINDOW {
             return bad(
@@ -292,6 +341,9 @@ impl RouterHandle {
     }
 }
 
+/// How long an idle router waits before running its timers anyway.
+const TICK_INTERVAL: Duration = Duration::from_millis(250);
+
 /// What travels to the router thread.
 #[derive(Debug)]
 enum Msg {
@@ -331,7 +383,11 @@ impl Worker {
             // Block for work only when no batch waits on a sync.
             let batch = self.take_batch(in_flight.is_none() && !stopping, &mut stopping);
             queue_depth.set(self.depth.load(Ordering::Relaxed) as i64);
-            let next = (!batch.is_empty()).then(|| self.core.prepare(batch, now_ms()));
+            // An empty batch with nothing in flight is the idle tick: the
+            // router's timers (typing expiry, presence debounce, written-
+            // behind records) run even when no command arrives.
+            let tick = batch.is_empty() && in_flight.is_none() && !stopping;
+            let next = (!batch.is_empty() || tick).then(|| self.core.prepare(batch, now_ms()));
             if let Some(written) = in_flight.take() {
                 let synced = syncer.wait();
                 self.deliver(written, synced);
@@ -358,7 +414,7 @@ impl Worker {
         let mut stopping = false;
         while !stopping {
             let batch = self.take_batch(true, &mut stopping);
-            if !batch.is_empty() {
+            if !stopping {
                 for (core, deliveries) in self.core.handle_batch(batch, now_ms()) {
                     self.outlet.deliver(core, deliveries);
                 }
@@ -373,10 +429,12 @@ impl Worker {
     fn take_batch(&mut self, block: bool, stopping: &mut bool) -> Vec<api::Command> {
         let mut batch = Vec::new();
         if block {
-            match self.rx.recv() {
+            match self.rx.recv_timeout(TICK_INTERVAL) {
                 Ok(Msg::Command(cmd)) => batch.push(cmd),
+                // Nothing for a tick: an empty batch runs the timers.
+                Err(RecvTimeoutError::Timeout) => return batch,
                 // Shutdown, or every handle is gone: nobody can submit any more.
-                Ok(Msg::Shutdown) | Err(_) => *stopping = true,
+                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => *stopping = true,
             }
             let deadline = std::time::Instant::now() + self.linger;
             while !*stopping && !self.linger.is_zero() && batch.len() < self.max_batch {

@@ -39,6 +39,16 @@ pub struct Metrics {
     pub commit_failures: Counter,
     /// Device routes currently attached.
     pub routes_online: Gauge,
+    /// Device presence records (last seen) written to the store.
+    pub presence_writes: Counter,
+    /// Device presence records waiting for the write rate.
+    pub presence_pending: Gauge,
+    /// Presence changes pushed to subscribed sessions.
+    pub presence_pushes: Counter,
+    /// Typing events relayed to sessions.
+    pub typing_relayed: Counter,
+    /// Typing events refused over a user's typing rate.
+    pub typing_limited: Counter,
 }
 
 impl Metrics {
@@ -53,6 +63,11 @@ impl Metrics {
             queue_depth: Gauge::default(),
             commit_failures: Counter::default(),
             routes_online: Gauge::default(),
+            presence_writes: Counter::default(),
+            presence_pending: Gauge::default(),
+            presence_pushes: Counter::default(),
+            typing_relayed: Counter::default(),
+            typing_limited: Counter::default(),
         };
         registry.register(
             "courier_store_commit_duration_seconds",
@@ -94,6 +109,31 @@ impl Metrics {
             "courier_routes_online",
             "Device routes attached to this router",
             m.routes_online.clone(),
+        );
+        registry.register(
+            "courier_presence_writes",
+            "Device last-seen records written to the store",
+            m.presence_writes.clone(),
+        );
+        registry.register(
+            "courier_presence_pending_writes",
+            "Device last-seen records waiting for the presence write rate",
+            m.presence_pending.clone(),
+        );
+        registry.register(
+            "courier_presence_pushes",
+            "Presence changes pushed to subscribed sessions",
+            m.presence_pushes.clone(),
+        );
+        registry.register(
+            "courier_typing_relayed",
+            "Typing events relayed to sessions",
+            m.typing_relayed.clone(),
+        );
+        registry.register(
+            "courier_typing_rate_limited",
+            "Typing events refused over the user's typing rate",
+            m.typing_limited.clone(),
         );
         m
     }

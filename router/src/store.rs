@@ -31,7 +31,10 @@ use std::path::{Path, PathBuf};
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
 use rustc_hash::FxHashMap;
 
-use crate::codec::{ConversationMeta, Corrupt, Cursors, DedupeRecord, Membership, StoredEntry};
+use crate::codec::{
+    ConversationMeta, Corrupt, Cursors, DedupeRecord, DeviceRecord, Membership, StoredEntry,
+    UserSettings,
+};
 
 /// Why the store could not do what was asked. Every variant means "not now":
 /// callers answer `StoreUnavailable` and keep going.
@@ -59,6 +62,8 @@ pub enum Part {
     Dedupe,
     DedupeByTime,
     Router,
+    Devices,
+    Settings,
 }
 
 impl Part {
@@ -71,6 +76,8 @@ impl Part {
             Part::Dedupe => "dedupe",
             Part::DedupeByTime => "dedupe_by_time",
             Part::Router => "router",
+            Part::Devices => "devices",
+            Part::Settings => "settings",
         }
     }
 }
@@ -133,7 +140,7 @@ impl WriteSet {
 /// poisons it, then opened again from disk (see [`Store::reopen`]).
 struct Open {
     keyspace: Keyspace,
-    parts: [PartitionHandle; 7],
+    parts: [PartitionHandle; 9],
 }
 
 impl Open {
@@ -155,6 +162,8 @@ impl Open {
             open(Part::Dedupe)?,
             open(Part::DedupeByTime)?,
             open(Part::Router)?,
+            open(Part::Devices)?,
+            open(Part::Settings)?,
         ];
         Ok(Self { keyspace, parts })
     }
@@ -324,6 +333,75 @@ impl Store {
             ));
         }
         Ok(out)
+    }
+
+    /// The newest entries of `conversation` with sequences in `from..=to`,
+    /// newest first, at most `limit` of them (corrupt ones as `None`).
+    pub fn entries_newest_first(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
+        let mut out = Vec::new();
+        if from > to || limit == 0 {
+            return Ok(out);
+        }
+        let prefix_len = entries_prefix(conversation).len();
+        let range = entry_key(conversation, from)..=entry_key(conversation, to);
+        for item in self.part(Part::Entries)?.range(range).rev().take(limit) {
+            let (key, value) = item?;
+            let Some(seq) = seq_of_entry_key(&key, prefix_len) else {
+                tracing::error!(store.partition = "entries", "entry key of the wrong length");
+                continue;
+            };
+            out.push((
+                seq,
+                skip_corrupt(Part::Entries, StoredEntry::decode(&value)),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The conversation's last entry and its sequence, if it has one.
+    pub fn last_entry(&self, conversation: &str) -> Result<Option<(u64, StoredEntry)>, StoreError> {
+        let last = self.entries_newest_first(conversation, 1, u64::MAX, 1)?;
+        Ok(last
+            .into_iter()
+            .next()
+            .and_then(|(seq, e)| e.map(|e| (seq, e))))
+    }
+
+    /// A user's device records, by device number.
+    pub fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>, StoreError> {
+        let prefix = user_prefix(user);
+        let mut out = Vec::new();
+        for item in self.part(Part::Devices)?.prefix(&prefix) {
+            let (key, value) = item?;
+            let Some(device) = key
+                .get(prefix.len()..)
+                .and_then(|k| <[u8; 4]>::try_from(k).ok())
+            else {
+                tracing::error!(
+                    store.partition = "devices",
+                    "device key of the wrong length"
+                );
+                continue;
+            };
+            if let Some(d) = skip_corrupt(Part::Devices, DeviceRecord::decode(&value)) {
+                out.push((u32::from_be_bytes(device), d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A user's privacy settings (the defaults when none were stored).
+    pub fn settings(&self, user: &str) -> Result<UserSettings, StoreError> {
+        let raw = self.get(Part::Settings, &user_prefix(user))?;
+        Ok(raw
+            .and_then(|raw| skip_corrupt(Part::Settings, UserSettings::decode(&raw)))
+            .unwrap_or_default())
     }
 
     /// True when `conversation` has an entry after `after` and up to `to`.
@@ -532,6 +610,18 @@ pub fn cursor_key(user: &str, device: u32, conversation: &str) -> Vec<u8> {
     key
 }
 
+/// The key of a user's device record.
+pub fn device_key(user: &str, device: u32) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&device.to_be_bytes());
+    key
+}
+
+/// The key of a user's settings record.
+pub fn settings_key(user: &str) -> Vec<u8> {
+    user_prefix(user)
+}
+
 /// The key of the dedupe record for a device's client id.
 pub fn dedupe_key(user: &str, device: u32, client_id: u64) -> Vec<u8> {
     let mut key = user_prefix(user);
@@ -589,6 +679,7 @@ mod tests {
             Cursors {
                 delivered: 1,
                 read: 0,
+                ..Cursors::default()
             }
             .encode(),
         );
@@ -598,6 +689,7 @@ mod tests {
             Cursors {
                 delivered: 3,
                 read: 2,
+                ..Cursors::default()
             }
             .encode(),
         );
@@ -610,7 +702,8 @@ mod tests {
             got,
             Cursors {
                 delivered: 3,
-                read: 2
+                read: 2,
+                ..Cursors::default()
             }
         );
         assert!(store.get(Part::Dedupe, &key).expect("read").is_none());

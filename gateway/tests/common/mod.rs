@@ -317,6 +317,8 @@ impl Client {
         let mut got = Vec::new();
         loop {
             self.send(&ClientFrame::Sync {
+                tail: 0,
+                summary: false,
                 cursors: cursors.clone(),
             });
             loop {

@@ -7,6 +7,7 @@ mod failure;
 mod groups;
 mod receipts;
 mod send;
+mod social;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -138,6 +139,7 @@ impl Client {
         Command::Attach {
             session: self.session,
             device: self.device.clone(),
+            issued_at_s: 0,
         }
     }
 
@@ -145,6 +147,7 @@ impl Client {
         Command::Detach {
             session: self.session,
             device: self.device.clone(),
+            last_seen_ms: 0,
         }
     }
 
@@ -173,7 +176,11 @@ impl Client {
                 seq,
             })
             .collect();
-        self.frame(ClientFrame::Sync { cursors })
+        self.frame(ClientFrame::Sync {
+            tail: 0,
+            summary: false,
+            cursors,
+        })
     }
 
     /// The same device on a new session (a reconnect).

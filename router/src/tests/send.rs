@@ -212,6 +212,9 @@ fn validation_errors_store_nothing() {
     let carol = h.client("carol", 1, 0);
     h.connect(&alice);
     h.connect(&carol);
+    // Let the devices' catch-up records (written behind) reach the store.
+    h.advance(1_000);
+    h.step(vec![]);
     let before = h.core().store_fsyncs();
 
     let cases: Vec<(crate::api::Command, ErrorCode, u64)> = vec![
