@@ -65,7 +65,7 @@ class Send: pass
 class Delivered: pass
 @frame(0x03, ("conversation", "str"), ("seq", "u64"))
 class Read: pass
-@frame(0x04, ("cursors", "cursors"))
+@frame(0x04, ("tail", "u16"), ("summary", "bool"), ("cursors", "cursors"))
 class Sync: pass
 @frame(0x05, ("request", "u32"), ("members", "strs"))
 class GroupCreate: pass
@@ -79,6 +79,43 @@ class GroupMembers: pass
 class Ping: pass
 @frame(0x0A, ("request", "u32"), ("token", "str"))
 class Refresh: pass
+@frame(0x0B, ("request", "u32"), ("conversation", "str"), ("before_seq", "u64"), ("limit", "u16"))
+class History: pass
+@frame(0x0C, ("request", "u32"), ("before_ms", "u64"), ("before_conversation", "str"),
+       ("limit", "u16"))
+class ChatList: pass
+@frame(0x0D, ("request", "u32"), ("conversation", "str"), ("seq", "u64"))
+class ReceiptQuery: pass
+@frame(0x0E, ("conversation", "str"), ("active", "bool"))
+class Typing: pass
+@frame(0x0F, ("request", "u32"), ("users", "strs"))
+class PresenceQuery: pass
+@frame(0x10, ("request", "u32"), ("users", "strs"))
+class PresenceSubscribe: pass
+@frame(0x11, ("request", "u32"), ("mask", "u8"), ("flags", "u8"))
+class Settings: pass
+@frame(0x12, ("request", "u32"))
+class DeviceList: pass
+@frame(0x13, ("request", "u32"), ("device", "u32"))
+class DeviceRemove: pass
+
+# Settings bits.
+READ_RECEIPTS_OFF, HIDE_LAST_SEEN = 0x01, 0x02
+
+# Items of the server's lists.
+@frame(None, ("seq", "u64"), ("server_id", "u64"), ("timestamp_ms", "u64"), ("kind", "u8"),
+       ("sender", "str"), ("sender_device", "u32"), ("client_id", "u64"), ("body", "bytes"))
+class HistoryEntry: pass
+@frame(None, ("conversation", "str"), ("last_seq", "u64"), ("last_ms", "u64"),
+       ("last_sender", "str"), ("read_seq", "u64"), ("unread", "u64"))
+class Chat: pass
+@frame(None, ("user", "str"), ("online", "bool"), ("last_seen_ms", "u64"))
+class PresenceEntry: pass
+@frame(None, ("device", "u32"), ("linked_ms", "u64"), ("last_seen_ms", "u64"), ("online", "bool"))
+class DeviceInfo: pass
+@frame(None, ("conversation", "str"), ("last_seq", "u64"), ("delivered", "u64"), ("read", "u64"),
+       ("unread", "u64"), ("from_seq", "u64"), ("peer_delivered", "u64"), ("peer_read", "u64"))
+class ConversationSummary: pass
 
 # Server to client.
 @frame(0x40, ("user", "str"), ("device", "u32"), ("server_time_ms", "u64"),
@@ -106,12 +143,35 @@ class Done: pass
 class Pong: pass
 @frame(0x49, ("code", "u16"), ("reference", "u64"), ("detail", "str"))
 class Error: pass
+@frame(0x4A, ("request", "u32"), ("conversation", "str"), ("more", "bool"),
+       ("entries", HistoryEntry))
+class HistoryPage: pass
+@frame(0x4B, ("request", "u32"), ("more", "bool"), ("chats", Chat))
+class Chats: pass
+@frame(0x4C, ("request", "u32"), ("conversation", "str"), ("seq", "u64"), ("recipients", "u32"),
+       ("delivered", "strs"), ("read", "strs"))
+class ReceiptSummary: pass
+@frame(0x4D, ("conversation", "str"), ("user", "str"), ("device", "u32"), ("active", "bool"),
+       ("ttl_ms", "u32"))
+class TypingEvent: pass
+@frame(0x4E, ("request", "u32"), ("entries", PresenceEntry))
+class Presence: pass
+@frame(0x4F, ("request", "u32"), ("flags", "u8"))
+class SettingsState: pass
+@frame(0x50, ("request", "u32"), ("devices", DeviceInfo))
+class Devices: pass
+@frame(0x51, ("conversations", ConversationSummary))
+class SyncSummary: pass
 
 
 CLIENT_FRAMES = {c.TYPE: c for c in (Send, Delivered, Read, Sync, GroupCreate,
-                                     GroupAdd, GroupRemove, GroupMembers, Ping, Refresh)}
+                                     GroupAdd, GroupRemove, GroupMembers, Ping, Refresh,
+                                     History, ChatList, ReceiptQuery, Typing, PresenceQuery,
+                                     PresenceSubscribe, Settings, DeviceList, DeviceRemove)}
 SERVER_FRAMES = {c.TYPE: c for c in (Welcome, Sent, Message, Receipt, SyncDone,
-                                     GroupCreated, Members, Done, Pong, Error)}
+                                     GroupCreated, Members, Done, Pong, Error, HistoryPage,
+                                     Chats, ReceiptSummary, TypingEvent, Presence,
+                                     SettingsState, Devices, SyncSummary)}
 INTS = {"u8": "<B", "bool": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
 
 
@@ -127,9 +187,19 @@ def encode(f) -> bytes:
         raw = s.encode()
         out.extend(struct.pack("<H", len(raw)) + raw)
 
+    put_fields(out, f, put_str)
+    return bytes(out)
+
+
+def put_fields(out, f, put_str):
+    """Appends `f`'s fields; a field whose kind is an item class is a list."""
     for name, kind in f.FIELDS:
         value = getattr(f, name)
-        if kind in INTS:
+        if isinstance(kind, type):
+            out.extend(struct.pack("<H", len(value)))
+            for item in value:
+                put_fields(out, item, put_str)
+        elif kind in INTS:
             out.extend(struct.pack(INTS[kind], int(value)))
         elif kind == "str":
             put_str(value)
@@ -144,7 +214,6 @@ def encode(f) -> bytes:
             for c in value:
                 put_str(c.conversation)
                 out.extend(struct.pack("<Q", c.seq))
-    return bytes(out)
 
 
 def decode(payload: bytes, table=SERVER_FRAMES):
@@ -172,24 +241,36 @@ def decode(payload: bytes, table=SERVER_FRAMES):
         except UnicodeDecodeError:
             raise FrameError(f"field `{field}` is not UTF-8") from None
 
-    values = {}
-    for name, kind in cls.FIELDS:
+    def fields(cls):
+        values = {}
+        for name, kind in cls.FIELDS:
+            values[name] = field(name, kind)
+        return cls(**values)
+
+    def field(name, kind):
+        if isinstance(kind, type):
+            return [fields(kind) for _ in range(num("<H", name))]
         if kind in INTS:
-            values[name] = num(INTS[kind], name)
+            value = num(INTS[kind], name)
             if kind == "bool":
-                values[name] = bool(values[name])
-        elif kind == "str":
-            values[name] = get_str(name)
-        elif kind == "bytes":
-            values[name] = bytes(take(num("<I", name), name))
-        elif kind == "strs":
-            values[name] = [get_str(name) for _ in range(num("<H", name))]
-        elif kind == "cursors":
-            values[name] = [Cursor(get_str(name), num("<Q", name))
-                            for _ in range(num("<H", name))]
+                if value > 1:
+                    raise FrameError(f"field `{name}` is out of range")
+                return bool(value)
+            return value
+        if kind == "str":
+            return get_str(name)
+        if kind == "bytes":
+            return bytes(take(num("<I", name), name))
+        if kind == "strs":
+            return [get_str(name) for _ in range(num("<H", name))]
+        if kind == "cursors":
+            return [Cursor(get_str(name), num("<Q", name)) for _ in range(num("<H", name))]
+        raise FrameError(f"unknown field kind {kind}")
+
+    frame_value = fields(cls)
     if pos != len(payload):
         raise FrameError(f"{len(payload) - pos} unexpected bytes after the last field")
-    return cls(**values)
+    return frame_value
 
 
 def decode_members(body: bytes) -> list[str]:
@@ -302,7 +383,7 @@ class Client:
         held = {c.conversation: c.seq for c in cursors}
         entries = []
         while True:
-            await self.put(Sync([Cursor(k, v) for k, v in held.items()]))
+            await self.put(Sync(0, False, [Cursor(k, v) for k, v in held.items()]))
             while True:
                 f = await self.wait_for(lambda f: isinstance(f, (Message, SyncDone))
                                         or (isinstance(f, Error) and f.reference == 0), timeout)

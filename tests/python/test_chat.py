@@ -154,6 +154,37 @@ def test_direct_message_and_receipt(gateway):
     run(body())
 
 
+def test_typing_privacy_chat_list_and_history(gateway):
+    async def body():
+        alice, bob = await gateway.live("alice"), await gateway.live("bob")
+        conv = cc.direct_conversation("alice", "bob")
+
+        await alice.put(cc.Typing(conv, True))
+        typing = await bob.wait_for(lambda f: isinstance(f, cc.TypingEvent), STEP_S)
+        assert (typing.user, typing.active, typing.ttl_ms) == ("alice", True, 6000)
+
+        # Bob turns read receipts off: his read reaches alice as delivered only.
+        state = await bob.request(lambda r: cc.Settings(r, cc.READ_RECEIPTS_OFF, cc.READ_RECEIPTS_OFF))
+        assert state.flags == cc.READ_RECEIPTS_OFF
+        for i in range(3):
+            await alice.send(conv, f"m{i}".encode(), client_id=100 + i)
+        for _ in range(3):
+            await bob.wait_for(lambda f: isinstance(f, cc.Message), STEP_S)
+        await bob.put(cc.Read(conv, 2))
+        receipt = await alice.wait_for(lambda f: isinstance(f, cc.Receipt), STEP_S)
+        assert (receipt.seq, receipt.kind) == (2, cc.RECEIPT_DELIVERED)
+
+        chats = await bob.request(lambda r: cc.ChatList(r, 0, "", 0))
+        assert [(c.conversation, c.last_seq, c.read_seq, c.unread) for c in chats.chats] == \
+            [(conv, 3, 2, 1)]
+        page = await bob.request(lambda r: cc.History(r, conv, 0, 2))
+        assert ([e.seq for e in page.entries], page.more) == ([2, 3], True)
+        assert page.entries[-1].body == b"m2"
+        await alice.close()
+        await bob.close()
+    run(body())
+
+
 def test_group_create_and_message(gateway):
     async def body():
         alice, bob, carol = [await gateway.live(u) for u in ("alice", "bob", "carol")]
@@ -196,7 +227,7 @@ def test_catch_up_after_reconnect(gateway):
         assert [s.seq for s in sent] == [2, 3, 4]
 
         bob = await gateway.client("bob")
-        await bob.put(cc.Sync([cc.Cursor(conv, first.seq)]))
+        await bob.put(cc.Sync(0, False, [cc.Cursor(conv, first.seq)]))
         got = [await bob.recv(timeout=STEP_S) for _ in range(4)]
         assert [type(f) for f in got] == [cc.Message] * 3 + [cc.SyncDone], got
         assert [(m.seq, m.server_id, m.body) for m in got[:3]] == \
@@ -272,7 +303,7 @@ def test_sigterm_closes_with_1001_and_restart_keeps_messages(gateway):
 
         gateway.start()
         bob = await gateway.client("bob")
-        await bob.put(cc.Sync([cc.Cursor(conv, 0)]))
+        await bob.put(cc.Sync(0, False, [cc.Cursor(conv, 0)]))
         got = [await bob.recv(timeout=STEP_S) for _ in range(3)]
         assert [(m.seq, m.server_id, m.body) for m in got[:2]] == \
             [(s.seq, s.server_id, f"kept {i}".encode()) for i, s in enumerate(sent)]

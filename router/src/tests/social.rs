@@ -693,3 +693,28 @@ fn four_devices_agree_on_the_chat_list_and_unread_counts() {
     };
     assert_eq!(chats[0].conversation, AB);
 }
+
+#[test]
+fn a_removed_device_frees_its_slot_for_a_refused_one() {
+    let mut h = Harness::new();
+    let d: Vec<Client> = (1..=5).map(|i| h.client("dana", i, 0)).collect();
+    for c in &d[..4] {
+        h.step(vec![attach_issued(c, 100), c.sync(vec![])]);
+    }
+    let out = h.step(vec![attach_issued(&d[4], 100)]);
+    assert_eq!(out.closes(), vec![(d[4].session, close::DEVICE_LIMIT)]);
+    h.step(vec![d[4].detach()]);
+    let out = h.step(vec![d[0].frame(ClientFrame::DeviceRemove {
+        request: 1,
+        device: 4,
+    })]);
+    assert_eq!(out.closes(), vec![(d[3].session, close::DEVICE_REMOVED)]);
+    h.step(vec![detach_seen(&d[3], 5)]);
+    let again = d[3].reconnect();
+    let out = h.step(vec![attach_issued(&again, 100)]);
+    assert_eq!(out.closes(), vec![(again.session, close::DEVICE_REMOVED)]);
+    h.step(vec![again.detach()]);
+    let fifth = d[4].reconnect();
+    let out = h.step(vec![attach_issued(&fifth, 100)]);
+    assert!(out.closes().is_empty(), "{:?}", out.closes());
+}
