@@ -304,6 +304,8 @@ struct Batch {
     /// Reads answered from the committed store (history, chat list,
     /// receipt summaries).
     queries: Vec<Query>,
+    /// Receipts a send implies (a reply reads), told after its `Sent`.
+    after_send: Vec<Forward>,
     /// Dedupe records written by this batch (the store cannot see them yet).
     dedupe: FxHashMap<Vec<u8>, DedupeRecord>,
     /// Users who spent a rate token on a write of this batch, refunded if
@@ -748,6 +750,10 @@ impl RouterCore {
                                 received_at,
                                 fanout,
                             });
+                            if !b.after_send.is_empty() {
+                                let implied = std::mem::take(&mut b.after_send);
+                                b.pending.push(Pending::Notify(implied));
+                            }
                         }
                         Err(reject) => b.pending.push(Pending::Answer {
                             session,
@@ -1090,6 +1096,10 @@ impl RouterCore {
                 "no such conversation",
             ));
         };
+        // What came just before this message: a reply to the other
+        // participant's message reads it.
+        let replied_to = (conv.kind == ConversationKind::Direct && conv.last_sender != *user)
+            .then(|| (conv.last_sender.clone(), conv.last_seq));
         conv.last_seq += 1;
         conv.last_ms = now_ms;
         conv.last_sender = user.clone();
@@ -1144,7 +1154,7 @@ impl RouterCore {
         // The message ends its sender's typing, and replying marks what came
         // before it read.
         self.typing_ends(conversation, user, device.device);
-        self.auto_read(b, device, conversation, seq);
+        self.auto_read(b, device, conversation, seq, replied_to);
 
         let sent = ServerFrame::Sent {
             client_id,
@@ -1308,20 +1318,48 @@ impl RouterCore {
     }
 
     /// A send marks its conversation read up to the message for its user
-    /// (replying means having read): only the user's cursor moves, for
-    /// unread counts, and nothing is pushed (the message itself reaches the
-    /// user's other devices and the other participants).
-    fn auto_read(&mut self, b: &mut Batch, device: &Device, conversation: &str, seq: u64) {
-        let _ = b;
+    /// (replying means having read): the user's read cursor moves, for
+    /// unread counts. When the message replies to an unread message of the
+    /// other participant of a direct conversation, that participant is told
+    /// of the read (after the message, once the batch is durable); the
+    /// user's other devices infer it from the message itself.
+    fn auto_read(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        conversation: &str,
+        seq: u64,
+        replied_to: Option<(Arc<str>, u64)>,
+    ) {
         let key = store::cursor_key(&device.user, 0, conversation);
         let Ok(mut cursor) = self.cursor(&key, &device.user, 0, conversation) else {
             return;
         };
-        if cursor.read < seq {
-            cursor.read = seq;
-            cursor.delivered = cursor.delivered.max(seq);
-            cursor.updated_ms = self.batch_now_ms;
-            self.set_cursor(key, cursor);
+        if cursor.read >= seq {
+            return;
+        }
+        let old_read = cursor.read;
+        cursor.read = seq;
+        cursor.updated_ms = self.batch_now_ms;
+        self.set_cursor(key, cursor);
+        let Some((peer, before)) = replied_to else {
+            return;
+        };
+        let told = old_read < before
+            && self.read_receipts_on(&device.user).unwrap_or(false)
+            && self.read_receipts_on(&peer).unwrap_or(false);
+        if told {
+            b.after_send.push(Forward {
+                user: peer,
+                except_device: None,
+                frame: ServerFrame::Receipt {
+                    conversation: conversation.to_owned(),
+                    seq,
+                    user: device.user.to_string(),
+                    device: device.device,
+                    kind: ReceiptKind::Read,
+                },
+            });
         }
     }
 

@@ -308,8 +308,10 @@ impl RouterCore {
         let s = &mut self.social;
         if now_ms > s.write_at_ms {
             let elapsed_s = (now_ms - s.write_at_ms) as f64 / 1000.0;
-            // At most one second of budget accumulates while idle.
-            s.write_tokens = (s.write_tokens + elapsed_s * rate).min(rate);
+            // At most a quarter second of budget accumulates (the idle
+            // tick's period, so an idle router still writes at the full
+            // rate): the rate over any second stays within 1.25 times it.
+            s.write_tokens = (s.write_tokens + elapsed_s * rate).min((rate / 4.0).max(1.0));
             s.write_at_ms = now_ms;
         }
         let allowed = s.write_tokens.floor() as usize;

@@ -210,7 +210,8 @@ fn read_receipts_off_on_either_side_suppress_read_both_ways() {
                 _ => None,
             })
             .expect("summary row");
-        assert_eq!((row.peer_delivered, row.peer_read), (2, 0));
+        // Bob holds alice's message (seq 1); his own reply is not counted.
+        assert_eq!((row.peer_delivered, row.peer_read), (1, 0));
     }
 }
 
@@ -717,4 +718,30 @@ fn a_removed_device_frees_its_slot_for_a_refused_one() {
     let fifth = d[4].reconnect();
     let out = h.step(vec![attach_issued(&fifth, 100)]);
     assert!(out.closes().is_empty(), "{:?}", out.closes());
+}
+
+#[test]
+fn a_reply_reads_what_it_answers_and_says_so_once() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+    h.step(vec![alice.send(AB, 1, b"question")]);
+    // Bob replies without a Read: alice learns bob read up to his reply.
+    let out = h.step(vec![bob.send(AB, 1, b"answer")]);
+    assert_eq!(out.messages(&alice).len(), 1);
+    assert_eq!(
+        receipts(&out.frames(&alice)),
+        vec![("bob".into(), 2, ReceiptKind::Read)]
+    );
+    // A second message of bob's answers nothing new: no receipt.
+    let out = h.step(vec![bob.send(AB, 2, b"and more")]);
+    assert!(receipts(&out.frames(&alice)).is_empty());
+    // Delivered of alice's message still flows when bob's device acks it.
+    let out = h.step(vec![bob.frame(delivered(AB, 1))]);
+    assert_eq!(
+        receipts(&out.frames(&alice)),
+        vec![("bob".into(), 1, ReceiptKind::Delivered)]
+    );
 }
