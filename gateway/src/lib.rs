@@ -15,6 +15,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod config_file;
 pub mod core;
 pub mod handshake;
 pub mod mailbox;
