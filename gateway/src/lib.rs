@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod node;
 pub mod secret;
 pub mod session;
+pub mod throttle;
