@@ -91,6 +91,7 @@ impl Shared {
     /// Starts shutting down: not ready, and every core told to drain.
     pub fn begin_shutdown(&self) {
         if self.ready.swap(false, Ordering::AcqRel) {
+            self.metrics.ready.set(0);
             tracing::info!(
                 sessions = self.connections.load(Ordering::Relaxed),
                 "drain started: not ready, closing sessions with 1001"

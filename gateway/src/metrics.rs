@@ -108,6 +108,8 @@ pub struct GatewayMetrics {
     pub router_refusals: Counter,
     /// Always 1, labelled with the version: joins a version to any series.
     pub build_info: Family<BuildLabel, Gauge>,
+    /// 1 while the node takes new sessions, 0 once it drains (as `/readyz`).
+    pub ready: Gauge,
 }
 
 impl GatewayMetrics {
@@ -128,7 +130,9 @@ impl GatewayMetrics {
             accept_errors: Counter::default(),
             router_refusals: Counter::default(),
             build_info: Family::default(),
+            ready: Gauge::default(),
         };
+        m.ready.set(1);
         m.build_info
             .get_or_create(&BuildLabel {
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -201,6 +205,11 @@ impl GatewayMetrics {
             "courier_router_refusals",
             "Frames refused because the router queue was full (answered with an error)",
             m.router_refusals.clone(),
+        );
+        r.register(
+            "courier_ready",
+            "1 while the node takes new sessions, 0 once it drains",
+            m.ready.clone(),
         );
         r.register(
             "courier_build_info",
