@@ -21,6 +21,7 @@ pub mod handshake;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;
+pub mod process;
 pub mod secret;
 pub mod session;
 pub mod throttle;

@@ -16,6 +16,7 @@ use crate::config::{DriverChoice, ServeArgs};
 use crate::core::{self, CoreMsg, Shared};
 use crate::mailbox::Mailbox;
 use crate::metrics::{self, GatewayMetrics};
+use crate::process;
 use crate::secret;
 
 /// Which monoio driver the cores run, once chosen.
@@ -117,6 +118,7 @@ impl Node {
         )
         .context("starting the router and its store")?;
         let gateway_metrics = GatewayMetrics::register(&mut registry);
+        registry.register_collector(Box::new(process::ProcessCollector));
         let ready = Arc::new(AtomicBool::new(true));
         let metrics_addr =
             metrics::serve(args.metrics_listen, Arc::new(registry), ready.clone())

@@ -49,7 +49,7 @@ fn json_logs_carry_one_line_per_lifecycle_event_and_no_token() {
         }
     });
     let mut lines: Vec<serde_json::Value> = Vec::new();
-    let mut next = |lines: &mut Vec<serde_json::Value>| -> serde_json::Value {
+    let next = |lines: &mut Vec<serde_json::Value>| -> serde_json::Value {
         let raw = rx.recv_timeout(TIMEOUT * 2).expect("a log line in time");
         let v: serde_json::Value =
             serde_json::from_str(&raw).unwrap_or_else(|e| panic!("not a JSON line ({e}): {raw}"));

@@ -1,6 +1,6 @@
 """deploy/ is what operators import: these tests hold it to the running code.
 
-* Every courier_ metric the Grafana dashboard and the Prometheus alert rules
+* Every courier_ (and process_) metric the Grafana dashboard and the Prometheus alert rules
   query exists on the /metrics of a real node this test starts (histogram
   queries as their _bucket series), except the few named in PLANNED, which
   belong to features not built yet and must say so in docs/operations.md.
@@ -34,7 +34,7 @@ PLANNED = {
     "courier_routes_stale": "issue 5 (fleet mode)",
 }
 
-METRIC = re.compile(r"\bcourier_[a-z0-9_]+")
+METRIC = re.compile(r"\b(?:courier|process)_[a-z0-9_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
@@ -164,7 +164,7 @@ def test_metric_names_follow_prometheus_conventions(metrics_text):
         if not line.startswith("# TYPE "):
             continue
         _, _, name, kind = line.split(maxsplit=3)
-        assert name.startswith("courier_"), name
+        assert name.startswith(("courier_", "process_")), name
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
         if kind == "histogram" and "duration" in name:
             assert name.endswith("_seconds"), f"{name}: durations are in seconds"
