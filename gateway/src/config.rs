@@ -15,7 +15,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Courier gateway: a WebSocket chat node with the router and its store embedded.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version, about)]
+#[command(
+    name = "gateway",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do; without a subcommand the gateway serves.
     #[command(subcommand)]

@@ -326,3 +326,14 @@ fn a_node_serves_with_its_file_and_token_reads_the_data_dir_from_it() {
         3
     );
 }
+
+#[test]
+fn serving_flags_before_a_subcommand_are_refused_not_ignored() {
+    // `gateway --config F serve` would otherwise serve without the file.
+    let out = gateway(&["--cores", "3", "serve", "--print-config"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    // Variables still apply under a subcommand.
+    let t = effective(&[], &[("COURIER_CORES", "3")]);
+    assert_eq!(get(&t, "listen", "cores").as_integer(), Some(3));
+}
