@@ -333,7 +333,13 @@ fn serving_flags_before_a_subcommand_are_refused_not_ignored() {
     let out = gateway(&["--cores", "3", "serve", "--print-config"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
-    // Variables still apply under a subcommand.
-    let t = effective(&[], &[("COURIER_CORES", "3")]);
+    // Flags after it, and variables, still apply.
+    let out = gateway(
+        &["serve", "--print-config", "--ping-interval", "9"],
+        &[("COURIER_CORES", "3")],
+    );
+    assert!(out.status.success());
+    let t: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
     assert_eq!(get(&t, "listen", "cores").as_integer(), Some(3));
+    assert_eq!(get(&t, "heartbeat", "ping_interval").as_integer(), Some(9));
 }
