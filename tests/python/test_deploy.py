@@ -204,6 +204,9 @@ def test_alert_rules_parse_and_cover_what_operators_page_on():
         assert r["expr"].strip() and r["labels"]["severity"] in ("critical", "warning", "info"), r
         assert r["annotations"]["summary"], r["alert"]
         assert r["alert"] in ops, f"{r['alert']} is not explained in docs/operations.md"
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert "alerts.yml" in scrape["rule_files"]
+    assert {"courier", "nats"} <= {j["job_name"] for j in scrape["scrape_configs"]}
     delivery = next(r for r in rules if r["alert"] == "CourierDeliveryLatencyHigh")
     assert "courier_delivery_duration_seconds_bucket" in delivery["expr"] and "> 1" in delivery["expr"]
 
