@@ -318,6 +318,22 @@ churn_per_s = 0.01
     }
 
     #[test]
+    fn the_example_scenarios_parse_and_apply() {
+        for (name, text) in [
+            ("smoke", include_str!("../scenarios/smoke.toml")),
+            ("idle-200k", include_str!("../scenarios/idle-200k.toml")),
+            ("traffic", include_str!("../scenarios/traffic.toml")),
+        ] {
+            let s = Scenario::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.name.as_deref(), Some(name));
+            let mut args = Args::parse_from(["loadgen"]);
+            let phases = s.apply(&mut args, &|_| false).unwrap();
+            assert!(!phases.is_empty(), "{name}");
+            args.into_config().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn command_line_flags_win() {
         let s = Scenario::parse(FULL).unwrap();
         let mut args = Args::parse_from(["loadgen", "--connections", "7"]);
