@@ -51,8 +51,10 @@ pub struct Ledger {
     /// Highest sequence received from the server (own sends excluded), for
     /// the order check.
     max_received: u64,
-    /// Highest sequence acknowledged with `Delivered`.
+    /// Highest sequence acknowledged with `Delivered` (or `Read`).
     pub acked_upto: u64,
+    /// Highest sequence acknowledged with `Read`.
+    pub read_upto: u64,
 }
 
 /// What one device holds and has seen. Created with the device's
@@ -395,6 +397,8 @@ mod tests {
             group_share: 0.5,
             rate: 10.0,
             duration: Duration::from_secs(1),
+            phases: Vec::new(),
+            body: crate::plan::BodySizes::fixed(200),
         })
         .unwrap()
     }

@@ -22,6 +22,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,8 @@ const MIN_READ: usize = 1024;
 const MAX_SPARE: usize = 16 * 1024;
 /// Connect plus upgrade must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause before a churned connection reconnects.
+const CHURN_PAUSE: Duration = Duration::from_millis(200);
 /// Application ping interval when the server states no idle timeout.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(20);
 /// Largest frame accepted from the server (a catch-up page is many frames).
@@ -94,6 +97,10 @@ pub(crate) struct ConnState {
     pub heartbeat: Duration,
     /// Set at the end of the run: a close is on its way; do not reconnect.
     pub closing: bool,
+    /// Set when churn closed the session: reconnect at once, count no error.
+    pub churning: bool,
+    /// Conversations with arrivals the user also reads (a `Read` receipt).
+    read_dirty: Vec<u32>,
     ever_connected: bool,
     ever_ready: bool,
     /// Cursors of the catch-up in progress: the first `Sync`'s (what the
@@ -125,6 +132,9 @@ pub(crate) enum SessionPhase {
     CatchingUp,
     /// Catch-up complete: live traffic flows.
     Ready,
+    /// loadgen closed the session on purpose (churn) and waits for the
+    /// server's close; nothing more is written.
+    Closing,
 }
 
 impl Conn {
@@ -140,6 +150,8 @@ impl Conn {
             last_write: Instant::now(),
             heartbeat: DEFAULT_HEARTBEAT,
             closing: false,
+            churning: false,
+            read_dirty: Vec::new(),
             ever_connected: false,
             ever_ready: false,
             catchup_base: Vec::new(),
@@ -180,6 +192,11 @@ pub(crate) async fn run(w: Rc<Worker>, c: Rc<Conn>, delay: Duration) {
                 let end = session(&w, &c, stream, leftover).await;
                 if w.finishing() || c.st.borrow().closing {
                     break;
+                }
+                if std::mem::take(&mut c.st.borrow_mut().churning) {
+                    // Closed on purpose: back after a short jittered pause.
+                    monoio::time::sleep(w.jitter(CHURN_PAUSE)).await;
+                    continue;
                 }
                 let mut stats = w.stats.borrow_mut();
                 stats.counters.disconnects += 1;
@@ -232,9 +249,11 @@ impl ConnectError {
 /// that followed the response head (the first WebSocket frames).
 async fn connect(w: &Worker, c: &Conn) -> Result<(TcpStream, Vec<u8>), ConnectError> {
     let attempt = async {
-        let mut stream = TcpStream::connect_addr(w.config.target.addr)
-            .await
-            .map_err(|e| ConnectError::Io(e.kind()))?;
+        let mut stream = match w.source_addr(c.user) {
+            None => TcpStream::connect_addr(w.config.target.addr).await,
+            Some(src) => connect_from(src, w.config.target.addr).await,
+        }
+        .map_err(|e| ConnectError::Io(e.kind()))?;
         // Small frames must not wait for Nagle; failure only costs latency.
         let _ = stream.set_nodelay(true);
         let mut nonce = [0u8; 16];
@@ -267,6 +286,31 @@ async fn connect(w: &Worker, c: &Conn) -> Result<(TcpStream, Vec<u8>), ConnectEr
     monoio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
         .await
         .map_err(|_| ConnectError::Timeout)?
+}
+
+/// Connects to `dst` from `src` (port chosen by the kernel at bind time):
+/// monoio connects only from the kernel's choice of address, so the socket
+/// is made, bound and connected without blocking here, then handed over.
+async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(src.into(), 0).into())?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    stream.writable(false).await?;
+    if stream.peer_addr().is_err() {
+        // The connect failed; a read returns the socket's pending error
+        // (refused, timed out), which is what the caller counts.
+        let (res, _) = stream.read(vec![0u8; 1]).await;
+        res?;
+        return Err(io::ErrorKind::NotConnected.into());
+    }
+    Ok(stream)
 }
 
 /// Why a session ended.
@@ -437,7 +481,7 @@ fn handle_event(w: &Worker, c: &Conn, event: Event) -> Option<SessionEnd> {
         Event::Pong(_) => {}
         Event::Close(code) => {
             let mut st = c.st.borrow_mut();
-            if !st.closing {
+            if !st.closing && !st.churning {
                 // Answer the server's close with its code.
                 let payload = code
                     .as_ref()
@@ -496,8 +540,8 @@ fn handle_frame(w: &Worker, c: &Conn, frame: ServerFrame) {
         ServerFrame::Error {
             code, reference, ..
         } => on_error(w, c, code, reference),
+        ServerFrame::Receipt { .. } => w.stats.borrow_mut().counters.receipts_received += 1,
         ServerFrame::Pong { .. }
-        | ServerFrame::Receipt { .. }
         | ServerFrame::Members { .. }
         | ServerFrame::Done { .. }
         | ServerFrame::History { .. }
@@ -523,7 +567,7 @@ fn on_welcome(w: &Worker, c: &Conn, max_body: u32, idle_timeout_s: u32) {
     if idle_timeout_s > 0 {
         st.heartbeat = DEFAULT_HEARTBEAT.min(Duration::from_secs(u64::from(idle_timeout_s)) / 2);
     }
-    if (max_body as usize) < w.config.body_bytes {
+    if max_body < w.plan.body_sizes().max {
         w.stats.borrow_mut().error("welcome.body_over_node_limit");
     }
     let mut cursors = Vec::new();
@@ -670,7 +714,14 @@ fn on_message(w: &Worker, c: &Conn, e: Entry) {
         return;
     }
     let from = catchup_from(st, conv, e.seq);
-    match st.book.handle_entry(conv, e.seq, Some(stamp.msg), from) {
+    let arrival = st.book.handle_entry(conv, e.seq, Some(stamp.msg), from);
+    if matches!(arrival, Arrival::Delivered | Arrival::Reordered)
+        && w.plan.reads(c.user, stamp.msg)
+        && !st.read_dirty.contains(&conv)
+    {
+        st.read_dirty.push(conv);
+    }
+    match arrival {
         Arrival::Delivered => {
             stats.counters.delivered += 1;
             stats.end_to_end(now_ns.saturating_sub(stamp.intended_ns));
@@ -698,9 +749,6 @@ fn validate(
 ) -> Result<(u32, Stamp), &'static str> {
     let conv = conv.ok_or("invalid.unknown_conversation")?;
     let stamp = body::decode(&e.body).map_err(|_| "invalid.body")?;
-    if e.body.len() != w.config.body_bytes {
-        return Err("invalid.body_length");
-    }
     if stamp.run_id != w.plan.run_id {
         return Err("invalid.other_run");
     }
@@ -712,6 +760,9 @@ fn validate(
     }
     if stamp.msg >= w.plan.total_messages() {
         return Err("invalid.not_scheduled");
+    }
+    if e.body.len() != w.plan.body_len(stamp.msg) {
+        return Err("invalid.body_length");
     }
     let m = w.plan.message(stamp.msg);
     if m.sender != stamp.sender || m.conv != conv || m.intended_ns != stamp.intended_ns {
@@ -863,30 +914,53 @@ fn catchup_from(st: &mut ConnState, conv: u32, seq: u64) -> Option<u64> {
     )
 }
 
-/// Acknowledges, per conversation with new arrivals, everything held so far.
+/// Acknowledges, per conversation with new arrivals, everything held so
+/// far: `Read` where the user reads one of the new arrivals (it counts as
+/// delivered too), `Delivered` otherwise.
 fn flush_receipts(w: &Worker, c: &Conn) {
     let mut guard = c.st.borrow_mut();
     let st = &mut *guard;
-    if st.dirty.is_empty() || st.phase == SessionPhase::Down {
+    if st.dirty.is_empty() || matches!(st.phase, SessionPhase::Down | SessionPhase::Closing) {
         return;
     }
     let convs = w.convs.borrow();
+    let mut reads = 0;
     for conv in std::mem::take(&mut st.dirty) {
+        let read = match st.read_dirty.iter().position(|&r| r == conv) {
+            Some(i) => {
+                st.read_dirty.swap_remove(i);
+                true
+            }
+            None => false,
+        };
         let cursor = st.book.cursor(conv);
         let ledger = st.book.ledger(conv);
-        if cursor <= ledger.acked_upto {
+        let read = read && cursor > ledger.read_upto;
+        if !read && cursor <= ledger.acked_upto {
             continue;
         }
-        ledger.acked_upto = cursor;
-        if let Some(id) = convs.id(conv) {
-            w.push_frame(
-                &mut st.out,
-                &ClientFrame::Delivered {
-                    conversation: id.to_string(),
-                    seq: cursor,
-                },
-            );
-            st.last_write = Instant::now();
+        ledger.acked_upto = ledger.acked_upto.max(cursor);
+        if read {
+            ledger.read_upto = cursor;
+            reads += 1;
         }
+        let Some(id) = convs.id(conv) else { continue };
+        let conversation = id.to_string();
+        let frame = if read {
+            ClientFrame::Read {
+                conversation,
+                seq: cursor,
+            }
+        } else {
+            ClientFrame::Delivered {
+                conversation,
+                seq: cursor,
+            }
+        };
+        w.push_frame(&mut st.out, &frame);
+        st.last_write = Instant::now();
+    }
+    if reads > 0 {
+        w.stats.borrow_mut().counters.reads_sent += reads;
     }
 }

@@ -9,8 +9,11 @@
 //! Values are recorded in microseconds with three significant digits;
 //! histograms from any number of workers merge exactly.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerializer};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The histograms one worker keeps.
 #[derive(Clone, Debug)]
@@ -58,6 +61,70 @@ impl Latencies {
     pub fn is_empty(&self) -> bool {
         self.sent_ack.is_empty() && self.end_to_end.is_empty() && self.schedule_lag.is_empty()
     }
+}
+
+/// The three histograms in HdrHistogram's compressed V2 encoding, base64:
+/// what crosses the pipe from worker processes and what the report keeps,
+/// so histograms from runs and processes merge exactly, by any tool that
+/// reads the format.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encoded {
+    /// `sent_ack`.
+    pub sent_ack: String,
+    /// `end_to_end`.
+    pub end_to_end: String,
+    /// `schedule_lag`.
+    pub schedule_lag: String,
+}
+
+impl Latencies {
+    /// The histograms, encoded.
+    pub fn encode(&self) -> Encoded {
+        Encoded {
+            sent_ack: encode(&self.sent_ack),
+            end_to_end: encode(&self.end_to_end),
+            schedule_lag: encode(&self.schedule_lag),
+        }
+    }
+
+    /// Decodes what [`Latencies::encode`] made.
+    pub fn decode(e: &Encoded) -> Result<Self, String> {
+        Ok(Self {
+            sent_ack: decode(&e.sent_ack)?,
+            end_to_end: decode(&e.end_to_end)?,
+            schedule_lag: decode(&e.schedule_lag)?,
+        })
+    }
+}
+
+/// One histogram as base64 of its V2-deflate encoding.
+pub fn encode(h: &Histogram<u64>) -> String {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail; an encoding error leaves it empty,
+    // which decodes as an empty histogram.
+    if V2DeflateSerializer::new().serialize(h, &mut out).is_err() {
+        out.clear();
+    }
+    BASE64.encode(out)
+}
+
+/// Reads [`encode`]'s output (empty: an empty histogram).
+pub fn decode(s: &str) -> Result<Histogram<u64>, String> {
+    if s.is_empty() {
+        return Ok(histogram());
+    }
+    let bytes = BASE64
+        .decode(s)
+        .map_err(|e| format!("histogram: bad base64: {e}"))?;
+    let h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("histogram: {e:?}"))?;
+    // Recorded histograms auto-resize; decoded ones must too, to merge.
+    let mut grown = histogram();
+    grown
+        .add(&h)
+        .map_err(|e| format!("histogram: cannot merge: {e:?}"))?;
+    Ok(grown)
 }
 
 /// An empty histogram that grows to fit what it records.
@@ -146,6 +213,24 @@ mod tests {
         assert!((s.p50 - 1.49).abs() < 0.02, "p50 {}", s.p50);
         assert!((s.max - 250.0).abs() < 0.5, "max {}", s.max);
         assert!(s.p999 < 3.0 && s.p99 < 3.0, "{s:?}");
+    }
+
+    #[test]
+    fn encoded_histograms_decode_to_the_same_percentiles() {
+        let mut l = Latencies::new();
+        for i in 1..5000u64 {
+            record_ns(&mut l.end_to_end, i * 7919 % 3_000_000 + 1000);
+            record_ns(&mut l.sent_ack, i * 1000);
+        }
+        let back = Latencies::decode(&l.encode()).unwrap();
+        assert_eq!(Summary::of(&back.end_to_end), Summary::of(&l.end_to_end));
+        assert_eq!(Summary::of(&back.sent_ack), Summary::of(&l.sent_ack));
+        assert!(back.schedule_lag.is_empty());
+        // Decoded histograms still merge with freshly recorded ones.
+        let mut merged = back;
+        merged.merge(&l);
+        assert_eq!(merged.end_to_end.len(), 2 * l.end_to_end.len());
+        assert!(decode("not base64!").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// `groups_missing`) are current values; everything else only grows.
 /// Summing two workers' counters gives the counters of both.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Connections upgraded, authenticated and through their first catch-up
     /// right now.
@@ -58,6 +59,13 @@ pub struct Counters {
     pub errors: u64,
     /// Workers that finished their schedule (1 per worker once done).
     pub shards_done_sending: u64,
+    /// Sessions loadgen closed on purpose to reconnect (churn).
+    pub churned: u64,
+    /// `Read` receipts sent.
+    pub reads_sent: u64,
+    /// `Receipt` frames received (the other side of a direct conversation
+    /// moved its cursor).
+    pub receipts_received: u64,
 }
 
 impl AddAssign<&Counters> for Counters {
@@ -85,6 +93,9 @@ impl AddAssign<&Counters> for Counters {
         self.groups_missing += o.groups_missing;
         self.errors += o.errors;
         self.shards_done_sending += o.shards_done_sending;
+        self.churned += o.churned;
+        self.reads_sent += o.reads_sent;
+        self.receipts_received += o.receipts_received;
     }
 }
 
