@@ -73,6 +73,9 @@ pub struct Args {
     /// Share of delivered messages the recipient marks read.
     #[arg(long, default_value_t = 0.0)]
     pub read_share: f64,
+    /// Share of messages whose sender sends `Typing` just before.
+    #[arg(long, default_value_t = 0.0)]
+    pub typing_share: f64,
     /// Write the JSON report here (and the HTML report beside it, with
     /// .html for .json).
     #[arg(long)]
@@ -221,6 +224,8 @@ pub struct Config {
     pub body_max: Option<u32>,
     /// Read share of the single phase built from the flags.
     pub read_share: f64,
+    /// Typing share of the single phase built from the flags.
+    pub typing_share: f64,
     /// Worker processes (None: one per 18,000 connections, in-process
     /// threads when that is one).
     pub workers: Option<u32>,
@@ -305,6 +310,12 @@ impl Args {
                 format!("must be between 0 and 1, got {}", self.read_share),
             );
         }
+        if !(0.0..=1.0).contains(&self.typing_share) {
+            return range(
+                "typing-share",
+                format!("must be between 0 and 1, got {}", self.typing_share),
+            );
+        }
         let mean = self.body_bytes as u32;
         let (bmin, bmax) = (self.body_min.unwrap_or(mean), self.body_max.unwrap_or(mean));
         if (bmin as usize) < HEADER_LEN || bmin > mean || mean > bmax {
@@ -363,6 +374,7 @@ impl Args {
             body_min: self.body_min,
             body_max: self.body_max,
             read_share: self.read_share,
+            typing_share: self.typing_share,
             workers: self.workers,
             source_addrs,
             thresholds,
@@ -404,6 +416,7 @@ impl Config {
             rate: self.rate,
             group_share: self.group_share,
             read_share: self.read_share,
+            typing_share: self.typing_share,
             churn_per_s: 0.0,
         }]
     }

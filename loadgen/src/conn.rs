@@ -20,7 +20,7 @@
 //! (kept up to 16 KiB for reuse), and the device's book.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -30,9 +30,12 @@ use bytes::Bytes;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
+use rustc_hash::FxHashMap;
 
 use courier_protocol::error::ErrorCode;
-use courier_protocol::frame::{self, ClientFrame, Cursor, EntryKind, ServerFrame};
+use courier_protocol::frame::{
+    self, ClientFrame, ConversationSummary, Cursor, EntryKind, ReceiptKind, ServerFrame,
+};
 use courier_protocol::ws::{Decoder, Event, Limits, Opcode, Role, WsError};
 
 use crate::body::{self, Stamp};
@@ -107,6 +110,47 @@ pub(crate) struct ConnState {
     /// device held) and the highest sequence per conversation seen since.
     catchup_base: Vec<(u32, u64)>,
     page_max: Vec<(u32, u64)>,
+    /// Receipts this device's own direct messages are waiting for, per
+    /// conversation; lives across sessions.
+    receipts: FxHashMap<u32, ReceiptBook>,
+}
+
+/// The sender's side of one direct conversation's receipts.
+#[derive(Debug, Default)]
+struct ReceiptBook {
+    /// The highest delivered and read values told live so far: a live
+    /// receipt at or below is a duplicate.
+    live_delivered: u64,
+    live_read: u64,
+    /// Own acked messages (seq, intended send time) not yet known to be
+    /// delivered, and not yet known to be read, oldest first.
+    undelivered: VecDeque<(u64, u64)>,
+    unread: VecDeque<(u64, u64)>,
+}
+
+impl ReceiptBook {
+    /// Everything up to `seq` is delivered (and read, with `read`): counts
+    /// what that newly covers and times it from each message's intended
+    /// send.
+    fn cover(&mut self, seq: u64, read: bool, now_ns: u64, stats: &mut crate::worker::Stats) {
+        while let Some(&(s, intended)) = self.undelivered.front() {
+            if s > seq {
+                break;
+            }
+            self.undelivered.pop_front();
+            stats.counters.receipts_covered += 1;
+            stats.receipt(false, now_ns.saturating_sub(intended));
+        }
+        if read {
+            while let Some(&(s, intended)) = self.unread.front() {
+                if s > seq {
+                    break;
+                }
+                self.unread.pop_front();
+                stats.receipt(true, now_ns.saturating_sub(intended));
+            }
+        }
+    }
 }
 
 /// A send waiting for its SENT.
@@ -156,6 +200,7 @@ impl Conn {
             ever_ready: false,
             catchup_base: Vec::new(),
             page_max: Vec::new(),
+            receipts: FxHashMap::default(),
         };
         Self {
             user,
@@ -540,18 +585,66 @@ fn handle_frame(w: &Worker, c: &Conn, frame: ServerFrame) {
         ServerFrame::Error {
             code, reference, ..
         } => on_error(w, c, code, reference),
-        ServerFrame::Receipt { .. } => w.stats.borrow_mut().counters.receipts_received += 1,
+        ServerFrame::Receipt {
+            conversation,
+            seq,
+            kind,
+            ..
+        } => on_receipt(w, c, &conversation, seq, kind),
+        ServerFrame::SyncSummary { conversations } => on_summary(w, c, &conversations),
+        ServerFrame::Typing { .. } => w.stats.borrow_mut().counters.typing_received += 1,
         ServerFrame::Pong { .. }
         | ServerFrame::Members { .. }
         | ServerFrame::Done { .. }
         | ServerFrame::History { .. }
         | ServerFrame::Chats { .. }
         | ServerFrame::ReceiptSummary { .. }
-        | ServerFrame::Typing { .. }
         | ServerFrame::Presence { .. }
         | ServerFrame::Settings { .. }
-        | ServerFrame::Devices { .. }
-        | ServerFrame::SyncSummary { .. } => {}
+        | ServerFrame::Devices { .. } => {}
+    }
+}
+
+/// A direct conversation's other participant moved its cursor: checks it
+/// moved (each state change is told once) and times what it covers.
+fn on_receipt(w: &Worker, c: &Conn, conversation: &str, seq: u64, kind: ReceiptKind) {
+    let Some(conv) = w.convs.borrow().number(conversation) else {
+        w.stats.borrow_mut().error("receipt.unknown_conversation");
+        return;
+    };
+    let now_ns = w.now_ns();
+    let mut st = c.st.borrow_mut();
+    let mut stats = w.stats.borrow_mut();
+    stats.counters.receipts_received += 1;
+    let book = st.receipts.entry(conv).or_default();
+    let read = kind == ReceiptKind::Read;
+    let live = if read {
+        &mut book.live_read
+    } else {
+        &mut book.live_delivered
+    };
+    if seq <= *live {
+        stats.counters.receipt_duplicates += 1;
+        return;
+    }
+    *live = seq;
+    book.cover(seq, read, now_ns, &mut stats);
+}
+
+/// A catch-up summary: receipts made while this device was away.
+fn on_summary(w: &Worker, c: &Conn, rows: &[ConversationSummary]) {
+    let now_ns = w.now_ns();
+    let convs = w.convs.borrow();
+    let mut st = c.st.borrow_mut();
+    let mut stats = w.stats.borrow_mut();
+    for row in rows {
+        let Some(conv) = convs.number(&row.conversation) else {
+            continue;
+        };
+        if let Some(book) = st.receipts.get_mut(&conv) {
+            book.cover(row.peer_delivered, false, now_ns, &mut stats);
+            book.cover(row.peer_read, true, now_ns, &mut stats);
+        }
     }
 }
 
@@ -590,7 +683,8 @@ fn on_welcome(w: &Worker, c: &Conn, max_body: u32, idle_timeout_s: u32) {
         &mut st.out,
         &ClientFrame::Sync {
             tail: 0,
-            summary: false,
+            // After a reconnect, learn the receipts made while away.
+            summary: st.ever_ready,
             cursors,
         },
     );
@@ -671,6 +765,13 @@ fn on_sent(w: &Worker, c: &Conn, client_id: u64, conversation: &str, seq: u64) {
             stats.counters.pending = stats.counters.pending.saturating_sub(1);
             stats.counters.expected += u64::from(w.plan.recipients(m.conv));
             stats.sent_ack(now_ns.saturating_sub(p.intended_ns));
+            if conversation.starts_with("d:") {
+                // A direct message: its sender is told when it is delivered.
+                stats.counters.receipts_expected += 1;
+                let book = st.receipts.entry(m.conv).or_default();
+                book.undelivered.push_back((seq, p.intended_ns));
+                book.unread.push_back((seq, p.intended_ns));
+            }
         }
         None => stats.counters.repeated_acks += 1,
     }

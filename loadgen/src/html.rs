@@ -62,6 +62,12 @@ pub fn render(report: &Report) -> String {
         ("SENT ack", "#1f77b4", &report.histograms.sent_ack),
         ("end to end", "#d62728", &report.histograms.end_to_end),
         ("schedule lag", "#7f7f7f", &report.histograms.schedule_lag),
+        (
+            "delivered tick",
+            "#2ca02c",
+            &report.histograms.receipt_delivered,
+        ),
+        ("read tick", "#9467bd", &report.histograms.receipt_read),
     ]
     .into_iter()
     .filter_map(|(n, col, enc)| decode(enc).ok().map(|h| (n, col, h)))
@@ -72,6 +78,8 @@ pub fn render(report: &Report) -> String {
         ("SENT ack", &report.latency_ms.sent_ack),
         ("end to end", &report.latency_ms.end_to_end),
         ("schedule lag", &report.latency_ms.schedule_lag),
+        ("delivered tick", &report.latency_ms.receipt_delivered),
+        ("read tick", &report.latency_ms.receipt_read),
     ] {
         summary_row(&mut s, name, l);
     }
@@ -93,7 +101,7 @@ pub fn render(report: &Report) -> String {
     }
 
     s.push_str("<h2>Counts</h2>\n<table>\n");
-    let counts: [(&str, u64); 20] = [
+    let counts: [(&str, u64); 24] = [
         ("connections (peak)", report.connections),
         ("connections at end", report.connections_at_end),
         ("connects", report.connects),
@@ -114,6 +122,10 @@ pub fn render(report: &Report) -> String {
         ("unknown outcome", report.unknown_outcome),
         ("reads sent", report.reads_sent),
         ("receipts received", report.receipts_received),
+        ("receipt duplicates", report.receipt_duplicates),
+        ("receipts missing", report.receipts_missing),
+        ("typing sent", report.typing_sent),
+        ("typing received", report.typing_received),
     ];
     for (name, v) in counts {
         let bad = matches!(name, "lost" | "reordered" | "invalid" | "duplicates") && v > 0;

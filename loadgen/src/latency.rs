@@ -25,6 +25,12 @@ pub struct Latencies {
     /// Intended send to the moment loadgen wrote the send: how far behind
     /// its own schedule loadgen ran.
     pub schedule_lag: Histogram<u64>,
+    /// Intended send to the sender receiving the first `Receipt` that says
+    /// a direct message was delivered (a read says so too).
+    pub receipt_delivered: Histogram<u64>,
+    /// Intended send to the sender receiving the `Receipt` that says it
+    /// was read.
+    pub receipt_read: Histogram<u64>,
 }
 
 impl Default for Latencies {
@@ -40,6 +46,8 @@ impl Latencies {
             sent_ack: histogram(),
             end_to_end: histogram(),
             schedule_lag: histogram(),
+            receipt_delivered: histogram(),
+            receipt_read: histogram(),
         }
     }
 
@@ -48,6 +56,8 @@ impl Latencies {
         add(&mut self.sent_ack, &other.sent_ack);
         add(&mut self.end_to_end, &other.end_to_end);
         add(&mut self.schedule_lag, &other.schedule_lag);
+        add(&mut self.receipt_delivered, &other.receipt_delivered);
+        add(&mut self.receipt_read, &other.receipt_read);
     }
 
     /// Empties every histogram, keeping their allocations.
@@ -55,11 +65,17 @@ impl Latencies {
         self.sent_ack.reset();
         self.end_to_end.reset();
         self.schedule_lag.reset();
+        self.receipt_delivered.reset();
+        self.receipt_read.reset();
     }
 
     /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
-        self.sent_ack.is_empty() && self.end_to_end.is_empty() && self.schedule_lag.is_empty()
+        self.sent_ack.is_empty()
+            && self.end_to_end.is_empty()
+            && self.schedule_lag.is_empty()
+            && self.receipt_delivered.is_empty()
+            && self.receipt_read.is_empty()
     }
 }
 
@@ -75,6 +91,12 @@ pub struct Encoded {
     pub end_to_end: String,
     /// `schedule_lag`.
     pub schedule_lag: String,
+    /// `receipt_delivered` (absent in reports made before it existed).
+    #[serde(default)]
+    pub receipt_delivered: String,
+    /// `receipt_read`.
+    #[serde(default)]
+    pub receipt_read: String,
 }
 
 impl Latencies {
@@ -84,6 +106,8 @@ impl Latencies {
             sent_ack: encode(&self.sent_ack),
             end_to_end: encode(&self.end_to_end),
             schedule_lag: encode(&self.schedule_lag),
+            receipt_delivered: encode(&self.receipt_delivered),
+            receipt_read: encode(&self.receipt_read),
         }
     }
 
@@ -93,7 +117,18 @@ impl Latencies {
             sent_ack: decode(&e.sent_ack)?,
             end_to_end: decode(&e.end_to_end)?,
             schedule_lag: decode(&e.schedule_lag)?,
+            receipt_delivered: decode_or_empty(&e.receipt_delivered)?,
+            receipt_read: decode_or_empty(&e.receipt_read)?,
         })
+    }
+}
+
+/// Like `decode`, with an empty string (an older report) an empty histogram.
+fn decode_or_empty(s: &str) -> Result<Histogram<u64>, String> {
+    if s.is_empty() {
+        Ok(histogram())
+    } else {
+        decode(s)
     }
 }
 

@@ -64,6 +64,8 @@ pub struct PhasePlan {
     /// Share of delivered messages the recipient also marks read (a `Read`
     /// receipt instead of a `Delivered` one).
     pub read_share: f64,
+    /// Share of messages whose sender says it is typing just before.
+    pub typing_share: f64,
     /// Share of all connections that disconnect and reconnect per second.
     pub churn_per_s: f64,
 }
@@ -164,6 +166,7 @@ const GROUPS_STREAM: u64 = 0x6772_6f75_7073; // "groups"
 const SCHEDULE_STREAM: u64 = 0x7363_6865_6475; // "schedu"
 const BODY_STREAM: u64 = 0x626f_6479; // "body"
 const READ_STREAM: u64 = 0x7265_6164; // "read"
+const TYPING_STREAM: u64 = 0x7479_7065; // "type"
 
 impl Plan {
     /// Builds the plan for `p`.
@@ -210,6 +213,7 @@ impl Plan {
                 rate: p.rate,
                 group_share: p.group_share,
                 read_share: 0.0,
+                typing_share: 0.0,
                 churn_per_s: 0.0,
             }]
         } else {
@@ -456,6 +460,13 @@ impl Plan {
         share > 0.0
             && SplitMix64::new(mix(self.seed ^ READ_STREAM, i ^ (u64::from(user) << 40))).unit()
                 < share
+    }
+
+    /// Whether the sender of message `i` sends `Typing` just before it:
+    /// drawn with the typing share of the message's phase. Pure.
+    pub fn types(&self, i: u64) -> bool {
+        let share = self.phase_of(i).plan.typing_share;
+        share > 0.0 && SplitMix64::new(mix(self.seed ^ TYPING_STREAM, i)).unit() < share
     }
 
     /// Message `i` of the schedule. Pure: any worker computes the same.
@@ -814,6 +825,7 @@ mod tests {
             rate,
             group_share,
             read_share: 0.5,
+            typing_share: 0.0,
             churn_per_s: 0.0,
         };
         p.phases = vec![

@@ -87,6 +87,14 @@ pub struct Report {
     pub reads_sent: u64,
     /// `Receipt` frames received.
     pub receipts_received: u64,
+    /// Live receipts that told a state change the device already knew.
+    pub receipt_duplicates: u64,
+    /// Own acked direct messages whose delivered receipt never reached the
+    /// sender's device (live or in a catch-up summary).
+    pub receipts_missing: u64,
+    /// Typing frames sent and typing events received.
+    pub typing_sent: u64,
+    pub typing_received: u64,
     /// The phases of the schedule and what happened in each.
     pub phases: Vec<PhaseReport>,
     /// Errors by kind.
@@ -178,6 +186,10 @@ pub struct LatencyReport {
     pub end_to_end: Summary,
     /// Intended send to actual send (loadgen's own lag).
     pub schedule_lag: Summary,
+    /// Intended send of a direct message to its sender learning it was
+    /// delivered, and read.
+    pub receipt_delivered: Summary,
+    pub receipt_read: Summary,
 }
 
 /// Average rates over the traffic phase.
@@ -260,12 +272,18 @@ impl Report {
             churned: c.churned,
             reads_sent: c.reads_sent,
             receipts_received: c.receipts_received,
+            receipt_duplicates: c.receipt_duplicates,
+            receipts_missing: c.receipts_expected.saturating_sub(c.receipts_covered),
+            typing_sent: c.typing_sent,
+            typing_received: c.typing_received,
             phases: seen.phases,
             errors: outcome.errors.0.clone(),
             latency_ms: LatencyReport {
                 sent_ack: Summary::of(&outcome.latencies.sent_ack),
                 end_to_end: Summary::of(&outcome.latencies.end_to_end),
                 schedule_lag: Summary::of(&outcome.latencies.schedule_lag),
+                receipt_delivered: Summary::of(&outcome.latencies.receipt_delivered),
+                receipt_read: Summary::of(&outcome.latencies.receipt_read),
             },
             rates: Rates {
                 sent_per_s: c.sent as f64 / traffic,
@@ -400,8 +418,14 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "  receipts     read sent {}, receipts received {}; churned {}",
-                self.reads_sent, self.receipts_received, self.churned
+                "  receipts     read sent {}, receipts received {}, duplicates {}, missing {}; typing sent {}, received {}; churned {}",
+                self.reads_sent,
+                self.receipts_received,
+                self.receipt_duplicates,
+                self.receipts_missing,
+                self.typing_sent,
+                self.typing_received,
+                self.churned
             );
         }
         let _ = writeln!(
@@ -417,6 +441,8 @@ impl Report {
             ("SENT ack", &self.latency_ms.sent_ack),
             ("end to end", &self.latency_ms.end_to_end),
             ("schedule lag", &self.latency_ms.schedule_lag),
+            ("delivered tick", &self.latency_ms.receipt_delivered),
+            ("read tick", &self.latency_ms.receipt_read),
         ] {
             let _ = writeln!(
                 s,

@@ -136,6 +136,9 @@ pub struct Phase {
     /// Share of delivered messages marked read.
     #[serde(default)]
     pub read_share: f64,
+    /// Share of messages whose sender sends `Typing` just before.
+    #[serde(default)]
+    pub typing_share: f64,
     /// Share of connections that disconnect and reconnect per second.
     #[serde(default)]
     pub churn_per_s: f64,
@@ -210,7 +213,13 @@ impl Scenario {
         if self.phases.is_empty() {
             return Ok(Vec::new());
         }
-        for flag in ["rate", "duration", "group_share", "read_share"] {
+        for flag in [
+            "rate",
+            "duration",
+            "group_share",
+            "read_share",
+            "typing_share",
+        ] {
             if given(flag) {
                 return Err(format!(
                     "--{} cannot be combined with the file's [[phase]] tables",
@@ -235,6 +244,7 @@ impl Scenario {
             for (key, v) in [
                 ("group_share", group_share),
                 ("read_share", p.read_share),
+                ("typing_share", p.typing_share),
                 ("churn_per_s", p.churn_per_s),
             ] {
                 if !(0.0..=1.0).contains(&v) {
@@ -247,6 +257,7 @@ impl Scenario {
                 rate: p.rate,
                 group_share,
                 read_share: p.read_share,
+                typing_share: p.typing_share,
                 churn_per_s: p.churn_per_s,
             });
         }

@@ -66,6 +66,16 @@ pub struct Counters {
     /// `Receipt` frames received (the other side of a direct conversation
     /// moved its cursor).
     pub receipts_received: u64,
+    /// Live receipts that did not move what the device knew (the same
+    /// state change told twice, or a cursor going back).
+    pub receipt_duplicates: u64,
+    /// Own acked direct messages that need a delivered receipt, and those
+    /// a receipt (live or in a catch-up summary) covered.
+    pub receipts_expected: u64,
+    pub receipts_covered: u64,
+    /// Typing frames sent, and typing events received.
+    pub typing_sent: u64,
+    pub typing_received: u64,
 }
 
 impl AddAssign<&Counters> for Counters {
@@ -96,6 +106,11 @@ impl AddAssign<&Counters> for Counters {
         self.churned += o.churned;
         self.reads_sent += o.reads_sent;
         self.receipts_received += o.receipts_received;
+        self.receipt_duplicates += o.receipt_duplicates;
+        self.receipts_expected += o.receipts_expected;
+        self.receipts_covered += o.receipts_covered;
+        self.typing_sent += o.typing_sent;
+        self.typing_received += o.typing_received;
     }
 }
 

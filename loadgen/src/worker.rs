@@ -203,6 +203,15 @@ impl Stats {
         record_ns(&mut self.interval.end_to_end, ns);
     }
 
+    pub fn receipt(&mut self, read: bool, ns: u64) {
+        let h = if read {
+            &mut self.latencies.receipt_read
+        } else {
+            &mut self.latencies.receipt_delivered
+        };
+        record_ns(h, ns);
+    }
+
     fn schedule_lag(&mut self, ns: u64) {
         record_ns(&mut self.latencies.schedule_lag, ns);
         record_ns(&mut self.interval.schedule_lag, ns);
@@ -542,6 +551,17 @@ impl Worker {
         stats.counters.pending += 1;
         if st.phase == SessionPhase::Ready {
             stats.schedule_lag(self.now_ns().saturating_sub(m.intended_ns));
+            if self.plan.types(m.msg) {
+                // "typing…" just before the message, which ends it.
+                if let Some(id) = self.convs.borrow().id(m.conv) {
+                    let typing = ClientFrame::Typing {
+                        conversation: id.to_string(),
+                        active: true,
+                    };
+                    self.push_frame(&mut st.out, &typing);
+                    stats.counters.typing_sent += 1;
+                }
+            }
             drop(stats);
             st.pending.insert(client_id, pending);
             self.transmit(&mut st, conn.user, client_id);

@@ -1862,12 +1862,16 @@ impl RouterCore {
         }
     }
 
-    /// Queues each forwarded frame on the live sessions it names.
+    /// Queues each forwarded frame on every attached session it names,
+    /// live or still catching up: receipts and settings are states, not
+    /// sequenced entries, so one that arrives mid catch-up is simply
+    /// applied, and a session attached after its catch-up summary was
+    /// read must not miss it.
     fn forward(&self, out: &mut Outbox, forward: &[Forward]) {
         for f in forward {
             let mut bytes: Option<Bytes> = None;
             for r in self.routes.get(&f.user).into_iter().flatten() {
-                if !r.live || Some(r.device) == f.except_device {
+                if Some(r.device) == f.except_device {
                     continue;
                 }
                 let frame = bytes.get_or_insert_with(|| ws_frame(&f.frame)).clone();
