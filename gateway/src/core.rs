@@ -768,7 +768,10 @@ impl SessionTask {
             Event::Ping(data) => {
                 let mut pong = Vec::with_capacity(data.len() + 2);
                 ws::encode_frame(&mut pong, Opcode::Pong, &data, None);
-                self.push_control(Bytes::from(pong));
+                let mut slots = self.core.slots.borrow_mut();
+                if let Some(slot) = live_slot(&mut slots, self.key) {
+                    slot.out_mut().push_pong(Bytes::from(pong));
+                }
             }
             Event::Pong(_) => {}
             Event::Close(received) => {
