@@ -493,6 +493,14 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         }
         Ok(Ok(Ok(parsed))) => parsed,
     };
+    if !handshake::origin_allowed(upgrade.origin.as_deref(), &cfg.allowed_origins) {
+        let resp = refuse(Refusal {
+            status: 403,
+            reason: "origin not allowed",
+        });
+        let _ = write_all(&mut stream, &resp).await;
+        return;
+    }
     let claims = match upgrade
         .token
         .as_deref()
