@@ -136,7 +136,7 @@ fn every_framing_violation_closes_at_once_with_its_rfc_code() {
         ),
         (
             "invalid UTF-8 across text fragments",
-            fragment(0x01, &[b'a', 0xe2, 0x82], frame(0x80, &[b'b'])),
+            fragment(0x01, &[b'a', 0xe2, 0x82], frame(0x80, b"b")),
             close::INVALID_PAYLOAD,
         ),
         (
