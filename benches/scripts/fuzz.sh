@@ -39,8 +39,9 @@ for target in $TARGETS; do
     fi
     runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1 | awk '{print $2 " runs in " $5 " s"}')
     last=$(grep -E '#[0-9]+.*(cov|ft):' "$log" | tail -1 | grep -oE '(cov|ft|corp): [0-9/a-zA-Z]+' | tr '\n' ' ')
+    rate=$(awk '/^stat::average_exec_per_sec:/ {print $2}' "$log")
     crashes=$(find "$artifacts" -type f | wc -l)
-    line="$target: ${runs:-no final stats (see $log)}; ${last}; crash inputs: $crashes"
+    line="$target: ${runs:-no final stats (see $log)} (${rate:-?} exec/s); ${last}; crash inputs: $crashes"
     echo "$line" | tee -a "$OUT/summary.txt"
 done
 exit $status
