@@ -146,6 +146,13 @@ pub struct ServeArgs {
     /// join its batch (fewer fsyncs and wake-ups, at most this much latency).
     #[arg(long, env = "COURIER_BATCH_LINGER_US", default_value_t = 0)]
     pub batch_linger_us: u64,
+    /// Browser origins allowed to open a session, comma-separated (for
+    /// example `https://chat.example,https://web.chat.example`). Empty:
+    /// every origin. A request without an `Origin` header (native apps send
+    /// none) is always allowed; a listed origin is matched exactly, ignoring
+    /// ASCII case. Others get 403.
+    #[arg(long, env = "COURIER_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Join other processes already listening on `--listen` (SO_REUSEPORT)
     /// instead of refusing to start.
     #[arg(long, env = "COURIER_SHARE_PORT")]

@@ -51,6 +51,7 @@ pub const KEYS: &[Key] = &[
     key("listen", "driver", "driver"),
     key("listen", "share_port", "share_port"),
     key("listen", "handshake_timeout_ms", "handshake_timeout_ms"),
+    key("listen", "allowed_origins", "allowed_origins"),
     key("limits", "max_connections", "max_connections"),
     key("limits", "max_header_bytes", "max_header_bytes"),
     key("limits", "max_outbound_bytes", "max_outbound_bytes"),

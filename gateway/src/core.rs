@@ -503,6 +503,14 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         }
         Ok(Ok(Ok(parsed))) => parsed,
     };
+    if !handshake::origin_allowed(upgrade.origin.as_deref(), &cfg.allowed_origins) {
+        let resp = refuse(Refusal {
+            status: 403,
+            reason: "origin not allowed",
+        });
+        let _ = write_all(&mut stream, &resp).await;
+        return;
+    }
     let claims = match upgrade
         .token
         .as_deref()
@@ -790,7 +798,10 @@ impl SessionTask {
             Event::Ping(data) => {
                 let mut pong = Vec::with_capacity(data.len() + 2);
                 ws::encode_frame(&mut pong, Opcode::Pong, &data, None);
-                self.push_control(Bytes::from(pong));
+                let mut slots = self.core.slots.borrow_mut();
+                if let Some(slot) = live_slot(&mut slots, self.key) {
+                    slot.out_mut().push_pong(Bytes::from(pong));
+                }
             }
             Event::Pong(_) => {}
             Event::Close(received) => {
