@@ -115,6 +115,13 @@ pub(crate) struct ConnState {
     receipts: FxHashMap<u32, ReceiptBook>,
 }
 
+impl ConnState {
+    /// Per direct conversation, the highest READ this device learned of.
+    pub fn reads_known(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.receipts.iter().map(|(conv, b)| (*conv, b.read_known))
+    }
+}
+
 /// The sender's side of one direct conversation's receipts.
 #[derive(Debug, Default)]
 struct ReceiptBook {
@@ -122,6 +129,8 @@ struct ReceiptBook {
     /// receipt at or below is a duplicate.
     live_delivered: u64,
     live_read: u64,
+    /// The highest READ known, live or from a summary.
+    read_known: u64,
     /// Own acked messages (seq, intended send time) not yet known to be
     /// delivered, and not yet known to be read, oldest first.
     undelivered: VecDeque<(u64, u64)>,
@@ -142,6 +151,7 @@ impl ReceiptBook {
             stats.receipt(false, now_ns.saturating_sub(intended));
         }
         if read {
+            self.read_known = self.read_known.max(seq);
             while let Some(&(s, intended)) = self.unread.front() {
                 if s > seq {
                     break;

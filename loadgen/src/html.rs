@@ -101,7 +101,7 @@ pub fn render(report: &Report) -> String {
     }
 
     s.push_str("<h2>Counts</h2>\n<table>\n");
-    let counts: [(&str, u64); 24] = [
+    let counts: [(&str, u64); 25] = [
         ("connections (peak)", report.connections),
         ("connections at end", report.connections_at_end),
         ("connects", report.connects),
@@ -124,6 +124,7 @@ pub fn render(report: &Report) -> String {
         ("receipts received", report.receipts_received),
         ("receipt duplicates", report.receipt_duplicates),
         ("receipts missing", report.receipts_missing),
+        ("reads missing", report.reads_missing),
         ("typing sent", report.typing_sent),
         ("typing received", report.typing_received),
     ];

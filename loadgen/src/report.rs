@@ -92,6 +92,9 @@ pub struct Report {
     /// Own acked direct messages whose delivered receipt never reached the
     /// sender's device (live or in a catch-up summary).
     pub receipts_missing: u64,
+    /// Acked direct messages their recipient read whose sender never
+    /// learned of the read.
+    pub reads_missing: u64,
     /// Typing frames sent and typing events received.
     pub typing_sent: u64,
     pub typing_received: u64,
@@ -274,6 +277,7 @@ impl Report {
             receipts_received: c.receipts_received,
             receipt_duplicates: c.receipt_duplicates,
             receipts_missing: c.receipts_expected.saturating_sub(c.receipts_covered),
+            reads_missing: findings.reads_missing,
             typing_sent: c.typing_sent,
             typing_received: c.typing_received,
             phases: seen.phases,
@@ -418,11 +422,12 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "  receipts     read sent {}, receipts received {}, duplicates {}, missing {}; typing sent {}, received {}; churned {}",
+                "  receipts     read sent {}, receipts received {}, duplicates {}, delivered missing {}, reads missing {}; typing sent {}, received {}; churned {}",
                 self.reads_sent,
                 self.receipts_received,
                 self.receipt_duplicates,
                 self.receipts_missing,
+                self.reads_missing,
                 self.typing_sent,
                 self.typing_received,
                 self.churned

@@ -812,7 +812,11 @@ impl Worker {
         stats.counters.groups_missing = self.convs.borrow().missing;
         let mut tally = std::mem::take(&mut stats.tally);
         for c in &self.conns {
-            tally.add_book(c.user, &c.st.borrow().book);
+            let st = c.st.borrow();
+            tally.add_book(c.user, &st.book);
+            tally
+                .reads_known
+                .extend(st.reads_known().map(|(conv, upto)| (c.user, conv, upto)));
         }
         Outcome {
             counters: stats.counters.clone(),
