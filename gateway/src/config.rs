@@ -158,8 +158,10 @@ pub struct ServeArgs {
     #[arg(long, env = "COURIER_SHARE_PORT")]
     pub share_port: bool,
     /// Log filter in `tracing` syntax (`info`, `courier_gateway=debug,info`);
-    /// `RUST_LOG`, when set, replaces it.
-    #[arg(long, env = "COURIER_LOG_FILTER", default_value = "info", value_parser = parse_log_filter)]
+    /// `RUST_LOG`, when set, replaces it. The store's own crates log at warn
+    /// by default: their info lines (one per partition on every open) would
+    /// flood the log while a full disk makes the router reopen the store.
+    #[arg(long, env = "COURIER_LOG_FILTER", default_value = "info,fjall=warn,lsm_tree=warn", value_parser = parse_log_filter)]
     pub log_filter: String,
     /// Log format.
     #[arg(long, env = "COURIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

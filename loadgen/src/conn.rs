@@ -977,6 +977,18 @@ fn on_error(w: &Worker, c: &Conn, code: u16, reference: u64) {
     // are retried with the same client id; anything else is final.
     let retryable = matches!(code, 429 | 503 | 504);
     let mut st = c.st.borrow_mut();
+    if reference == 0 && retryable && st.phase == SessionPhase::CatchingUp && !st.closing {
+        // The catch-up itself was refused (the store is unavailable): start
+        // the session again, as a client would, after the usual pause.
+        st.phase = SessionPhase::Closing;
+        st.churning = true;
+        let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"retry catch-up");
+        w.push_control(&mut st.out, Opcode::Close, &payload);
+        drop(st);
+        c.notify();
+        return;
+    }
     if let Some(p) = st.pending.get_mut(&reference) {
         if retryable {
             p.failures += 1;

@@ -259,6 +259,17 @@ impl Store {
             .map(|open| SyncHandle(open.keyspace.clone()))
     }
 
+    /// True while the store is closed after a failure.
+    pub fn is_closed(&self) -> bool {
+        self.open.is_none()
+    }
+
+    /// Drops the open keyspace after a failure without opening it again:
+    /// every use fails with [`StoreError::Closed`] until [`Store::reopen`].
+    pub fn close_after_failure(&mut self) {
+        self.open = None;
+    }
+
     /// Drops the open keyspace and opens it again from disk. fjall refuses
     /// every write after a failed sync (it is "poisoned"); reopening replays
     /// the journal, so what reached the disk is what the store holds.
