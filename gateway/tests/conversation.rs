@@ -368,3 +368,100 @@ fn a_fifth_device_is_refused_and_an_unlinked_one_is_closed() {
     });
     assert_eq!(ids, vec![1, 2, 3, 5]);
 }
+
+#[test]
+fn an_outsider_can_neither_read_nor_write_nor_see_receipts_of_a_conversation() {
+    let node = TestNode::start(&[]);
+    let conv = direct_conversation("alice", "bob");
+    let (mut alice, _) = node.online("alice", 1);
+    let (mut bob, _) = node.online("bob", 1);
+    let seq = alice.send_acked(&conv, 1, b"for bob only");
+    alice.send(&ClientFrame::GroupCreate {
+        request: 2,
+        members: vec!["bob".into()],
+    });
+    let group = wait_for(&mut alice, |f| match f {
+        ServerFrame::GroupCreated { conversation, .. } => Some(conversation.clone()),
+        _ => None,
+    });
+    let gseq = alice.send_acked(&group, 3, b"group secret");
+    wait_for(&mut bob, |f| {
+        matches!(f, ServerFrame::Message { seq: 2, .. }).then_some(())
+    });
+
+    let (mut eve, caught_up) = node.online("eve", 1);
+    assert!(caught_up
+        .iter()
+        .all(|f| !matches!(f, ServerFrame::Message { .. })));
+    let code = |f: &ServerFrame, want: u64| match f {
+        ServerFrame::Error {
+            code, reference, ..
+        } if *reference == want => Some(*code),
+        _ => None,
+    };
+    // Send, history, receipts, typing, members: refused.
+    eve.send_text(&conv, 10, b"let me in");
+    assert_eq!(wait_for(&mut eve, |f| code(f, 10)), 403);
+    eve.send_text(&group, 11, b"let me in");
+    assert_eq!(wait_for(&mut eve, |f| code(f, 11)), 403);
+    for (request, conversation) in [(12u32, &conv), (13, &group)] {
+        eve.send(&ClientFrame::History {
+            request,
+            conversation: conversation.clone(),
+            before_seq: 0,
+            limit: 10,
+        });
+        assert_eq!(wait_for(&mut eve, |f| code(f, u64::from(request))), 403);
+    }
+    eve.send(&ClientFrame::ReceiptQuery {
+        request: 14,
+        conversation: group.clone(),
+        seq: gseq,
+    });
+    assert_eq!(wait_for(&mut eve, |f| code(f, 14)), 403);
+    eve.send(&ClientFrame::GroupMembers {
+        request: 15,
+        conversation: group.clone(),
+    });
+    assert_eq!(wait_for(&mut eve, |f| code(f, 15)), 403);
+    eve.send(&ClientFrame::Typing {
+        conversation: conv.clone(),
+        active: true,
+    });
+    assert_eq!(wait_for(&mut eve, |f| code(f, 0)), 403);
+    // A receipt for it is refused and moves nothing alice sees.
+    eve.send(&ClientFrame::Read {
+        conversation: conv.clone(),
+        seq,
+    });
+    assert_eq!(wait_for(&mut eve, |f| code(f, 0)), 400);
+    // Naming it in a catch-up returns nothing of it.
+    eve.send(&ClientFrame::Sync {
+        tail: 0,
+        summary: true,
+        cursors: vec![courier_protocol::frame::Cursor {
+            conversation: conv.clone(),
+            seq: 0,
+        }],
+    });
+    loop {
+        match eve.next() {
+            ServerFrame::SyncDone { more: false } => break,
+            ServerFrame::Message { conversation, .. } => panic!("eve got {conversation}"),
+            ServerFrame::SyncSummary { conversations } => {
+                assert!(conversations
+                    .iter()
+                    .all(|c| c.conversation != conv && c.conversation != group));
+            }
+            _ => {}
+        }
+    }
+    // Nothing of eve's reached alice or bob.
+    assert!(alice.try_next(Duration::from_millis(300)).is_none());
+    // And eve cannot become alice: a refresh with alice's token is refused.
+    eve.send(&ClientFrame::Refresh {
+        request: 16,
+        token: node.token("alice", 1),
+    });
+    assert_eq!(wait_for(&mut eve, |f| code(f, 16)), 400);
+}
