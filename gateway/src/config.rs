@@ -92,6 +92,15 @@ pub struct ServeArgs {
     /// Most members a group may have.
     #[arg(long, env = "COURIER_MAX_GROUP_MEMBERS", default_value_t = 512)]
     pub max_group_members: usize,
+    /// Most concurrent connections (upgrading or open) from one IP address;
+    /// more get HTTP 429. 0: no limit (the default; set it when clients
+    /// connect directly rather than through a proxy).
+    #[arg(long, env = "COURIER_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
+    /// New connections per second allowed from one IP address (burst: ten
+    /// times as many); more get HTTP 429. 0: no limit.
+    #[arg(long, env = "COURIER_CONNECT_RATE_PER_IP", default_value_t = 0.0, value_parser = non_negative)]
+    pub connect_rate_per_ip: f64,
     /// Most linked devices per user; a session of one more is closed (4006).
     #[arg(long, env = "COURIER_MAX_DEVICES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_devices: u16,
@@ -207,6 +216,14 @@ pub struct TokenArgs {
     /// The node's TOML configuration file, for its `store.data_dir`.
     #[arg(long, env = "COURIER_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// A finite number, 0 or more.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of 0 or more")),
+    }
 }
 
 /// Accepts what `tracing_subscriber::EnvFilter` accepts.

@@ -53,6 +53,8 @@ pub const KEYS: &[Key] = &[
     key("listen", "handshake_timeout_ms", "handshake_timeout_ms"),
     key("listen", "allowed_origins", "allowed_origins"),
     key("limits", "max_connections", "max_connections"),
+    key("limits", "max_connections_per_ip", "max_connections_per_ip"),
+    key("limits", "connect_rate_per_ip", "connect_rate_per_ip"),
     key("limits", "max_header_bytes", "max_header_bytes"),
     key("limits", "max_outbound_bytes", "max_outbound_bytes"),
     key("limits", "max_body", "max_body"),

@@ -85,6 +85,8 @@ pub struct Shared {
     pub ready: Arc<AtomicBool>,
     /// Sessions open in the process, against `max_connections`.
     pub connections: AtomicUsize,
+    /// Per-address limits (`None` when both are off).
+    pub ip_limits: Option<crate::iplimit::IpLimits>,
 }
 
 impl Shared {
@@ -435,6 +437,33 @@ async fn write_all(stream: &mut TcpStreamPoll, mut data: &[u8]) -> io::Result<()
     Ok(())
 }
 
+/// Gives an admitted address's count back if the upgrade ends without a
+/// session; a session gives it back itself when it ends.
+struct IpGuard {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+    armed: bool,
+}
+
+impl IpGuard {
+    /// The session takes the count over; returns the address it counts.
+    fn hand_over(mut self) -> std::net::IpAddr {
+        self.armed = false;
+        self.ip
+    }
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(limits) = &self.shared.ip_limits {
+            limits.release(self.ip);
+        }
+    }
+}
+
 /// Reads the upgrade request; returns it with the bytes read past it.
 async fn read_upgrade(
     stream: &mut TcpStreamPoll,
@@ -470,6 +499,32 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         return;
     };
     let shared = core.shared.clone();
+    // Counted from here; given back when the upgrade fails (the guard) or,
+    // once a session runs, when the session ends.
+    let mut ip_guard = None;
+    if let Some(limits) = &shared.ip_limits {
+        if let Err(why) = limits.admit(addr.ip(), Instant::now()) {
+            let reason = match why {
+                crate::iplimit::Refused::TooMany => "too many connections from this address",
+                crate::iplimit::Refused::TooFast => "connecting too fast from this address",
+            };
+            shared.metrics.handshake_refused(reason);
+            warn_refused(&core, addr, 429, reason);
+            let resp = handshake::refusal_response(Refusal {
+                status: 429,
+                reason,
+            });
+            let _ =
+                monoio::time::timeout(Duration::from_millis(100), write_all(&mut stream, &resp))
+                    .await;
+            return;
+        }
+        ip_guard = Some(IpGuard {
+            shared: shared.clone(),
+            ip: addr.ip(),
+            armed: true,
+        });
+    }
     let cfg = &shared.config;
     let metrics = &shared.metrics;
     let read = monoio::time::timeout(
@@ -572,6 +627,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         close: None,
         closing_since_s: None,
         force_end: false,
+        counted_ip: ip_guard.map(|g| Box::new(g.hand_over())),
     });
     let key = SessionKey {
         core: core.id,
@@ -1021,6 +1077,9 @@ impl SessionTask {
             }
         };
         if let Some(slot) = removed {
+            if let (Some(limits), Some(ip)) = (&core.shared.ip_limits, &slot.counted_ip) {
+                limits.release(**ip);
+            }
             if slot.close.is_none() {
                 // The peer vanished without a close handshake.
                 core.shared.metrics.closed(1006);

@@ -18,6 +18,7 @@ pub mod config;
 pub mod config_file;
 pub mod core;
 pub mod handshake;
+pub mod iplimit;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;

@@ -129,7 +129,9 @@ impl Node {
                 .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
         tracing::info!(metrics.addr = %metrics_addr, "metrics endpoint bound");
 
+        let ip_limits = ip_limits_for(&args);
         let shared = Arc::new(Shared {
+            ip_limits,
             config: args,
             secret,
             router,
@@ -283,4 +285,10 @@ fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net
         out.push(socket.into());
     }
     Ok(out)
+}
+
+/// The per-IP limits the flags ask for (`None`: both off).
+fn ip_limits_for(args: &ServeArgs) -> Option<crate::iplimit::IpLimits> {
+    let rate = args.connect_rate_per_ip;
+    crate::iplimit::IpLimits::new(args.max_connections_per_ip, rate, rate * 10.0)
 }

@@ -59,6 +59,10 @@ pub struct Slot {
     /// Set by the sweep when the peer did not answer our close in time; the
     /// task then ends the session without waiting further.
     pub force_end: bool,
+    /// The peer's address while per-IP limits count it (boxed: 8 bytes in
+    /// the slot, nothing allocated when the limits are off), given back when
+    /// the session ends.
+    pub counted_ip: Option<Box<std::net::IpAddr>>,
 }
 
 impl Slot {

@@ -541,3 +541,45 @@ fn metrics_endpoint_serves_the_operator_view() {
     assert_eq!(common::http_get(node.metrics_addr, "/healthz").0, 200);
     assert_eq!(common::http_get(node.metrics_addr, "/readyz").0, 200);
 }
+
+#[test]
+fn per_ip_connection_limit_refuses_the_next_with_429_until_one_ends() {
+    let node = TestNode::start(&["--max-connections-per-ip", "3"]);
+    let mut open: Vec<Client> = (1..=3).map(|d| node.online("ivan", d).0).collect();
+    let token = node.token("ivan", 4);
+    assert_eq!(Client::connect(node.addr, &token).err(), Some(429));
+    // A refused or failed upgrade does not keep its count.
+    let (status, _, _) = raw_upgrade(node.addr, &upgrade_request(Some("garbage"), ""));
+    assert_eq!(status, 429, "still at the limit");
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match Client::connect(node.addr, &token) {
+            Ok(_) => break,
+            Err(429) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("upgrade refused with {e}"),
+        }
+    }
+    assert!(node
+        .metrics()
+        .contains("reason=\"too_many_connections_from_this_address\""));
+}
+
+#[test]
+fn per_ip_connect_rate_refuses_a_burst_with_429() {
+    // 1 a second, burst 10: the eleventh at once is refused.
+    let node = TestNode::start(&["--connect-rate-per-ip", "1"]);
+    let statuses: Vec<u16> = (0..11)
+        .map(|i| {
+            let token = node.token(&format!("rate{i}"), 1);
+            match Client::connect(node.addr, &token) {
+                Ok(_) => 101,
+                Err(status) => status,
+            }
+        })
+        .collect();
+    assert_eq!(&statuses[..10], &[101; 10]);
+    assert_eq!(statuses[10], 429);
+}
