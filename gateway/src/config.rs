@@ -148,6 +148,13 @@ pub struct ServeArgs {
     /// closed as a slow consumer (4003).
     #[arg(long, env = "COURIER_MAX_OUTBOUND_BYTES", default_value_t = 1 << 20)]
     pub max_outbound_bytes: usize,
+    /// Bytes that may wait in all outbound queues of the process together.
+    /// Over it, typing and presence are dropped for every session and the
+    /// sessions with the most queued (over 64 KiB) are closed as slow
+    /// consumers (4003), largest first, until the total is under it again;
+    /// messages are never dropped (closed sessions catch up). 0: no cap.
+    #[arg(long, env = "COURIER_MAX_OUTBOUND_TOTAL_BYTES", default_value_t = 2 << 30)]
+    pub max_outbound_total_bytes: usize,
     /// Most sessions this process holds; further upgrades get 503.
     #[arg(long, env = "COURIER_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,

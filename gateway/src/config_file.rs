@@ -57,6 +57,11 @@ pub const KEYS: &[Key] = &[
     key("limits", "connect_rate_per_ip", "connect_rate_per_ip"),
     key("limits", "max_header_bytes", "max_header_bytes"),
     key("limits", "max_outbound_bytes", "max_outbound_bytes"),
+    key(
+        "limits",
+        "max_outbound_total_bytes",
+        "max_outbound_total_bytes",
+    ),
     key("limits", "max_body", "max_body"),
     key("limits", "max_group_members", "max_group_members"),
     key("limits", "send_rate", "send_rate"),

@@ -87,6 +87,8 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// Per-address limits (`None` when both are off).
     pub ip_limits: Option<crate::iplimit::IpLimits>,
+    /// Bytes queued for sending on each core, as its last sweep counted.
+    pub queued_per_core: Vec<AtomicUsize>,
 }
 
 impl Shared {
@@ -124,6 +126,9 @@ struct Core {
     /// Origins of the live messages in the write buffer, for the latency histogram.
     origins: RefCell<Vec<Instant>>,
     shutting_down: Cell<bool>,
+    /// Set by the sweep while the process's outbound queues are over
+    /// `max_outbound_total_bytes`: ephemeral frames are dropped.
+    pressure: Cell<bool>,
     /// Rate limits for this core's per-connection warnings.
     warn: Warnings,
 }
@@ -198,6 +203,10 @@ impl Core {
                 origin,
                 ..
             } => {
+                if class == Class::Ephemeral && self.pressure.get() {
+                    self.shared.metrics.ephemeral_shed.inc();
+                    return;
+                }
                 let limit = match class {
                     Class::Reply => self.reply_limit(),
                     _ => self.shared.config.max_outbound_bytes,
@@ -262,6 +271,7 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
         write_buf: RefCell::new(Vec::with_capacity(WRITE_BATCH)),
         origins: RefCell::new(Vec::new()),
         shutting_down: Cell::new(false),
+        pressure: Cell::new(false),
         warn: Warnings::default(),
     });
     monoio::spawn(accept_loop(core.clone(), listener.clone()));
@@ -403,6 +413,7 @@ async fn sweep_loop(core: Rc<Core>) {
                 });
             }
         }
+        relieve_pressure(&core, &mut slots, queued);
         let m = &core.shared.metrics;
         m.connections
             .get_or_create(&core.label)
@@ -410,6 +421,52 @@ async fn sweep_loop(core: Rc<Core>) {
         m.outbound_queue_bytes
             .get_or_create(&core.label)
             .set(queued as i64);
+    }
+}
+
+/// Queues under this size are never closed for the process-wide cap.
+const PRESSURE_MIN_SESSION_BYTES: usize = 64 * 1024;
+
+/// The process-wide outbound cap: publishes this core's queued bytes, and
+/// when all cores together are over the cap, sheds ephemeral frames and
+/// closes this core's largest queues (over 64 KiB) as slow consumers until
+/// its share of the excess is gone. The per-session cap still applies.
+fn relieve_pressure(core: &Core, slots: &mut Slab<Slot>, queued: usize) {
+    let shared = &core.shared;
+    shared.queued_per_core[usize::from(core.id)].store(queued, Ordering::Relaxed);
+    let cap = shared.config.max_outbound_total_bytes;
+    if cap == 0 {
+        return;
+    }
+    let total: usize = shared
+        .queued_per_core
+        .iter()
+        .map(|q| q.load(Ordering::Relaxed))
+        .sum();
+    let over = total > cap;
+    core.pressure.set(over);
+    shared.metrics.outbound_pressure.set(i64::from(over));
+    if !over {
+        return;
+    }
+    // This core gives up its part of the excess, in proportion to what it
+    // holds.
+    let mut to_free = ((total - cap) as u128 * queued as u128 / total.max(1) as u128) as usize;
+    let mut big: Vec<(usize, usize)> = slots
+        .iter()
+        .filter(|(_, s)| s.close.is_none() && s.queued_bytes() > PRESSURE_MIN_SESSION_BYTES)
+        .map(|(i, s)| (s.queued_bytes(), i))
+        .collect();
+    big.sort_unstable_by(|a, b| b.cmp(a));
+    for (bytes, i) in big {
+        if to_free == 0 {
+            break;
+        }
+        if let Some(slot) = slots.get_mut(i) {
+            core.slow_consumer(slot);
+            slot.wake();
+            to_free = to_free.saturating_sub(bytes);
+        }
     }
 }
 

@@ -96,6 +96,11 @@ pub struct GatewayMetrics {
     pub delivery_latency: Histogram,
     /// Sessions closed because their outbound queue stayed full.
     pub slow_consumer_closes: Counter,
+    /// Typing and presence frames dropped while the process's outbound
+    /// queues were over their cap.
+    pub ephemeral_shed: Counter,
+    /// 1 while the process's outbound queues are over their cap.
+    pub outbound_pressure: Gauge,
     /// Upgrades refused because of the token, by reason.
     pub auth_failures: Family<ReasonLabel, Counter>,
     /// Upgrades refused for other reasons, by reason.
@@ -124,6 +129,8 @@ impl GatewayMetrics {
             messages_out: Counter::default(),
             delivery_latency: Histogram::new(LATENCY_BUCKETS),
             slow_consumer_closes: Counter::default(),
+            ephemeral_shed: Counter::default(),
+            outbound_pressure: Gauge::default(),
             auth_failures: Family::default(),
             handshake_refusals: Family::default(),
             closes: Family::default(),
@@ -175,6 +182,16 @@ impl GatewayMetrics {
             "From the gateway reading a send to writing it on a recipient's socket",
             Unit::Seconds,
             m.delivery_latency.clone(),
+        );
+        r.register(
+            "courier_outbound_ephemeral_shed",
+            "Typing and presence frames dropped while outbound queues were over the process cap",
+            m.ephemeral_shed.clone(),
+        );
+        r.register(
+            "courier_outbound_pressure",
+            "1 while the outbound queues of the process are over --max-outbound-total-bytes",
+            m.outbound_pressure.clone(),
         );
         r.register(
             "courier_slow_consumer_closes",

@@ -132,6 +132,7 @@ impl Node {
         let ip_limits = ip_limits_for(&args);
         let shared = Arc::new(Shared {
             ip_limits,
+            queued_per_core: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             config: args,
             secret,
             router,

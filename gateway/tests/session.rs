@@ -583,3 +583,57 @@ fn per_ip_connect_rate_refuses_a_burst_with_429() {
     assert_eq!(&statuses[..10], &[101; 10]);
     assert_eq!(statuses[10], 429);
 }
+
+#[test]
+fn the_process_wide_outbound_cap_closes_the_largest_queue_and_sheds_typing() {
+    // Per session 4 MiB would allow it; the process cap of 256 KiB does not.
+    let node = TestNode::start(&[
+        "--max-outbound-bytes",
+        "4194304",
+        "--max-outbound-total-bytes",
+        "262144",
+        "--send-rate",
+        "100000",
+        "--send-burst",
+        "100000",
+    ]);
+    let conv = direct_conversation("alice", "bob");
+    let (mut alice, _) = node.online("alice", 1);
+    let (mut bob, _) = node.online("bob", 1);
+    let body = vec![b'x'; 4000];
+    for id in 1..=1500u64 {
+        alice.send_text(&conv, id, &body);
+    }
+    let mut acked = 0;
+    for _ in 0..1500 {
+        if let ServerFrame::Sent { .. } = alice.next() {
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, 1500);
+    // Under pressure typing to bob is dropped, not queued.
+    for _ in 0..5 {
+        alice.send(&ClientFrame::Typing {
+            conversation: conv.clone(),
+            active: true,
+        });
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (code, _) = bob.expect_close();
+    assert_eq!(code, close::SLOW_CONSUMER, "closed by the process cap");
+    let metrics = node.metrics();
+    assert!(
+        metrics.contains("courier_slow_consumer_closes_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("courier_outbound_ephemeral_shed_total"));
+    // Nothing lost: bob catches up on everything.
+    let mut bob = node.connect("bob", 1);
+    let caught = bob.sync(vec![]);
+    let seqs: Vec<u64> = caught
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Message { .. }))
+        .map(|f| message_seq(f).1)
+        .collect();
+    assert_eq!(seqs, (1..=1500).collect::<Vec<_>>());
+}
