@@ -764,6 +764,9 @@ impl RouterCore {
                     client_id,
                     body,
                 } => {
+                    self.metrics
+                        .queue_wait_duration
+                        .observe(received_at.elapsed().as_secs_f64());
                     match self.send(
                         b,
                         &device,

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub batch_commands: Histogram,
     /// From the gateway reading a send to its `Sent` being handed out.
     pub sent_ack_duration: Histogram,
+    /// From the gateway reading a send to the router starting to decide
+    /// it: the hop across the command queue.
+    pub queue_wait_duration: Histogram,
     /// Messages made durable (membership entries are not counted).
     pub messages_stored: Counter,
     /// Sends answered with an error, by code.
@@ -63,6 +66,7 @@ impl Metrics {
             commit_duration: Histogram::new(LATENCY_BUCKETS),
             batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             sent_ack_duration: Histogram::new(LATENCY_BUCKETS),
+            queue_wait_duration: Histogram::new(LATENCY_BUCKETS),
             messages_stored: Counter::default(),
             send_errors: Family::default(),
             queue_depth: Gauge::default(),
@@ -86,6 +90,12 @@ impl Metrics {
             "courier_router_batch_commands",
             "Commands handled per router batch",
             m.batch_commands.clone(),
+        );
+        registry.register_with_unit(
+            "courier_router_queue_wait_duration",
+            "From the gateway reading a send to the router deciding it (the command queue hop)",
+            Unit::Seconds,
+            m.queue_wait_duration.clone(),
         );
         registry.register_with_unit(
             "courier_sent_ack_duration",
