@@ -71,9 +71,19 @@ pub struct ServeArgs {
     /// Address the WebSocket listener binds (each core binds it with SO_REUSEPORT).
     #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`).
+    /// Address of the metrics and admin endpoint (`/metrics`, `/healthz`,
+    /// `/readyz`, `/admin/...`).
     #[arg(long, env = "COURIER_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
     pub metrics_listen: SocketAddr,
+    /// File holding the admin token. When set, the `/admin/` endpoints need
+    /// `Authorization: Bearer <token>`; without it they answer only on a
+    /// loopback metrics address.
+    #[arg(long, env = "COURIER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Milliseconds over which a drain (SIGTERM) spreads its 1001 closes;
+    /// 0 closes every session at once.
+    #[arg(long, env = "COURIER_DRAIN_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=300_000))]
+    pub drain_window_ms: u64,
     /// Directory for the store and the token secret.
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -191,6 +201,11 @@ impl ServeArgs {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         }
+    }
+
+    /// The drain window.
+    pub fn drain_window(&self) -> Duration {
+        Duration::from_millis(self.drain_window_ms)
     }
 
     /// The upgrade deadline.

@@ -76,7 +76,9 @@ pub const KEYS: &[Key] = &[
     key("store", "node_id", "node_id"),
     key("store", "dedupe_hours", "dedupe_hours"),
     key("store", "batch_linger_us", "batch_linger_us"),
+    key("shutdown", "drain_window_ms", "drain_window_ms"),
     key("metrics", "addr", "metrics_listen"),
+    key("metrics", "admin_token_file", "admin_token_file"),
     key("log", "filter", "log_filter"),
     key("log", "format", "log_format"),
 ];

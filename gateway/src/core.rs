@@ -42,12 +42,13 @@ use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 
 use crate::config::ServeArgs;
 use crate::handshake::{self, Refusal, Upgrade};
 use crate::mailbox::Mailbox;
 use crate::metrics::{CoreLabel, GatewayMetrics};
-use crate::session::{CloseRequest, Pushed, Slot};
+use crate::session::{CloseReason, CloseRequest, Pushed, Slot};
 use crate::throttle::Warnings;
 
 /// Size of the per-core read buffer every session reads into.
@@ -58,14 +59,47 @@ const WRITE_BATCH: usize = 64 * 1024;
 const READ_BUDGET: usize = 16;
 /// Seconds a closing session waits for its peer's close frame.
 const CLOSE_WAIT_S: u32 = 3;
+/// Shortest pause between two steps of a drain's close schedule, so a
+/// large core closes a few sessions per wake-up instead of one.
+const DRAIN_TICK: Duration = Duration::from_millis(5);
+/// Largest reconnect hint a drain gives, in milliseconds.
+const MAX_RECONNECT_HINT_MS: u64 = 1000;
 
 /// What the rest of the process sends a core.
 #[derive(Debug)]
 pub enum CoreMsg {
     /// A batch of deliveries from the router.
     Deliveries(Vec<Delivery>),
-    /// Stop accepting, close every session with 1001 and exit.
+    /// Stop accepting, close every session with 1001 over the drain window
+    /// and exit.
     Shutdown,
+    /// An operator asks which sessions of `user` this core holds.
+    Devices {
+        /// The user asked about.
+        user: Arc<str>,
+        /// Where the answer goes (the admin endpoint's thread).
+        reply: oneshot::Sender<Vec<SessionInfo>>,
+    },
+    /// An operator closes the sessions of one device with 4007.
+    Disconnect {
+        /// The device's user.
+        user: Arc<str>,
+        /// The device number.
+        device: u32,
+        /// How many sessions were closed here.
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+/// One session as the admin endpoint shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The device number.
+    pub device: u32,
+    /// The core that holds the session.
+    pub core: u16,
+    /// When the upgrade completed, seconds since the Unix epoch.
+    pub connected_since_s: u64,
 }
 
 /// State shared by every core of the process.
@@ -98,6 +132,7 @@ impl Shared {
             self.metrics.ready.set(0);
             tracing::info!(
                 sessions = self.connections.load(Ordering::Relaxed),
+                drain.window_ms = self.config.drain_window_ms,
                 "drain started: not ready, closing sessions with 1001"
             );
             for mailbox in &self.mailboxes {
@@ -129,6 +164,13 @@ struct Core {
     /// Set by the sweep while the process's outbound queues are over
     /// `max_outbound_total_bytes`: ephemeral frames are dropped.
     pressure: Cell<bool>,
+    /// Set by the inbox task when the shutdown message arrives; the core's
+    /// main future waits for it, then runs the drain.
+    shutdown_asked: Cell<bool>,
+    /// The main future's waker while it waits for `shutdown_asked`.
+    shutdown_waker: Cell<Option<std::task::Waker>>,
+    /// State of the core's xorshift generator for reconnect hints.
+    rng: Cell<u64>,
     /// Rate limits for this core's per-connection warnings.
     warn: Warnings,
 }
@@ -164,6 +206,49 @@ impl Core {
         }
     }
 
+    /// A number from this core's generator (xorshift64*; reconnect hints
+    /// need spread, not secrecy).
+    fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// This core's sessions of `user`, for the admin endpoint. A scan of
+    /// the slab: rare operator queries pay for it instead of every attach.
+    fn sessions_of(&self, slots: &Slab<Slot>, user: &str) -> Vec<SessionInfo> {
+        let (now, unix) = (self.now_s(), unix_now_s());
+        slots
+            .iter()
+            .filter(|(_, s)| *s.device.user == *user)
+            .map(|(_, s)| SessionInfo {
+                device: s.device.device,
+                core: self.id,
+                connected_since_s: unix
+                    .saturating_sub(u64::from(now.saturating_sub(s.connected_s))),
+            })
+            .collect()
+    }
+
+    /// Closes `user`'s sessions of `device` with 4007, after what is queued.
+    fn disconnect(&self, slots: &mut Slab<Slot>, user: &str, device: u32) -> usize {
+        let mut closed = 0;
+        for (_, slot) in slots.iter_mut() {
+            if *slot.device.user == *user && slot.device.device == device && slot.close.is_none() {
+                slot.request_close(CloseRequest {
+                    code: close::OPERATOR_DISCONNECT,
+                    reason: "disconnected by an operator".into(),
+                    flush_first: true,
+                });
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     fn reply_limit(&self) -> usize {
         self.shared.config.max_outbound_bytes.saturating_mul(4)
     }
@@ -181,7 +266,7 @@ impl Core {
         }
         slot.request_close(CloseRequest {
             code: close::SLOW_CONSUMER,
-            reason: "outbound queue full; reconnect and catch up",
+            reason: "outbound queue full; reconnect and catch up".into(),
             flush_first: false,
         });
     }
@@ -220,7 +305,7 @@ impl Core {
             Delivery::Close { code, reason, .. } => {
                 slot.request_close(CloseRequest {
                     code,
-                    reason,
+                    reason: reason.into(),
                     flush_first: true,
                 });
             }
@@ -272,12 +357,36 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
         origins: RefCell::new(Vec::new()),
         shutting_down: Cell::new(false),
         pressure: Cell::new(false),
+        shutdown_asked: Cell::new(false),
+        shutdown_waker: Cell::new(None),
+        rng: Cell::new(seed()),
         warn: Warnings::default(),
     });
     monoio::spawn(accept_loop(core.clone(), listener.clone()));
     monoio::spawn(sweep_loop(core.clone()));
-    inbox_loop(core, listener).await;
+    // The inbox keeps running through the drain: sessions still open get
+    // their messages and acks until their turn to close comes.
+    monoio::spawn(inbox_loop(core.clone()));
+    poll_fn(|cx| {
+        if core.shutdown_asked.get() {
+            Poll::Ready(())
+        } else {
+            core.shutdown_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    })
+    .await;
+    drain(&core, &listener).await;
     Ok(())
+}
+
+/// A seed for the reconnect-hint generator; never zero.
+fn seed() -> u64 {
+    let mut raw = [0u8; 8];
+    if getrandom::fill(&mut raw).is_err() {
+        raw = unix_now_ms().to_le_bytes();
+    }
+    u64::from_le_bytes(raw) | 1
 }
 
 /// Accepts connections until shutdown. An accept in flight is never
@@ -313,35 +422,46 @@ async fn accept_loop(core: Rc<Core>, listener: Rc<TcpListener>) {
     }
 }
 
-/// Receives router batches and control messages for this core.
-async fn inbox_loop(core: Rc<Core>, listener: Rc<TcpListener>) {
+/// Receives router batches and control messages for this core, until the
+/// core's runtime ends.
+async fn inbox_loop(core: Rc<Core>) {
     let mailbox = core.shared.mailboxes[usize::from(core.id)].clone();
     let mut batch = Vec::new();
     loop {
         mailbox.recv_batch(&mut batch).await;
-        let mut shutdown = false;
-        {
-            let mut slots = core.slots.borrow_mut();
-            for msg in batch.drain(..) {
-                match msg {
-                    CoreMsg::Deliveries(deliveries) => {
-                        for d in deliveries {
-                            core.deliver(&mut slots, d);
-                        }
+        let mut slots = core.slots.borrow_mut();
+        for msg in batch.drain(..) {
+            match msg {
+                CoreMsg::Deliveries(deliveries) => {
+                    for d in deliveries {
+                        core.deliver(&mut slots, d);
                     }
-                    CoreMsg::Shutdown => shutdown = true,
+                }
+                CoreMsg::Shutdown => {
+                    core.shutdown_asked.set(true);
+                    if let Some(waker) = core.shutdown_waker.take() {
+                        waker.wake();
+                    }
+                }
+                CoreMsg::Devices { user, reply } => {
+                    let _ = reply.send(core.sessions_of(&slots, &user));
+                }
+                CoreMsg::Disconnect {
+                    user,
+                    device,
+                    reply,
+                } => {
+                    let _ = reply.send(core.disconnect(&mut slots, &user, device));
                 }
             }
-        }
-        if shutdown {
-            drain(&core, &listener).await;
-            return;
         }
     }
 }
 
-/// Stops accepting and closes every session with 1001, waiting a bounded
-/// time for them to end.
+/// Stops accepting, then closes the core's sessions with 1001 spread evenly
+/// over the drain window (the i-th of n at `i * window / n`), each after
+/// what is already queued for it and with its own jittered reconnect hint;
+/// then waits a bounded time for them to end.
 async fn drain(core: &Rc<Core>, listener: &TcpListener) {
     core.shutting_down.set(true);
     // SAFETY: the descriptor is the listener's own and stays open while
@@ -349,15 +469,45 @@ async fn drain(core: &Rc<Core>, listener: &TcpListener) {
     unsafe {
         libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD);
     }
-    {
-        let mut slots = core.slots.borrow_mut();
-        for (_, slot) in slots.iter_mut() {
-            slot.request_close(CloseRequest {
-                code: close::GOING_AWAY,
-                reason: "server shutting down; reconnect",
-                flush_first: true,
-            });
+    let window = core.shared.config.drain_window();
+    let hint_max_ms = (core.shared.config.drain_window_ms / 10).min(MAX_RECONNECT_HINT_MS);
+    // The sessions open now, in slab order. One that upgrades after this
+    // (its upgrade passed the shutdown check just before) is closed at the
+    // end of the window.
+    let keys: Vec<(usize, u32)> = core
+        .slots
+        .borrow()
+        .iter()
+        .map(|(i, s)| (i, s.generation))
+        .collect();
+    let n = keys.len();
+    let start = Instant::now();
+    let mut next = 0;
+    while next < n {
+        let due = if window.is_zero() {
+            n
+        } else {
+            let elapsed = start.elapsed().as_micros();
+            let due = elapsed * n as u128 / window.as_micros().max(1) + 1;
+            (due.min(n as u128)) as usize
+        };
+        {
+            let mut slots = core.slots.borrow_mut();
+            for &(slot, generation) in &keys[next..due] {
+                if let Some(s) = slots.get_mut(slot).filter(|s| s.generation == generation) {
+                    close_draining(core, s, hint_max_ms);
+                }
+            }
         }
+        next = due;
+        if next < n {
+            let at = start + window.mul_f64(next as f64 / n as f64);
+            let pause = at.saturating_duration_since(Instant::now()).max(DRAIN_TICK);
+            monoio::time::sleep(pause).await;
+        }
+    }
+    for (_, s) in core.slots.borrow_mut().iter_mut() {
+        close_draining(core, s, hint_max_ms);
     }
     let deadline = Instant::now() + Duration::from_secs(u64::from(CLOSE_WAIT_S) + 2);
     while !core.slots.borrow().is_empty() && Instant::now() < deadline {
@@ -365,9 +515,22 @@ async fn drain(core: &Rc<Core>, listener: &TcpListener) {
     }
     tracing::info!(
         conn.core = core.id,
+        sessions.closed = n,
         sessions.left = core.slots.borrow().len(),
+        drain.ms = start.elapsed().as_millis() as u64,
         "core drained"
     );
+}
+
+/// Asks `slot` to close with 1001 after what is queued, with a reconnect
+/// hint drawn uniformly from `0..=hint_max_ms`.
+fn close_draining(core: &Core, slot: &mut Slot, hint_max_ms: u64) {
+    let reconnect_after_ms = (core.random() % (hint_max_ms + 1)) as u32;
+    slot.request_close(CloseRequest {
+        code: close::GOING_AWAY,
+        reason: CloseReason::Draining { reconnect_after_ms },
+        flush_first: true,
+    });
 }
 
 /// Once a second: pings quiet sessions, closes idle and expired ones, ends
@@ -397,7 +560,7 @@ async fn sweep_loop(core: Rc<Core>) {
             if quiet >= idle_after {
                 slot.request_close(CloseRequest {
                     code: close::IDLE_TIMEOUT,
-                    reason: "nothing received within the idle timeout",
+                    reason: "nothing received within the idle timeout".into(),
                     flush_first: false,
                 });
             } else if quiet >= ping_after && !slot.ping_outstanding {
@@ -408,7 +571,7 @@ async fn sweep_loop(core: Rc<Core>) {
             if slot.token_exp_s + token::LEEWAY_S <= unix {
                 slot.request_close(CloseRequest {
                     code: close::TOKEN_EXPIRED,
-                    reason: "token expired; reconnect with a new token",
+                    reason: "token expired; reconnect with a new token".into(),
                     flush_first: true,
                 });
             }
@@ -677,6 +840,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         device: device.clone(),
         token_exp_s: claims.exp,
         last_rx_s: core.now_s(),
+        connected_s: core.now_s(),
         ping_outstanding: false,
         waker: None,
         wake_pending: false,
@@ -929,7 +1093,7 @@ impl SessionTask {
                 if let Some(slot) = live_slot(&mut slots, self.key) {
                     slot.close = Some(CloseRequest {
                         code,
-                        reason: "",
+                        reason: "".into(),
                         flush_first: false,
                     });
                     if let Some(out) = slot.out.as_mut() {
@@ -1018,7 +1182,7 @@ impl SessionTask {
         if let Some(slot) = live_slot(&mut slots, self.key) {
             slot.request_close(CloseRequest {
                 code,
-                reason,
+                reason: reason.into(),
                 flush_first: false,
             });
         }
@@ -1029,7 +1193,7 @@ impl SessionTask {
         if let Some(slot) = live_slot(&mut slots, self.key) {
             slot.request_close(CloseRequest {
                 code,
-                reason,
+                reason: reason.into(),
                 flush_first: true,
             });
         }
@@ -1053,7 +1217,8 @@ impl SessionTask {
             }
         }
         let mut frame = Vec::new();
-        ws::encode_close(&mut frame, req.code, req.reason, None);
+        let mut reason = String::new();
+        ws::encode_close(&mut frame, req.code, req.reason.render(&mut reason), None);
         // Behind what is queued when flushing first, else ahead of nothing.
         let out = slot.out_mut();
         if req.flush_first {

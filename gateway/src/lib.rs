@@ -13,6 +13,7 @@
 //! ([`session`]), and answering `Ping`. Everything about messages and
 //! conversations is the router's.
 
+pub mod admin;
 pub mod alloc;
 pub mod config;
 pub mod config_file;

@@ -4,7 +4,8 @@
 //! runs hyper on its own thread with a small tokio runtime, apart from the
 //! cores, so a scrape never competes with session I/O on a core's loop.
 //! Paths: `/metrics` (OpenMetrics text), `/healthz` (the process is up),
-//! `/readyz` (the node takes new sessions; 503 while shutting down).
+//! `/readyz` (the node takes new sessions; 503 while shutting down), and
+//! the operator's `/admin/` endpoints ([`crate::admin`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +21,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::admin::{self, Access};
+use crate::core::Shared;
 
 /// Latency buckets in seconds, the same as the router's histograms use
 /// (50 µs to 10 s; a test compares the two on a running node), so the
@@ -260,20 +264,24 @@ impl GatewayMetrics {
     }
 }
 
-/// Serves the registry on `addr` until the process exits. `ready` is false
-/// once the node starts shutting down. The listener is bound before this
-/// returns, so a bind error stops the start.
+/// Serves the registry and the admin endpoints ([`crate::admin`]) on
+/// `addr` until the process exits. `shared.ready` is false once the node
+/// starts shutting down. The listener is bound before this returns, so a
+/// bind error stops the start.
 pub fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    access: Access,
 ) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()?;
+    let access = Arc::new(access);
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -286,11 +294,21 @@ pub fn serve(
                         continue;
                     };
                     let registry = registry.clone();
-                    let ready = ready.clone();
+                    let shared = shared.clone();
+                    let access = access.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
-                            let response = respond(&req, &registry, &ready);
-                            async move { Ok::<_, Infallible>(response) }
+                            let registry = registry.clone();
+                            let shared = shared.clone();
+                            let access = access.clone();
+                            async move {
+                                let response = if req.uri().path().starts_with("/admin/") {
+                                    admin::respond(&req, &shared, &access).await
+                                } else {
+                                    respond(&req, &registry, &shared.ready)
+                                };
+                                Ok::<_, Infallible>(response)
+                            }
                         });
                         let io = hyper_util::rt::TokioIo::new(stream);
                         let _ = hyper::server::conn::http1::Builder::new()

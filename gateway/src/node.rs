@@ -12,6 +12,7 @@ use courier_router::{Router, RouterConfig};
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::admin::{Access, AdminToken};
 use crate::config::{DriverChoice, ServeArgs};
 use crate::core::{self, CoreMsg, Shared};
 use crate::mailbox::Mailbox;
@@ -80,6 +81,10 @@ impl Node {
         let data_lock = lock_data_dir(&args.data_dir)?;
         let secret = secret::load_or_create(&args.data_dir)
             .with_context(|| format!("token secret in {}", args.data_dir.display()))?;
+        let admin_token = match &args.admin_token_file {
+            Some(path) => Some(AdminToken::load(path)?),
+            None => None,
+        };
         let driver = Driver::choose(args.driver)?;
         tracing::info!(
             driver = driver.name(),
@@ -124,11 +129,8 @@ impl Node {
         let gateway_metrics = GatewayMetrics::register(&mut registry);
         registry.register_collector(Box::new(process::ProcessCollector));
         let ready = Arc::new(AtomicBool::new(true));
-        let metrics_addr =
-            metrics::serve(args.metrics_listen, Arc::new(registry), ready.clone())
-                .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
-        tracing::info!(metrics.addr = %metrics_addr, "metrics endpoint bound");
-
+        let metrics_listen = args.metrics_listen;
+        let access = Access::new(metrics_listen.ip().is_loopback(), admin_token);
         let ip_limits = ip_limits_for(&args);
         let shared = Arc::new(Shared {
             ip_limits,
@@ -141,6 +143,16 @@ impl Node {
             ready,
             connections: AtomicUsize::new(0),
         });
+        let admin = match &access {
+            Access::Loopback => "open on loopback",
+            Access::Token(_) => "bearer token",
+            Access::Refused => "refused (not loopback and no admin token file)",
+        };
+        let metrics_addr =
+            metrics::serve(metrics_listen, Arc::new(registry), shared.clone(), access)
+                .with_context(|| format!("binding the metrics endpoint {metrics_listen}"))?;
+        tracing::info!(metrics.addr = %metrics_addr, admin, "metrics endpoint bound");
+
         let mut handles = Vec::with_capacity(cores);
         for (id, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();

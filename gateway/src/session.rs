@@ -23,10 +23,49 @@ pub struct CloseRequest {
     /// The close code sent to the client.
     pub code: u16,
     /// The close reason sent to the client (at most 123 bytes).
-    pub reason: &'static str,
+    pub reason: CloseReason,
     /// Whether frames already queued are sent before the close frame
     /// (a graceful close) or dropped (the connection is failed).
     pub flush_first: bool,
+}
+
+/// The text of a close frame's reason. Kept as small as the `&str` it
+/// usually is (16 bytes), so a slot's pending close costs no more for the
+/// drain's per-session reconnect hint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A fixed text.
+    Text(&'static str),
+    /// A drain's close: `server draining; reconnect after <ms> ms`, with
+    /// the session's own jittered delay (documented in docs/protocol.md).
+    Draining {
+        /// Milliseconds the client is asked to wait before reconnecting.
+        reconnect_after_ms: u32,
+    },
+}
+
+impl CloseReason {
+    /// Writes the reason's text into `out` (cleared first) and returns it.
+    pub fn render<'a>(&self, out: &'a mut String) -> &'a str {
+        use std::fmt::Write as _;
+        out.clear();
+        match *self {
+            Self::Text(text) => out.push_str(text),
+            Self::Draining { reconnect_after_ms } => {
+                let _ = write!(
+                    out,
+                    "server draining; reconnect after {reconnect_after_ms} ms"
+                );
+            }
+        }
+        out
+    }
+}
+
+impl From<&'static str> for CloseReason {
+    fn from(text: &'static str) -> Self {
+        Self::Text(text)
+    }
 }
 
 /// One session's entry in its core's slab.
@@ -41,6 +80,9 @@ pub struct Slot {
     pub token_exp_s: u64,
     /// When a frame was last read, in the core's coarse seconds.
     pub last_rx_s: u32,
+    /// When the upgrade completed, in the core's coarse seconds (for the
+    /// admin endpoint's "connected since").
+    pub connected_s: u32,
     /// Whether a WebSocket ping was sent since the last frame was read.
     pub ping_outstanding: bool,
     /// The session task's waker, set each time the task is polled. The core

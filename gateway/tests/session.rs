@@ -222,6 +222,53 @@ fn shutdown_closes_sessions_with_going_away() {
 }
 
 #[test]
+fn drain_spreads_closes_over_the_window_with_reconnect_hints() {
+    let node = TestNode::start(&["--drain-window-ms", "1500"]);
+    let clients: Vec<_> = (0..16)
+        .map(|i| node.online(&format!("user{i}"), 1).0)
+        .collect();
+    let started = std::time::Instant::now();
+    node.begin_shutdown();
+    let (status, _) = common::http_get(node.metrics_addr, "/readyz");
+    assert_eq!(status, 503, "not ready from the start of the drain");
+    // New connections are refused: TCP refused, or a 503 at the upgrade.
+    if let Ok(mut s) = std::net::TcpStream::connect(node.addr) {
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        let _ = s.write_all(common::upgrade_request(Some(&node.token("late", 1)), "").as_bytes());
+        let mut head = String::new();
+        let _ = s.read_to_string(&mut head);
+        assert!(
+            !head.starts_with("HTTP/1.1 101"),
+            "an upgrade during a drain: {head}"
+        );
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| std::thread::spawn(move || (c.expect_close(), started.elapsed())))
+        .collect();
+    let mut at = Vec::new();
+    for r in readers {
+        let ((code, reason), when) = r.join().unwrap();
+        assert_eq!(code, close::GOING_AWAY);
+        let hint: u64 = reason
+            .strip_prefix("server draining; reconnect after ")
+            .and_then(|r| r.strip_suffix(" ms"))
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or_else(|| panic!("no reconnect hint in {reason:?}"));
+        assert!(hint <= 150, "hint {hint} ms is over a tenth of the window");
+        at.push(when);
+    }
+    at.sort();
+    let spread = at[at.len() - 1] - at[0];
+    // Each core closes its share at i * 1.5 s / n: the last of 8 at ~1.3 s.
+    assert!(
+        spread >= Duration::from_millis(600),
+        "closes spread over {spread:?}, not the window"
+    );
+}
+
+#[test]
 fn newer_session_of_a_device_replaces_the_older() {
     let node = TestNode::start(&[]);
     let (mut first, _) = node.online("alice", 1);

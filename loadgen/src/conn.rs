@@ -253,11 +253,17 @@ pub(crate) async fn run(w: Rc<Worker>, c: Rc<Conn>, delay: Duration) {
                     monoio::time::sleep(w.jitter(CHURN_PAUSE)).await;
                     continue;
                 }
-                let mut stats = w.stats.borrow_mut();
-                stats.counters.disconnects += 1;
-                stats.error(&end.kind());
+                {
+                    let mut stats = w.stats.borrow_mut();
+                    stats.counters.disconnects += 1;
+                    stats.error(&end.kind());
+                }
                 if !w.config.reconnect {
                     break;
+                }
+                if let SessionEnd::Closed(_, Some(hint)) = end {
+                    // A draining server asked for this pause; honour it.
+                    monoio::time::sleep(hint).await;
                 }
             }
             Err(e) => {
@@ -368,13 +374,24 @@ async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// The delay a close reason asks for before reconnecting: the gateway's
+/// drain says `server draining; reconnect after <ms> ms`
+/// (docs/protocol.md, close codes).
+fn reconnect_hint(reason: &str) -> Option<Duration> {
+    let (_, rest) = reason.split_once("reconnect after ")?;
+    let ms: u64 = rest.strip_suffix(" ms")?.parse().ok()?;
+    Some(Duration::from_millis(ms.min(60_000)))
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 enum SessionEnd {
     Eof,
     Io(io::ErrorKind),
     Ws(WsError),
-    Closed(Option<u16>),
+    /// The server's close: its code, and the reconnect delay its reason
+    /// asked for (a drain's `reconnect after <ms> ms`).
+    Closed(Option<u16>, Option<Duration>),
 }
 
 impl SessionEnd {
@@ -385,8 +402,8 @@ impl SessionEnd {
             Self::Ws(WsError::Protocol(_)) => "ws.protocol_error".into(),
             Self::Ws(WsError::TooBig) => "ws.too_big".into(),
             Self::Ws(WsError::InvalidUtf8) => "ws.invalid_utf8".into(),
-            Self::Closed(Some(code)) => format!("close.{code}"),
-            Self::Closed(None) => "close.no_code".into(),
+            Self::Closed(Some(code), _) => format!("close.{code}"),
+            Self::Closed(None, _) => "close.no_code".into(),
         }
     }
 }
@@ -544,7 +561,8 @@ fn handle_event(w: &Worker, c: &Conn, event: Event) -> Option<SessionEnd> {
                     .unwrap_or_default();
                 w.push_control(&mut st.out, Opcode::Close, &payload);
             }
-            return Some(SessionEnd::Closed(code.map(|(code, _)| code)));
+            let hint = code.as_ref().and_then(|(_, reason)| reconnect_hint(reason));
+            return Some(SessionEnd::Closed(code.map(|(code, _)| code), hint));
         }
     }
     None
@@ -1085,5 +1103,36 @@ fn flush_receipts(w: &Worker, c: &Conn) {
     }
     if reads > 0 {
         w.stats.borrow_mut().counters.reads_sent += reads;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_close_reason_gives_its_reconnect_delay() {
+        assert_eq!(
+            reconnect_hint("server draining; reconnect after 734 ms"),
+            Some(Duration::from_millis(734))
+        );
+        assert_eq!(
+            reconnect_hint("server draining; reconnect after 0 ms"),
+            Some(Duration::ZERO)
+        );
+        for other in [
+            "",
+            "replaced by a newer session",
+            "outbound queue full; reconnect and catch up",
+            "server draining; reconnect after soon ms",
+            "server draining; reconnect after 5",
+        ] {
+            assert_eq!(reconnect_hint(other), None, "{other:?}");
+        }
+        assert_eq!(
+            reconnect_hint("reconnect after 99999999 ms"),
+            Some(Duration::from_secs(60)),
+            "capped"
+        );
     }
 }

@@ -36,6 +36,10 @@ pub const DEVICE_REMOVED: u16 = 4005;
 /// The user already has as many linked devices as the node allows; unlink
 /// one first.
 pub const DEVICE_LIMIT: u16 = 4006;
+/// An operator closed the session through the admin endpoint
+/// (`POST /admin/disconnect`). The device may reconnect (with backoff) and
+/// catch up; nothing is lost.
+pub const OPERATOR_DISCONNECT: u16 = 4007;
 /// A client protocol frame could not be decoded.
 pub const MALFORMED_FRAME: u16 = 4400;
 
@@ -59,6 +63,7 @@ mod tests {
             NORMAL,
             GOING_AWAY,
             SLOW_CONSUMER,
+            OPERATOR_DISCONNECT,
             MALFORMED_FRAME,
             3000,
             4999,

@@ -57,7 +57,8 @@ class Gateway:
         self.proc = subprocess.Popen(
             [str(GATEWAY), "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{metrics_port}",
-             "--cores", "1", "--data-dir", str(self.data_dir)],
+             "--cores", "1", "--drain-window-ms", "1000",
+             "--data-dir", str(self.data_dir)],
             stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + STEP_S
         while time.monotonic() < deadline:

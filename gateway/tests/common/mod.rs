@@ -58,6 +58,11 @@ impl TestNode {
             "--data-dir",
             dir.to_str().unwrap(),
         ];
+        // Tests stop nodes with sessions open; they close them at once
+        // unless the test is about the drain window.
+        if !extra.contains(&"--drain-window-ms") {
+            argv.extend_from_slice(&["--drain-window-ms", "0"]);
+        }
         argv.extend_from_slice(extra);
         let args: ServeArgs = Cli::try_parse_from(argv).expect("test flags parse").serve;
         let node = Node::start(args).expect("node starts");
