@@ -16,8 +16,8 @@ use bytes::{BufMut, Bytes};
 mod e2ee;
 
 pub use e2ee::{
-    prekey_signing_message, DeviceAddress, DeviceBundle, DeviceCiphertext, E2eeFrame,
-    IdentityKeys, Incoming, Prekey, PrekeyKind, PublicKey, Signature, SignedPrekey,
+    prekey_signing_message, DeviceAddress, DeviceBundle, DeviceCiphertext, E2eeFrame, IdentityKeys,
+    Incoming, Prekey, PrekeyKind, PublicKey, Signature, SignedPrekey,
 };
 
 /// What a frame type byte, a length or a field was wrong about.
@@ -1454,14 +1454,26 @@ mod tests {
                 signing: [1; 32],
                 dh: [2; 32],
             },
-            signed_prekey: Prekey { id: 1, key: [3; 32] },
+            signed_prekey: Prekey {
+                id: 1,
+                key: [3; 32],
+            },
             signed_prekey_signature: [4; 64],
             last_resort: Prekey {
                 id: u32::MAX,
                 key: [5; 32],
             },
             last_resort_signature: [6; 64],
-            one_time: vec![Prekey { id: 2, key: [7; 32] }, Prekey { id: 3, key: [8; 32] }],
+            one_time: vec![
+                Prekey {
+                    id: 2,
+                    key: [7; 32],
+                },
+                Prekey {
+                    id: 3,
+                    key: [8; 32],
+                },
+            ],
         });
         client_round_trip(ClientFrame::BundleFetch {
             request: 11,

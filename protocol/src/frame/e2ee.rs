@@ -302,10 +302,7 @@ pub(super) fn read_identity(r: &mut Reader<'_>) -> Result<IdentityKeys, DecodeEr
     })
 }
 
-pub(super) fn read_prekey(
-    r: &mut Reader<'_>,
-    field: &'static str,
-) -> Result<Prekey, DecodeError> {
+pub(super) fn read_prekey(r: &mut Reader<'_>, field: &'static str) -> Result<Prekey, DecodeError> {
     Ok(Prekey {
         id: r.u32(field)?,
         key: r.array(field)?,
@@ -356,10 +353,16 @@ mod tests {
                 signing: [1; 32],
                 dh: [2; 32],
             },
-            signed_prekey: Prekey { id: 7, key: [3; 32] },
+            signed_prekey: Prekey {
+                id: 7,
+                key: [3; 32],
+            },
             signed_prekey_signature: [4; 64],
             prekey_kind: kind,
-            prekey: Prekey { id: 9, key: [5; 32] },
+            prekey: Prekey {
+                id: 9,
+                key: [5; 32],
+            },
             prekey_signature: [6; 64],
         }
     }
@@ -455,7 +458,10 @@ mod tests {
 
     #[test]
     fn signing_messages_name_the_role() {
-        let p = Prekey { id: 1, key: [7; 32] };
+        let p = Prekey {
+            id: 1,
+            key: [7; 32],
+        };
         assert_ne!(
             prekey_signing_message(SignedPrekey::Signed, &p),
             prekey_signing_message(SignedPrekey::LastResort, &p)

@@ -728,6 +728,10 @@ impl RouterCore {
                     store::device_key(&device.user, target),
                     record.encode(),
                 );
+                // An unlinked device's keys must not be handed out again.
+                if let Err(e) = self.drop_keys(b, &device.user, target) {
+                    tracing::warn!(error = %e, "could not read an unlinked device's keys");
+                }
                 let victim = self
                     .routes
                     .get(&device.user)
