@@ -11,6 +11,7 @@
 //! gets is checked: decrypts, carries the right number, arrives once.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -39,6 +40,14 @@ pub struct BenchConfig {
     pub encrypted: bool,
     /// Prefix of the user ids, so runs on one node do not share users.
     pub prefix: String,
+}
+
+/// What a pair's sender tells its receiver: how many it sent, and that it
+/// is done.
+#[derive(Debug, Default)]
+struct PairState {
+    sent: AtomicU64,
+    done: AtomicBool,
 }
 
 /// What a run measured.
@@ -83,12 +92,18 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchReport> {
     for i in 0..cfg.pairs {
         let (ready_tx, ready_rx) = mpsc::channel();
         let rcfg = cfg.clone();
-        let receiver = thread::spawn(move || receive(&rcfg, i, base, ready_tx));
+        let pair = Arc::new(PairState::default());
+        let theirs = pair.clone();
+        let receiver = thread::spawn(move || receive(&rcfg, i, base, ready_tx, &theirs));
         ready_rx
             .recv_timeout(Duration::from_secs(30))
             .context("a receiver did not get ready")?;
         let scfg = cfg.clone();
-        let sender = thread::spawn(move || send(&scfg, i, base));
+        let sender = thread::spawn(move || {
+            let result = send(&scfg, i, base, &pair);
+            pair.done.store(true, Ordering::Release);
+            result
+        });
         handles.push((sender, receiver));
     }
     let mut report = BenchReport {
@@ -138,7 +153,12 @@ fn plaintext(cfg: &BenchConfig, n: u64, base: Instant) -> Vec<u8> {
     p
 }
 
-fn send(cfg: &BenchConfig, i: usize, base: Instant) -> anyhow::Result<(u64, u64)> {
+fn send(
+    cfg: &BenchConfig,
+    i: usize,
+    base: Instant,
+    pair: &PairState,
+) -> anyhow::Result<(u64, u64)> {
     let (me, peer) = users(cfg, i);
     let conversation = direct_conversation(&me, &peer);
     let mut conn = connect(cfg, &me)?;
@@ -190,6 +210,7 @@ fn send(cfg: &BenchConfig, i: usize, base: Instant) -> anyhow::Result<(u64, u64)
         };
         conn.send(&frame)?;
         sent += 1;
+        pair.sent.store(sent, Ordering::Release);
     }
     // Collect the remaining acks.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -234,6 +255,7 @@ fn receive(
     i: usize,
     base: Instant,
     ready: mpsc::Sender<()>,
+    pair: &PairState,
 ) -> anyhow::Result<Received> {
     let (peer, me) = users(cfg, i);
     let conversation = direct_conversation(&me, &peer);
@@ -254,9 +276,13 @@ fn receive(
     };
     let mut seen = vec![false; 0];
     let mut replied = false;
-    let end = Instant::now() + cfg.duration + Duration::from_secs(15);
-    let expected = (cfg.rate * cfg.duration.as_secs_f64()).ceil() as u64;
-    while Instant::now() < end && got.received < expected {
+    // Until the sender is done and everything it sent arrived, or a grace
+    // period after the run (what is missing then counts as lost).
+    let end = Instant::now() + cfg.duration + Duration::from_secs(30);
+    let finished = |got: &Received| {
+        pair.done.load(Ordering::Acquire) && got.received >= pair.sent.load(Ordering::Acquire)
+    };
+    while Instant::now() < end && !finished(&got) {
         let Some(f) = conn.next(Duration::from_millis(200))? else {
             continue;
         };

@@ -409,3 +409,24 @@ fn two_clients_talk_end_to_end_and_the_server_keeps_no_plaintext() {
         .count();
     assert!(lines > 5, "the node logged at debug level ({lines} lines)");
 }
+
+#[test]
+fn the_encrypted_pairs_scenario_delivers_every_message_once() {
+    let node = TestNode::start(&[]);
+    for encrypted in [true, false] {
+        let cfg = courier_e2ee::bench::BenchConfig {
+            addr: node.addr,
+            secret: Arc::new(node.secret()),
+            pairs: 2,
+            rate: 20.0,
+            duration: Duration::from_secs(1),
+            body_bytes: 200,
+            encrypted,
+            prefix: format!("p{encrypted}"),
+        };
+        let r = courier_e2ee::bench::run(&cfg).unwrap();
+        assert!(r.sent >= 30, "{r:?}");
+        assert_eq!((r.acked, r.received), (r.sent, r.sent), "{r:?}");
+        assert_eq!((r.bad, r.duplicates), (0, 0), "{r:?}");
+    }
+}
