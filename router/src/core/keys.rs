@@ -216,6 +216,8 @@ impl RouterCore {
                 format!("at most {MAX_PREKEYS_PER_UPLOAD} one-time prekeys per upload"),
             ));
         }
+        // Verifying costs the router CPU: uploads spend send tokens.
+        self.take_token(b, &device.user, self.batch_now_ms)?;
         let signer = VerifyingKey::from_bytes(&u.identity.signing)
             .map_err(|_| bad("identity signing key is not a valid Ed25519 key"))?;
         let verifies = |role: SignedPrekey, prekey: &Prekey, sig: &Signature| {
@@ -364,6 +366,33 @@ impl RouterCore {
             },
         }));
         Ok(())
+    }
+
+    /// Tells a device that attaches with fewer one-time prekeys than the
+    /// threshold (it may have been offline when they ran low).
+    pub(super) fn remind_low_prekeys(&mut self, b: &mut Batch, device: &Device) {
+        let threshold = self.config.prekey_low_threshold;
+        let remaining = match self.identity_records(&device.user) {
+            Ok(records) => records
+                .iter()
+                .find(|(d, _)| *d == device.device)
+                .map(|(_, r)| r.one_time),
+            Err(e) => {
+                tracing::debug!(error = %e, "key records unavailable at attach");
+                None
+            }
+        };
+        if let Some(remaining) = remaining.filter(|r| *r < threshold) {
+            self.metrics.prekey_low.inc();
+            b.pending.push(Pending::Keys(KeysPending::ToDevice {
+                user: device.user.clone(),
+                device: device.device,
+                frame: E2eeFrame::KeyCount {
+                    request: 0,
+                    remaining,
+                },
+            }));
+        }
     }
 
     /// Deletes an unlinked device's keys and archive.

@@ -159,6 +159,8 @@ impl RouterCore {
         if was_offline && self.social.going_offline.remove(&device.user).is_none() {
             self.push_presence(b, &device.user);
         }
+        // A device that was away while its prekeys ran low hears it now.
+        self.remind_low_prekeys(b, &device);
     }
 
     /// Checks that the device may have a session, linking it if it is new.

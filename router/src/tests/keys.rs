@@ -313,6 +313,12 @@ fn a_device_is_told_when_its_prekeys_run_low_and_out() {
     );
     assert!(h.metrics_text().contains("courier_prekeys_low_total 2"));
 
+    // Reconnecting with a low stock is a reminder.
+    h.step(vec![alice.detach()]);
+    let alice = alice.reconnect();
+    let out = h.step(vec![alice.attach()]);
+    assert_eq!(key_counts(&out.e2ee(&alice)), vec![(0, 0)]);
+
     // Topping up works, and its answer says the new count.
     let out = h.step(vec![alice.frame(Keys::new(1).upload(9, 10..15))]);
     assert_eq!(key_counts(&out.e2ee(&alice)), vec![(9, 5)]);
@@ -585,4 +591,48 @@ fn an_archive_waits_for_its_device_within_a_size_limit_until_it_expires() {
     h.connect(&alice2);
     let out = h.step(vec![alice2.frame(ClientFrame::ArchiveFetch { request: 8 })]);
     assert_eq!(out.errors(&alice2), vec![(404, 8)]);
+}
+
+#[test]
+fn a_per_device_send_to_a_group_names_every_member_device() {
+    let mut h = Harness::new();
+    let alice = keyed(&mut h, "alice", 1, 1, 1);
+    let bob = keyed(&mut h, "bob", 1, 2, 1);
+    let carol = keyed(&mut h, "carol", 1, 3, 1);
+    let out = h.step(vec![alice.frame(ClientFrame::GroupCreate {
+        request: 1,
+        members: vec!["bob".into(), "carol".into()],
+    })]);
+    let group = out
+        .frames(&alice)
+        .into_iter()
+        .find_map(|f| match f {
+            ServerFrame::GroupCreated { conversation, .. } => Some(conversation),
+            _ => None,
+        })
+        .unwrap();
+    let send = |client_id, ciphertexts| ClientFrame::SendPerDevice {
+        conversation: group.clone(),
+        client_id,
+        ciphertexts,
+    };
+    let out = h.step(vec![alice.frame(send(1, vec![ct("bob", 1, b"b")]))]);
+    assert_eq!(
+        out.e2ee(&alice),
+        vec![E2eeFrame::DeviceMismatch {
+            client_id: 1,
+            missing: vec![DeviceAddress {
+                user: "carol".into(),
+                device: 1
+            }],
+            stale: vec![],
+        }]
+    );
+    let out = h.step(vec![alice.frame(send(
+        1,
+        vec![ct("bob", 1, b"for bob"), ct("carol", 1, b"for carol")],
+    ))]);
+    assert_eq!(out.sent(&alice).0, 2);
+    assert_eq!(&out.messages(&bob)[0].2[..], b"for bob");
+    assert_eq!(&out.messages(&carol)[0].2[..], b"for carol");
 }
