@@ -19,7 +19,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::ratchet::{self, Chain, MESSAGE, PREKEY_HEADER, PREKEY_MESSAGE};
+use crate::ratchet::{self, Header, Ratchet, HEADER, MESSAGE, PREKEY_HEADER, PREKEY_MESSAGE};
 use crate::{x3dh, CryptoError};
 
 /// The last-resort prekey's id (one-time prekeys count up from 1).
@@ -37,8 +37,7 @@ fn random32() -> [u8; 32] {
 
 /// A pairwise session with one remote device.
 struct Session {
-    send: Chain,
-    recv: Chain,
+    ratchet: Ratchet,
     associated_data: Vec<u8>,
     /// While set (the initiator has heard nothing back yet), messages
     /// carry the prekey header so the other side can start the session.
@@ -162,11 +161,11 @@ impl Device {
         header.extend_from_slice(&bundle.signed_prekey.id.to_le_bytes());
         header.push(bundle.prekey_kind as u8);
         header.extend_from_slice(&bundle.prekey.id.to_le_bytes());
+        let ratchet = Ratchet::initiator(&agreed.secret, &bundle.signed_prekey.key)?;
         self.sessions.insert(
             (user.to_owned(), bundle.device),
             Session {
-                send: Chain::new(agreed.initiator_chain),
-                recv: Chain::new(agreed.responder_chain),
+                ratchet,
                 associated_data: agreed.associated_data,
                 prekey_header: Some(header),
                 ephemeral: ek,
@@ -187,8 +186,8 @@ impl Device {
             .sessions
             .get_mut(&(user.to_owned(), device))
             .ok_or(CryptoError::NoSession)?;
-        let (n, key) = s.send.next_send();
-        let mut out = Vec::with_capacity(1 + PREKEY_HEADER + 4 + plaintext.len() + 16);
+        let (header, key) = s.ratchet.next_send()?;
+        let mut out = Vec::with_capacity(1 + PREKEY_HEADER + HEADER + plaintext.len() + 16);
         match &s.prekey_header {
             Some(h) => {
                 out.push(PREKEY_MESSAGE);
@@ -196,7 +195,7 @@ impl Device {
             }
             None => out.push(MESSAGE),
         }
-        out.extend_from_slice(&n.to_le_bytes());
+        header.encode(&mut out);
         let mut aad = s.associated_data.clone();
         aad.extend_from_slice(&out);
         out.extend_from_slice(&ratchet::seal(&key, &aad, plaintext));
@@ -220,7 +219,9 @@ impl Device {
             .collect()
     }
 
-    /// Decrypts a body `user`'s `device` sent to this device.
+    /// Decrypts a body `user`'s `device` sent to this device. Nothing
+    /// changes unless the message authenticates: not the session, not the
+    /// one-time prekey a first message names.
     pub fn decrypt(
         &mut self,
         user: &str,
@@ -228,51 +229,55 @@ impl Device {
         body: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let (&kind, rest) = body.split_first().ok_or(CryptoError::Malformed)?;
-        let header_len = match kind {
+        let x3dh_len = match kind {
             PREKEY_MESSAGE => PREKEY_HEADER,
             MESSAGE => 0,
             _ => return Err(CryptoError::Malformed),
         };
-        if rest.len() < header_len + 4 + 16 {
+        if rest.len() < x3dh_len + HEADER + 16 {
             return Err(CryptoError::Malformed);
         }
         let key = (user.to_owned(), device);
+        // A first message of a session this device does not have yet.
+        let mut fresh: Option<(Session, Option<u32>)> = None;
         if kind == PREKEY_MESSAGE {
             let ek: [u8; 32] = rest[64..96]
                 .try_into()
                 .map_err(|_| CryptoError::Malformed)?;
             let known = self.sessions.get(&key).is_some_and(|s| s.ephemeral == ek);
             if !known {
-                let session = self.accept(&rest[..PREKEY_HEADER])?;
-                self.sessions.insert(key.clone(), session);
+                fresh = Some(self.accept(&rest[..PREKEY_HEADER])?);
             }
         }
-        let s = self.sessions.get_mut(&key).ok_or(CryptoError::NoSession)?;
-        let counter_at = 1 + header_len;
-        let n = u32::from_le_bytes(
-            body[counter_at..counter_at + 4]
-                .try_into()
-                .map_err(|_| CryptoError::Malformed)?,
-        );
-        let mk = s.recv.key_for(n)?;
-        let mut aad = s.associated_data.clone();
-        aad.extend_from_slice(&body[..counter_at + 4]);
-        match ratchet::open(&mk, &aad, &body[counter_at + 4..]) {
-            Ok(plain) => {
-                // The other side has the session: plain messages from now.
-                s.prekey_header = None;
-                Ok(plain)
+        let header_end = 1 + x3dh_len + HEADER;
+        let header = Header::decode(&body[1 + x3dh_len..header_end])?;
+        let session = match &fresh {
+            Some((s, _)) => s,
+            None => self.sessions.get(&key).ok_or(CryptoError::NoSession)?,
+        };
+        let mut ratchet = session.ratchet.clone();
+        let mk = ratchet.key_for(&header)?;
+        let mut aad = session.associated_data.clone();
+        aad.extend_from_slice(&body[..header_end]);
+        let plain = ratchet::open(&mk, &aad, &body[header_end..])?;
+        if let Some((s, used)) = fresh {
+            if let Some(id) = used {
+                // Used once: its private half is deleted now.
+                self.one_time.remove(&id);
             }
-            Err(e) => {
-                s.recv.restore(n, mk);
-                Err(e)
-            }
+            self.sessions.insert(key.clone(), s);
         }
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.ratchet = ratchet;
+            // The other side has the session: plain messages from now.
+            s.prekey_header = None;
+        }
+        Ok(plain)
     }
 
-    /// Starts a session from a prekey message's header (X3DH as the
-    /// responder), using up the one-time prekey it names.
-    fn accept(&mut self, header: &[u8]) -> Result<Session, CryptoError> {
+    /// A session from a prekey message's header (X3DH as the responder),
+    /// and the one-time prekey it would use up.
+    fn accept(&self, header: &[u8]) -> Result<(Session, Option<u32>), CryptoError> {
         let arr = |at: usize| -> Result<[u8; 32], CryptoError> {
             header[at..at + 32]
                 .try_into()
@@ -315,18 +320,14 @@ impl Device {
             &remote,
             &ek,
         )?;
-        if one_time.is_some() {
-            // Used once: its private half is deleted now.
-            self.one_time.remove(&prekey_id);
-        }
-        Ok(Session {
-            send: Chain::new(agreed.responder_chain),
-            recv: Chain::new(agreed.initiator_chain),
+        let session = Session {
+            ratchet: Ratchet::responder(&agreed.secret, self.signed_prekey.1.clone()),
             associated_data: agreed.associated_data,
             prekey_header: None,
             ephemeral: ek,
             remote,
-        })
+        };
+        Ok((session, one_time.is_some().then_some(prekey_id)))
     }
 }
 
@@ -472,7 +473,7 @@ mod tests {
             Err(CryptoError::Malformed)
         );
         assert_eq!(
-            bob.decrypt("carol", 1, &[MESSAGE; 30]),
+            bob.decrypt("carol", 1, &[MESSAGE; 60]),
             Err(CryptoError::NoSession)
         );
     }

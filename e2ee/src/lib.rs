@@ -7,24 +7,21 @@
 //! ```text
 //!  Device::upload ──KeysUpload──► server key directory
 //!  Device::start_session(bundle)  ◄──Bundle── BundleFetch
-//!     X3DH: 4 X25519 agreements → HKDF-SHA256 → two chain keys
-//!  Device::encrypt ──► envelope (prekey header until the peer answers)
-//!     symmetric ratchet: HMAC-SHA256 chain → one ChaCha20-Poly1305 key
-//!     per message, deleted after use
+//!     X3DH: 4 X25519 agreements → HKDF-SHA256 → the session secret
+//!  Device::encrypt ──► envelope (X3DH header until the peer answers)
+//!     Double Ratchet: a DH step per turn, an HMAC-SHA256 chain step per
+//!     message → one ChaCha20-Poly1305 key per message, deleted after use
 //!  Device::decrypt ◄── Message body (its own ciphertext)
 //! ```
 //!
 //! - [`device`]: a device's keys and its sessions with other devices.
 //! - [`x3dh`]: the key agreement that starts a session.
-//! - [`ratchet`]: the per-message keys and the envelope format.
+//! - [`ratchet`]: the Double Ratchet and the envelope format.
 //! - [`net`]: a small blocking WebSocket client for the driver and tests.
 //! - [`bench`]: the encrypted (and plain) pairs scenario of `e2ee-chat bench`.
 //!
-//! What it does not do: the Double Ratchet's Diffie-Hellman step. The
-//! ratchet here is symmetric only, so a stolen chain key reveals every
-//! later message of that direction until a new session is started
-//! (forward secrecy holds for earlier messages; break-in recovery does
-//! not). Nor does it store anything on disk: keys live in memory.
+//! What it does not do: store anything on disk (keys live in memory),
+//! rotate its signed prekey, or encrypt with sender keys for large groups.
 
 #![forbid(unsafe_code)]
 

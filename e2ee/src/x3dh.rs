@@ -9,7 +9,7 @@
 //!  DH1 = DH(IK_A, SPK_B)  DH2 = DH(EK_A, IK_B)  DH3 = DH(EK_A, SPK_B)
 //!  DH4 = DH(EK_A, OPK_B)
 //!  SK  = HKDF-SHA256(salt = 0³², ikm = 0xFF³² ‖ DH1 ‖ DH2 ‖ DH3 ‖ DH4,
-//!                    info = "courier x3dh v1" ‖ AD)
+//!                    info = "courier x3dh v1" ‖ AD), 32 bytes
 //! ```
 //!
 //! with AD = IK_A(sign) ‖ IK_A(dh) ‖ IK_B(sign) ‖ IK_B(dh). B computes
@@ -32,13 +32,10 @@ use crate::CryptoError;
 /// The info label of the HKDF step.
 const INFO: &[u8] = b"courier x3dh v1";
 
-/// What both sides derive: a chain key per direction and the associated
-/// data every message authenticates.
+/// What both sides derive: the shared secret SK that seeds the Double
+/// Ratchet, and the associated data every message authenticates.
 pub struct Agreement {
-    /// The initiator's sending chain (the responder's receiving one).
-    pub initiator_chain: Zeroizing<[u8; 32]>,
-    /// The responder's sending chain.
-    pub responder_chain: Zeroizing<[u8; 32]>,
+    pub secret: Zeroizing<[u8; 32]>,
     /// IK_A ‖ IK_B, initiator first.
     pub associated_data: Vec<u8>,
 }
@@ -100,18 +97,13 @@ fn derive(dhs: [[u8; 32]; 4], ad: Vec<u8>) -> Agreement {
     let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), &ikm);
     let mut info = INFO.to_vec();
     info.extend_from_slice(&ad);
-    let mut okm = Zeroizing::new([0u8; 64]);
-    // 64 bytes is far below HKDF-SHA256's 8,160-byte limit.
+    let mut secret = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's 8,160-byte limit.
     #[allow(clippy::expect_used)]
-    hk.expand(&info, okm.as_mut())
-        .expect("64 bytes is a valid HKDF length");
-    let mut initiator_chain = Zeroizing::new([0u8; 32]);
-    let mut responder_chain = Zeroizing::new([0u8; 32]);
-    initiator_chain.copy_from_slice(&okm[..32]);
-    responder_chain.copy_from_slice(&okm[32..]);
+    hk.expand(&info, secret.as_mut())
+        .expect("32 bytes is a valid HKDF length");
     Agreement {
-        initiator_chain,
-        responder_chain,
+        secret,
         associated_data: ad,
     }
 }
