@@ -339,6 +339,15 @@ fn the_prekey_stock_per_device_is_capped() {
     assert_eq!(out.errors(&alice), vec![(400, 1)]);
     let out = h.step(vec![alice.frame(Keys::new(1).upload(2, 1..5))]);
     assert_eq!(key_counts(&out.e2ee(&alice)), vec![(2, 4)]);
+
+    // One upload carries at most 500, whatever the device's room.
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    h.connect(&alice);
+    let out = h.step(vec![alice.frame(Keys::new(1).upload(3, 1..502))]);
+    assert_eq!(out.errors(&alice), vec![(400, 3)]);
+    let out = h.step(vec![alice.frame(Keys::new(1).upload(4, 1..501))]);
+    assert_eq!(key_counts(&out.e2ee(&alice)), vec![(4, 500)]);
 }
 
 #[test]
