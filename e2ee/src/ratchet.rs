@@ -158,6 +158,9 @@ impl Header {
 pub struct Ratchet {
     root: Key,
     mine: StaticSecret,
+    /// `mine`'s public key, computed once per turn (a scalar multiplication
+    /// per message would be most of the sending cost).
+    mine_public: [u8; 32],
     theirs: Option<[u8; 32]>,
     send: Option<Chain>,
     recv: Option<Chain>,
@@ -186,6 +189,7 @@ impl Ratchet {
         let (root, ck) = kdf_root(secret, &dh(&mine, their_signed_prekey)?);
         Ok(Self {
             root,
+            mine_public: PublicKey::from(&mine).to_bytes(),
             mine,
             theirs: Some(*their_signed_prekey),
             send: Some(Chain { key: ck, next: 0 }),
@@ -199,6 +203,7 @@ impl Ratchet {
     pub fn responder(secret: &[u8; 32], signed_prekey: StaticSecret) -> Self {
         Self {
             root: Zeroizing::new(*secret),
+            mine_public: PublicKey::from(&signed_prekey).to_bytes(),
             mine: signed_prekey,
             theirs: None,
             send: None,
@@ -211,7 +216,7 @@ impl Ratchet {
     /// The header and key of the next message to send. The responder can
     /// send only after its first received message.
     pub fn next_send(&mut self) -> Result<(Header, Key), CryptoError> {
-        let ratchet_key = PublicKey::from(&self.mine).to_bytes();
+        let ratchet_key = self.mine_public;
         let previous = self.previous;
         let chain = self.send.as_mut().ok_or(CryptoError::NoSession)?;
         let n = chain.next;
@@ -272,6 +277,7 @@ impl Ratchet {
         self.previous = self.send.as_ref().map_or(0, |c| c.next);
         let (root, ckr) = kdf_root(&self.root, &dh(&self.mine, &theirs)?);
         self.mine = random_secret();
+        self.mine_public = PublicKey::from(&self.mine).to_bytes();
         let (root, cks) = kdf_root(&root, &dh(&self.mine, &theirs)?);
         self.root = root;
         self.theirs = Some(theirs);
