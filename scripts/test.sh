@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: lints, the Rust suite under both monoio
-# drivers, and the Python client suite against the real gateway binary.
-# Works on a fresh machine with the Rust toolchain, cargo-nextest and
-# Python 3 (it installs the Python packages it needs).
+# drivers, and the Python (websockets) and Node (ws) client suites against
+# the real gateway binary.
+# Works on a fresh machine with the Rust toolchain, cargo-nextest, Python 3
+# and Node.js with npm (it installs the Python and npm packages it needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +25,7 @@ COURIER_DRIVER=legacy cargo nextest run -p courier-gateway --locked --profile "$
 echo "== Python client suite (websockets)"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 COURIER_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python
+
+echo "== Node client suite (ws)"
+(cd tests/node && npm ci --no-audit --no-fund --loglevel=error &&
+    COURIER_GATEWAY_BIN="$PWD/../../target/debug/gateway" npm test)

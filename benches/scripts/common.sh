@@ -2,8 +2,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT=${OUT:-$ROOT/bench-out}
-GATEWAY=$ROOT/target/release/gateway
-LOADGEN=$ROOT/target/release/loadgen
+GATEWAY=${GATEWAY:-$ROOT/target/release/gateway}
+LOADGEN=${LOADGEN:-$ROOT/target/release/loadgen}
 mkdir -p "$OUT"
 
 build() {

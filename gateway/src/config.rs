@@ -1,8 +1,11 @@
 //! Command line and environment configuration.
 //!
 //! Every setting is a flag with an environment variable of the same name in
-//! upper case with a `COURIER_` prefix; the defaults run a complete node on
-//! loopback with its data under `./data`.
+//! upper case with a `COURIER_` prefix, and a key of the TOML file named by
+//! `--config` ([`crate::config_file`] reads it and says which key is which).
+//! A flag beats its variable, the variable beats the file, and the file beats
+//! the default; the defaults run a complete node on loopback with its data
+//! under `./data`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +15,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Courier gateway: a WebSocket chat node with the router and its store embedded.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version, about)]
+#[command(
+    name = "gateway",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do; without a subcommand the gateway serves.
     #[command(subcommand)]
@@ -54,6 +62,12 @@ pub enum LogFormat {
 /// Options for `gateway serve`.
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
+    /// TOML configuration file; flags and environment variables override its keys.
+    #[arg(long, env = "COURIER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Address the WebSocket listener binds (each core binds it with SO_REUSEPORT).
     #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -132,10 +146,23 @@ pub struct ServeArgs {
     /// join its batch (fewer fsyncs and wake-ups, at most this much latency).
     #[arg(long, env = "COURIER_BATCH_LINGER_US", default_value_t = 0)]
     pub batch_linger_us: u64,
+    /// Browser origins allowed to open a session, comma-separated (for
+    /// example `https://chat.example,https://web.chat.example`). Empty:
+    /// every origin. A request without an `Origin` header (native apps send
+    /// none) is always allowed; a listed origin is matched exactly, ignoring
+    /// ASCII case. Others get 403.
+    #[arg(long, env = "COURIER_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Join other processes already listening on `--listen` (SO_REUSEPORT)
     /// instead of refusing to start.
     #[arg(long, env = "COURIER_SHARE_PORT")]
     pub share_port: bool,
+    /// Log filter in `tracing` syntax (`info`, `courier_gateway=debug,info`);
+    /// `RUST_LOG`, when set, replaces it. The store's own crates log at warn
+    /// by default: their info lines (one per partition on every open) would
+    /// flood the log while a full disk makes the router reopen the store.
+    #[arg(long, env = "COURIER_LOG_FILTER", default_value = "info,fjall=warn,lsm_tree=warn", value_parser = parse_log_filter)]
+    pub log_filter: String,
     /// Log format.
     #[arg(long, env = "COURIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -177,4 +204,14 @@ pub struct TokenArgs {
     /// The node's data directory (where its secret is).
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// The node's TOML configuration file, for its `store.data_dir`.
+    #[arg(long, env = "COURIER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Accepts what `tracing_subscriber::EnvFilter` accepts.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }

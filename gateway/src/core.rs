@@ -46,8 +46,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::config::ServeArgs;
 use crate::handshake::{self, Refusal, Upgrade};
 use crate::mailbox::Mailbox;
-use crate::metrics::{CoreLabel, GatewayMetrics, ReasonLabel};
+use crate::metrics::{CoreLabel, GatewayMetrics};
 use crate::session::{CloseRequest, Pushed, Slot};
+use crate::throttle::Warnings;
 
 /// Size of the per-core read buffer every session reads into.
 const READ_BUF: usize = 64 * 1024;
@@ -90,6 +91,11 @@ impl Shared {
     /// Starts shutting down: not ready, and every core told to drain.
     pub fn begin_shutdown(&self) {
         if self.ready.swap(false, Ordering::AcqRel) {
+            self.metrics.ready.set(0);
+            tracing::info!(
+                sessions = self.connections.load(Ordering::Relaxed),
+                "drain started: not ready, closing sessions with 1001"
+            );
             for mailbox in &self.mailboxes {
                 mailbox.push(CoreMsg::Shutdown);
             }
@@ -116,6 +122,8 @@ struct Core {
     /// Origins of the live messages in the write buffer, for the latency histogram.
     origins: RefCell<Vec<Instant>>,
     shutting_down: Cell<bool>,
+    /// Rate limits for this core's per-connection warnings.
+    warn: Warnings,
 }
 
 impl Core {
@@ -156,6 +164,13 @@ impl Core {
     fn slow_consumer(&self, slot: &mut Slot) {
         if slot.close.is_none() {
             self.shared.metrics.slow_consumer_closes.inc();
+            if let Some(held) = self.warn.slow_consumer.admit(Instant::now()) {
+                tracing::warn!(
+                    conn.core = self.id,
+                    warnings.held = held,
+                    "closing a slow consumer (4003): its outbound queue stayed full"
+                );
+            }
         }
         slot.request_close(CloseRequest {
             code: close::SLOW_CONSUMER,
@@ -245,6 +260,7 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
         write_buf: RefCell::new(Vec::with_capacity(WRITE_BATCH)),
         origins: RefCell::new(Vec::new()),
         shutting_down: Cell::new(false),
+        warn: Warnings::default(),
     });
     monoio::spawn(accept_loop(core.clone(), listener.clone()));
     monoio::spawn(sweep_loop(core.clone()));
@@ -257,7 +273,6 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
 /// connection); shutdown ends it by shutting the listening socket down,
 /// which makes the pending accept fail.
 async fn accept_loop(core: Rc<Core>, listener: Rc<TcpListener>) {
-    let mut last_warn: Option<Instant> = None;
     loop {
         let accepted = listener.accept().await;
         if core.shutting_down.get() {
@@ -273,9 +288,8 @@ async fn accept_loop(core: Rc<Core>, listener: Rc<TcpListener>) {
                     e.raw_os_error(),
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 );
-                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    tracing::warn!(conn.core = core.id, error = %e, "accept failed");
-                    last_warn = Some(Instant::now());
+                if let Some(held) = core.warn.accept.admit(Instant::now()) {
+                    tracing::warn!(conn.core = core.id, error = %e, warnings.held = held, "accept failed");
                 }
                 if out_of_resources {
                     // Spinning on accept would burn the core; wait for
@@ -464,12 +478,8 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
     )
     .await;
     let refuse = |refusal: Refusal| {
-        metrics
-            .handshake_refusals
-            .get_or_create(&ReasonLabel {
-                reason: refusal.reason.into(),
-            })
-            .inc();
+        metrics.handshake_refused(refusal.reason);
+        warn_refused(&core, addr, refusal.status, refusal.reason);
         handshake::refusal_response(refusal)
     };
     let (upgrade, rest) = match read {
@@ -493,6 +503,14 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         }
         Ok(Ok(Ok(parsed))) => parsed,
     };
+    if !handshake::origin_allowed(upgrade.origin.as_deref(), &cfg.allowed_origins) {
+        let resp = refuse(Refusal {
+            status: 403,
+            reason: "origin not allowed",
+        });
+        let _ = write_all(&mut stream, &resp).await;
+        return;
+    }
     let claims = match upgrade
         .token
         .as_deref()
@@ -507,12 +525,8 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
                 Some(Err(token::TokenError::Invalid)) => "token invalid",
                 _ => "token missing",
             };
-            metrics
-                .auth_failures
-                .get_or_create(&ReasonLabel {
-                    reason: reason.into(),
-                })
-                .inc();
+            metrics.auth_failed(reason);
+            warn_refused(&core, addr, 401, reason);
             let _ = write_all(
                 &mut stream,
                 &handshake::refusal_response(Refusal {
@@ -595,6 +609,21 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         task.consume(&rest);
     }
     monoio::spawn(task);
+}
+
+/// Logs a refused upgrade, rate-limited per core. Names the peer and the
+/// reason, never the token.
+fn warn_refused(core: &Core, addr: SocketAddr, status: u16, reason: &str) {
+    if let Some(held) = core.warn.upgrade.admit(Instant::now()) {
+        tracing::warn!(
+            conn.core = core.id,
+            client.addr = %addr,
+            http.status = status,
+            reason,
+            warnings.held = held,
+            "upgrade refused"
+        );
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -769,7 +798,10 @@ impl SessionTask {
             Event::Ping(data) => {
                 let mut pong = Vec::with_capacity(data.len() + 2);
                 ws::encode_frame(&mut pong, Opcode::Pong, &data, None);
-                self.push_control(Bytes::from(pong));
+                let mut slots = self.core.slots.borrow_mut();
+                if let Some(slot) = live_slot(&mut slots, self.key) {
+                    slot.out_mut().push_pong(Bytes::from(pong));
+                }
             }
             Event::Pong(_) => {}
             Event::Close(received) => {
@@ -840,7 +872,7 @@ impl SessionTask {
                     received_at: Instant::now(),
                 };
                 if core.shared.router.submit(cmd).is_err() {
-                    core.shared.metrics.router_overloaded.inc();
+                    core.shared.metrics.router_refusals.inc();
                     core.reply(
                         self.key,
                         &ServerFrame::Error {

@@ -115,6 +115,20 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Upgrade>, Refusal> {
     }))
 }
 
+/// Whether a request with `origin` may open a session, given the
+/// configured allow-list: an empty list allows every origin, and a request
+/// without an `Origin` header is allowed (only browsers send one, and the
+/// list is there to keep other sites' pages from using a browser's
+/// credentials). Origins compare exactly, ignoring ASCII case.
+pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
+    let listed = || allowed.iter().filter(|a| !a.trim().is_empty());
+    match origin {
+        _ if listed().next().is_none() => true,
+        None => true,
+        Some(origin) => listed().any(|a| a.trim().eq_ignore_ascii_case(origin.trim())),
+    }
+}
+
 /// The `101 Switching Protocols` response for `upgrade`.
 pub fn accept_response(upgrade: &Upgrade) -> Vec<u8> {
     format!(
@@ -247,6 +261,25 @@ mod tests {
             parse(request(&many).as_bytes(), 8192).unwrap_err().status,
             431
         );
+    }
+
+    #[test]
+    fn origins_are_checked_only_against_a_non_empty_list() {
+        let list = vec![
+            "https://chat.example".to_string(),
+            " http://LOCALHOST:3000".into(),
+        ];
+        assert!(origin_allowed(Some("https://evil.example"), &[]));
+        assert!(origin_allowed(
+            Some("https://evil.example"),
+            &[String::new()]
+        ));
+        assert!(origin_allowed(None, &list));
+        assert!(origin_allowed(Some("https://chat.example"), &list));
+        assert!(origin_allowed(Some("http://localhost:3000"), &list));
+        assert!(!origin_allowed(Some("https://chat.example.evil"), &list));
+        assert!(!origin_allowed(Some("null"), &list));
+        assert!(!origin_allowed(Some("http://chat.example"), &list));
     }
 
     #[test]

@@ -15,10 +15,13 @@
 
 pub mod alloc;
 pub mod config;
+pub mod config_file;
 pub mod core;
 pub mod handshake;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;
+pub mod process;
 pub mod secret;
 pub mod session;
+pub mod throttle;

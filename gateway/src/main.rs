@@ -3,8 +3,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use courier_gateway::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
+use courier_gateway::config::{LogFormat, ServeArgs, TokenArgs};
+use courier_gateway::config_file::{self, Invocation, LoadError};
 use courier_gateway::node::Node;
 use courier_gateway::secret;
 use courier_protocol::{ids, token};
@@ -15,11 +15,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     courier_gateway::alloc::configure();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Token(args)) => print_token(&args),
-        Some(Command::Serve(args)) => serve(args),
-        None => serve(cli.serve),
+    let result = match config_file::load(std::env::args_os()) {
+        Ok(Invocation::Serve(args)) => serve(*args),
+        Ok(Invocation::PrintConfig(toml)) => {
+            print!("{toml}");
+            Ok(())
+        }
+        Ok(Invocation::Token(args)) => print_token(&args),
+        Err(LoadError::Cli(e)) => e.exit(),
+        Err(e @ LoadError::File { .. }) => {
+            // A configuration the operator must fix: the same exit code
+            // clap uses for a bad flag.
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,7 +40,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    init_logging(&args.log_filter, args.log_format);
     let node = Node::start(args)?;
     let trigger = node.shutdown_trigger();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -42,7 +51,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                tracing::info!(signal, "shutting down: closing sessions with 1001");
+                tracing::info!(signal, "signal received; shutting down");
                 trigger();
             }
         })?;
@@ -70,9 +79,10 @@ fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+/// `RUST_LOG`, when set, replaces `--log-filter` (the tracing convention).
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

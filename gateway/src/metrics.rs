@@ -18,8 +18,16 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+
+/// Latency buckets in seconds, the same as the router's histograms use
+/// (50 µs to 10 s; a test compares the two on a running node), so the
+/// hops of a message compare bucket by bucket.
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
 
 /// Label set naming a gateway core.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,8 +39,35 @@ pub struct CoreLabel {
 /// Label set naming a reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// Why.
+    /// Why, in snake case (`token_expired`).
     pub reason: String,
+}
+
+impl ReasonLabel {
+    /// The label for a refusal's reason text ("token expired" becomes
+    /// `token_expired`). Reasons are fixed strings in the code, so the
+    /// label's values are a small fixed set.
+    pub fn from_reason(reason: &str) -> Self {
+        let mut out = String::with_capacity(reason.len());
+        for c in reason.chars() {
+            if c.is_ascii_alphanumeric() {
+                out.push(c.to_ascii_lowercase());
+            } else if !out.is_empty() && !out.ends_with('_') {
+                out.push('_');
+            }
+        }
+        while out.ends_with('_') {
+            out.pop();
+        }
+        Self { reason: out }
+    }
+}
+
+/// Label set of `courier_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    /// The crate version.
+    pub version: String,
 }
 
 /// Label set naming a close code.
@@ -69,8 +104,12 @@ pub struct GatewayMetrics {
     pub closes: Family<CodeLabel, Counter>,
     /// Accept errors (out of file descriptors and the like).
     pub accept_errors: Counter,
-    /// Sends refused because the router's queue was full.
-    pub router_overloaded: Counter,
+    /// Frames refused because the router's queue was full.
+    pub router_refusals: Counter,
+    /// Always 1, labelled with the version: joins a version to any series.
+    pub build_info: Family<BuildLabel, Gauge>,
+    /// 1 while the node takes new sessions, 0 once it drains (as `/readyz`).
+    pub ready: Gauge,
 }
 
 impl GatewayMetrics {
@@ -83,15 +122,22 @@ impl GatewayMetrics {
             frames_out: Counter::default(),
             messages_in: Counter::default(),
             messages_out: Counter::default(),
-            // 50 µs .. ~1.6 s in 16 doublings.
-            delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            delivery_latency: Histogram::new(LATENCY_BUCKETS),
             slow_consumer_closes: Counter::default(),
             auth_failures: Family::default(),
             handshake_refusals: Family::default(),
             closes: Family::default(),
             accept_errors: Counter::default(),
-            router_overloaded: Counter::default(),
+            router_refusals: Counter::default(),
+            build_info: Family::default(),
+            ready: Gauge::default(),
         };
+        m.ready.set(1);
+        m.build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
         let r = registry;
         r.register(
             "courier_gateway_connections",
@@ -156,11 +202,35 @@ impl GatewayMetrics {
             m.accept_errors.clone(),
         );
         r.register(
-            "courier_router_overloaded",
-            "Sends refused because the router queue was full",
-            m.router_overloaded.clone(),
+            "courier_router_refusals",
+            "Frames refused because the router queue was full (answered with an error)",
+            m.router_refusals.clone(),
+        );
+        r.register(
+            "courier_ready",
+            "1 while the node takes new sessions, 0 once it drains",
+            m.ready.clone(),
+        );
+        r.register(
+            "courier_build_info",
+            "Always 1; the version of the running gateway",
+            m.build_info.clone(),
         );
         Arc::new(m)
+    }
+
+    /// Counts an upgrade refused for its token.
+    pub fn auth_failed(&self, reason: &str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabel::from_reason(reason))
+            .inc();
+    }
+
+    /// Counts an upgrade refused for any other reason.
+    pub fn handshake_refused(&self, reason: &str) {
+        self.handshake_refusals
+            .get_or_create(&ReasonLabel::from_reason(reason))
+            .inc();
     }
 
     /// Counts a session closed with `code`.

@@ -16,6 +16,7 @@ use crate::config::{DriverChoice, ServeArgs};
 use crate::core::{self, CoreMsg, Shared};
 use crate::mailbox::Mailbox;
 use crate::metrics::{self, GatewayMetrics};
+use crate::process;
 use crate::secret;
 
 /// Which monoio driver the cores run, once chosen.
@@ -80,12 +81,23 @@ impl Node {
         let secret = secret::load_or_create(&args.data_dir)
             .with_context(|| format!("token secret in {}", args.data_dir.display()))?;
         let driver = Driver::choose(args.driver)?;
+        tracing::info!(
+            driver = driver.name(),
+            driver.requested = ?args.driver,
+            "driver chosen"
+        );
         let cores = args.core_count();
         if !args.share_port {
             probe_port(args.listen)?;
         }
         let listeners = bind_listeners(args.listen, cores)?;
         let listen_addr = listeners[0].local_addr()?;
+        tracing::info!(
+            listen.addr = %listen_addr,
+            listeners = cores,
+            share_port = args.share_port,
+            "listener bound"
+        );
 
         let mailboxes: Vec<_> = (0..cores).map(|_| Arc::new(Mailbox::new())).collect();
         let mut registry = Registry::default();
@@ -110,10 +122,12 @@ impl Node {
         )
         .context("starting the router and its store")?;
         let gateway_metrics = GatewayMetrics::register(&mut registry);
+        registry.register_collector(Box::new(process::ProcessCollector));
         let ready = Arc::new(AtomicBool::new(true));
         let metrics_addr =
             metrics::serve(args.metrics_listen, Arc::new(registry), ready.clone())
                 .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
+        tracing::info!(metrics.addr = %metrics_addr, "metrics endpoint bound");
 
         let shared = Arc::new(Shared {
             config: args,
@@ -134,10 +148,12 @@ impl Node {
             handles.push(handle);
         }
         tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
             listen.addr = %listen_addr,
             metrics.addr = %metrics_addr,
             cores,
             driver = driver.name(),
+            node.id = shared.config.node_id,
             data.dir = %shared.config.data_dir.display(),
             "gateway started"
         );
@@ -168,6 +184,7 @@ impl Node {
         for handle in self.cores {
             let _ = handle.join();
         }
+        tracing::info!("drain finished; stopping the router");
         self.shared.router.shutdown();
         tracing::info!("gateway stopped");
     }

@@ -106,6 +106,9 @@ pub struct Outbound {
     bytes: usize,
 }
 
+/// First byte of a server pong: FIN and opcode 0xA.
+const PONG_FRAME: u8 = 0x8a;
+
 /// What [`Outbound::push`] did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -122,6 +125,24 @@ impl Outbound {
     pub fn push_control(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.control.push_back(frame);
+    }
+
+    /// Queues a pong. A pong still queued from an earlier ping is replaced
+    /// in place by this one (RFC 6455 section 5.5.3 allows answering only
+    /// the latest ping), so a peer that pings without reading holds one
+    /// pong here, not one per ping.
+    pub fn push_pong(&mut self, frame: Bytes) {
+        let queued = self
+            .control
+            .iter_mut()
+            .find(|f| f.first() == Some(&PONG_FRAME));
+        match queued {
+            Some(old) => {
+                self.bytes = self.bytes - old.len() + frame.len();
+                *old = frame;
+            }
+            None => self.push_control(frame),
+        }
     }
 
     /// Queues the frame that ends the session after everything queued.
@@ -224,6 +245,21 @@ mod tests {
         assert_eq!(buf, b"crmtx");
         assert_eq!(origins.len(), 1);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_queued_pong_is_replaced_by_the_next() {
+        let mut out = Outbound::default();
+        out.push_pong(Bytes::from_static(b"\x8a\x01a"));
+        out.push_control(Bytes::from_static(b"\x88\x00"));
+        out.push_pong(Bytes::from_static(b"\x8a\x02bb"));
+        assert_eq!(out.bytes, 6);
+        let (mut buf, mut origins) = (Vec::new(), Vec::new());
+        assert_eq!(out.drain_into(&mut buf, usize::MAX, &mut origins), 2);
+        assert_eq!(buf, b"\x8a\x02bb\x88\x00");
+        // Once written, the next ping gets its own pong.
+        out.push_pong(Bytes::from_static(b"\x8a\x01c"));
+        assert_eq!(out.drain_into(&mut buf, usize::MAX, &mut origins), 1);
     }
 
     #[test]

@@ -51,8 +51,10 @@ pub struct Ledger {
     /// Highest sequence received from the server (own sends excluded), for
     /// the order check.
     max_received: u64,
-    /// Highest sequence acknowledged with `Delivered`.
+    /// Highest sequence acknowledged with `Delivered` (or `Read`).
     pub acked_upto: u64,
+    /// Highest sequence acknowledged with `Read`.
+    pub read_upto: u64,
 }
 
 /// What one device holds and has seen. Created with the device's
@@ -158,6 +160,9 @@ pub struct Held {
     pub conv: u32,
     /// The sequences held.
     pub seqs: RangeSet,
+    /// Highest sequence this device acknowledged with `Read`.
+    #[serde(default)]
+    pub read_upto: u64,
 }
 
 /// What a worker hands over for the audit. Merges by concatenation.
@@ -171,6 +176,10 @@ pub struct Tally {
     pub membership: Vec<(u32, u64)>,
     /// Group ids learned, by conversation number (for readable examples).
     pub group_ids: BTreeMap<u32, String>,
+    /// Per (sender user, direct conversation): the highest READ the
+    /// sender's device learned of (live or from a catch-up summary).
+    #[serde(default)]
+    pub reads_known: Vec<(u32, u32, u64)>,
 }
 
 impl Tally {
@@ -181,6 +190,7 @@ impl Tally {
                 user,
                 conv,
                 seqs: ledger.held.clone(),
+                read_upto: ledger.read_upto,
             });
         }
     }
@@ -191,6 +201,7 @@ impl Tally {
         self.held.extend(other.held);
         self.membership.extend(other.membership);
         self.group_ids.extend(other.group_ids);
+        self.reads_known.extend(other.reads_known);
     }
 }
 
@@ -226,6 +237,9 @@ pub struct Findings {
     pub dedupe_mismatches: u64,
     /// Repeated SENTs for the same message and sequence (harmless).
     pub repeated_acks: u64,
+    /// Acked direct messages their recipient marked read whose sender never
+    /// learned of the read.
+    pub reads_missing: u64,
 }
 
 /// How many lost deliveries the findings list by name.
@@ -317,6 +331,30 @@ pub fn audit(plan: &Plan, tally: &Tally) -> Findings {
             }
         }
     }
+
+    // Every READ a recipient made of a direct message reached its sender.
+    let reads_known: FxHashMap<(u32, u32), u64> = tally
+        .reads_known
+        .iter()
+        .map(|&(user, conv, upto)| ((user, conv), upto))
+        .collect();
+    let read_upto: FxHashMap<(u32, u32), u64> = tally
+        .held
+        .iter()
+        .map(|h| ((h.user, h.conv), h.read_upto))
+        .collect();
+    for a in &acks {
+        if plan.conv_group(a.conv).is_some() {
+            continue;
+        }
+        let (x, y) = plan.direct_pair(a.conv);
+        let recipient = if a.sender == x { y } else { x };
+        let read = read_upto.get(&(recipient, a.conv)).copied().unwrap_or(0);
+        let known = reads_known.get(&(a.sender, a.conv)).copied().unwrap_or(0);
+        if read >= a.seq && known < a.seq {
+            f.reads_missing += 1;
+        }
+    }
     f
 }
 
@@ -395,6 +433,8 @@ mod tests {
             group_share: 0.5,
             rate: 10.0,
             duration: Duration::from_secs(1),
+            phases: Vec::new(),
+            body: crate::plan::BodySizes::fixed(200),
         })
         .unwrap()
     }
@@ -408,6 +448,7 @@ mod tests {
             user,
             conv,
             seqs: s,
+            read_upto: 0,
         }
     }
 
@@ -466,6 +507,30 @@ mod tests {
         assert_eq!(f.repeated_acks, 1);
         assert_eq!(f.acked, 3);
         assert_eq!(f.expected, 2 + 2 * 2);
+    }
+
+    #[test]
+    fn audit_finds_reads_the_sender_never_learned_of() {
+        let p = plan(4);
+        let (a, b) = p.direct_pair(0);
+        let mut t = Tally::default();
+        for seq in 1..=3 {
+            t.acks.push(Ack {
+                conv: 0,
+                seq,
+                msg: 100 + seq,
+                sender: a,
+            });
+        }
+        t.held.push(held(a, 0, &[1, 2, 3]));
+        let mut bh = held(b, 0, &[1, 2, 3]);
+        bh.read_upto = 3; // b read all three...
+        t.held.push(bh);
+        t.reads_known.push((a, 0, 1)); // ...a learned of a read up to 1
+        assert_eq!(audit(&p, &t).reads_missing, 2);
+        t.reads_known.push((a, 0, 3));
+        t.reads_known.retain(|r| r.2 == 3);
+        assert_eq!(audit(&p, &t).reads_missing, 0);
     }
 
     #[test]

@@ -1,16 +1,23 @@
 //! Command-line flags and the typed configuration a run is started with.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use courier_protocol::token::Secret;
 
 use crate::body::HEADER_LEN;
 use crate::handshake::{Target, TokenIn, UrlError};
-use crate::plan::PlanParams;
+use crate::plan::{BodySizes, PhasePlan, PlanParams};
+use crate::threshold::Threshold;
+
+/// Sockets one worker process holds at most when `--workers` is not given
+/// (the per-process descriptor limit here is 20,000; the rest is loadgen's
+/// own reserve and a margin).
+pub const CONNECTIONS_PER_PROCESS: u32 = 18_000;
 
 /// Drive real WebSocket clients against a Courier node and check that every
 /// acknowledged message arrived exactly once, in order.
@@ -33,8 +40,9 @@ pub struct Args {
     /// How long traffic runs, e.g. 30s, 2m, 1m30s, 500ms.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// New connections per second while connecting.
-    #[arg(long, default_value_t = 2000.0)]
+    /// New connections per second while connecting, over all workers
+    /// (also `--ramp-rate`).
+    #[arg(long, alias = "ramp-rate", default_value_t = 2000.0)]
     pub ramp: f64,
     /// Share of messages sent to a group (0 to 1).
     #[arg(long, default_value_t = 0.2)]
@@ -52,12 +60,53 @@ pub struct Args {
     /// Mean group size the size distribution is fitted to.
     #[arg(long, default_value_t = 20.0)]
     pub group_mean: f64,
-    /// Bytes in each message body (at least 28: loadgen's stamp).
+    /// Bytes in each message body (at least 28: loadgen's stamp); the mean
+    /// when --body-min or --body-max draw sizes.
     #[arg(long, default_value_t = 200)]
     pub body_bytes: usize,
-    /// Write the JSON report here.
+    /// Smallest body when sizes are drawn [default: --body-bytes].
+    #[arg(long)]
+    pub body_min: Option<u32>,
+    /// Largest body when sizes are drawn [default: --body-bytes].
+    #[arg(long)]
+    pub body_max: Option<u32>,
+    /// Share of delivered messages the recipient marks read.
+    #[arg(long, default_value_t = 0.0)]
+    pub read_share: f64,
+    /// Share of messages whose sender sends `Typing` just before.
+    #[arg(long, default_value_t = 0.0)]
+    pub typing_share: f64,
+    /// Write the JSON report here (and the HTML report beside it, with
+    /// .html for .json).
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write the HTML report here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// A scenario file (TOML): connections, ramp, phases, mix, thresholds.
+    /// Flags given on the command line override its values.
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
+    /// A threshold such as `e2e_p99_ms < 50` or `lost == 0`; repeatable.
+    #[arg(long = "threshold", value_name = "EXPR")]
+    pub thresholds: Vec<String>,
+    /// Worker processes to spread the connections over [default: enough
+    /// that each holds at most 18,000].
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Source addresses in 127.0.0.0/8 to bind connections to:
+    /// `127.0.1.1-127.0.1.64`, a list `a,b,c`, or a count (from 127.0.1.1)
+    /// [default: the kernel's choice, or enough addresses for the
+    /// ephemeral port range when the connections need them].
+    #[arg(long)]
+    pub source_addrs: Option<String>,
+    /// The gateway's process ids, for memory and CPU measurements.
+    #[arg(long, value_delimiter = ',')]
+    pub gateway_pid: Vec<u32>,
+    /// The gateway's metrics endpoint, read for process_resident_memory_bytes
+    /// and process_cpu_seconds_total when no --gateway-pid is given.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
     /// Seed of the plan and schedule.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -96,6 +145,14 @@ pub enum ConfigError {
     /// `--url` is not a usable target.
     #[error("--url: {0}")]
     Url(#[from] UrlError),
+    /// The scenario file is unreadable or invalid.
+    #[error("--scenario {path}: {why}")]
+    Scenario {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the key.
+        why: String,
+    },
     /// A number is out of its range.
     #[error("--{flag}: {why}")]
     Range {
@@ -107,14 +164,17 @@ pub enum ConfigError {
 }
 
 /// Everything a run needs. [`Config::default`] is what `loadgen` with no
-/// flags runs.
-#[derive(Clone, Debug)]
+/// flags runs. It crosses the pipe to worker processes as JSON (all but the
+/// secret, which travels beside it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     /// The gateway.
+    #[serde(with = "target_url")]
     pub target: Target,
     /// Where `jwt.secret` is read from when `secret` is `None`.
     pub data_dir: PathBuf,
     /// The signing secret, when the caller has it (tests).
+    #[serde(skip)]
     pub secret: Option<Secret>,
     /// Connections (users) to open.
     pub connections: u32,
@@ -154,6 +214,34 @@ pub struct Config {
     pub token_in: TokenIn,
     /// Print the live progress line.
     pub progress: bool,
+    /// The traffic phases (empty: one phase of `rate`, `duration` and
+    /// `group_share`).
+    pub phases: Vec<PhasePlan>,
+    /// Smallest and largest body when sizes are drawn around `body_bytes`
+    /// (None: every body is `body_bytes`).
+    pub body_min: Option<u32>,
+    /// See `body_min`.
+    pub body_max: Option<u32>,
+    /// Read share of the single phase built from the flags.
+    pub read_share: f64,
+    /// Typing share of the single phase built from the flags.
+    pub typing_share: f64,
+    /// Worker processes (None: one per 18,000 connections, in-process
+    /// threads when that is one).
+    pub workers: Option<u32>,
+    /// Source addresses connections bind to (empty: the kernel's choice).
+    pub source_addrs: Vec<Ipv4Addr>,
+    /// Thresholds judged against the report.
+    pub thresholds: Vec<Threshold>,
+    /// Gateway processes to measure.
+    pub gateway_pids: Vec<u32>,
+    /// Metrics endpoint to measure when no pid is given.
+    pub metrics_url: Option<String>,
+    /// The `loadgen` binary worker processes are started from (None: this
+    /// executable, which must then be `loadgen`).
+    pub worker_exe: Option<PathBuf>,
+    /// The scenario's name, when one was loaded.
+    pub scenario: Option<String>,
 }
 
 impl Default for Config {
@@ -216,6 +304,49 @@ impl Args {
         if self.duration.is_zero() {
             return range("duration", "must be more than 0".into());
         }
+        if !(0.0..=1.0).contains(&self.read_share) {
+            return range(
+                "read-share",
+                format!("must be between 0 and 1, got {}", self.read_share),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.typing_share) {
+            return range(
+                "typing-share",
+                format!("must be between 0 and 1, got {}", self.typing_share),
+            );
+        }
+        let mean = self.body_bytes as u32;
+        let (bmin, bmax) = (self.body_min.unwrap_or(mean), self.body_max.unwrap_or(mean));
+        if (bmin as usize) < HEADER_LEN || bmin > mean || mean > bmax {
+            return range(
+                "body-min",
+                format!("need {HEADER_LEN} <= body-min <= body-bytes <= body-max, got {bmin}, {mean}, {bmax}"),
+            );
+        }
+        if self.workers == Some(0) {
+            return range("workers", "at least 1".into());
+        }
+        let source_addrs = match &self.source_addrs {
+            Some(spec) => parse_source_addrs(spec).map_err(|why| ConfigError::Range {
+                flag: "source-addrs",
+                why,
+            })?,
+            None => Vec::new(),
+        };
+        let mut thresholds = Vec::with_capacity(self.thresholds.len());
+        for t in &self.thresholds {
+            thresholds.push(Threshold::parse(t).map_err(|why| ConfigError::Range {
+                flag: "threshold",
+                why,
+            })?);
+        }
+        if let Some(url) = &self.metrics_url {
+            crate::probe::parse_metrics_url(url).map_err(|why| ConfigError::Range {
+                flag: "metrics-url",
+                why,
+            })?;
+        }
         Ok(Config {
             target: Target::parse(&self.url)?,
             data_dir: self.data_dir,
@@ -239,6 +370,18 @@ impl Args {
             setup_timeout: self.setup_timeout,
             token_in: self.token_in,
             progress: !self.quiet,
+            phases: Vec::new(),
+            body_min: self.body_min,
+            body_max: self.body_max,
+            read_share: self.read_share,
+            typing_share: self.typing_share,
+            workers: self.workers,
+            source_addrs,
+            thresholds,
+            gateway_pids: self.gateway_pid,
+            metrics_url: self.metrics_url,
+            worker_exe: None,
+            scenario: None,
         })
     }
 }
@@ -257,7 +400,43 @@ impl Config {
             group_share: self.group_share,
             rate: self.rate,
             duration: self.duration,
+            phases: self.phase_plans(),
+            body: self.body_sizes(),
         }
+    }
+
+    /// The phases of the run: the scenario's, or one built from the flags.
+    pub fn phase_plans(&self) -> Vec<PhasePlan> {
+        if !self.phases.is_empty() {
+            return self.phases.clone();
+        }
+        vec![PhasePlan {
+            name: "traffic".into(),
+            duration: self.duration,
+            rate: self.rate,
+            group_share: self.group_share,
+            read_share: self.read_share,
+            typing_share: self.typing_share,
+            churn_per_s: 0.0,
+        }]
+    }
+
+    /// The body sizes of the run.
+    pub fn body_sizes(&self) -> BodySizes {
+        let mean = self.body_bytes as u32;
+        BodySizes {
+            min: self.body_min.unwrap_or(mean),
+            mean: self.body_bytes as f64,
+            max: self.body_max.unwrap_or(mean),
+        }
+    }
+
+    /// Worker processes the run uses (1: the workers are threads of this
+    /// process).
+    pub fn worker_processes(&self) -> u32 {
+        self.workers
+            .unwrap_or_else(|| self.connections.div_ceil(CONNECTIONS_PER_PROCESS))
+            .clamp(1, self.connections.max(1))
     }
 
     /// The configuration as the report prints it.
@@ -266,8 +445,23 @@ impl Config {
             url: self.target.url.clone(),
             run_id: format!("{run_id:08x}"),
             connections: self.connections,
-            rate: self.rate,
-            duration_s: self.duration.as_secs_f64(),
+            // With phases: their mean rate and whole length.
+            rate: if self.phases.is_empty() {
+                self.rate
+            } else {
+                let secs: f64 = self.phases.iter().map(|p| p.duration.as_secs_f64()).sum();
+                let msgs: f64 = self
+                    .phases
+                    .iter()
+                    .map(|p| (p.rate * p.duration.as_secs_f64()).floor())
+                    .sum();
+                msgs / secs.max(1e-9)
+            },
+            duration_s: self
+                .phase_plans()
+                .iter()
+                .map(|p| p.duration.as_secs_f64())
+                .sum(),
             ramp: self.ramp,
             group_share: self.group_share,
             groups: self.groups,
@@ -282,6 +476,13 @@ impl Config {
             drain_s: self.drain.as_secs_f64(),
             setup_timeout_s: self.setup_timeout.as_secs_f64(),
             token_in: self.token_in,
+            workers: self.worker_processes(),
+            source_addrs: self.source_addrs.iter().map(|a| a.to_string()).collect(),
+            body_min: self.body_sizes().min,
+            body_max: self.body_sizes().max,
+            scenario: self.scenario.clone(),
+            thresholds: self.thresholds.iter().map(|t| t.expr.clone()).collect(),
+            gateway_pids: self.gateway_pids.clone(),
         }
     }
 }
@@ -309,6 +510,13 @@ pub struct ConfigEcho {
     pub drain_s: f64,
     pub setup_timeout_s: f64,
     pub token_in: TokenIn,
+    pub workers: u32,
+    pub source_addrs: Vec<String>,
+    pub body_min: u32,
+    pub body_max: u32,
+    pub scenario: Option<String>,
+    pub thresholds: Vec<String>,
+    pub gateway_pids: Vec<u32>,
 }
 
 /// Parses `90`, `90s`, `500ms`, `2m`, `1h`, `1m30s`: a bare number is seconds.
@@ -356,6 +564,64 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn secs_to_duration(secs: f64, s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a duration"))
+}
+
+/// Parses `--source-addrs`: `127.0.1.1-127.0.1.64`, `a,b,c`, or a count of
+/// addresses from 127.0.1.1. Every address must be in 127.0.0.0/8.
+pub fn parse_source_addrs(spec: &str) -> Result<Vec<Ipv4Addr>, String> {
+    const MAX: usize = 1 << 16;
+    let spec = spec.trim();
+    let addr = |s: &str| -> Result<Ipv4Addr, String> {
+        let a: Ipv4Addr = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an IPv4 address", s.trim()))?;
+        if a.octets()[0] != 127 {
+            return Err(format!("{a} is not a loopback address (127.0.0.0/8)"));
+        }
+        Ok(a)
+    };
+    let list = if let Ok(n) = spec.parse::<u32>() {
+        if n == 0 || n as usize > MAX {
+            return Err(format!("a count must be 1 to {MAX}, got {n}"));
+        }
+        let first = u32::from(Ipv4Addr::new(127, 0, 1, 1));
+        (0..n).map(|k| Ipv4Addr::from(first + k)).collect()
+    } else if let Some((a, b)) = spec.split_once('-') {
+        let (a, b) = (u32::from(addr(a)?), u32::from(addr(b)?));
+        if a > b {
+            return Err(format!("range `{spec}` runs backwards"));
+        }
+        if (b - a) as usize >= MAX {
+            return Err(format!("range `{spec}` holds more than {MAX} addresses"));
+        }
+        (a..=b).map(Ipv4Addr::from).collect()
+    } else {
+        spec.split(',').map(addr).collect::<Result<Vec<_>, _>>()?
+    };
+    if list
+        .iter()
+        .any(|a| a.octets()[3] == 0 || a.octets()[3] == 255)
+    {
+        return Err("addresses ending in .0 or .255 cannot be bound".into());
+    }
+    Ok(list)
+}
+
+/// `Target` as its URL in JSON.
+mod target_url {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::handshake::Target;
+
+    pub fn serialize<S: Serializer>(t: &Target, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.url)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Target, D::Error> {
+        let url = String::deserialize(d)?;
+        Target::parse(&url).map_err(serde::de::Error::custom)
+    }
 }
 
 fn parse_run_id(s: &str) -> Result<u32, String> {

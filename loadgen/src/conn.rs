@@ -20,8 +20,9 @@
 //! (kept up to 16 KiB for reuse), and the device's book.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -29,9 +30,12 @@ use bytes::Bytes;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
+use rustc_hash::FxHashMap;
 
 use courier_protocol::error::ErrorCode;
-use courier_protocol::frame::{self, ClientFrame, Cursor, EntryKind, ServerFrame};
+use courier_protocol::frame::{
+    self, ClientFrame, ConversationSummary, Cursor, EntryKind, ReceiptKind, ServerFrame,
+};
 use courier_protocol::ws::{Decoder, Event, Limits, Opcode, Role, WsError};
 
 use crate::body::{self, Stamp};
@@ -48,6 +52,8 @@ const MIN_READ: usize = 1024;
 const MAX_SPARE: usize = 16 * 1024;
 /// Connect plus upgrade must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause before a churned connection reconnects.
+const CHURN_PAUSE: Duration = Duration::from_millis(200);
 /// Application ping interval when the server states no idle timeout.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(20);
 /// Largest frame accepted from the server (a catch-up page is many frames).
@@ -94,12 +100,67 @@ pub(crate) struct ConnState {
     pub heartbeat: Duration,
     /// Set at the end of the run: a close is on its way; do not reconnect.
     pub closing: bool,
+    /// Set when churn closed the session: reconnect at once, count no error.
+    pub churning: bool,
+    /// Conversations with arrivals the user also reads (a `Read` receipt).
+    read_dirty: Vec<u32>,
     ever_connected: bool,
     ever_ready: bool,
     /// Cursors of the catch-up in progress: the first `Sync`'s (what the
     /// device held) and the highest sequence per conversation seen since.
     catchup_base: Vec<(u32, u64)>,
     page_max: Vec<(u32, u64)>,
+    /// Receipts this device's own direct messages are waiting for, per
+    /// conversation; lives across sessions.
+    receipts: FxHashMap<u32, ReceiptBook>,
+}
+
+impl ConnState {
+    /// Per direct conversation, the highest READ this device learned of.
+    pub fn reads_known(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.receipts.iter().map(|(conv, b)| (*conv, b.read_known))
+    }
+}
+
+/// The sender's side of one direct conversation's receipts.
+#[derive(Debug, Default)]
+struct ReceiptBook {
+    /// The highest delivered and read values told live so far: a live
+    /// receipt at or below is a duplicate.
+    live_delivered: u64,
+    live_read: u64,
+    /// The highest READ known, live or from a summary.
+    read_known: u64,
+    /// Own acked messages (seq, intended send time) not yet known to be
+    /// delivered, and not yet known to be read, oldest first.
+    undelivered: VecDeque<(u64, u64)>,
+    unread: VecDeque<(u64, u64)>,
+}
+
+impl ReceiptBook {
+    /// Everything up to `seq` is delivered (and read, with `read`): counts
+    /// what that newly covers and times it from each message's intended
+    /// send.
+    fn cover(&mut self, seq: u64, read: bool, now_ns: u64, stats: &mut crate::worker::Stats) {
+        while let Some(&(s, intended)) = self.undelivered.front() {
+            if s > seq {
+                break;
+            }
+            self.undelivered.pop_front();
+            stats.counters.receipts_covered += 1;
+            stats.receipt(false, now_ns.saturating_sub(intended));
+        }
+        if read {
+            self.read_known = self.read_known.max(seq);
+            while let Some(&(s, intended)) = self.unread.front() {
+                if s > seq {
+                    break;
+                }
+                self.unread.pop_front();
+                stats.receipt(true, now_ns.saturating_sub(intended));
+            }
+        }
+    }
 }
 
 /// A send waiting for its SENT.
@@ -125,6 +186,9 @@ pub(crate) enum SessionPhase {
     CatchingUp,
     /// Catch-up complete: live traffic flows.
     Ready,
+    /// loadgen closed the session on purpose (churn) and waits for the
+    /// server's close; nothing more is written.
+    Closing,
 }
 
 impl Conn {
@@ -140,10 +204,13 @@ impl Conn {
             last_write: Instant::now(),
             heartbeat: DEFAULT_HEARTBEAT,
             closing: false,
+            churning: false,
+            read_dirty: Vec::new(),
             ever_connected: false,
             ever_ready: false,
             catchup_base: Vec::new(),
             page_max: Vec::new(),
+            receipts: FxHashMap::default(),
         };
         Self {
             user,
@@ -180,6 +247,11 @@ pub(crate) async fn run(w: Rc<Worker>, c: Rc<Conn>, delay: Duration) {
                 let end = session(&w, &c, stream, leftover).await;
                 if w.finishing() || c.st.borrow().closing {
                     break;
+                }
+                if std::mem::take(&mut c.st.borrow_mut().churning) {
+                    // Closed on purpose: back after a short jittered pause.
+                    monoio::time::sleep(w.jitter(CHURN_PAUSE)).await;
+                    continue;
                 }
                 let mut stats = w.stats.borrow_mut();
                 stats.counters.disconnects += 1;
@@ -232,9 +304,11 @@ impl ConnectError {
 /// that followed the response head (the first WebSocket frames).
 async fn connect(w: &Worker, c: &Conn) -> Result<(TcpStream, Vec<u8>), ConnectError> {
     let attempt = async {
-        let mut stream = TcpStream::connect_addr(w.config.target.addr)
-            .await
-            .map_err(|e| ConnectError::Io(e.kind()))?;
+        let mut stream = match w.source_addr(c.user) {
+            None => TcpStream::connect_addr(w.config.target.addr).await,
+            Some(src) => connect_from(src, w.config.target.addr).await,
+        }
+        .map_err(|e| ConnectError::Io(e.kind()))?;
         // Small frames must not wait for Nagle; failure only costs latency.
         let _ = stream.set_nodelay(true);
         let mut nonce = [0u8; 16];
@@ -267,6 +341,31 @@ async fn connect(w: &Worker, c: &Conn) -> Result<(TcpStream, Vec<u8>), ConnectEr
     monoio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
         .await
         .map_err(|_| ConnectError::Timeout)?
+}
+
+/// Connects to `dst` from `src` (port chosen by the kernel at bind time):
+/// monoio connects only from the kernel's choice of address, so the socket
+/// is made, bound and connected without blocking here, then handed over.
+async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(src.into(), 0).into())?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    stream.writable(false).await?;
+    if stream.peer_addr().is_err() {
+        // The connect failed; a read returns the socket's pending error
+        // (refused, timed out), which is what the caller counts.
+        let (res, _) = stream.read(vec![0u8; 1]).await;
+        res?;
+        return Err(io::ErrorKind::NotConnected.into());
+    }
+    Ok(stream)
 }
 
 /// Why a session ended.
@@ -437,7 +536,7 @@ fn handle_event(w: &Worker, c: &Conn, event: Event) -> Option<SessionEnd> {
         Event::Pong(_) => {}
         Event::Close(code) => {
             let mut st = c.st.borrow_mut();
-            if !st.closing {
+            if !st.closing && !st.churning {
                 // Answer the server's close with its code.
                 let payload = code
                     .as_ref()
@@ -496,18 +595,66 @@ fn handle_frame(w: &Worker, c: &Conn, frame: ServerFrame) {
         ServerFrame::Error {
             code, reference, ..
         } => on_error(w, c, code, reference),
+        ServerFrame::Receipt {
+            conversation,
+            seq,
+            kind,
+            ..
+        } => on_receipt(w, c, &conversation, seq, kind),
+        ServerFrame::SyncSummary { conversations } => on_summary(w, c, &conversations),
+        ServerFrame::Typing { .. } => w.stats.borrow_mut().counters.typing_received += 1,
         ServerFrame::Pong { .. }
-        | ServerFrame::Receipt { .. }
         | ServerFrame::Members { .. }
         | ServerFrame::Done { .. }
         | ServerFrame::History { .. }
         | ServerFrame::Chats { .. }
         | ServerFrame::ReceiptSummary { .. }
-        | ServerFrame::Typing { .. }
         | ServerFrame::Presence { .. }
         | ServerFrame::Settings { .. }
-        | ServerFrame::Devices { .. }
-        | ServerFrame::SyncSummary { .. } => {}
+        | ServerFrame::Devices { .. } => {}
+    }
+}
+
+/// A direct conversation's other participant moved its cursor: checks it
+/// moved (each state change is told once) and times what it covers.
+fn on_receipt(w: &Worker, c: &Conn, conversation: &str, seq: u64, kind: ReceiptKind) {
+    let Some(conv) = w.convs.borrow().number(conversation) else {
+        w.stats.borrow_mut().error("receipt.unknown_conversation");
+        return;
+    };
+    let now_ns = w.now_ns();
+    let mut st = c.st.borrow_mut();
+    let mut stats = w.stats.borrow_mut();
+    stats.counters.receipts_received += 1;
+    let book = st.receipts.entry(conv).or_default();
+    let read = kind == ReceiptKind::Read;
+    let live = if read {
+        &mut book.live_read
+    } else {
+        &mut book.live_delivered
+    };
+    if seq <= *live {
+        stats.counters.receipt_duplicates += 1;
+        return;
+    }
+    *live = seq;
+    book.cover(seq, read, now_ns, &mut stats);
+}
+
+/// A catch-up summary: receipts made while this device was away.
+fn on_summary(w: &Worker, c: &Conn, rows: &[ConversationSummary]) {
+    let now_ns = w.now_ns();
+    let convs = w.convs.borrow();
+    let mut st = c.st.borrow_mut();
+    let mut stats = w.stats.borrow_mut();
+    for row in rows {
+        let Some(conv) = convs.number(&row.conversation) else {
+            continue;
+        };
+        if let Some(book) = st.receipts.get_mut(&conv) {
+            book.cover(row.peer_delivered, false, now_ns, &mut stats);
+            book.cover(row.peer_read, true, now_ns, &mut stats);
+        }
     }
 }
 
@@ -523,7 +670,7 @@ fn on_welcome(w: &Worker, c: &Conn, max_body: u32, idle_timeout_s: u32) {
     if idle_timeout_s > 0 {
         st.heartbeat = DEFAULT_HEARTBEAT.min(Duration::from_secs(u64::from(idle_timeout_s)) / 2);
     }
-    if (max_body as usize) < w.config.body_bytes {
+    if max_body < w.plan.body_sizes().max {
         w.stats.borrow_mut().error("welcome.body_over_node_limit");
     }
     let mut cursors = Vec::new();
@@ -546,7 +693,8 @@ fn on_welcome(w: &Worker, c: &Conn, max_body: u32, idle_timeout_s: u32) {
         &mut st.out,
         &ClientFrame::Sync {
             tail: 0,
-            summary: false,
+            // After a reconnect, learn the receipts made while away.
+            summary: st.ever_ready,
             cursors,
         },
     );
@@ -627,6 +775,13 @@ fn on_sent(w: &Worker, c: &Conn, client_id: u64, conversation: &str, seq: u64) {
             stats.counters.pending = stats.counters.pending.saturating_sub(1);
             stats.counters.expected += u64::from(w.plan.recipients(m.conv));
             stats.sent_ack(now_ns.saturating_sub(p.intended_ns));
+            if conversation.starts_with("d:") {
+                // A direct message: its sender is told when it is delivered.
+                stats.counters.receipts_expected += 1;
+                let book = st.receipts.entry(m.conv).or_default();
+                book.undelivered.push_back((seq, p.intended_ns));
+                book.unread.push_back((seq, p.intended_ns));
+            }
         }
         None => stats.counters.repeated_acks += 1,
     }
@@ -670,7 +825,14 @@ fn on_message(w: &Worker, c: &Conn, e: Entry) {
         return;
     }
     let from = catchup_from(st, conv, e.seq);
-    match st.book.handle_entry(conv, e.seq, Some(stamp.msg), from) {
+    let arrival = st.book.handle_entry(conv, e.seq, Some(stamp.msg), from);
+    if matches!(arrival, Arrival::Delivered | Arrival::Reordered)
+        && w.plan.reads(c.user, stamp.msg)
+        && !st.read_dirty.contains(&conv)
+    {
+        st.read_dirty.push(conv);
+    }
+    match arrival {
         Arrival::Delivered => {
             stats.counters.delivered += 1;
             stats.end_to_end(now_ns.saturating_sub(stamp.intended_ns));
@@ -698,9 +860,6 @@ fn validate(
 ) -> Result<(u32, Stamp), &'static str> {
     let conv = conv.ok_or("invalid.unknown_conversation")?;
     let stamp = body::decode(&e.body).map_err(|_| "invalid.body")?;
-    if e.body.len() != w.config.body_bytes {
-        return Err("invalid.body_length");
-    }
     if stamp.run_id != w.plan.run_id {
         return Err("invalid.other_run");
     }
@@ -712,6 +871,9 @@ fn validate(
     }
     if stamp.msg >= w.plan.total_messages() {
         return Err("invalid.not_scheduled");
+    }
+    if e.body.len() != w.plan.body_len(stamp.msg) {
+        return Err("invalid.body_length");
     }
     let m = w.plan.message(stamp.msg);
     if m.sender != stamp.sender || m.conv != conv || m.intended_ns != stamp.intended_ns {
@@ -815,6 +977,18 @@ fn on_error(w: &Worker, c: &Conn, code: u16, reference: u64) {
     // are retried with the same client id; anything else is final.
     let retryable = matches!(code, 429 | 503 | 504);
     let mut st = c.st.borrow_mut();
+    if reference == 0 && retryable && st.phase == SessionPhase::CatchingUp && !st.closing {
+        // The catch-up itself was refused (the store is unavailable): start
+        // the session again, as a client would, after the usual pause.
+        st.phase = SessionPhase::Closing;
+        st.churning = true;
+        let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"retry catch-up");
+        w.push_control(&mut st.out, Opcode::Close, &payload);
+        drop(st);
+        c.notify();
+        return;
+    }
     if let Some(p) = st.pending.get_mut(&reference) {
         if retryable {
             p.failures += 1;
@@ -863,30 +1037,53 @@ fn catchup_from(st: &mut ConnState, conv: u32, seq: u64) -> Option<u64> {
     )
 }
 
-/// Acknowledges, per conversation with new arrivals, everything held so far.
+/// Acknowledges, per conversation with new arrivals, everything held so
+/// far: `Read` where the user reads one of the new arrivals (it counts as
+/// delivered too), `Delivered` otherwise.
 fn flush_receipts(w: &Worker, c: &Conn) {
     let mut guard = c.st.borrow_mut();
     let st = &mut *guard;
-    if st.dirty.is_empty() || st.phase == SessionPhase::Down {
+    if st.dirty.is_empty() || matches!(st.phase, SessionPhase::Down | SessionPhase::Closing) {
         return;
     }
     let convs = w.convs.borrow();
+    let mut reads = 0;
     for conv in std::mem::take(&mut st.dirty) {
+        let read = match st.read_dirty.iter().position(|&r| r == conv) {
+            Some(i) => {
+                st.read_dirty.swap_remove(i);
+                true
+            }
+            None => false,
+        };
         let cursor = st.book.cursor(conv);
         let ledger = st.book.ledger(conv);
-        if cursor <= ledger.acked_upto {
+        let read = read && cursor > ledger.read_upto;
+        if !read && cursor <= ledger.acked_upto {
             continue;
         }
-        ledger.acked_upto = cursor;
-        if let Some(id) = convs.id(conv) {
-            w.push_frame(
-                &mut st.out,
-                &ClientFrame::Delivered {
-                    conversation: id.to_string(),
-                    seq: cursor,
-                },
-            );
-            st.last_write = Instant::now();
+        ledger.acked_upto = ledger.acked_upto.max(cursor);
+        if read {
+            ledger.read_upto = cursor;
+            reads += 1;
         }
+        let Some(id) = convs.id(conv) else { continue };
+        let conversation = id.to_string();
+        let frame = if read {
+            ClientFrame::Read {
+                conversation,
+                seq: cursor,
+            }
+        } else {
+            ClientFrame::Delivered {
+                conversation,
+                seq: cursor,
+            }
+        };
+        w.push_frame(&mut st.out, &frame);
+        st.last_write = Instant::now();
+    }
+    if reads > 0 {
+        w.stats.borrow_mut().counters.reads_sent += reads;
     }
 }

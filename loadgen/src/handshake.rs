@@ -88,7 +88,17 @@ fn split_host_port(authority: &str) -> Result<(&str, u16), UrlError> {
 }
 
 /// How the token travels in the upgrade request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenIn {
     /// `Authorization: Bearer <token>`.

@@ -9,8 +9,11 @@
 //! Values are recorded in microseconds with three significant digits;
 //! histograms from any number of workers merge exactly.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerializer};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The histograms one worker keeps.
 #[derive(Clone, Debug)]
@@ -22,6 +25,12 @@ pub struct Latencies {
     /// Intended send to the moment loadgen wrote the send: how far behind
     /// its own schedule loadgen ran.
     pub schedule_lag: Histogram<u64>,
+    /// Intended send to the sender receiving the first `Receipt` that says
+    /// a direct message was delivered (a read says so too).
+    pub receipt_delivered: Histogram<u64>,
+    /// Intended send to the sender receiving the `Receipt` that says it
+    /// was read.
+    pub receipt_read: Histogram<u64>,
 }
 
 impl Default for Latencies {
@@ -37,6 +46,8 @@ impl Latencies {
             sent_ack: histogram(),
             end_to_end: histogram(),
             schedule_lag: histogram(),
+            receipt_delivered: histogram(),
+            receipt_read: histogram(),
         }
     }
 
@@ -45,6 +56,8 @@ impl Latencies {
         add(&mut self.sent_ack, &other.sent_ack);
         add(&mut self.end_to_end, &other.end_to_end);
         add(&mut self.schedule_lag, &other.schedule_lag);
+        add(&mut self.receipt_delivered, &other.receipt_delivered);
+        add(&mut self.receipt_read, &other.receipt_read);
     }
 
     /// Empties every histogram, keeping their allocations.
@@ -52,12 +65,101 @@ impl Latencies {
         self.sent_ack.reset();
         self.end_to_end.reset();
         self.schedule_lag.reset();
+        self.receipt_delivered.reset();
+        self.receipt_read.reset();
     }
 
     /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
-        self.sent_ack.is_empty() && self.end_to_end.is_empty() && self.schedule_lag.is_empty()
+        self.sent_ack.is_empty()
+            && self.end_to_end.is_empty()
+            && self.schedule_lag.is_empty()
+            && self.receipt_delivered.is_empty()
+            && self.receipt_read.is_empty()
     }
+}
+
+/// The three histograms in HdrHistogram's compressed V2 encoding, base64:
+/// what crosses the pipe from worker processes and what the report keeps,
+/// so histograms from runs and processes merge exactly, by any tool that
+/// reads the format.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encoded {
+    /// `sent_ack`.
+    pub sent_ack: String,
+    /// `end_to_end`.
+    pub end_to_end: String,
+    /// `schedule_lag`.
+    pub schedule_lag: String,
+    /// `receipt_delivered` (absent in reports made before it existed).
+    #[serde(default)]
+    pub receipt_delivered: String,
+    /// `receipt_read`.
+    #[serde(default)]
+    pub receipt_read: String,
+}
+
+impl Latencies {
+    /// The histograms, encoded.
+    pub fn encode(&self) -> Encoded {
+        Encoded {
+            sent_ack: encode(&self.sent_ack),
+            end_to_end: encode(&self.end_to_end),
+            schedule_lag: encode(&self.schedule_lag),
+            receipt_delivered: encode(&self.receipt_delivered),
+            receipt_read: encode(&self.receipt_read),
+        }
+    }
+
+    /// Decodes what [`Latencies::encode`] made.
+    pub fn decode(e: &Encoded) -> Result<Self, String> {
+        Ok(Self {
+            sent_ack: decode(&e.sent_ack)?,
+            end_to_end: decode(&e.end_to_end)?,
+            schedule_lag: decode(&e.schedule_lag)?,
+            receipt_delivered: decode_or_empty(&e.receipt_delivered)?,
+            receipt_read: decode_or_empty(&e.receipt_read)?,
+        })
+    }
+}
+
+/// Like `decode`, with an empty string (an older report) an empty histogram.
+fn decode_or_empty(s: &str) -> Result<Histogram<u64>, String> {
+    if s.is_empty() {
+        Ok(histogram())
+    } else {
+        decode(s)
+    }
+}
+
+/// One histogram as base64 of its V2-deflate encoding.
+pub fn encode(h: &Histogram<u64>) -> String {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail; an encoding error leaves it empty,
+    // which decodes as an empty histogram.
+    if V2DeflateSerializer::new().serialize(h, &mut out).is_err() {
+        out.clear();
+    }
+    BASE64.encode(out)
+}
+
+/// Reads [`encode`]'s output (empty: an empty histogram).
+pub fn decode(s: &str) -> Result<Histogram<u64>, String> {
+    if s.is_empty() {
+        return Ok(histogram());
+    }
+    let bytes = BASE64
+        .decode(s)
+        .map_err(|e| format!("histogram: bad base64: {e}"))?;
+    let h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("histogram: {e:?}"))?;
+    // Recorded histograms auto-resize; decoded ones must too, to merge.
+    let mut grown = histogram();
+    grown
+        .add(&h)
+        .map_err(|e| format!("histogram: cannot merge: {e:?}"))?;
+    Ok(grown)
 }
 
 /// An empty histogram that grows to fit what it records.
@@ -146,6 +248,24 @@ mod tests {
         assert!((s.p50 - 1.49).abs() < 0.02, "p50 {}", s.p50);
         assert!((s.max - 250.0).abs() < 0.5, "max {}", s.max);
         assert!(s.p999 < 3.0 && s.p99 < 3.0, "{s:?}");
+    }
+
+    #[test]
+    fn encoded_histograms_decode_to_the_same_percentiles() {
+        let mut l = Latencies::new();
+        for i in 1..5000u64 {
+            record_ns(&mut l.end_to_end, i * 7919 % 3_000_000 + 1000);
+            record_ns(&mut l.sent_ack, i * 1000);
+        }
+        let back = Latencies::decode(&l.encode()).unwrap();
+        assert_eq!(Summary::of(&back.end_to_end), Summary::of(&l.end_to_end));
+        assert_eq!(Summary::of(&back.sent_ack), Summary::of(&l.sent_ack));
+        assert!(back.schedule_lag.is_empty());
+        // Decoded histograms still merge with freshly recorded ones.
+        let mut merged = back;
+        merged.merge(&l);
+        assert_eq!(merged.end_to_end.len(), 2 * l.end_to_end.len());
+        assert!(decode("not base64!").is_err());
     }
 
     #[test]

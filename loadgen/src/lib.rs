@@ -23,12 +23,18 @@
 //! The plan and schedule are computed from the seed alone, so every worker
 //! knows who sends what without being told, and a recipient can check that
 //! a message it received is one its sender really sent. Worker outcomes are
-//! plain values that merge by addition, so workers can move into separate
-//! processes without changing the checker.
+//! plain values that merge by addition, so the same workers also run in
+//! worker processes (`loadgen worker`, over a pipe; see `procs`) when one
+//! process may not hold every socket, and the audit in the parent stays
+//! exact across them.
 //!
-//! What it does not do (yet): TLS, several worker processes or source
-//! addresses, scenario files, receipts and typing beyond the `Delivered`
-//! acknowledgement. It only targets loopback addresses.
+//! Around the run: scenario files of phases (`scenario`), thresholds
+//! judged against the report (`threshold`), gateway and kernel
+//! measurements (`probe`), the fleet sizing they feed (`sizing`, also
+//! `loadgen size`), and an HTML report with percentile plots (`html`).
+//!
+//! What it does not do (yet): TLS, typing or presence, receipt latency. It
+//! only targets loopback addresses.
 //!
 //! Use [`run`] with a [`Config`] to drive a run from code; the `loadgen`
 //! binary is a thin wrapper around it.
@@ -41,16 +47,23 @@ pub mod config;
 mod conn;
 pub mod control;
 pub mod handshake;
+pub mod html;
 pub mod latency;
 mod pacer;
 pub mod plan;
+pub mod probe;
+mod procs;
 pub mod rangeset;
 pub mod report;
 pub mod rng;
 mod run;
+pub mod scenario;
+pub mod sizing;
 pub mod stats;
+pub mod threshold;
 mod worker;
 
 pub use config::{Args, Config, ConfigError};
+pub use procs::worker_process;
 pub use report::Report;
 pub use run::{run, RunError};

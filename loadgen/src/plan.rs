@@ -42,6 +42,76 @@ pub struct PlanParams {
     pub rate: f64,
     /// How long the traffic phase lasts.
     pub duration: Duration,
+    /// The traffic phases in order. Empty: one phase named `traffic` of
+    /// `rate`, `duration` and `group_share`, with no read receipts or churn.
+    pub phases: Vec<PhasePlan>,
+    /// Body sizes: fixed when `min == max`, else drawn per message.
+    pub body: BodySizes,
+}
+
+/// One phase of the traffic schedule. Phases follow each other without a
+/// gap; message indices continue across them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PhasePlan {
+    /// Its name (in progress lines and the report).
+    pub name: String,
+    /// How long it lasts.
+    pub duration: Duration,
+    /// Messages per second over all senders (0: idle, heartbeats only).
+    pub rate: f64,
+    /// Share of its messages that go to a group.
+    pub group_share: f64,
+    /// Share of delivered messages the recipient also marks read (a `Read`
+    /// receipt instead of a `Delivered` one).
+    pub read_share: f64,
+    /// Share of messages whose sender says it is typing just before.
+    pub typing_share: f64,
+    /// Share of all connections that disconnect and reconnect per second.
+    pub churn_per_s: f64,
+}
+
+/// Body sizes: `P(size)` proportional to `size^-a` on `[min, max]`, `a`
+/// solved so the mean is `mean` (most bodies short, a tail of long ones);
+/// `min == max` is a fixed size.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BodySizes {
+    /// Smallest body (at least the stamp, 28 bytes).
+    pub min: u32,
+    /// Mean body size.
+    pub mean: f64,
+    /// Largest body.
+    pub max: u32,
+}
+
+impl BodySizes {
+    /// Every body `n` bytes long.
+    pub fn fixed(n: u32) -> Self {
+        Self {
+            min: n,
+            mean: f64::from(n),
+            max: n,
+        }
+    }
+}
+
+/// A phase as the plan lays it out on the schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseSpan {
+    /// The phase.
+    pub plan: PhasePlan,
+    /// Its first message index.
+    pub first_msg: u64,
+    /// How many messages it schedules: `floor(rate * duration)`.
+    pub messages: u64,
+    /// When it starts, ns after the traffic start.
+    pub start_ns: u64,
+}
+
+impl PhaseSpan {
+    /// When it ends, ns after the traffic start.
+    pub fn end_ns(&self) -> u64 {
+        self.start_ns + self.plan.duration.as_nanos() as u64
+    }
 }
 
 /// Why a plan could not be built.
@@ -53,6 +123,9 @@ pub enum PlanError {
     /// The group size bounds make no sense.
     #[error("group sizes must satisfy 3 <= group-min <= group-max (got {0}..{1})")]
     GroupBounds(u32, u32),
+    /// The body size bounds make no sense.
+    #[error("body sizes must satisfy 28 <= min <= max (got {0}..{1})")]
+    BodyBounds(u32, u32),
 }
 
 /// One scheduled message.
@@ -82,14 +155,18 @@ pub struct Plan {
     groups_sorted: Vec<Vec<u32>>,
     /// Conversation numbers of each user.
     user_convs: Vec<Vec<u32>>,
-    group_share: f64,
-    rate: f64,
+    phases: Vec<PhaseSpan>,
     total: u64,
     sizes: SizeDistribution,
+    body: BodySizes,
+    body_sizes: Option<SizeDistribution>,
 }
 
 const GROUPS_STREAM: u64 = 0x6772_6f75_7073; // "groups"
 const SCHEDULE_STREAM: u64 = 0x7363_6865_6475; // "schedu"
+const BODY_STREAM: u64 = 0x626f_6479; // "body"
+const READ_STREAM: u64 = 0x7265_6164; // "read"
+const TYPING_STREAM: u64 = 0x7479_7065; // "type"
 
 impl Plan {
     /// Builds the plan for `p`.
@@ -129,11 +206,45 @@ impl Plan {
                 user_convs[m as usize].push(directs + g as u32);
             }
         }
-        let total = if p.rate > 0.0 {
-            (p.rate * p.duration.as_secs_f64()).floor() as u64
+        let phase_plans = if p.phases.is_empty() {
+            vec![PhasePlan {
+                name: "traffic".into(),
+                duration: p.duration,
+                rate: p.rate,
+                group_share: p.group_share,
+                read_share: 0.0,
+                typing_share: 0.0,
+                churn_per_s: 0.0,
+            }]
         } else {
-            0
+            p.phases.clone()
         };
+        let mut phases = Vec::with_capacity(phase_plans.len());
+        let (mut first_msg, mut start_ns) = (0u64, 0u64);
+        for plan in phase_plans {
+            let messages = if plan.rate > 0.0 {
+                (plan.rate * plan.duration.as_secs_f64()).floor() as u64
+            } else {
+                0
+            };
+            let span = PhaseSpan {
+                plan,
+                first_msg,
+                messages,
+                start_ns,
+            };
+            first_msg += messages;
+            start_ns = span.end_ns();
+            phases.push(span);
+        }
+        let total = first_msg;
+        if p.body.min as usize > p.body.max as usize
+            || (p.body.min as usize) < crate::body::HEADER_LEN
+        {
+            return Err(PlanError::BodyBounds(p.body.min, p.body.max));
+        }
+        let body_sizes = (p.body.min != p.body.max)
+            .then(|| SizeDistribution::new(p.body.min, p.body.max, p.body.mean));
         Ok(Self {
             run_id: p.run_id,
             seed: p.seed,
@@ -142,10 +253,11 @@ impl Plan {
             groups,
             groups_sorted,
             user_convs,
-            group_share: p.group_share,
-            rate: p.rate,
+            phases,
             total,
             sizes,
+            body: p.body,
+            body_sizes,
         })
     }
 
@@ -284,24 +396,90 @@ impl Plan {
         self.groups.iter().map(Vec::len).max().unwrap_or(0) as u32
     }
 
+    /// The phases of the schedule, in order.
+    pub fn phases(&self) -> &[PhaseSpan] {
+        &self.phases
+    }
+
+    /// The phase message `i` belongs to.
+    pub fn phase_of(&self, i: u64) -> &PhaseSpan {
+        let k = self
+            .phases
+            .partition_point(|p| p.first_msg + p.messages <= i)
+            .min(self.phases.len() - 1);
+        &self.phases[k]
+    }
+
+    /// The phase running `ns` after the traffic start (the last one once
+    /// all have ended).
+    pub fn phase_at(&self, ns: u64) -> &PhaseSpan {
+        let k = self
+            .phases
+            .partition_point(|p| p.end_ns() <= ns)
+            .min(self.phases.len() - 1);
+        &self.phases[k]
+    }
+
+    /// How long the whole schedule lasts.
+    pub fn duration(&self) -> Duration {
+        self.phases
+            .iter()
+            .map(|p| p.plan.duration)
+            .sum::<Duration>()
+    }
+
     /// When message `i` is meant to be sent, in ns after the traffic start.
     pub fn intended_ns(&self, i: u64) -> u64 {
-        if self.rate <= 0.0 {
-            return 0;
+        let p = self.phase_of(i);
+        if p.plan.rate <= 0.0 {
+            return p.start_ns;
         }
-        (i as f64 * 1e9 / self.rate) as u64
+        p.start_ns + ((i - p.first_msg) as f64 * 1e9 / p.plan.rate) as u64
+    }
+
+    /// The body sizes drawn from.
+    pub fn body_sizes(&self) -> BodySizes {
+        self.body
+    }
+
+    /// The body length of message `i`. Pure, like the rest of the schedule.
+    pub fn body_len(&self, i: u64) -> usize {
+        match &self.body_sizes {
+            None => self.body.min as usize,
+            Some(d) => {
+                let u = SplitMix64::new(mix(self.seed ^ BODY_STREAM, i)).unit();
+                d.sample(u) as usize
+            }
+        }
+    }
+
+    /// Whether `user` marks message `i` read once it holds it: drawn with
+    /// the read share of the message's phase. Pure.
+    pub fn reads(&self, user: u32, i: u64) -> bool {
+        let share = self.phase_of(i).plan.read_share;
+        share > 0.0
+            && SplitMix64::new(mix(self.seed ^ READ_STREAM, i ^ (u64::from(user) << 40))).unit()
+                < share
+    }
+
+    /// Whether the sender of message `i` sends `Typing` just before it:
+    /// drawn with the typing share of the message's phase. Pure.
+    pub fn types(&self, i: u64) -> bool {
+        let share = self.phase_of(i).plan.typing_share;
+        share > 0.0 && SplitMix64::new(mix(self.seed ^ TYPING_STREAM, i)).unit() < share
     }
 
     /// Message `i` of the schedule. Pure: any worker computes the same.
     ///
-    /// A message goes to a group with probability `group_share` (a group
+    /// A message goes to a group with its phase's group share (a group
     /// chosen uniformly, then a sender uniformly among its members, so the
     /// fan-out a message sees follows the group size distribution);
     /// otherwise a uniformly chosen user sends to one of its two direct
     /// conversations.
     pub fn message(&self, i: u64) -> Scheduled {
+        let group_share = self.phase_of(i).plan.group_share;
         let mut r = SplitMix64::new(mix(self.seed ^ SCHEDULE_STREAM, i));
-        let to_group = !self.groups.is_empty() && r.unit() < self.group_share;
+        let to_group = !self.groups.is_empty() && r.unit() < group_share;
         let (sender, conv) = if to_group {
             let g = r.below(self.groups.len() as u64) as u32;
             let members = self.group_members(g);
@@ -491,6 +669,8 @@ mod tests {
             group_share: 0.2,
             rate: 1000.0,
             duration: Duration::from_secs(10),
+            phases: Vec::new(),
+            body: BodySizes::fixed(200),
         }
     }
 
@@ -634,6 +814,65 @@ mod tests {
         }
         assert_eq!(plan.direct_id(9), "d:lg-abcd0123-0:lg-abcd0123-9");
         assert_eq!(plan.direct_pair(9), (9, 0));
+    }
+
+    #[test]
+    fn phases_continue_the_schedule_and_carry_their_mix() {
+        let mut p = params(100);
+        let phase = |name: &str, secs: u64, rate: f64, group_share: f64| PhasePlan {
+            name: name.into(),
+            duration: Duration::from_secs(secs),
+            rate,
+            group_share,
+            read_share: 0.5,
+            typing_share: 0.0,
+            churn_per_s: 0.0,
+        };
+        p.phases = vec![
+            phase("idle", 2, 0.0, 0.2),
+            phase("direct", 1, 100.0, 0.0),
+            phase("groups", 2, 50.0, 1.0),
+        ];
+        let plan = Plan::new(&p).unwrap();
+        assert_eq!(plan.total_messages(), 200);
+        assert_eq!(plan.duration(), Duration::from_secs(5));
+        assert_eq!(plan.intended_ns(0), 2_000_000_000);
+        assert_eq!(plan.intended_ns(99), 2_990_000_000);
+        assert_eq!(plan.intended_ns(100), 3_000_000_000);
+        assert_eq!(plan.intended_ns(101), 3_020_000_000);
+        assert_eq!(plan.phase_of(150).plan.name, "groups");
+        assert_eq!(plan.phase_at(500_000_000).plan.name, "idle");
+        assert_eq!(plan.phase_at(9_000_000_000).plan.name, "groups");
+        for i in 0..100 {
+            assert!(plan.conv_group(plan.message(i).conv).is_none());
+        }
+        for i in 100..200 {
+            assert!(plan.conv_group(plan.message(i).conv).is_some());
+        }
+        let reads = (0..200).filter(|&i| plan.reads(7, i)).count();
+        assert!((60..140).contains(&reads), "{reads} of 200 read");
+    }
+
+    #[test]
+    fn body_sizes_are_drawn_per_message_around_the_mean() {
+        let mut p = params(100);
+        assert!((0..50).all(|i| Plan::new(&p).unwrap().body_len(i) == 200));
+        p.body = BodySizes {
+            min: 40,
+            mean: 200.0,
+            max: 2000,
+        };
+        let plan = Plan::new(&p).unwrap();
+        let lens: Vec<usize> = (0..10_000).map(|i| plan.body_len(i)).collect();
+        assert!(lens.iter().all(|l| (40..=2000).contains(l)));
+        let mean = lens.iter().sum::<usize>() as f64 / lens.len() as f64;
+        assert!((mean - 200.0).abs() < 20.0, "mean {mean}");
+        assert_eq!(plan.body_len(77), Plan::new(&p).unwrap().body_len(77));
+        p.body.min = 10;
+        assert!(matches!(
+            Plan::new(&p),
+            Err(PlanError::BodyBounds(10, 2000))
+        ));
     }
 
     #[test]

@@ -8,10 +8,14 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::check::{Findings, LostExample};
-use crate::config::ConfigEcho;
+use crate::config::{Config, ConfigEcho};
 use crate::control::Outcome;
-use crate::latency::Summary;
-use crate::plan::Plan;
+use crate::latency::{Encoded, Summary};
+use crate::plan::{PhaseSpan, Plan};
+use crate::probe::Sample;
+use crate::sizing::{Assumptions, Sizing};
+use crate::stats::Counters;
+use crate::threshold::Verdict;
 
 /// What a run found. Serialized as the `--report` JSON.
 #[derive(Clone, Debug, Serialize)]
@@ -77,6 +81,25 @@ pub struct Report {
     pub membership_entries: u64,
     /// Groups created.
     pub groups_created: u64,
+    /// Sessions closed on purpose and reconnected (churn).
+    pub churned: u64,
+    /// `Read` receipts sent.
+    pub reads_sent: u64,
+    /// `Receipt` frames received.
+    pub receipts_received: u64,
+    /// Live receipts that told a state change the device already knew.
+    pub receipt_duplicates: u64,
+    /// Own acked direct messages whose delivered receipt never reached the
+    /// sender's device (live or in a catch-up summary).
+    pub receipts_missing: u64,
+    /// Acked direct messages their recipient read whose sender never
+    /// learned of the read.
+    pub reads_missing: u64,
+    /// Typing frames sent and typing events received.
+    pub typing_sent: u64,
+    pub typing_received: u64,
+    /// The phases of the schedule and what happened in each.
+    pub phases: Vec<PhaseReport>,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
     /// Latency percentiles in milliseconds.
@@ -91,6 +114,57 @@ pub struct Report {
     pub passed: bool,
     /// Why the run failed, one line per reason.
     pub failures: Vec<String>,
+    /// Each threshold with the value it was judged on.
+    pub thresholds: Vec<Verdict>,
+    /// True when every threshold held (and when there are none).
+    pub thresholds_passed: bool,
+    /// The HDR histograms themselves (V2-deflate, base64), for plots and
+    /// for merging runs.
+    pub histograms: Encoded,
+    /// Gateway and kernel readings at each mark of the run.
+    pub measurements: Vec<Sample>,
+    /// What the measurements say about a fleet (see `loadgen size`).
+    pub sizing: Sizing,
+}
+
+/// One phase of the schedule as it ran.
+#[derive(Clone, Debug, Serialize)]
+#[allow(missing_docs)]
+pub struct PhaseReport {
+    pub name: String,
+    pub duration_s: f64,
+    pub rate: f64,
+    pub group_share: f64,
+    pub read_share: f64,
+    pub churn_per_s: f64,
+    pub messages_scheduled: u64,
+    /// Counted while the phase ran (loadgen's progress counters, up to a
+    /// quarter second stale at either end).
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub churned: u64,
+    pub errors: u64,
+}
+
+impl PhaseReport {
+    pub(crate) fn new(span: &PhaseSpan, before: &Counters, after: &Counters) -> Self {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        Self {
+            name: span.plan.name.clone(),
+            duration_s: span.plan.duration.as_secs_f64(),
+            rate: span.plan.rate,
+            group_share: span.plan.group_share,
+            read_share: span.plan.read_share,
+            churn_per_s: span.plan.churn_per_s,
+            messages_scheduled: span.messages,
+            sent: d(after.sent, before.sent),
+            acked: d(after.acked, before.acked),
+            delivered: d(after.delivered, before.delivered),
+            churned: d(after.churned, before.churned),
+            errors: d(after.errors, before.errors),
+        }
+    }
 }
 
 /// The drawn world.
@@ -115,6 +189,10 @@ pub struct LatencyReport {
     pub end_to_end: Summary,
     /// Intended send to actual send (loadgen's own lag).
     pub schedule_lag: Summary,
+    /// Intended send of a direct message to its sender learning it was
+    /// delivered, and read.
+    pub receipt_delivered: Summary,
+    pub receipt_read: Summary,
 }
 
 /// Average rates over the traffic phase.
@@ -141,10 +219,13 @@ pub(crate) struct Observed {
     pub connections_peak: u64,
     pub connections_at_end: u64,
     pub timing: Timing,
+    pub phases: Vec<PhaseReport>,
+    pub marks: Vec<Sample>,
 }
 
 impl Report {
     pub(crate) fn build(
+        run_config: &Config,
         config: ConfigEcho,
         plan: &Plan,
         outcome: &Outcome,
@@ -191,11 +272,22 @@ impl Report {
             repeated_acks: findings.repeated_acks,
             membership_entries: c.membership_entries,
             groups_created: c.groups_created,
+            churned: c.churned,
+            reads_sent: c.reads_sent,
+            receipts_received: c.receipts_received,
+            receipt_duplicates: c.receipt_duplicates,
+            receipts_missing: c.receipts_expected.saturating_sub(c.receipts_covered),
+            reads_missing: findings.reads_missing,
+            typing_sent: c.typing_sent,
+            typing_received: c.typing_received,
+            phases: seen.phases,
             errors: outcome.errors.0.clone(),
             latency_ms: LatencyReport {
                 sent_ack: Summary::of(&outcome.latencies.sent_ack),
                 end_to_end: Summary::of(&outcome.latencies.end_to_end),
                 schedule_lag: Summary::of(&outcome.latencies.schedule_lag),
+                receipt_delivered: Summary::of(&outcome.latencies.receipt_delivered),
+                receipt_read: Summary::of(&outcome.latencies.receipt_read),
             },
             rates: Rates {
                 sent_per_s: c.sent as f64 / traffic,
@@ -206,9 +298,23 @@ impl Report {
             lost_examples: findings.lost_examples.clone(),
             passed: false,
             failures: Vec::new(),
+            thresholds: Vec::new(),
+            thresholds_passed: true,
+            histograms: outcome.latencies.encode(),
+            measurements: seen.marks,
+            sizing: Sizing::default(),
         };
         report.failures = report.judge();
         report.passed = report.failures.is_empty();
+        report.sizing = Sizing::from_report(&report, &Assumptions::default());
+        // Thresholds last: they may name any field above, sizing included.
+        let value = serde_json::to_value(&report).unwrap_or_default();
+        report.thresholds = run_config
+            .thresholds
+            .iter()
+            .map(|t| t.judge(&value))
+            .collect();
+        report.thresholds_passed = report.thresholds.iter().all(|v| v.passed);
         report
     }
 
@@ -261,15 +367,23 @@ impl Report {
         let cfg = &self.config;
         let _ = writeln!(
             s,
-            "loadgen run {}: {} connections to {}, {} msg/s for {:.0}s ({}, {} thread{})",
+            "loadgen run {}: {} connections to {}, {} for {:.0}s ({}, {} worker process{} x {} thread{}{})",
             self.run_id,
             cfg.connections,
             cfg.url,
-            cfg.rate,
-            cfg.duration_s,
+            match self.phases.as_slice() {
+                [one] => format!("{} msg/s", one.rate),
+                many => format!("{} phases", many.len()),
+            },
+            self.timing.traffic_s,
             self.driver,
+            cfg.workers,
+            if cfg.workers == 1 { "" } else { "es" },
             cfg.threads,
-            if cfg.threads == 1 { "" } else { "s" }
+            if cfg.threads == 1 { "" } else { "s" },
+            cfg.scenario
+                .as_ref()
+                .map_or(String::new(), |n| format!(", scenario {n}")),
         );
         let p = &self.plan;
         let _ = writeln!(
@@ -298,6 +412,27 @@ impl Report {
             self.expected_deliveries, self.delivered, self.lost, self.duplicates, self.reordered, self.invalid,
             self.redelivered
         );
+        if self.phases.len() > 1 || self.churned + self.reads_sent > 0 {
+            for p in &self.phases {
+                let _ = writeln!(
+                    s,
+                    "  phase        {:<10} {:>6.1}s at {}/s: sent {}, acked {}, delivered {}, churned {}, errors {}",
+                    p.name, p.duration_s, p.rate, p.sent, p.acked, p.delivered, p.churned, p.errors
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  receipts     read sent {}, receipts received {}, duplicates {}, delivered missing {}, reads missing {}; typing sent {}, received {}; churned {}",
+                self.reads_sent,
+                self.receipts_received,
+                self.receipt_duplicates,
+                self.receipts_missing,
+                self.reads_missing,
+                self.typing_sent,
+                self.typing_received,
+                self.churned
+            );
+        }
         let _ = writeln!(
             s,
             "  rates        sent {:.0}/s, acked {:.0}/s, delivered {:.0}/s",
@@ -311,6 +446,8 @@ impl Report {
             ("SENT ack", &self.latency_ms.sent_ack),
             ("end to end", &self.latency_ms.end_to_end),
             ("schedule lag", &self.latency_ms.schedule_lag),
+            ("delivered tick", &self.latency_ms.receipt_delivered),
+            ("read tick", &self.latency_ms.receipt_read),
         ] {
             let _ = writeln!(
                 s,
@@ -333,6 +470,28 @@ impl Report {
                 s,
                 "  lost         seq {} of {} (message {}) at {}",
                 e.seq, e.conversation, e.msg, e.recipient
+            );
+        }
+        {
+            let m = &self.sizing.measured;
+            let fmt = |v: Option<f64>, unit: &str| {
+                v.map_or("not measured".to_string(), |v| format!("{v:.0} {unit}"))
+            };
+            let _ = writeln!(
+                s,
+                "  measured     gateway {} per connection, kernel {} per loopback pair, {} per million deliveries",
+                fmt(m.gateway_bytes_per_connection, "B"),
+                fmt(m.kernel_bytes_per_loopback_pair, "B"),
+                fmt(m.cpu_s_per_million_deliveries, "CPU-s"),
+            );
+        }
+        for t in &self.thresholds {
+            let _ = writeln!(
+                s,
+                "  threshold    {:<4} {} (value {})",
+                if t.passed { "ok" } else { "FAIL" },
+                t.expr,
+                t.value.map_or("missing".to_string(), |v| format!("{v}"))
             );
         }
         if self.passed {

@@ -14,10 +14,12 @@ use crate::config::Config;
 use crate::control::{Control, Outcome, Phase, WorkerEvent};
 use crate::latency::{Latencies, Summary};
 use crate::plan::{Plan, PlanError};
-use crate::report::{Observed, Report, Timing};
+use crate::probe::{Probe, Sample};
+use crate::procs::{unix_ns, Fleet, ToWorker};
+use crate::report::{Observed, PhaseReport, Report, Timing};
 use crate::rng::mix;
 use crate::stats::{Counters, Errors};
-use crate::worker::{run_worker, WorkerSetup};
+use crate::worker::{run_worker, Tokens, WorkerSetup};
 
 /// Why a run could not produce a report.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,9 @@ pub enum RunError {
     /// A worker thread could not be started.
     #[error("could not start a worker thread: {0}")]
     Spawn(std::io::Error),
+    /// The worker processes could not be started.
+    #[error("--workers: {0}")]
+    Processes(String),
 }
 
 /// How long the coordinator waits, at most, for the groups to be known
@@ -71,6 +76,8 @@ const GROUPS_TIMEOUT: Duration = Duration::from_secs(30);
 /// Gap between fixing the traffic start and the start itself, so every
 /// worker sees it before its first message is due.
 const START_LEAD: Duration = Duration::from_millis(50);
+/// The same across a pipe to worker processes.
+const START_LEAD_PROCESSES: Duration = Duration::from_millis(300);
 /// How long workers get to hand over their outcome after `Finish`.
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// A run whose connections were all refused for this long stops early.
@@ -79,14 +86,23 @@ const FAST_FAIL: Duration = Duration::from_secs(3);
 /// Runs loadgen with `config` and returns its report. Blocks the calling
 /// thread for the whole run (connect, groups, traffic, drain); the work
 /// happens on `config.threads` worker threads of their own.
-pub fn run(config: Config) -> Result<Report, RunError> {
+pub fn run(mut config: Config) -> Result<Report, RunError> {
+    let started = Instant::now();
     let run_id = config.run_id.unwrap_or_else(random_run_id);
     let secret = match config.secret.clone() {
         Some(s) => s,
         None => read_secret(&config)?,
     };
+    let processes = config.worker_processes();
+    if processes > 1 {
+        // Every worker thread of every process holds at least one user.
+        let per = (config.connections / processes).max(1) as usize;
+        config.threads = config.threads.min(per).max(1);
+    }
+    let auto_sources = config.source_addrs.is_empty() && auto_source_addrs(&mut config);
     let plan = Arc::new(Plan::new(&config.plan_params(run_id))?);
-    let needed = u64::from(config.connections) + FD_RESERVE;
+    let per_process = config.connections.div_ceil(processes);
+    let needed = u64::from(per_process) + FD_RESERVE;
     if let Some(limit) = open_files_limit().filter(|&l| l < needed) {
         return Err(RunError::FdLimit {
             connections: config.connections,
@@ -94,38 +110,58 @@ pub fn run(config: Config) -> Result<Report, RunError> {
             limit,
         });
     }
+    let probe = Probe::new(&config.gateway_pids, config.metrics_url.as_deref());
+    let first_mark = probe.sample("start", 0.0);
     let config = Arc::new(config);
     let control = Arc::new(Control::default());
     let (tx, rx) = mpsc::channel();
-    let workers = config.threads.min(config.connections as usize).max(1);
-    let mut handles = Vec::with_capacity(workers);
-    for index in 0..workers {
-        let setup = WorkerSetup {
-            index: index as u32,
-            count: workers as u32,
-            plan: plan.clone(),
-            config: config.clone(),
-            secret: secret.clone(),
-            control: control.clone(),
-            events: tx.clone(),
-        };
-        let handle = std::thread::Builder::new()
-            .name(format!("loadgen-w{index}"))
-            .spawn(move || run_worker(setup))
-            .map_err(RunError::Spawn);
-        match handle {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                control.advance(Phase::Finish);
-                return Err(e);
+    let mut seam = Seam {
+        control: control.clone(),
+        fleet: None,
+    };
+    let mut handles = Vec::new();
+    let workers = if processes > 1 {
+        let exe = config
+            .worker_exe
+            .clone()
+            .or_else(|| std::env::current_exe().ok())
+            .ok_or_else(|| RunError::Processes("cannot find the loadgen binary".into()))?;
+        let fleet = Fleet::spawn(&exe, &config, &secret, &plan, processes, &tx)
+            .map_err(RunError::Processes)?;
+        seam.fleet = Some(fleet);
+        processes as usize * config.threads
+    } else {
+        let workers = config.threads.min(config.connections as usize).max(1);
+        for index in 0..workers {
+            let setup = WorkerSetup {
+                index: index as u32,
+                count: workers as u32,
+                plan: plan.clone(),
+                config: config.clone(),
+                tokens: Tokens::Secret(secret.clone()),
+                control: control.clone(),
+                events: tx.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("loadgen-w{index}"))
+                .spawn(move || run_worker(setup))
+                .map_err(RunError::Spawn);
+            match handle {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    control.advance(Phase::Finish);
+                    return Err(e);
+                }
             }
         }
-    }
+        workers
+    };
     drop(tx);
-    let mut co = Coordinator::new(rx, workers, &config);
+    let mut co = Coordinator::new(rx, workers, &config, probe, started);
+    co.marks.push(first_mark);
     if config.progress {
         eprintln!(
-            "loadgen: run {run_id:08x}: {} users, {} direct conversations, {} groups (sizes {}..{}, mean {:.1}, exponent {:.2}), {} messages at {}/s",
+            "loadgen: run {run_id:08x}: {} users, {} direct conversations, {} groups (sizes {}..{}, mean {:.1}, exponent {:.2}), {} messages in {} phase{}; {} worker process{} x {} thread{}, {} source address{}",
             plan.users(),
             plan.directs(),
             plan.groups(),
@@ -134,12 +170,27 @@ pub fn run(config: Config) -> Result<Report, RunError> {
             plan.group_size_mean(),
             plan.size_exponent(),
             plan.total_messages(),
-            config.rate,
+            plan.phases().len(),
+            if plan.phases().len() == 1 { "" } else { "s" },
+            processes,
+            if processes == 1 { "" } else { "es" },
+            config.threads,
+            if config.threads == 1 { "" } else { "s" },
+            if config.source_addrs.is_empty() { "kernel-chosen".to_string() } else { config.source_addrs.len().to_string() },
+            if config.source_addrs.len() == 1 { "" } else { "es" },
         );
+        if auto_sources {
+            eprintln!(
+                "loadgen: {} connections exceed one source address's ephemeral ports; spreading them over {}..{}",
+                config.connections,
+                config.source_addrs[0],
+                config.source_addrs[config.source_addrs.len() - 1]
+            );
+        }
     }
-    let result = co.drive(&config, &plan, &control);
+    let result = co.drive(&config, &plan, &mut seam);
     // Whatever happened, the workers stop now.
-    control.advance(Phase::Finish);
+    seam.advance(Phase::Finish);
     let result = result.and_then(|seen| co.collect().map(|outcome| (seen, outcome)));
     co.end_line();
     for h in handles {
@@ -147,15 +198,80 @@ pub fn run(config: Config) -> Result<Report, RunError> {
         // missing outcome.
         let _ = h.join();
     }
+    if let Some(fleet) = seam.fleet.take() {
+        fleet.stop(COLLECT_TIMEOUT);
+    }
     let (seen, outcome) = result?;
     let findings = audit(&plan, &outcome.tally);
     Ok(Report::build(
+        &config,
         config.echo(run_id),
         &plan,
         &outcome,
         &findings,
         seen,
     ))
+}
+
+/// Fills in source addresses when the connections need more ephemeral
+/// ports than one source address has (the kernel's default source,
+/// 127.0.0.1, gives one address). Returns true when it did.
+fn auto_source_addrs(config: &mut Config) -> bool {
+    let ports = ephemeral_ports().unwrap_or(28_232);
+    // Keep a fifth of each address's ports free for everything else.
+    let per_addr = (ports * 4 / 5).max(1);
+    if config.connections <= per_addr {
+        return false;
+    }
+    let count = config.connections.div_ceil(per_addr);
+    let first = u32::from(std::net::Ipv4Addr::new(127, 0, 1, 1));
+    config.source_addrs = (0..count)
+        .map(|k| std::net::Ipv4Addr::from(first + k))
+        .collect();
+    true
+}
+
+/// Size of the ephemeral port range, from /proc.
+fn ephemeral_ports() -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|v| v.parse::<u32>().ok());
+    let (lo, hi) = (it.next()??, it.next()??);
+    Some(hi.saturating_sub(lo) + 1)
+}
+
+/// How the coordinator tells the workers what to do: an atomic for worker
+/// threads of this process, a line on each child's stdin for processes.
+struct Seam {
+    control: Arc<Control>,
+    fleet: Option<Fleet>,
+}
+
+impl Seam {
+    fn advance(&mut self, phase: Phase) {
+        self.control.advance(phase);
+        if let Some(fleet) = &mut self.fleet {
+            match phase {
+                Phase::Groups => fleet.send(&ToWorker::Groups),
+                Phase::Finish => fleet.send(&ToWorker::Finish),
+                Phase::Connect | Phase::Traffic => {}
+            }
+        }
+    }
+
+    /// Fixes the traffic start a little ahead and tells every worker.
+    fn start_traffic(&mut self) -> Instant {
+        let lead = if self.fleet.is_some() {
+            START_LEAD_PROCESSES
+        } else {
+            START_LEAD
+        };
+        let (t0, t0_unix_ns) = (Instant::now() + lead, unix_ns() + lead.as_nanos() as u64);
+        self.control.start_traffic(t0);
+        if let Some(fleet) = &mut self.fleet {
+            fleet.send(&ToWorker::Traffic { t0_unix_ns });
+        }
+        t0
+    }
 }
 
 /// Descriptors loadgen needs beside one per connection (runtime, pacer,
@@ -200,7 +316,10 @@ struct Coordinator {
     target: u64,
     peak: u64,
     started: Instant,
-    phase: &'static str,
+    phase: String,
+    probe: Probe,
+    /// Measurements at each mark of the run.
+    marks: Vec<Sample>,
     progress: bool,
     tty: bool,
     last_print: Instant,
@@ -209,9 +328,17 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn new(rx: Receiver<WorkerEvent>, workers: usize, config: &Config) -> Self {
+    fn new(
+        rx: Receiver<WorkerEvent>,
+        workers: usize,
+        config: &Config,
+        probe: Probe,
+        started: Instant,
+    ) -> Self {
         let now = Instant::now();
         Self {
+            probe,
+            marks: Vec::new(),
             rx,
             counters: vec![Counters::default(); workers],
             errors: vec![Errors::default(); workers],
@@ -219,8 +346,8 @@ impl Coordinator {
             so_far: Latencies::new(),
             target: u64::from(config.connections),
             peak: 0,
-            started: now,
-            phase: "connect",
+            started,
+            phase: "connect".into(),
             progress: config.progress,
             tty: std::io::stderr().is_terminal(),
             last_print: now,
@@ -234,7 +361,7 @@ impl Coordinator {
         &mut self,
         config: &Config,
         plan: &Plan,
-        control: &Control,
+        control: &mut Seam,
     ) -> Result<Observed, RunError> {
         // Connect: every connection up and caught up, or the setup timeout.
         let ramp = Duration::from_secs_f64(f64::from(config.connections) / config.ramp);
@@ -271,7 +398,7 @@ impl Coordinator {
         }
 
         // Groups: creators ask, members learn the ids from the creation entry.
-        self.phase = "groups";
+        self.phase = "groups".into();
         control.advance(Phase::Groups);
         let groups_deadline = Instant::now() + GROUPS_TIMEOUT;
         while plan.groups() > 0 && Instant::now() < groups_deadline {
@@ -287,16 +414,24 @@ impl Coordinator {
             ));
         }
 
-        // Traffic: the open-loop schedule from t0.
-        let t0 = Instant::now() + START_LEAD;
+        self.mark("connected");
+
+        // Traffic: the open-loop schedule from t0, phase after phase.
+        let t0 = control.start_traffic();
         let setup_s = (t0 - self.started).as_secs_f64();
-        self.phase = "traffic";
-        control.start_traffic(t0);
-        let traffic_end = t0 + config.duration;
-        self.pump(traffic_end)?;
+        let mut phases = Vec::with_capacity(plan.phases().len());
+        for span in plan.phases() {
+            self.phase.clone_from(&span.plan.name);
+            let (before, _) = self.totals();
+            self.pump(t0 + Duration::from_nanos(span.end_ns()))?;
+            let (after, _) = self.totals();
+            self.mark(&span.plan.name);
+            phases.push(PhaseReport::new(span, &before, &after));
+        }
+        let traffic_end = t0 + plan.duration();
 
         // Drain: wait for SENTs and deliveries still in flight.
-        self.phase = "drain";
+        self.phase = "drain".into();
         let drain_deadline = Instant::now() + config.drain;
         loop {
             let (c, _) = self.totals();
@@ -312,16 +447,32 @@ impl Coordinator {
         }
         let drain_s = traffic_end.elapsed().as_secs_f64();
         let connections_at_end = self.totals().0.connections_up;
-        self.phase = "finish";
+        self.mark("drained");
+        self.phase = "finish".into();
         Ok(Observed {
             connections_peak: self.peak,
             connections_at_end,
             timing: Timing {
                 setup_s,
-                traffic_s: config.duration.as_secs_f64(),
+                traffic_s: plan.duration().as_secs_f64(),
                 drain_s,
             },
+            phases,
+            marks: std::mem::take(&mut self.marks),
         })
+    }
+
+    /// Measures the gateway and the kernel at a mark of the run.
+    fn mark(&mut self, label: &str) {
+        let (c, _) = self.totals();
+        let mut sample = self
+            .probe
+            .sample(label, self.started.elapsed().as_secs_f64());
+        sample.connections_up = c.connections_up;
+        sample.sent = c.sent;
+        sample.acked = c.acked;
+        sample.delivered = c.delivered;
+        self.marks.push(sample);
     }
 
     /// Waits for every worker's outcome and merges them.
@@ -426,7 +577,7 @@ impl Coordinator {
             let ack = Summary::of(&self.so_far.sent_ack);
             let e2e = Summary::of(&self.so_far.end_to_end);
             let line = format!(
-                "[{:>6.1}s {:<7}] conns {}/{} | sent {:.0}/s acked {:.0}/s delivered {:.0}/s | pending {} | errors {} | p99 ack {:.2} ms, e2e {:.2} ms",
+                "[{:>6.1}s {:<7}] conns {}/{} | sent {:.0}/s acked {:.0}/s delivered {:.0}/s | pending {} | errors {} | churned {} | p99 ack {:.2} ms, e2e {:.2} ms",
                 self.started.elapsed().as_secs_f64(),
                 self.phase,
                 c.connections_up,
@@ -436,6 +587,7 @@ impl Coordinator {
                 rate(c.delivered, self.last.delivered),
                 c.pending,
                 c.errors,
+                c.churned,
                 ack.p99,
                 e2e.p99,
             );

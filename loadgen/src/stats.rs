@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// `groups_missing`) are current values; everything else only grows.
 /// Summing two workers' counters gives the counters of both.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Connections upgraded, authenticated and through their first catch-up
     /// right now.
@@ -58,6 +59,23 @@ pub struct Counters {
     pub errors: u64,
     /// Workers that finished their schedule (1 per worker once done).
     pub shards_done_sending: u64,
+    /// Sessions loadgen closed on purpose to reconnect (churn).
+    pub churned: u64,
+    /// `Read` receipts sent.
+    pub reads_sent: u64,
+    /// `Receipt` frames received (the other side of a direct conversation
+    /// moved its cursor).
+    pub receipts_received: u64,
+    /// Live receipts that did not move what the device knew (the same
+    /// state change told twice, or a cursor going back).
+    pub receipt_duplicates: u64,
+    /// Own acked direct messages that need a delivered receipt, and those
+    /// a receipt (live or in a catch-up summary) covered.
+    pub receipts_expected: u64,
+    pub receipts_covered: u64,
+    /// Typing frames sent, and typing events received.
+    pub typing_sent: u64,
+    pub typing_received: u64,
 }
 
 impl AddAssign<&Counters> for Counters {
@@ -85,6 +103,14 @@ impl AddAssign<&Counters> for Counters {
         self.groups_missing += o.groups_missing;
         self.errors += o.errors;
         self.shards_done_sending += o.shards_done_sending;
+        self.churned += o.churned;
+        self.reads_sent += o.reads_sent;
+        self.receipts_received += o.receipts_received;
+        self.receipt_duplicates += o.receipt_duplicates;
+        self.receipts_expected += o.receipts_expected;
+        self.receipts_covered += o.receipts_covered;
+        self.typing_sent += o.typing_sent;
+        self.typing_received += o.typing_received;
     }
 }
 

@@ -53,7 +53,16 @@ const HEARTBEAT_TICKS: u64 = 20;
 /// How long closing connections get at the end.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Token lifetime: far longer than any run.
-const TOKEN_TTL_S: u64 = 7 * 24 * 3600;
+pub(crate) const TOKEN_TTL_S: u64 = 7 * 24 * 3600;
+
+/// Where a worker's tokens come from.
+#[derive(Debug)]
+pub(crate) enum Tokens {
+    /// Mint them with the node's secret (workers in this process).
+    Secret(Secret),
+    /// Minted by the parent process, by user.
+    Minted(Arc<FxHashMap<u32, String>>),
+}
 
 /// What a worker thread starts from.
 #[derive(Debug)]
@@ -62,7 +71,7 @@ pub(crate) struct WorkerSetup {
     pub count: u32,
     pub plan: Arc<Plan>,
     pub config: Arc<Config>,
-    pub secret: Secret,
+    pub tokens: Tokens,
     pub control: Arc<Control>,
     pub events: Sender<WorkerEvent>,
 }
@@ -144,6 +153,9 @@ pub(crate) struct Worker {
     /// The traffic start, once known.
     pub t0: Cell<Option<Instant>>,
     next_session: Cell<u64>,
+    /// Churn owed but not yet done, in connections (fractions carry over
+    /// from tick to tick).
+    churn_due: Cell<f64>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -189,6 +201,15 @@ impl Stats {
     pub fn end_to_end(&mut self, ns: u64) {
         record_ns(&mut self.latencies.end_to_end, ns);
         record_ns(&mut self.interval.end_to_end, ns);
+    }
+
+    pub fn receipt(&mut self, read: bool, ns: u64) {
+        let h = if read {
+            &mut self.latencies.receipt_read
+        } else {
+            &mut self.latencies.receipt_delivered
+        };
+        record_ns(h, ns);
     }
 
     fn schedule_lag(&mut self, ns: u64) {
@@ -308,7 +329,7 @@ impl Worker {
             count,
             plan,
             config,
-            secret,
+            tokens,
             control,
             events,
         } = setup;
@@ -320,8 +341,16 @@ impl Worker {
             .iter()
             .enumerate()
             .map(|(local, &user)| {
-                let claims = token::claims_for(&plan.user_name(user), 1, now_s, TOKEN_TTL_S);
-                Rc::new(Conn::new(user, local, token::mint(&secret, &claims)))
+                let token = match &tokens {
+                    Tokens::Secret(secret) => {
+                        let claims =
+                            token::claims_for(&plan.user_name(user), 1, now_s, TOKEN_TTL_S);
+                        token::mint(secret, &claims)
+                    }
+                    // The parent minted one for every user of this process.
+                    Tokens::Minted(map) => map.get(&user).cloned().unwrap_or_default(),
+                };
+                Rc::new(Conn::new(user, local, token))
             })
             .collect();
         let convs = ConvIds::new(&plan, users.iter().copied());
@@ -343,6 +372,7 @@ impl Worker {
             scratch: RefCell::new(Vec::with_capacity(1024)),
             t0: Cell::new(None),
             next_session: Cell::new(1),
+            churn_due: Cell::new(0.0),
             plan,
             config,
             control,
@@ -393,6 +423,13 @@ impl Worker {
         (u % self.count == self.index).then_some((u / self.count) as usize)
     }
 
+    /// The source address user `u` connects from (None: the kernel's
+    /// choice). Users are spread over the addresses round robin.
+    pub fn source_addr(&self, u: u32) -> Option<std::net::Ipv4Addr> {
+        let addrs = &self.config.source_addrs;
+        (!addrs.is_empty()).then(|| addrs[u as usize % addrs.len()])
+    }
+
     /// A fresh session number (never 0).
     pub fn new_session(&self) -> u64 {
         let n = self.next_session.get();
@@ -439,7 +476,7 @@ impl Worker {
             msg: p.msg,
             intended_ns: p.intended_ns,
         };
-        let body = Bytes::from(body::encode(&stamp, self.config.body_bytes));
+        let body = Bytes::from(body::encode(&stamp, self.plan.body_len(p.msg)));
         Some(ClientFrame::Send {
             conversation: conversation.to_string(),
             client_id,
@@ -477,9 +514,9 @@ impl Worker {
             }
             self.send(local, m);
         }
-        // Hold the connections until the end of the traffic phase (all of it
+        // Hold the connections until the end of the last phase (all of it
         // when the rate is 0).
-        let end = t0 + self.config.duration;
+        let end = t0 + self.plan.duration();
         while !self.finishing() {
             let now = Instant::now();
             if now >= end {
@@ -514,6 +551,17 @@ impl Worker {
         stats.counters.pending += 1;
         if st.phase == SessionPhase::Ready {
             stats.schedule_lag(self.now_ns().saturating_sub(m.intended_ns));
+            if self.plan.types(m.msg) {
+                // "typing…" just before the message, which ends it.
+                if let Some(id) = self.convs.borrow().id(m.conv) {
+                    let typing = ClientFrame::Typing {
+                        conversation: id.to_string(),
+                        active: true,
+                    };
+                    self.push_frame(&mut st.out, &typing);
+                    stats.counters.typing_sent += 1;
+                }
+            }
             drop(stats);
             st.pending.insert(client_id, pending);
             self.transmit(&mut st, conn.user, client_id);
@@ -607,6 +655,7 @@ impl Worker {
             monoio::time::sleep(TICK).await;
             n += 1;
             self.run_retries();
+            self.churn();
             if n % HEARTBEAT_TICKS == 0 {
                 self.heartbeat();
             }
@@ -660,6 +709,43 @@ impl Worker {
         }
     }
 
+    /// Closes the share of connections the current phase churns per tick;
+    /// each reconnects at once, catches up and resends what is pending.
+    fn churn(&self) {
+        let Some(t0) = self.t0.get() else { return };
+        let now = Instant::now();
+        if now < t0 || now >= t0 + self.plan.duration() || self.finishing() {
+            self.churn_due.set(0.0);
+            return;
+        }
+        let share = self.plan.phase_at(self.now_ns()).plan.churn_per_s;
+        let mut due = self.churn_due.get() + share * self.conns.len() as f64 * TICK.as_secs_f64();
+        // A few draws per connection owed; one that hits a connection that
+        // is down or still catching up is simply not churned this tick.
+        let mut draws = 4 * due.ceil() as u64;
+        while due >= 1.0 && draws > 0 {
+            draws -= 1;
+            let c = &self.conns[(self.random() % self.conns.len() as u64) as usize];
+            let mut st = c.st.borrow_mut();
+            if st.phase != SessionPhase::Ready || st.closing {
+                continue;
+            }
+            st.phase = SessionPhase::Closing;
+            st.churning = true;
+            let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
+            payload.extend_from_slice(b"churn");
+            self.push_control(&mut st.out, Opcode::Close, &payload);
+            drop(st);
+            let mut stats = self.stats.borrow_mut();
+            stats.counters.connections_up = stats.counters.connections_up.saturating_sub(1);
+            stats.counters.churned += 1;
+            drop(stats);
+            c.notify();
+            due -= 1.0;
+        }
+        self.churn_due.set(due.min(self.conns.len() as f64));
+    }
+
     /// Pings every connection that wrote nothing for its heartbeat interval.
     fn heartbeat(&self) {
         let now = Instant::now();
@@ -699,7 +785,11 @@ impl Worker {
             if st.phase == SessionPhase::Down {
                 continue;
             }
+            let close_sent = st.phase == SessionPhase::Closing;
             st.closing = true;
+            if close_sent {
+                continue;
+            }
             let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
             payload.extend_from_slice(b"run over");
             self.push_control(&mut st.out, Opcode::Close, &payload);
@@ -722,7 +812,11 @@ impl Worker {
         stats.counters.groups_missing = self.convs.borrow().missing;
         let mut tally = std::mem::take(&mut stats.tally);
         for c in &self.conns {
-            tally.add_book(c.user, &c.st.borrow().book);
+            let st = c.st.borrow();
+            tally.add_book(c.user, &st.book);
+            tally
+                .reads_known
+                .extend(st.reads_known().map(|(conv, upto)| (c.user, conv, upto)));
         }
         Outcome {
             counters: stats.counters.clone(),

@@ -75,6 +75,8 @@ fn more_connections_than_file_descriptors_is_refused_up_front() {
     let Some(soft) = soft else { return }; // unlimited: nothing to refuse
     let c = Config {
         connections: soft,
+        // One process holding them all; more would each hold a share.
+        workers: Some(1),
         ..config(false)
     };
     let err = run(c).unwrap_err();

@@ -13,6 +13,7 @@
 use std::io::Cursor as IoCursor;
 
 use bytes::{Bytes, BytesMut};
+use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
@@ -120,6 +121,11 @@ impl Decoder {
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return Ok(None),
+            // tungstenite refuses reserved opcodes itself, once the whole
+            // header is in; name that violation rather than a generic one.
+            Err(tungstenite::Error::Protocol(ProtocolError::InvalidOpcode(_))) => {
+                return Err(WsError::Protocol("reserved opcode"));
+            }
             Err(_) => return Err(WsError::Protocol("unparseable frame header")),
         };
         self.check_header(&header, len)?;

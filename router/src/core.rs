@@ -63,6 +63,9 @@ const SWEEP_LIMIT: usize = 10_000;
 /// reloaded lazily from the store, between batches, so dropping is safe).
 const CONVERSATION_CACHE_LIMIT: usize = 1 << 20;
 
+/// Least time between two reopenings of the store after failures.
+const REOPEN_INTERVAL_MS: u64 = 1_000;
+
 /// Least time between two logged commit failures.
 const FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -106,6 +109,11 @@ pub struct RouterCore {
     ids: ServerIds,
     next_sweep_ms: Option<u64>,
     last_failure_log_ms: Option<u64>,
+    /// When the store was last reopened after a failure: a full disk fails
+    /// every batch, and reopening (a journal recovery) at most once per
+    /// [`REOPEN_INTERVAL_MS`] keeps that from costing each batch a
+    /// recovery; batches between answer 503 straight away.
+    last_reopen_ms: Option<u64>,
     /// Batches written to the store but not yet synced, with the first
     /// entry sequence each wrote per conversation. Catch-up reads stop below
     /// these, so no device is shown an entry before it is durable. Added by
@@ -428,6 +436,7 @@ impl RouterCore {
             buckets: FxHashMap::default(),
             next_sweep_ms: None,
             last_failure_log_ms: None,
+            last_reopen_ms: None,
             unsynced: Vec::new(),
             next_batch: 0,
             cursor_cache: FxHashMap::default(),
@@ -665,6 +674,12 @@ impl RouterCore {
         if self.conversations.len() > CONVERSATION_CACHE_LIMIT {
             self.conversations.clear();
         }
+        // A store closed after failures is reopened once its interval is
+        // up, even by a batch that only reads (catch-up after a full disk
+        // was freed must not wait for somebody's send to fail first).
+        if self.store.is_closed() {
+            self.reopen_if_due(now_ms);
+        }
         match self.next_sweep_ms {
             None => self.next_sweep_ms = Some(now_ms + SWEEP_INTERVAL_MS),
             Some(at) if now_ms >= at => self.sweep(now_ms),
@@ -698,8 +713,9 @@ impl RouterCore {
                 self.dirty_order.push_front((0, key.clone()));
             }
         }
-        if let Err(e) = self.store.reopen() {
-            tracing::error!(error = %e, "store reopen after a failed commit failed; retrying next batch");
+        if !self.reopen_if_due(self.batch_now_ms) {
+            // Until the next reopening every commit fails at once.
+            self.store.close_after_failure();
         }
         let burst = self.config.send_burst;
         for user in &batch.spent {
@@ -707,6 +723,21 @@ impl RouterCore {
                 bucket.refund(burst);
             }
         }
+    }
+
+    /// Reopens the store unless it was reopened less than
+    /// [`REOPEN_INTERVAL_MS`] ago; true when it tried.
+    fn reopen_if_due(&mut self, now_ms: u64) -> bool {
+        let due = self
+            .last_reopen_ms
+            .is_none_or(|at| now_ms.saturating_sub(at) >= REOPEN_INTERVAL_MS);
+        if due {
+            self.last_reopen_ms = Some(now_ms);
+            if let Err(e) = self.store.reopen() {
+                tracing::error!(error = %e, "store reopen after a failure failed; retrying");
+            }
+        }
+        due
     }
 
     /// Drops expired dedupe records and refilled rate buckets.
@@ -2004,12 +2035,16 @@ impl RouterCore {
         }
     }
 
-    /// Queues each forwarded frame on the live sessions it names.
+    /// Queues each forwarded frame on every attached session it names,
+    /// live or still catching up: receipts and settings are states, not
+    /// sequenced entries, so one that arrives mid catch-up is simply
+    /// applied, and a session attached after its catch-up summary was
+    /// read must not miss it.
     fn forward(&self, out: &mut Outbox, forward: &[Forward]) {
         for f in forward {
             let mut bytes: Option<Bytes> = None;
             for r in self.routes.get(&f.user).into_iter().flatten() {
-                if !r.live || Some(r.device) == f.except_device {
+                if Some(r.device) == f.except_device {
                     continue;
                 }
                 let frame = bytes.get_or_insert_with(|| ws_frame(&f.frame)).clone();

@@ -6,11 +6,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
-/// Latency buckets from 50 µs to 1 s, in seconds.
-const LATENCY_BUCKETS: [f64; 14] = [
+/// Latency buckets, in seconds: 50 µs to 10 s. The gateway's histograms use
+/// the same bounds, so the hops of a message compare bucket by bucket. The
+/// bounds go past 1 s so that `histogram_quantile` can report a p99 above
+/// the 1 s the alert rules watch; with 1 s as the last bound it would never
+/// read more than 1.0.
+const LATENCY_BUCKETS: [f64; 17] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
 
 /// The `code` label of `courier_send_errors_total`: an `ErrorCode::name()`.
@@ -91,9 +96,12 @@ impl Metrics {
             key_changes: Counter::default(),
             device_mismatches: Counter::default(),
         };
-        registry.register(
-            "courier_store_commit_duration_seconds",
+        // Units are registered as such: the encoder appends the suffix to
+        // the name and writes the OpenMetrics `# UNIT` line.
+        registry.register_with_unit(
+            "courier_store_commit_duration",
             "Time to commit one batch to the store, fdatasync included",
+            Unit::Seconds,
             m.commit_duration.clone(),
         );
         registry.register(
@@ -101,9 +109,10 @@ impl Metrics {
             "Commands handled per router batch",
             m.batch_commands.clone(),
         );
-        registry.register(
-            "courier_sent_ack_duration_seconds",
+        registry.register_with_unit(
+            "courier_sent_ack_duration",
             "From the gateway reading a send to the router emitting its SENT ack",
+            Unit::Seconds,
             m.sent_ack_duration.clone(),
         );
         // Counters get their `_total` suffix from the encoder.

@@ -275,6 +275,17 @@ impl Store {
             .map(|open| SyncHandle(open.keyspace.clone()))
     }
 
+    /// True while the store is closed after a failure.
+    pub fn is_closed(&self) -> bool {
+        self.open.is_none()
+    }
+
+    /// Drops the open keyspace after a failure without opening it again:
+    /// every use fails with [`StoreError::Closed`] until [`Store::reopen`].
+    pub fn close_after_failure(&mut self) {
+        self.open = None;
+    }
+
     /// Drops the open keyspace and opens it again from disk. fjall refuses
     /// every write after a failed sync (it is "poisoned"); reopening replays
     /// the journal, so what reached the disk is what the store holds.
@@ -331,24 +342,7 @@ impl Store {
         to: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
-        let mut out = Vec::new();
-        if from > to || limit == 0 {
-            return Ok(out);
-        }
-        let prefix_len = entries_prefix(conversation).len();
-        let range = entry_key(conversation, from)..=entry_key(conversation, to);
-        for item in self.part(Part::Entries)?.range(range).take(limit) {
-            let (key, value) = item?;
-            let Some(seq) = seq_of_entry_key(&key, prefix_len) else {
-                tracing::error!(store.partition = "entries", "entry key of the wrong length");
-                continue;
-            };
-            out.push((
-                seq,
-                skip_corrupt(Part::Entries, StoredEntry::decode(&value)),
-            ));
-        }
-        Ok(out)
+        self.scan_entries(conversation, from, to, limit, false)
     }
 
     /// The newest entries of `conversation` with sequences in `from..=to`,
@@ -360,13 +354,30 @@ impl Store {
         to: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
+        self.scan_entries(conversation, from, to, limit, true)
+    }
+
+    fn scan_entries(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
         let mut out = Vec::new();
         if from > to || limit == 0 {
             return Ok(out);
         }
         let prefix_len = entries_prefix(conversation).len();
         let range = entry_key(conversation, from)..=entry_key(conversation, to);
-        for item in self.part(Part::Entries)?.range(range).rev().take(limit) {
+        let part = self.part(Part::Entries)?;
+        let items: Box<dyn Iterator<Item = _>> = if newest_first {
+            Box::new(part.range(range).rev())
+        } else {
+            Box::new(part.range(range))
+        };
+        for item in items.take(limit) {
             let (key, value) = item?;
             let Some(seq) = seq_of_entry_key(&key, prefix_len) else {
                 tracing::error!(store.partition = "entries", "entry key of the wrong length");

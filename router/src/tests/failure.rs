@@ -131,3 +131,29 @@ fn a_failed_commit_forgets_a_direct_conversation_it_would_have_created() {
     assert_eq!(out.sent(&alice).0, 1);
     assert_eq!(out.messages(&bob).len(), 1);
 }
+
+#[test]
+fn repeated_failures_reopen_the_store_at_most_once_a_second() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    h.connect(&alice);
+    let unavailable = ErrorCode::StoreUnavailable as u16;
+    // Two failures in a row: the first reopens the store, the second
+    // closes it until a second has passed.
+    h.core().fail_next_commits(2);
+    for id in 1..=2 {
+        let out = h.step(vec![alice.send(AB, id, b"m")]);
+        assert_eq!(out.errors(&alice), vec![(unavailable, id)]);
+    }
+    // Within the second the store stays closed: refused at once.
+    h.advance(100);
+    let out = h.step(vec![alice.send(AB, 3, b"m")]);
+    assert_eq!(out.errors(&alice), vec![(unavailable, 3)]);
+    // Past it, the next batch reopens the store first, even one that only
+    // reads (a catch-up), and sends commit again.
+    h.advance(1_000);
+    let alice = alice.reconnect();
+    h.connect(&alice);
+    let out = h.step(vec![alice.send(AB, 4, b"m")]);
+    assert_eq!(out.sent(&alice).0, 1, "the sequence continues with no gap");
+}
