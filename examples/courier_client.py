@@ -99,6 +99,34 @@ class DeviceList: pass
 @frame(0x13, ("request", "u32"), ("device", "u32"))
 class DeviceRemove: pass
 
+# End-to-end encryption (docs/protocol.md#end-to-end-encryption). A `key` is
+# 32 raw bytes, a `sig` 64; the server never sees a private key or plaintext.
+@frame(None, ("id", "u32"), ("key", "key"))
+class Prekey: pass
+@frame(None, ("user", "str"), ("device", "u32"), ("body", "bytes"))
+class Ciphertext: pass
+@frame(0x14, ("request", "u32"), ("identity_signing", "key"), ("identity_dh", "key"),
+       ("signed_prekey_id", "u32"), ("signed_prekey", "key"), ("signed_prekey_signature", "sig"),
+       ("last_resort_id", "u32"), ("last_resort", "key"), ("last_resort_signature", "sig"),
+       ("one_time", Prekey))
+class KeysUpload: pass
+@frame(0x15, ("request", "u32"), ("user", "str"))
+class BundleFetch: pass
+@frame(0x16, ("conversation", "str"), ("client_id", "u64"), ("ciphertexts", Ciphertext))
+class SendPerDevice: pass
+@frame(0x17, ("request", "u32"), ("device", "u32"), ("archive", "bytes"))
+class ArchiveUpload: pass
+@frame(0x18, ("request", "u32"))
+class ArchiveFetch: pass
+@frame(0x19, ("request", "u32"))
+class KeyCountQuery: pass
+
+
+def prekey_signing_message(last_resort: bool, prekey_id: int, key: bytes) -> bytes:
+    """What the identity's Ed25519 key signs for a signed or last-resort prekey."""
+    label = b"courier.v1 last-resort prekey\0" if last_resort else b"courier.v1 signed prekey\0"
+    return label + struct.pack("<I", prekey_id) + key
+
 # Settings bits.
 READ_RECEIPTS_OFF, HIDE_LAST_SEEN = 0x01, 0x02
 
@@ -116,6 +144,15 @@ class DeviceInfo: pass
 @frame(None, ("conversation", "str"), ("last_seq", "u64"), ("delivered", "u64"), ("read", "u64"),
        ("unread", "u64"), ("from_seq", "u64"), ("peer_delivered", "u64"), ("peer_read", "u64"))
 class ConversationSummary: pass
+@frame(None, ("device", "u32"), ("identity_signing", "key"), ("identity_dh", "key"),
+       ("signed_prekey_id", "u32"), ("signed_prekey", "key"), ("signed_prekey_signature", "sig"),
+       ("prekey_kind", "u8"), ("prekey_id", "u32"), ("prekey", "key"), ("prekey_signature", "sig"))
+class DeviceBundle: pass
+@frame(None, ("user", "str"), ("device", "u32"))
+class Address: pass
+
+# A bundle's `prekey_kind`.
+PREKEY_ONE_TIME, PREKEY_LAST_RESORT = 1, 2
 
 # Server to client.
 @frame(0x40, ("user", "str"), ("device", "u32"), ("server_time_ms", "u64"),
@@ -162,17 +199,31 @@ class SettingsState: pass
 class Devices: pass
 @frame(0x51, ("conversations", ConversationSummary))
 class SyncSummary: pass
+@frame(0x52, ("request", "u32"), ("remaining", "u32"))
+class KeyCount: pass
+@frame(0x53, ("request", "u32"), ("user", "str"), ("devices", DeviceBundle))
+class Bundle: pass
+@frame(0x54, ("user", "str"), ("device", "u32"), ("identity_signing", "key"), ("identity_dh", "key"))
+class KeyChange: pass
+@frame(0x55, ("client_id", "u64"), ("missing", Address), ("stale", Address))
+class DeviceMismatch: pass
+@frame(0x56, ("request", "u32"), ("from_device", "u32"), ("created_ms", "u64"), ("archive", "bytes"))
+class Archive: pass
 
 
 CLIENT_FRAMES = {c.TYPE: c for c in (Send, Delivered, Read, Sync, GroupCreate,
                                      GroupAdd, GroupRemove, GroupMembers, Ping, Refresh,
                                      History, ChatList, ReceiptQuery, Typing, PresenceQuery,
-                                     PresenceSubscribe, Settings, DeviceList, DeviceRemove)}
+                                     PresenceSubscribe, Settings, DeviceList, DeviceRemove,
+                                     KeysUpload, BundleFetch, SendPerDevice, ArchiveUpload,
+                                     ArchiveFetch, KeyCountQuery)}
 SERVER_FRAMES = {c.TYPE: c for c in (Welcome, Sent, Message, Receipt, SyncDone,
                                      GroupCreated, Members, Done, Pong, Error, HistoryPage,
                                      Chats, ReceiptSummary, TypingEvent, Presence,
-                                     SettingsState, Devices, SyncSummary)}
+                                     SettingsState, Devices, SyncSummary, KeyCount, Bundle,
+                                     KeyChange, DeviceMismatch, Archive)}
 INTS = {"u8": "<B", "bool": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
+FIXED = {"key": 32, "sig": 64}
 
 
 class FrameError(ValueError):
@@ -201,6 +252,10 @@ def put_fields(out, f, put_str):
                 put_fields(out, item, put_str)
         elif kind in INTS:
             out.extend(struct.pack(INTS[kind], int(value)))
+        elif kind in FIXED:
+            if len(value) != FIXED[kind]:
+                raise FrameError(f"field `{name}` must be {FIXED[kind]} bytes")
+            out.extend(value)
         elif kind == "str":
             put_str(value)
         elif kind == "bytes":
@@ -257,6 +312,8 @@ def decode(payload: bytes, table=SERVER_FRAMES):
                     raise FrameError(f"field `{name}` is out of range")
                 return bool(value)
             return value
+        if kind in FIXED:
+            return bytes(take(FIXED[kind], name))
         if kind == "str":
             return get_str(name)
         if kind == "bytes":

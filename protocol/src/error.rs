@@ -17,6 +17,10 @@ pub enum ErrorCode {
     NotMember = 403,
     /// The conversation does not exist.
     UnknownConversation = 404,
+    /// A per-device send named devices that are not the recipients'
+    /// current ones (listed by the `DeviceMismatch` frame before it); fix
+    /// the sessions and retry with the same client id.
+    DeviceMismatch = 409,
     /// The message body is over the node's body size limit.
     BodyTooLarge = 413,
     /// A group would exceed its member cap.
@@ -37,6 +41,7 @@ impl ErrorCode {
             400 => Self::BadRequest,
             403 => Self::NotMember,
             404 => Self::UnknownConversation,
+            409 => Self::DeviceMismatch,
             413 => Self::BodyTooLarge,
             422 => Self::GroupFull,
             429 => Self::RateLimited,
@@ -52,6 +57,7 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::NotMember => "not_member",
             Self::UnknownConversation => "unknown_conversation",
+            Self::DeviceMismatch => "device_mismatch",
             Self::BodyTooLarge => "body_too_large",
             Self::GroupFull => "group_full",
             Self::RateLimited => "rate_limited",

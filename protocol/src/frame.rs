@@ -13,6 +13,13 @@
 
 use bytes::{BufMut, Bytes};
 
+mod e2ee;
+
+pub use e2ee::{
+    prekey_signing_message, DeviceAddress, DeviceBundle, DeviceCiphertext, E2eeFrame, IdentityKeys,
+    Incoming, Prekey, PrekeyKind, PublicKey, Signature, SignedPrekey,
+};
+
 /// What a frame type byte, a length or a field was wrong about.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -130,6 +137,44 @@ pub enum ClientFrame {
     /// Unlinks one of the user's devices: its sessions are closed and its
     /// tokens issued until now are refused.
     DeviceRemove { request: u32, device: u32 },
+    /// Publishes this device's keys: its identity, a signed prekey, a
+    /// signed last-resort prekey (both replace earlier ones) and one-time
+    /// prekeys (added to its stock). Answered with
+    /// [`E2eeFrame::KeyCount`].
+    KeysUpload {
+        request: u32,
+        identity: IdentityKeys,
+        signed_prekey: Prekey,
+        signed_prekey_signature: Signature,
+        last_resort: Prekey,
+        last_resort_signature: Signature,
+        one_time: Vec<Prekey>,
+    },
+    /// The key bundles of `user`'s devices; takes one one-time prekey of
+    /// each. Answered with [`E2eeFrame::Bundle`].
+    BundleFetch { request: u32, user: String },
+    /// Send a message encrypted once per recipient device (the sender's
+    /// other devices included): each device receives only its own body.
+    /// Answered like `Send`, or with [`E2eeFrame::DeviceMismatch`] and
+    /// `Error` 409 when the devices named are not the recipients'.
+    SendPerDevice {
+        conversation: String,
+        client_id: u64,
+        ciphertexts: Vec<DeviceCiphertext>,
+    },
+    /// Leaves an encrypted history archive for the user's newly linked
+    /// `device`; answered with `Done`.
+    ArchiveUpload {
+        request: u32,
+        device: u32,
+        archive: Bytes,
+    },
+    /// Fetches the archive left for this device; answered with
+    /// [`E2eeFrame::Archive`] or `Error` 404.
+    ArchiveFetch { request: u32 },
+    /// How many one-time prekeys this device has left; answered with
+    /// [`E2eeFrame::KeyCount`].
+    KeyCount { request: u32 },
 }
 
 /// The bits of a user's privacy settings.
@@ -506,6 +551,35 @@ impl ClientFrame {
                 request: r.u32("request")?,
                 device: r.u32("device")?,
             },
+            e2ee::ty::KEYS_UPLOAD => Self::KeysUpload {
+                request: r.u32("request")?,
+                identity: e2ee::read_identity(&mut r)?,
+                signed_prekey: e2ee::read_prekey(&mut r, "signed_prekey")?,
+                signed_prekey_signature: r.array("signed_prekey_signature")?,
+                last_resort: e2ee::read_prekey(&mut r, "last_resort")?,
+                last_resort_signature: r.array("last_resort_signature")?,
+                one_time: r.list("one_time", |r| e2ee::read_prekey(r, "one_time"))?,
+            },
+            e2ee::ty::BUNDLE_FETCH => Self::BundleFetch {
+                request: r.u32("request")?,
+                user: r.str("user")?,
+            },
+            e2ee::ty::SEND_PER_DEVICE => Self::SendPerDevice {
+                conversation: r.str("conversation")?,
+                client_id: r.u64("client_id")?,
+                ciphertexts: r.list("ciphertexts", e2ee::read_ciphertext)?,
+            },
+            e2ee::ty::ARCHIVE_UPLOAD => Self::ArchiveUpload {
+                request: r.u32("request")?,
+                device: r.u32("device")?,
+                archive: r.bytes("archive")?,
+            },
+            e2ee::ty::ARCHIVE_FETCH => Self::ArchiveFetch {
+                request: r.u32("request")?,
+            },
+            e2ee::ty::KEY_COUNT_QUERY => Self::KeyCount {
+                request: r.u32("request")?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -663,6 +737,65 @@ impl ClientFrame {
                 w.put_u32_le(*request);
                 w.put_u32_le(*device);
             }
+            Self::KeysUpload {
+                request,
+                identity,
+                signed_prekey,
+                signed_prekey_signature,
+                last_resort,
+                last_resort_signature,
+                one_time,
+            } => {
+                w.put_u8(e2ee::ty::KEYS_UPLOAD);
+                w.put_u32_le(*request);
+                e2ee::put_identity(w, identity);
+                e2ee::put_prekey(w, signed_prekey);
+                w.extend_from_slice(signed_prekey_signature);
+                e2ee::put_prekey(w, last_resort);
+                w.extend_from_slice(last_resort_signature);
+                w.put_u16_le(one_time.len() as u16);
+                for p in one_time {
+                    e2ee::put_prekey(w, p);
+                }
+            }
+            Self::BundleFetch { request, user } => {
+                w.put_u8(e2ee::ty::BUNDLE_FETCH);
+                w.put_u32_le(*request);
+                put_str(w, user);
+            }
+            Self::SendPerDevice {
+                conversation,
+                client_id,
+                ciphertexts,
+            } => {
+                w.put_u8(e2ee::ty::SEND_PER_DEVICE);
+                put_str(w, conversation);
+                w.put_u64_le(*client_id);
+                w.put_u16_le(ciphertexts.len() as u16);
+                for c in ciphertexts {
+                    put_str(w, &c.user);
+                    w.put_u32_le(c.device);
+                    put_bytes(w, &c.body);
+                }
+            }
+            Self::ArchiveUpload {
+                request,
+                device,
+                archive,
+            } => {
+                w.put_u8(e2ee::ty::ARCHIVE_UPLOAD);
+                w.put_u32_le(*request);
+                w.put_u32_le(*device);
+                put_bytes(w, archive);
+            }
+            Self::ArchiveFetch { request } => {
+                w.put_u8(e2ee::ty::ARCHIVE_FETCH);
+                w.put_u32_le(*request);
+            }
+            Self::KeyCount { request } => {
+                w.put_u8(e2ee::ty::KEY_COUNT_QUERY);
+                w.put_u32_le(*request);
+            }
         }
     }
 
@@ -688,6 +821,12 @@ impl ClientFrame {
             Self::Settings { .. } => "settings",
             Self::DeviceList { .. } => "device_list",
             Self::DeviceRemove { .. } => "device_remove",
+            Self::KeysUpload { .. } => "keys_upload",
+            Self::BundleFetch { .. } => "bundle_fetch",
+            Self::SendPerDevice { .. } => "send_per_device",
+            Self::ArchiveUpload { .. } => "archive_upload",
+            Self::ArchiveFetch { .. } => "archive_fetch",
+            Self::KeyCount { .. } => "key_count",
         }
     }
 }
@@ -1309,6 +1448,60 @@ mod tests {
             request: 9,
             device: 3,
         });
+        client_round_trip(ClientFrame::KeysUpload {
+            request: 10,
+            identity: IdentityKeys {
+                signing: [1; 32],
+                dh: [2; 32],
+            },
+            signed_prekey: Prekey {
+                id: 1,
+                key: [3; 32],
+            },
+            signed_prekey_signature: [4; 64],
+            last_resort: Prekey {
+                id: u32::MAX,
+                key: [5; 32],
+            },
+            last_resort_signature: [6; 64],
+            one_time: vec![
+                Prekey {
+                    id: 2,
+                    key: [7; 32],
+                },
+                Prekey {
+                    id: 3,
+                    key: [8; 32],
+                },
+            ],
+        });
+        client_round_trip(ClientFrame::BundleFetch {
+            request: 11,
+            user: "bob".into(),
+        });
+        client_round_trip(ClientFrame::SendPerDevice {
+            conversation: "d:a:b".into(),
+            client_id: 12,
+            ciphertexts: vec![
+                DeviceCiphertext {
+                    user: "b".into(),
+                    device: 1,
+                    body: Bytes::from_static(b"c1"),
+                },
+                DeviceCiphertext {
+                    user: "a".into(),
+                    device: 2,
+                    body: Bytes::new(),
+                },
+            ],
+        });
+        client_round_trip(ClientFrame::ArchiveUpload {
+            request: 13,
+            device: 2,
+            archive: Bytes::from_static(b"sealed"),
+        });
+        client_round_trip(ClientFrame::ArchiveFetch { request: 14 });
+        client_round_trip(ClientFrame::KeyCount { request: 15 });
     }
 
     #[test]

@@ -34,7 +34,57 @@ pub struct StoredEntry {
     pub sender: Arc<str>,
     pub sender_device: u32,
     pub client_id: u64,
+    /// The body every recipient device gets (empty for a per-device send).
     pub body: Bytes,
+    /// A per-device send's ciphertexts, one per recipient device; `None`
+    /// for a send with one body for all. Stored after `body`; records
+    /// written before it existed end at `body`.
+    pub per_device: Option<DeviceBodies>,
+}
+
+/// The ciphertexts of a per-device send: (user, device, body).
+pub type DeviceBodies = Arc<[(Arc<str>, u32, Bytes)]>;
+
+impl StoredEntry {
+    /// The body `user`'s `device` receives: its own ciphertext of a
+    /// per-device send (empty when the send did not address it, as for a
+    /// device linked later), else the common body.
+    pub fn body_for(&self, user: &str, device: u32) -> Bytes {
+        match &self.per_device {
+            None => self.body.clone(),
+            Some(list) => list
+                .iter()
+                .find(|(u, d, _)| **u == *user && *d == device)
+                .map(|(_, _, b)| b.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A device's published keys (its one-time prekeys are records of their
+/// own, counted here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityRecord {
+    pub identity_signing: [u8; 32],
+    pub identity_dh: [u8; 32],
+    pub signed_prekey_id: u32,
+    pub signed_prekey: [u8; 32],
+    pub signed_prekey_signature: [u8; 64],
+    pub last_resort_id: u32,
+    pub last_resort: [u8; 32],
+    pub last_resort_signature: [u8; 64],
+    /// When the keys were last uploaded.
+    pub uploaded_ms: u64,
+    /// One-time prekeys of this device in the `prekeys` partition.
+    pub one_time: u32,
+}
+
+/// A history archive left by one device of a user for another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveRecord {
+    pub from_device: u32,
+    pub created_ms: u64,
+    pub archive: Bytes,
 }
 
 /// Whether a conversation is between two users or a group.
@@ -121,6 +171,14 @@ impl StoredEntry {
         w.u32(self.sender_device);
         w.u64(self.client_id);
         w.bytes(&self.body);
+        if let Some(list) = &self.per_device {
+            w.u32(list.len() as u32);
+            for (user, device, body) in list.iter() {
+                w.str(user);
+                w.u32(*device);
+                w.bytes(body);
+            }
+        }
         w.finish()
     }
 
@@ -134,7 +192,7 @@ impl StoredEntry {
             2 => EntryKind::MembersRemoved,
             _ => return Err(Corrupt("kind")),
         };
-        let entry = Self {
+        let mut entry = Self {
             kind,
             server_id: r.u64("server_id")?,
             timestamp_ms: r.u64("timestamp_ms")?,
@@ -142,7 +200,22 @@ impl StoredEntry {
             sender_device: r.u32("sender_device")?,
             client_id: r.u64("client_id")?,
             body: r.bytes("body")?,
+            per_device: None,
         };
+        if r.remaining() > 0 {
+            let n = r.u32("per_device")? as usize;
+            // Each item takes at least ten bytes: the allocation is bounded
+            // by the record, not by the count it claims.
+            let mut list = Vec::with_capacity(n.min(r.remaining() / 10));
+            for _ in 0..n {
+                list.push((
+                    r.str("per_device")?,
+                    r.u32("per_device")?,
+                    r.bytes("per_device")?,
+                ));
+            }
+            entry.per_device = Some(list.into());
+        }
         r.finish()?;
         Ok(entry)
     }
@@ -301,6 +374,76 @@ impl DedupeRecord {
     }
 }
 
+impl IdentityRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(300);
+        w.raw(&self.identity_signing);
+        w.raw(&self.identity_dh);
+        w.u32(self.signed_prekey_id);
+        w.raw(&self.signed_prekey);
+        w.raw(&self.signed_prekey_signature);
+        w.u32(self.last_resort_id);
+        w.raw(&self.last_resort);
+        w.raw(&self.last_resort_signature);
+        w.u64(self.uploaded_ms);
+        w.u32(self.one_time);
+        w.finish()
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<Self, Corrupt> {
+        let mut r = Reader::new(raw)?;
+        let rec = Self {
+            identity_signing: r.array("identity_signing")?,
+            identity_dh: r.array("identity_dh")?,
+            signed_prekey_id: r.u32("signed_prekey_id")?,
+            signed_prekey: r.array("signed_prekey")?,
+            signed_prekey_signature: r.array("signed_prekey_signature")?,
+            last_resort_id: r.u32("last_resort_id")?,
+            last_resort: r.array("last_resort")?,
+            last_resort_signature: r.array("last_resort_signature")?,
+            uploaded_ms: r.u64("uploaded_ms")?,
+            one_time: r.u32("one_time")?,
+        };
+        r.finish()?;
+        Ok(rec)
+    }
+}
+
+/// A one-time prekey's public key, as stored (its owner and id are the key).
+pub fn encode_prekey(key: &[u8; 32]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(32);
+    w.raw(key);
+    w.finish()
+}
+
+pub fn decode_prekey(raw: &[u8]) -> Result<[u8; 32], Corrupt> {
+    let mut r = Reader::new(raw)?;
+    let key = r.array("prekey")?;
+    r.finish()?;
+    Ok(key)
+}
+
+impl ArchiveRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(16 + self.archive.len());
+        w.u32(self.from_device);
+        w.u64(self.created_ms);
+        w.bytes(&self.archive);
+        w.finish()
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<Self, Corrupt> {
+        let mut r = Reader::new(raw)?;
+        let rec = Self {
+            from_device: r.u32("from_device")?,
+            created_ms: r.u64("created_ms")?,
+            archive: r.bytes("archive")?,
+        };
+        r.finish()?;
+        Ok(rec)
+    }
+}
+
 /// Appends fields to a value that starts with the version byte.
 struct Writer(Vec<u8>);
 
@@ -317,6 +460,11 @@ impl Writer {
 
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// Fixed-width raw bytes (keys, signatures): no length prefix.
+    fn raw(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
     }
 
     fn u64(&mut self, v: u64) {
@@ -431,8 +579,47 @@ mod tests {
             sender_device: 3,
             client_id: 9,
             body: Bytes::from_static(b"\x00\x01opaque"),
+            per_device: None,
         };
-        assert_eq!(StoredEntry::decode(&entry.encode()), Ok(entry));
+        assert_eq!(StoredEntry::decode(&entry.encode()), Ok(entry.clone()));
+        let per_device = StoredEntry {
+            body: Bytes::new(),
+            per_device: Some(
+                vec![
+                    (Arc::from("bob"), 1, Bytes::from_static(b"for bob 1")),
+                    (Arc::from("alice"), 2, Bytes::from_static(b"for alice 2")),
+                ]
+                .into(),
+            ),
+            ..entry
+        };
+        assert_eq!(
+            StoredEntry::decode(&per_device.encode()),
+            Ok(per_device.clone())
+        );
+        assert_eq!(&per_device.body_for("alice", 2)[..], b"for alice 2");
+        assert!(per_device.body_for("bob", 2).is_empty());
+
+        let id = IdentityRecord {
+            identity_signing: [1; 32],
+            identity_dh: [2; 32],
+            signed_prekey_id: 3,
+            signed_prekey: [4; 32],
+            signed_prekey_signature: [5; 64],
+            last_resort_id: 6,
+            last_resort: [7; 32],
+            last_resort_signature: [8; 64],
+            uploaded_ms: 9,
+            one_time: 10,
+        };
+        assert_eq!(IdentityRecord::decode(&id.encode()), Ok(id));
+        assert_eq!(decode_prekey(&encode_prekey(&[3; 32])), Ok([3; 32]));
+        let a = ArchiveRecord {
+            from_device: 1,
+            created_ms: 2,
+            archive: Bytes::from_static(b"sealed"),
+        };
+        assert_eq!(ArchiveRecord::decode(&a.encode()), Ok(a));
 
         let meta = ConversationMeta {
             kind: ConversationKind::Group,
@@ -514,7 +701,12 @@ mod tests {
             sender_device: 1,
             client_id: 1,
             body: Bytes::from_static(b"hi"),
+            per_device: None,
         };
+        // A per-device count far beyond the record is refused cheaply.
+        let mut raw = entry.encode();
+        raw.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(StoredEntry::decode(&raw), Err(Corrupt("per_device")));
         let mut raw = entry.encode();
         raw[1] = 7;
         assert_eq!(StoredEntry::decode(&raw), Err(Corrupt("kind")));

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier_protocol::error::ErrorCode;
 use courier_protocol::frame::{
-    encode_members, ClientFrame, Cursor, EntryKind, ReceiptKind, ServerFrame,
+    encode_members, ClientFrame, Cursor, DeviceCiphertext, E2eeFrame, EntryKind, ReceiptKind,
+    ServerFrame,
 };
 use courier_protocol::ids::{self, ConversationKind as IdKind};
 use courier_protocol::ws::{encode_frame, Opcode, MAX_HEADER};
@@ -35,7 +36,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::api::{Class, Command, Delivery, Device, SessionKey};
 use crate::codec::{
-    ConversationKind, ConversationMeta, Cursors, DedupeRecord, Member, Membership, StoredEntry,
+    ConversationKind, ConversationMeta, Cursors, DedupeRecord, DeviceBodies, Member, Membership,
+    StoredEntry,
 };
 use crate::metrics::{CodeLabel, Metrics};
 use crate::rate::TokenBucket;
@@ -43,6 +45,7 @@ use crate::server_id::ServerIds;
 use crate::store::{self, Part, Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterError};
 
+mod keys;
 mod social;
 mod views;
 
@@ -133,6 +136,8 @@ pub struct RouterCore {
     users: FxHashMap<Arc<str>, UserState>,
     /// Presence, typing and device bookkeeping (see `social.rs`).
     social: social::Social,
+    /// The key directory's cache (see `keys.rs`).
+    keys: keys::KeyDirectory,
 }
 
 /// A batch whose writes are in the store but not yet known to be durable:
@@ -211,6 +216,8 @@ struct Route {
 struct Reject {
     code: ErrorCode,
     detail: String,
+    /// For a per-device send whose device list is wrong: what to list.
+    mismatch: Option<Box<keys::Mismatch>>,
 }
 
 impl Reject {
@@ -218,6 +225,7 @@ impl Reject {
         Self {
             code,
             detail: detail.into(),
+            mismatch: None,
         }
     }
 }
@@ -242,6 +250,9 @@ struct Fanout {
     sender: Arc<str>,
     sender_device: u32,
     origin: Instant,
+    /// A per-device send's ciphertexts: each device gets `message` with
+    /// its own body.
+    per_device: Option<DeviceBodies>,
 }
 
 /// An answer held until the batch's commit is known.
@@ -283,6 +294,8 @@ enum Pending {
     /// Frames for users' live sessions once the batch is durable (a
     /// settings change told to the user's other devices).
     Notify(Vec<Forward>),
+    /// The key directory's answers and pushes (see `keys.rs`).
+    Keys(keys::KeysPending),
 }
 
 /// A frame for every live session of `user` but `except_device`'s.
@@ -323,6 +336,10 @@ struct Batch {
     issued_ids: bool,
     /// Cursor keys this batch writes behind; dirty again if it fails.
     flushed_cursors: Vec<Vec<u8>>,
+    /// One-time prekeys this batch handed out (deleted in its writes, still
+    /// in the store until it commits), and the ones it uploaded.
+    taken_prekeys: FxHashSet<Vec<u8>>,
+    added_prekeys: FxHashSet<Vec<u8>>,
 }
 
 /// Deliveries of one batch, grouped per core in the order they were made.
@@ -352,10 +369,27 @@ impl Outbox {
     }
 }
 
+/// A frame the router sends: either family of server frames.
+trait WireFrame {
+    fn encode_to(&self, out: &mut Vec<u8>);
+}
+
+impl WireFrame for ServerFrame {
+    fn encode_to(&self, out: &mut Vec<u8>) {
+        self.encode(out);
+    }
+}
+
+impl WireFrame for E2eeFrame {
+    fn encode_to(&self, out: &mut Vec<u8>) {
+        self.encode(out);
+    }
+}
+
 /// Encodes `frame` as one complete WebSocket binary frame.
-fn ws_frame(frame: &ServerFrame) -> Bytes {
+fn ws_frame(frame: &impl WireFrame) -> Bytes {
     let mut payload = Vec::with_capacity(64);
-    frame.encode(&mut payload);
+    frame.encode_to(&mut payload);
     let mut out = Vec::with_capacity(MAX_HEADER + payload.len());
     encode_frame(&mut out, Opcode::Binary, &payload, None);
     Bytes::from(out)
@@ -392,7 +426,7 @@ impl RouterCore {
         let high = store
             .server_id_high()
             .map_err(|e| store_error(Box::new(e)))?;
-        Ok(Self {
+        let mut core = Self {
             ids: ServerIds::resume(config.node_id, high),
             config,
             store,
@@ -411,7 +445,10 @@ impl RouterCore {
             batch_now_ms: 0,
             users: FxHashMap::default(),
             social: social::Social::default(),
-        })
+            keys: keys::KeyDirectory::default(),
+        };
+        core.load_key_stock();
+        Ok(core)
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -670,6 +707,7 @@ impl RouterCore {
     /// harmless.
     fn after_failed_commit(&mut self, batch: &Batch) {
         self.conversations.clear();
+        self.keys_after_failed_commit();
         for key in &batch.flushed_cursors {
             if self.dirty_cursors.insert(key.clone()) {
                 self.dirty_order.push_front((0, key.clone()));
@@ -708,6 +746,7 @@ impl RouterCore {
         let (rate, burst) = (self.config.send_rate_per_s, self.config.send_burst);
         self.buckets.retain(|_, b| !b.is_full(now_ms, rate, burst));
         self.sweep_typing(now_ms);
+        self.sweep_archives(now_ms);
 
         let cutoff = now_ms.saturating_sub(self.config.dedupe_window.as_millis() as u64);
         let expired = match self.store.expired_dedupe(cutoff, SWEEP_LIMIT) {
@@ -763,39 +802,63 @@ impl RouterCore {
                     conversation,
                     client_id,
                     body,
-                } => {
-                    self.metrics
-                        .queue_wait_duration
-                        .observe(received_at.elapsed().as_secs_f64());
-                    match self.send(
-                        b,
-                        &device,
-                        &conversation,
-                        client_id,
-                        body,
-                        received_at,
-                        now_ms,
-                    ) {
-                        Ok((fanout, sent)) => {
-                            b.pending.push(Pending::Sent {
-                                session,
-                                sent,
-                                client_id,
-                                received_at,
-                                fanout,
-                            });
-                            if !b.after_send.is_empty() {
-                                let implied = std::mem::take(&mut b.after_send);
-                                b.pending.push(Pending::Notify(implied));
-                            }
-                        }
-                        Err(reject) => b.pending.push(Pending::Answer {
-                            session,
-                            frame: error_frame(reject.code, client_id, reject.detail),
-                            reference: client_id,
-                            send: true,
-                        }),
-                    }
+                } => self.hold_send(
+                    b,
+                    session,
+                    &device,
+                    &conversation,
+                    client_id,
+                    Body::Common(body),
+                    received_at,
+                    now_ms,
+                ),
+                ClientFrame::SendPerDevice {
+                    conversation,
+                    client_id,
+                    ciphertexts,
+                } => self.hold_send(
+                    b,
+                    session,
+                    &device,
+                    &conversation,
+                    client_id,
+                    Body::PerDevice(ciphertexts),
+                    received_at,
+                    now_ms,
+                ),
+                ClientFrame::KeysUpload {
+                    request,
+                    identity,
+                    signed_prekey,
+                    signed_prekey_signature,
+                    last_resort,
+                    last_resort_signature,
+                    one_time,
+                } => self.keys_upload(
+                    b,
+                    session,
+                    &device,
+                    keys::Upload {
+                        request,
+                        identity,
+                        signed_prekey,
+                        signed_prekey_signature,
+                        last_resort,
+                        last_resort_signature,
+                        one_time,
+                    },
+                ),
+                ClientFrame::BundleFetch { request, user } => {
+                    self.bundle_fetch(b, session, &device, request, user)
+                }
+                ClientFrame::KeyCount { request } => self.key_count(b, session, &device, request),
+                ClientFrame::ArchiveUpload {
+                    request,
+                    device: target,
+                    archive,
+                } => self.archive_upload(b, session, &device, request, target, archive),
+                ClientFrame::ArchiveFetch { request } => {
+                    self.archive_fetch(b, session, &device, request)
                 }
                 ClientFrame::Delivered { conversation, seq } => {
                     self.receipt(
@@ -954,6 +1017,61 @@ impl RouterCore {
         }
     }
 
+    /// Decides a send of either kind and holds its answer.
+    #[allow(clippy::too_many_arguments)]
+    fn hold_send(
+        &mut self,
+        b: &mut Batch,
+        session: SessionKey,
+        device: &Device,
+        conversation: &str,
+        client_id: u64,
+        body: Body,
+        received_at: Instant,
+        now_ms: u64,
+    ) {
+        self.metrics
+            .queue_wait_duration
+            .observe(received_at.elapsed().as_secs_f64());
+        match self.send(
+            b,
+            device,
+            conversation,
+            client_id,
+            body,
+            received_at,
+            now_ms,
+        ) {
+            Ok((fanout, sent)) => {
+                b.pending.push(Pending::Sent {
+                    session,
+                    sent,
+                    client_id,
+                    received_at,
+                    fanout,
+                });
+                if !b.after_send.is_empty() {
+                    let implied = std::mem::take(&mut b.after_send);
+                    b.pending.push(Pending::Notify(implied));
+                }
+            }
+            Err(Reject {
+                mismatch: Some(m), ..
+            }) => b.pending.push(Pending::Keys(keys::KeysPending::Mismatch {
+                session,
+                client_id,
+                missing: m.missing,
+                stale: m.stale,
+            })),
+            Err(reject) => b.pending.push(Pending::Answer {
+                session,
+                frame: error_frame(reject.code, client_id, reject.detail),
+                reference: client_id,
+                send: true,
+            }),
+        }
+    }
+
     fn set_live(&mut self, device: &Device, session: SessionKey, live: bool) {
         if let Some(routes) = self.routes.get_mut(&device.user) {
             for r in routes
@@ -1037,15 +1155,18 @@ impl RouterCore {
         device: &Device,
         conversation: &str,
         client_id: u64,
-        body: Bytes,
+        body: Body,
         received_at: Instant,
         now_ms: u64,
     ) -> Result<(Option<Fanout>, ServerFrame), Reject> {
         let user = &device.user;
-        if body.len() > self.config.max_body {
+        let size = match &body {
+            Body::Common(b) => b.len(),
+            Body::PerDevice(list) => list.iter().map(|c| c.body.len()).sum(),
+        };
+        if size > self.config.max_body {
             let detail = format!(
-                "body is {} bytes; the limit is {}",
-                body.len(),
+                "body is {size} bytes; the limit is {}",
                 self.config.max_body
             );
             return Err(Reject::new(ErrorCode::BodyTooLarge, detail));
@@ -1120,6 +1241,22 @@ impl RouterCore {
                 "not a member of this conversation",
             ));
         }
+        let (body, per_device) = match body {
+            Body::Common(body) => (body, None),
+            Body::PerDevice(ciphertexts) => {
+                let members: Vec<Arc<str>> = self
+                    .conversations
+                    .get(conversation)
+                    .map(|c| c.members.iter().map(|m| m.user.clone()).collect())
+                    .unwrap_or_default();
+                self.check_devices(device, &members, &ciphertexts)?;
+                let list: DeviceBodies = ciphertexts
+                    .into_iter()
+                    .map(|c| (Arc::from(c.user), c.device, c.body))
+                    .collect();
+                (Bytes::new(), Some(list))
+            }
+        };
         self.take_token(b, user, now_ms)?;
 
         let server_id = self.ids.next(now_ms);
@@ -1167,6 +1304,7 @@ impl RouterCore {
             sender_device: device.device,
             client_id,
             body,
+            per_device: per_device.clone(),
         };
         self.write_entry(b, conversation, seq, &entry);
         let record = DedupeRecord {
@@ -1203,6 +1341,7 @@ impl RouterCore {
             sender: user.clone(),
             sender_device: device.device,
             origin: received_at,
+            per_device,
         };
         Ok((Some(fanout), sent))
     }
@@ -1756,6 +1895,7 @@ impl RouterCore {
             sender_device: device.device,
             client_id: 0,
             body: Bytes::from(encode_members(changed)),
+            per_device: None,
         };
         self.write_entry(b, conversation, seq, &entry);
         Fanout {
@@ -1764,6 +1904,7 @@ impl RouterCore {
             sender: device.user.clone(),
             sender_device: device.device,
             origin: received_at,
+            per_device: None,
         }
     }
 
@@ -1893,6 +2034,7 @@ impl RouterCore {
                     self.forward(out, &forward);
                 }
             }
+            Pending::Keys(p) => self.answer_keys(out, p, committed),
         }
     }
 
@@ -1928,7 +2070,13 @@ impl RouterCore {
                 if !r.live || (member.user == f.sender && r.device == f.sender_device) {
                     continue;
                 }
-                let frame = bytes.get_or_insert_with(|| ws_frame(&f.message)).clone();
+                let frame = match &f.per_device {
+                    Some(list) => ws_frame(&with_body(
+                        &f.message,
+                        body_in(list, &member.user, r.device),
+                    )),
+                    None => bytes.get_or_insert_with(|| ws_frame(&f.message)).clone(),
+                };
                 out.push(Delivery::Frame {
                     session: r.session,
                     class: Class::Message,
@@ -1965,6 +2113,46 @@ fn reply(session: SessionKey, frame: &ServerFrame) -> Delivery {
         frame: ws_frame(frame),
         origin: None,
     }
+}
+
+/// A message's body for one send: one for all, or one per device.
+#[derive(Debug)]
+enum Body {
+    Common(Bytes),
+    PerDevice(Vec<DeviceCiphertext>),
+}
+
+/// `user`'s `device`'s ciphertext in a per-device send (empty if none).
+fn body_in(list: &DeviceBodies, user: &str, device: u32) -> Bytes {
+    list.iter()
+        .find(|(u, d, _)| **u == *user && *d == device)
+        .map(|(_, _, b)| b.clone())
+        .unwrap_or_default()
+}
+
+/// `message` (a `Message` frame) with its body replaced.
+fn with_body(message: &ServerFrame, body: Bytes) -> ServerFrame {
+    let mut m = message.clone();
+    if let ServerFrame::Message { body: b, .. } = &mut m {
+        *b = body;
+    }
+    m
+}
+
+/// The `Message` frame of entry `seq` as `device` receives it.
+fn message_frame_for(
+    conversation: &str,
+    seq: u64,
+    e: &StoredEntry,
+    device: &Device,
+) -> ServerFrame {
+    let mut m = message_frame(conversation, seq, e);
+    if e.per_device.is_some() {
+        if let ServerFrame::Message { body, .. } = &mut m {
+            *body = e.body_for(&device.user, device.device);
+        }
+    }
+    m
 }
 
 fn message_frame(conversation: &str, seq: u64, e: &StoredEntry) -> ServerFrame {

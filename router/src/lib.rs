@@ -20,8 +20,11 @@
 //! Commands that arrive while a batch is being synced form the next batch,
 //! so under load many sends share one fdatasync.
 //!
-//! What it does not do: sockets, tokens, presence, typing, push, key
-//! bundles, or talk to other nodes. Those belong to the gateway or are
+//! It also keeps the key directory for end-to-end encryption (identity
+//! keys, signed prekeys, one-time prekeys handed out once) and relays
+//! per-device ciphertexts and history archives it cannot read.
+//!
+//! What it does not do: sockets, tokens, push, or talk to other nodes. Those belong to the gateway or are
 //! later work; see `docs/router.md` for the design and its known limits.
 //!
 //! [`RouterCore`] is the logic without the thread, for tests and benches;
@@ -100,6 +103,17 @@ pub struct RouterConfig {
     pub max_presence_subscriptions: usize,
     /// Most entries one history or chat-list page carries.
     pub history_page: usize,
+    /// A device whose one-time prekeys fall below this many is told so
+    /// (a pushed `KeyCount`), so it uploads more.
+    pub prekey_low_threshold: u32,
+    /// Most one-time prekeys a device may have stored.
+    pub max_prekeys: u32,
+    /// Largest history archive accepted, in bytes (it must also fit one
+    /// WebSocket message: `max_body` + 1024 with the frame's fields).
+    pub archive_max_bytes: usize,
+    /// How long a history archive waits for its device before the sweep
+    /// deletes it.
+    pub archive_ttl: Duration,
 }
 
 impl Default for RouterConfig {
@@ -125,6 +139,10 @@ impl Default for RouterConfig {
             presence_writes_per_s: 2_000.0,
             max_presence_subscriptions: 16,
             history_page: 200,
+            prekey_low_threshold: 10,
+            max_prekeys: 1000,
+            archive_max_bytes: 65_536,
+            archive_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -176,6 +194,21 @@ impl RouterConfig {
         }
         if self.history_page == 0 || self.history_page > usize::from(u16::MAX) {
             return bad("history_page", "must be between 1 and 65535");
+        }
+        if self.max_prekeys == 0 || self.max_prekeys > 100_000 {
+            return bad("max_prekeys", "must be between 1 and 100000");
+        }
+        if self.prekey_low_threshold > self.max_prekeys {
+            return bad("prekey_low_threshold", "must be at most max_prekeys");
+        }
+        if self.archive_max_bytes == 0 || self.archive_max_bytes > u32::MAX as usize {
+            return bad(
+                "archive_max_bytes",
+                "must be between 1 and 4294967295 bytes",
+            );
+        }
+        if self.archive_ttl < Duration::from_secs(60) {
+            return bad("archive_ttl", "must be at least a minute");
         }
         if self.dedupe_window < core::MIN_DEDUPE_WINDOW {
             return bad(

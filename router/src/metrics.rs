@@ -24,6 +24,13 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// The `kind` label of `courier_prekeys_handed_total`: `one_time` or
+/// `last_resort`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 /// Handles to every router metric. Created once per router and registered
 /// in the registry the gateway serves.
 #[derive(Clone, Debug)]
@@ -57,6 +64,16 @@ pub struct Metrics {
     pub typing_relayed: Counter,
     /// Typing events refused over a user's typing rate.
     pub typing_limited: Counter,
+    /// One-time prekeys stored, over every device.
+    pub prekey_stock: Gauge,
+    /// Prekeys handed out in bundles, by kind.
+    pub prekeys_handed: Family<KindLabel, Counter>,
+    /// Low-prekey notices pushed to devices.
+    pub prekey_low: Counter,
+    /// Identity key changes announced.
+    pub key_changes: Counter,
+    /// Per-device sends refused for a device-list mismatch.
+    pub device_mismatches: Counter,
 }
 
 impl Metrics {
@@ -77,6 +94,11 @@ impl Metrics {
             presence_pushes: Counter::default(),
             typing_relayed: Counter::default(),
             typing_limited: Counter::default(),
+            prekey_stock: Gauge::default(),
+            prekeys_handed: Family::default(),
+            prekey_low: Counter::default(),
+            key_changes: Counter::default(),
+            device_mismatches: Counter::default(),
         };
         // Units are registered as such: the encoder appends the suffix to
         // the name and writes the OpenMetrics `# UNIT` line.
@@ -153,6 +175,31 @@ impl Metrics {
             "courier_typing_rate_limited",
             "Typing events refused over the user's typing rate",
             m.typing_limited.clone(),
+        );
+        registry.register(
+            "courier_prekeys_stock",
+            "One-time prekeys stored, over every device",
+            m.prekey_stock.clone(),
+        );
+        registry.register(
+            "courier_prekeys_handed",
+            "Prekeys handed out in key bundles, by kind (one_time, last_resort)",
+            m.prekeys_handed.clone(),
+        );
+        registry.register(
+            "courier_prekeys_low",
+            "Notices pushed to devices whose one-time prekeys ran low",
+            m.prekey_low.clone(),
+        );
+        registry.register(
+            "courier_identity_key_changes",
+            "Device identity keys replaced by a different one",
+            m.key_changes.clone(),
+        );
+        registry.register(
+            "courier_device_mismatches",
+            "Per-device sends refused because their device list was wrong",
+            m.device_mismatches.clone(),
         );
         m
     }

@@ -15,7 +15,10 @@
 //! | `cursors` | `len user device conversation` | [`Cursors`]: delivered, read |
 //! | `dedupe` | `len user device client_id` | [`DedupeRecord`]: the original `Sent` fields and when it was stored |
 //! | `dedupe_by_time` | `stored_at_ms len user device client_id` | empty: the sweep's index |
-//! | `router` | a name | node state (the highest server id issued) |
+//! | `router` | a name | node state (the highest server id issued, the one-time prekey stock) |
+//! | `identities` | `len user device` | [`IdentityRecord`]: identity keys, signed and last-resort prekeys, one-time count |
+//! | `prekeys` | `len user device prekey_id` | one one-time prekey's public key |
+//! | `archives` | `len user device` | [`ArchiveRecord`]: a history archive waiting for that device |
 //!
 //! A conversation's entries are one prefix range of `entries`, in sequence
 //! order. Its last sequence is the key of its last entry, read back when the
@@ -32,8 +35,8 @@ use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMo
 use rustc_hash::FxHashMap;
 
 use crate::codec::{
-    ConversationMeta, Corrupt, Cursors, DedupeRecord, DeviceRecord, Membership, StoredEntry,
-    UserSettings,
+    self, ArchiveRecord, ConversationMeta, Corrupt, Cursors, DedupeRecord, DeviceRecord,
+    IdentityRecord, Membership, StoredEntry, UserSettings,
 };
 
 /// Why the store could not do what was asked. Every variant means "not now":
@@ -64,6 +67,9 @@ pub enum Part {
     Router,
     Devices,
     Settings,
+    Identities,
+    Prekeys,
+    Archives,
 }
 
 impl Part {
@@ -78,12 +84,19 @@ impl Part {
             Part::Router => "router",
             Part::Devices => "devices",
             Part::Settings => "settings",
+            Part::Identities => "identities",
+            Part::Prekeys => "prekeys",
+            Part::Archives => "archives",
         }
     }
 }
 
 /// The key in the `router` partition holding the highest server id issued.
 pub const SERVER_ID_HIGH: &[u8] = b"server_id_high";
+
+/// The key in the `router` partition holding the one-time prekey stock
+/// (over every device), for the metric.
+pub const PREKEY_STOCK: &[u8] = b"prekey_stock";
 
 /// Writes collected while a batch is processed, applied by one commit.
 /// Nothing here is visible to reads until then, which is why the router
@@ -140,7 +153,7 @@ impl WriteSet {
 /// poisons it, then opened again from disk (see [`Store::reopen`]).
 struct Open {
     keyspace: Keyspace,
-    parts: [PartitionHandle; 9],
+    parts: [PartitionHandle; 12],
 }
 
 impl Open {
@@ -164,6 +177,9 @@ impl Open {
             open(Part::Router)?,
             open(Part::Devices)?,
             open(Part::Settings)?,
+            open(Part::Identities)?,
+            open(Part::Prekeys)?,
+            open(Part::Archives)?,
         ];
         Ok(Self { keyspace, parts })
     }
@@ -506,6 +522,112 @@ impl Store {
         Ok(out)
     }
 
+    /// A user's device identity records, by device number.
+    pub fn identities(&self, user: &str) -> Result<Vec<(u32, IdentityRecord)>, StoreError> {
+        let prefix = user_prefix(user);
+        let mut out = Vec::new();
+        for item in self.part(Part::Identities)?.prefix(&prefix) {
+            let (key, value) = item?;
+            let Some(device) = key
+                .get(prefix.len()..)
+                .and_then(|k| <[u8; 4]>::try_from(k).ok())
+            else {
+                tracing::error!(
+                    store.partition = "identities",
+                    "identity key of the wrong length"
+                );
+                continue;
+            };
+            if let Some(r) = skip_corrupt(Part::Identities, IdentityRecord::decode(&value)) {
+                out.push((u32::from_be_bytes(device), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The device's first one-time prekey (lowest id) whose key `skip`
+    /// does not refuse: its store key, id and public key.
+    pub fn first_prekey(
+        &self,
+        user: &str,
+        device: u32,
+        skip: impl Fn(&[u8]) -> bool,
+    ) -> Result<Option<FoundPrekey>, StoreError> {
+        let prefix = device_key(user, device);
+        for item in self.part(Part::Prekeys)?.prefix(&prefix) {
+            let (key, value) = item?;
+            if skip(&key) {
+                continue;
+            }
+            let Some(id) = key
+                .get(prefix.len()..)
+                .and_then(|k| <[u8; 4]>::try_from(k).ok())
+            else {
+                tracing::error!(
+                    store.partition = "prekeys",
+                    "prekey key of the wrong length"
+                );
+                continue;
+            };
+            if let Some(pk) = skip_corrupt(Part::Prekeys, codec::decode_prekey(&value)) {
+                return Ok(Some((key.to_vec(), u32::from_be_bytes(id), pk)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The store keys of every one-time prekey of the device.
+    pub fn prekey_keys(&self, user: &str, device: u32) -> Result<Vec<Vec<u8>>, StoreError> {
+        let prefix = device_key(user, device);
+        let mut out = Vec::new();
+        for item in self.part(Part::Prekeys)?.prefix(&prefix) {
+            let (key, _) = item?;
+            out.push(key.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// True when the store holds a record under `key` in `part`.
+    pub fn contains(&self, part: Part, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.get(part, key)?.is_some())
+    }
+
+    /// The archive waiting for a device, if any.
+    pub fn archive(&self, user: &str, device: u32) -> Result<Option<ArchiveRecord>, StoreError> {
+        let raw = self.get(Part::Archives, &device_key(user, device))?;
+        Ok(raw.and_then(|raw| skip_corrupt(Part::Archives, ArchiveRecord::decode(&raw))))
+    }
+
+    /// Up to `limit` archive keys created before `before_ms` (corrupt
+    /// records too, so the sweep removes them).
+    pub fn expired_archives(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.part(Part::Archives)?.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            match ArchiveRecord::decode(&value) {
+                Ok(a) if a.created_ms >= before_ms => {}
+                _ => out.push(key.to_vec()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The one-time prekey stock recorded by the last batch (0 when none).
+    pub fn prekey_stock(&self) -> Result<u64, StoreError> {
+        let raw = self.get(Part::Router, PREKEY_STOCK)?;
+        Ok(raw
+            .and_then(|raw| <[u8; 8]>::try_from(&raw[..]).ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0))
+    }
+
     /// The highest server id recorded by an earlier run (0 when none).
     pub fn server_id_high(&self) -> Result<u64, StoreError> {
         let raw = self.get(Part::Router, SERVER_ID_HIGH)?;
@@ -526,6 +648,9 @@ impl Store {
         })
     }
 }
+
+/// A one-time prekey found in the store: its store key, id and public key.
+pub type FoundPrekey = (Vec<u8>, u32, [u8; 32]);
 
 /// A dedupe time-index entry past the window.
 #[derive(Debug)]
@@ -628,6 +753,13 @@ pub fn device_key(user: &str, device: u32) -> Vec<u8> {
     key
 }
 
+/// The key of one one-time prekey of a device.
+pub fn prekey_key(user: &str, device: u32, id: u32) -> Vec<u8> {
+    let mut key = device_key(user, device);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
 /// The key of a user's settings record.
 pub fn settings_key(user: &str) -> Vec<u8> {
     user_prefix(user)
@@ -673,6 +805,11 @@ mod tests {
             Part::Dedupe,
             Part::DedupeByTime,
             Part::Router,
+            Part::Devices,
+            Part::Settings,
+            Part::Identities,
+            Part::Prekeys,
+            Part::Archives,
         ] {
             assert_eq!(&*open.part(part).name, part.name());
         }
@@ -735,6 +872,7 @@ mod tests {
                     sender_device: 1,
                     client_id: seq,
                     body: bytes::Bytes::new(),
+                    per_device: None,
                 };
                 w.put(Part::Entries, entry_key(conv, seq), e.encode());
             }

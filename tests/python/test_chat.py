@@ -318,3 +318,66 @@ def test_sigterm_closes_with_1001_and_restart_keeps_messages(gateway):
         await alice.close()
         await bob.close()
     run(body())
+
+
+def test_key_directory_and_per_device_send(gateway):
+    """Keys signed with an independent Ed25519 implementation are accepted,
+    come back in a bundle whose signatures it verifies, a forged one is
+    refused, and a per-device send with a wrong device list is answered
+    with the devices to fix."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def raw(public_key):
+        return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def x25519():
+        return raw(X25519PrivateKey.generate().public_key())
+
+    identity = Ed25519PrivateKey.generate()
+    spk, last_resort = x25519(), x25519()
+
+    def upload(r, forge=False):
+        spk_sig = identity.sign(cc.prekey_signing_message(False, 1, spk))
+        if forge:
+            spk_sig = bytes([spk_sig[0] ^ 1]) + spk_sig[1:]
+        return cc.KeysUpload(
+            r, raw(identity.public_key()), x25519(), 1, spk, spk_sig,
+            0xFFFFFFFF, last_resort, identity.sign(cc.prekey_signing_message(True, 0xFFFFFFFF,
+                                                                             last_resort)),
+            [cc.Prekey(i, x25519()) for i in (1, 2, 3)])
+
+    async def body():
+        alice, bob = await gateway.live("alice"), await gateway.live("bob")
+        count = await alice.request(upload)
+        assert isinstance(count, cc.KeyCount) and count.remaining == 3
+        with pytest.raises(cc.CourierError) as refused:
+            await alice.request(lambda r: upload(r, forge=True))
+        assert refused.value.code == 400
+
+        bundle = await bob.request(lambda r: cc.BundleFetch(r, "alice"))
+        assert isinstance(bundle, cc.Bundle) and len(bundle.devices) == 1
+        d = bundle.devices[0]
+        assert (d.device, d.prekey_kind, d.prekey_id) == (1, cc.PREKEY_ONE_TIME, 1)
+        assert d.signed_prekey == spk
+        # Raises if the signature the server relayed does not verify.
+        identity.public_key().verify(d.signed_prekey_signature,
+                                     cc.prekey_signing_message(False, 1, d.signed_prekey))
+
+        conv = cc.direct_conversation("alice", "bob")
+        await bob.put(cc.SendPerDevice(conv, 7, [cc.Ciphertext("alice", 2, b"sealed")]))
+        mismatch = await bob.wait_for(lambda f: isinstance(f, cc.DeviceMismatch), STEP_S)
+        assert (mismatch.client_id, mismatch.missing, mismatch.stale) == \
+            (7, [cc.Address("alice", 1)], [cc.Address("alice", 2)])
+        err = await bob.wait_for(lambda f: isinstance(f, cc.Error), STEP_S)
+        assert (err.code, err.reference) == (409, 7)
+
+        await bob.put(cc.SendPerDevice(conv, 7, [cc.Ciphertext("alice", 1, b"sealed for 1")]))
+        await bob.wait_for(lambda f: isinstance(f, cc.Sent) and f.client_id == 7, STEP_S)
+        msg = await alice.wait_for(lambda f: isinstance(f, cc.Message), STEP_S)
+        assert msg.body == b"sealed for 1"
+        await alice.close()
+        await bob.close()
+
+    run(body())

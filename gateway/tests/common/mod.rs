@@ -14,7 +14,7 @@ use clap::Parser;
 use courier_gateway::config::{Cli, ServeArgs};
 use courier_gateway::node::Node;
 use courier_gateway::secret;
-use courier_protocol::frame::{ClientFrame, Cursor, ServerFrame};
+use courier_protocol::frame::{ClientFrame, Cursor, Incoming, ServerFrame};
 use courier_protocol::token::{self, Claims, Secret};
 use courier_protocol::ws::{self, Decoder, Event, Limits, Opcode, Role};
 
@@ -283,12 +283,21 @@ impl Client {
         }
     }
 
-    /// The next protocol frame within `timeout`, answering pings.
+    /// The next protocol frame within `timeout`, answering pings (an
+    /// end-to-end encryption frame is a panic: use `try_next_any`).
     pub fn try_next(&mut self, timeout: Duration) -> Option<ServerFrame> {
+        match self.try_next_any(timeout)? {
+            Incoming::Frame(f) => Some(f),
+            Incoming::E2ee(f) => panic!("unexpected {f:?}"),
+        }
+    }
+
+    /// The next frame of either family within `timeout`, answering pings.
+    pub fn try_next_any(&mut self, timeout: Duration) -> Option<Incoming> {
         loop {
             match self.event(timeout)? {
                 Event::Binary(payload) => {
-                    return Some(ServerFrame::decode(&payload).expect("server frame decodes"))
+                    return Some(Incoming::decode(&payload).expect("server frame decodes"))
                 }
                 Event::Ping(data) => {
                     self.pings_seen += 1;

@@ -159,6 +159,8 @@ impl RouterCore {
         if was_offline && self.social.going_offline.remove(&device.user).is_none() {
             self.push_presence(b, &device.user);
         }
+        // A device that was away while its prekeys ran low hears it now.
+        self.remind_low_prekeys(b, &device);
     }
 
     /// Checks that the device may have a session, linking it if it is new.
@@ -728,6 +730,10 @@ impl RouterCore {
                     store::device_key(&device.user, target),
                     record.encode(),
                 );
+                // An unlinked device's keys must not be handed out again.
+                if let Err(e) = self.drop_keys(b, &device.user, target) {
+                    tracing::warn!(error = %e, "could not read an unlinked device's keys");
+                }
                 let victim = self
                     .routes
                     .get(&device.user)

@@ -11,7 +11,7 @@ use courier_protocol::frame::{Chat, ConversationSummary, HistoryEntry, ServerFra
 use courier_protocol::ids::{self, ConversationKind as IdKind};
 use rustc_hash::FxHashMap;
 
-use super::{error_frame, message_frame, Outbox, Reject, RouterCore, SyncRequest};
+use super::{error_frame, message_frame_for, Outbox, Reject, RouterCore, SyncRequest};
 use crate::api::{Device, SessionKey};
 use crate::codec::ConversationKind;
 use crate::store::{self, StoreError};
@@ -166,6 +166,7 @@ impl RouterCore {
                 break;
             }
             bytes_left = bytes_left.saturating_sub(e.body.len());
+            let body = e.body_for(&device.user, device.device);
             entries.push(HistoryEntry {
                 seq,
                 server_id: e.server_id,
@@ -174,7 +175,7 @@ impl RouterCore {
                 sender: e.sender.to_string(),
                 sender_device: e.sender_device,
                 client_id: e.client_id,
-                body: e.body,
+                body,
             });
         }
         entries.reverse();
@@ -495,7 +496,10 @@ impl RouterCore {
                 // A corrupt entry (logged by the store) is skipped but
                 // counts against the page, so paging always advances.
                 if let Some(entry) = entry {
-                    out.reply(sync.session, &message_frame(&p.conversation, *seq, entry));
+                    out.reply(
+                        sync.session,
+                        &message_frame_for(&p.conversation, *seq, entry, &sync.device),
+                    );
                 }
                 bytes_left = bytes_left.saturating_sub(size);
                 last = *seq;

@@ -5,6 +5,7 @@
 mod catchup;
 mod failure;
 mod groups;
+mod keys;
 mod receipts;
 mod send;
 mod social;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use courier_protocol::frame::{ClientFrame, Cursor, ServerFrame};
+use courier_protocol::frame::{ClientFrame, Cursor, E2eeFrame, Incoming, ServerFrame};
 use courier_protocol::ws::{Decoder, Event, Limits, Role};
 use prometheus_client::registry::Registry;
 
@@ -208,7 +209,8 @@ impl Out {
             .collect()
     }
 
-    /// The frames for `client`'s session with their class.
+    /// The frames for `client`'s session with their class (end-to-end
+    /// encryption frames left out: see [`Out::e2ee`]).
     pub fn classified(&self, client: &Client) -> Vec<(Class, ServerFrame)> {
         self.items
             .iter()
@@ -218,7 +220,26 @@ impl Out {
                     class,
                     frame,
                     ..
-                } if *session == client.session => Some((*class, decode(frame))),
+                } if *session == client.session => match decode_any(frame) {
+                    Incoming::Frame(f) => Some((*class, f)),
+                    Incoming::E2ee(_) => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The end-to-end encryption frames for `client`'s session, in order.
+    pub fn e2ee(&self, client: &Client) -> Vec<E2eeFrame> {
+        self.items
+            .iter()
+            .filter_map(|d| match d {
+                Delivery::Frame { session, frame, .. } if *session == client.session => {
+                    match decode_any(frame) {
+                        Incoming::E2ee(f) => Some(f),
+                        Incoming::Frame(_) => None,
+                    }
+                }
                 _ => None,
             })
             .collect()
@@ -302,8 +323,8 @@ pub fn messages(frames: &[ServerFrame]) -> Vec<(String, u64, Bytes)> {
         .collect()
 }
 
-/// Decodes a delivered WebSocket frame back into the server frame inside.
-pub fn decode(ws: &Bytes) -> ServerFrame {
+/// Decodes a delivered WebSocket frame of either family.
+pub fn decode_any(ws: &Bytes) -> Incoming {
     let mut decoder = Decoder::new(
         Role::Client,
         Limits {
@@ -315,7 +336,7 @@ pub fn decode(ws: &Bytes) -> ServerFrame {
         panic!("not one complete binary frame");
     };
     assert_eq!(used, ws.len(), "one frame per delivery");
-    ServerFrame::decode(&payload).unwrap()
+    Incoming::decode(&payload).unwrap()
 }
 
 /// The `Sent` fields of a frame, or a panic.
