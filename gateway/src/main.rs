@@ -51,8 +51,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                tracing::info!(signal, "signal received; shutting down");
+                // Stop first: nothing (not even a failing log write) may
+                // come between the signal and the shutdown.
                 trigger();
+                tracing::info!(signal, "signal received; shutting down");
             }
         })?;
     node.wait();
@@ -86,6 +88,12 @@ fn init_logging(filter: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // With its default, a failed write makes the subscriber report it
+        // with eprint!, which panics once stderr is gone (a log pipe whose
+        // reader exited): the thread that logged dies, and if that is the
+        // signal thread, SIGTERM no longer stops the node. Lost log lines
+        // are not worth a thread.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

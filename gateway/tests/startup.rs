@@ -69,3 +69,48 @@ fn token_for_a_data_directory_without_a_secret_is_an_error() {
         "nothing was created"
     );
 }
+
+#[test]
+fn sigterm_still_stops_a_node_whose_log_reader_went_away() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--drain-window-ms", "0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first log bytes, then close the pipe: every later log
+    // write fails with EPIPE.
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = [0u8; 32];
+    stderr.read_exact(&mut first).unwrap();
+    drop(stderr);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    send_sigterm(child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the node did not stop on SIGTERM after its log pipe closed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends SIGTERM with the `kill` command (the suite has no libc binding).
+fn send_sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
