@@ -1484,10 +1484,13 @@ impl RouterCore {
 
     /// Puts a cursor in the cache and marks it for the write-behind.
     fn set_cursor(&mut self, key: Vec<u8>, cursor: Cursors) {
-        self.cursor_cache.insert(key.clone(), cursor);
-        if self.dirty_cursors.insert(key.clone()) {
-            self.dirty_order.push_back((self.batch_now_ms, key));
+        // A key already waiting for the write-behind (the common case for
+        // a busy conversation) costs no copies.
+        if !self.dirty_cursors.contains(&key) {
+            self.dirty_cursors.insert(key.clone());
+            self.dirty_order.push_back((self.batch_now_ms, key.clone()));
         }
+        self.cursor_cache.insert(key, cursor);
     }
 
     /// A send marks its conversation read up to the message for its user

@@ -402,22 +402,33 @@ impl Store {
 
     /// A user's device records, by device number.
     pub fn devices(&self, user: &str) -> Result<Vec<(u32, DeviceRecord)>, StoreError> {
+        self.per_device(Part::Devices, user, DeviceRecord::decode)
+    }
+
+    /// The records of `part` keyed by (user, device), by device number; a
+    /// malformed key or a corrupt record is logged and skipped.
+    fn per_device<T>(
+        &self,
+        part: Part,
+        user: &str,
+        decode: impl Fn(&[u8]) -> Result<T, Corrupt>,
+    ) -> Result<Vec<(u32, T)>, StoreError> {
         let prefix = user_prefix(user);
         let mut out = Vec::new();
-        for item in self.part(Part::Devices)?.prefix(&prefix) {
+        for item in self.part(part)?.prefix(&prefix) {
             let (key, value) = item?;
             let Some(device) = key
                 .get(prefix.len()..)
                 .and_then(|k| <[u8; 4]>::try_from(k).ok())
             else {
                 tracing::error!(
-                    store.partition = "devices",
-                    "device key of the wrong length"
+                    store.partition = part.name(),
+                    "per-device key of the wrong length"
                 );
                 continue;
             };
-            if let Some(d) = skip_corrupt(Part::Devices, DeviceRecord::decode(&value)) {
-                out.push((u32::from_be_bytes(device), d));
+            if let Some(r) = skip_corrupt(part, decode(&value)) {
+                out.push((u32::from_be_bytes(device), r));
             }
         }
         Ok(out)
@@ -524,25 +535,7 @@ impl Store {
 
     /// A user's device identity records, by device number.
     pub fn identities(&self, user: &str) -> Result<Vec<(u32, IdentityRecord)>, StoreError> {
-        let prefix = user_prefix(user);
-        let mut out = Vec::new();
-        for item in self.part(Part::Identities)?.prefix(&prefix) {
-            let (key, value) = item?;
-            let Some(device) = key
-                .get(prefix.len()..)
-                .and_then(|k| <[u8; 4]>::try_from(k).ok())
-            else {
-                tracing::error!(
-                    store.partition = "identities",
-                    "identity key of the wrong length"
-                );
-                continue;
-            };
-            if let Some(r) = skip_corrupt(Part::Identities, IdentityRecord::decode(&value)) {
-                out.push((u32::from_be_bytes(device), r));
-            }
-        }
-        Ok(out)
+        self.per_device(Part::Identities, user, IdentityRecord::decode)
     }
 
     /// The device's first one-time prekey (lowest id) whose key `skip`
