@@ -633,6 +633,16 @@ fn handle_frame(w: &Worker, c: &Conn, frame: ServerFrame) {
     }
 }
 
+/// Closes the session with 1000 and `reason` so that it reconnects at once
+/// and catches up, counting no error (churn, a refused catch-up).
+pub(crate) fn close_to_reconnect(w: &Worker, st: &mut ConnState, reason: &[u8]) {
+    st.phase = SessionPhase::Closing;
+    st.churning = true;
+    let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason);
+    w.push_control(&mut st.out, Opcode::Close, &payload);
+}
+
 /// A direct conversation's other participant moved its cursor: checks it
 /// moved (each state change is told once) and times what it covers.
 fn on_receipt(w: &Worker, c: &Conn, conversation: &str, seq: u64, kind: ReceiptKind) {
@@ -998,11 +1008,7 @@ fn on_error(w: &Worker, c: &Conn, code: u16, reference: u64) {
     if reference == 0 && retryable && st.phase == SessionPhase::CatchingUp && !st.closing {
         // The catch-up itself was refused (the store is unavailable): start
         // the session again, as a client would, after the usual pause.
-        st.phase = SessionPhase::Closing;
-        st.churning = true;
-        let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
-        payload.extend_from_slice(b"retry catch-up");
-        w.push_control(&mut st.out, Opcode::Close, &payload);
+        close_to_reconnect(w, &mut st, b"retry catch-up");
         drop(st);
         c.notify();
         return;

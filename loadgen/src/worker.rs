@@ -730,11 +730,7 @@ impl Worker {
             if st.phase != SessionPhase::Ready || st.closing {
                 continue;
             }
-            st.phase = SessionPhase::Closing;
-            st.churning = true;
-            let mut payload = courier_protocol::close::NORMAL.to_be_bytes().to_vec();
-            payload.extend_from_slice(b"churn");
-            self.push_control(&mut st.out, Opcode::Close, &payload);
+            conn::close_to_reconnect(self, &mut st, b"churn");
             drop(st);
             let mut stats = self.stats.borrow_mut();
             stats.counters.connections_up = stats.counters.connections_up.saturating_sub(1);

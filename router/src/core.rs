@@ -590,10 +590,10 @@ impl RouterCore {
             self.answer(&mut out, pending, committed);
         }
         for sync in batch.syncs {
-            self.catch_up(&mut out, sync, committed, now_ms);
+            self.catch_up(&mut out, sync, now_ms);
         }
         for query in batch.queries {
-            self.query(&mut out, query, committed);
+            self.query(&mut out, query);
         }
         out.into_batches()
     }

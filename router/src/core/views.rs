@@ -66,7 +66,7 @@ struct Plan {
 }
 
 impl RouterCore {
-    pub(super) fn query(&mut self, out: &mut Outbox, query: Query, _committed: bool) {
+    pub(super) fn query(&mut self, out: &mut Outbox, query: Query) {
         let (session, request, result) = match query {
             Query::History {
                 session,
@@ -325,13 +325,7 @@ impl RouterCore {
 
     // ----- catch-up -----
 
-    pub(super) fn catch_up(
-        &mut self,
-        out: &mut Outbox,
-        sync: SyncRequest,
-        _committed: bool,
-        now_ms: u64,
-    ) {
+    pub(super) fn catch_up(&mut self, out: &mut Outbox, sync: SyncRequest, now_ms: u64) {
         match self.catch_up_page(out, &sync) {
             Ok(more) => {
                 out.reply(sync.session, &ServerFrame::SyncDone { more });
