@@ -229,6 +229,13 @@ fn drain_spreads_closes_over_the_window_with_reconnect_hints() {
         .collect();
     let started = std::time::Instant::now();
     node.begin_shutdown();
+    // Each close is timed as it arrives, whatever the checks below wait
+    // for (a connect the drained node never answers blocks until its read
+    // timeout).
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| std::thread::spawn(move || (c.expect_close(), started.elapsed())))
+        .collect();
     let (status, _) = common::http_get(node.metrics_addr, "/readyz");
     assert_eq!(status, 503, "not ready from the start of the drain");
     // New connections are refused: TCP refused, or a 503 at the upgrade.
@@ -243,10 +250,6 @@ fn drain_spreads_closes_over_the_window_with_reconnect_hints() {
             "an upgrade during a drain: {head}"
         );
     }
-    let readers: Vec<_> = clients
-        .into_iter()
-        .map(|mut c| std::thread::spawn(move || (c.expect_close(), started.elapsed())))
-        .collect();
     let mut at = Vec::new();
     for r in readers {
         let ((code, reason), when) = r.join().unwrap();
