@@ -1,0 +1,433 @@
+//! The implementations on NATS JetStream, for the fleet.
+//!
+//! [`Nats`] owns one async-nats client and the tokio runtime that drives it,
+//! on a thread of its own (the bus thread). Every trait call is a blocking
+//! call from a plain thread into that runtime; subscriptions are forwarded
+//! from the runtime into crossbeam channels.
+//!
+//! - [`NatsLog`]: a JetStream stream with file storage. An append is a
+//!   JetStream publish with `Nats-Msg-Id` (the stream's duplicate window
+//!   dedupes a retried append) and, when fenced,
+//!   `Nats-Expected-Last-Subject-Sequence`; it returns after the stream's
+//!   acknowledgement, which at R3 means a majority of the replicas stored it
+//!   (and, with `sync_interval: always` in the server's config, fsynced it).
+//! - [`NatsKv`]: a JetStream key-value bucket; its `max_age` is the TTL, and
+//!   every write restarts an entry's age.
+//! - [`NatsPubSub`]: core NATS subjects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::runtime::Runtime;
+
+use crate::{
+    check_name, Appended, BusError, Entry, Kv, Log, Message, PubSub, Record, Subscription,
+};
+
+/// How to reach NATS.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://host:port`); the client fails over among them.
+    pub servers: Vec<String>,
+    /// The connection's name, shown by the server's monitoring.
+    pub name: String,
+    /// How long a JetStream request (publish ack, KV write) may take.
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            name: "courier".into(),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection to NATS and the runtime thread that drives it.
+pub struct Nats {
+    runtime: Arc<Runtime>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl Nats {
+    /// Connects, waiting up to `request_timeout` for a first server.
+    pub fn connect(config: &NatsConfig) -> Result<Arc<Self>, BusError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("courier-bus")
+            .enable_all()
+            .build()
+            .map_err(unavailable)?;
+        let servers: Vec<async_nats::ServerAddr> = config
+            .servers
+            .iter()
+            .map(|s| s.parse().map_err(|_| BusError::Invalid(s.clone())))
+            .collect::<Result<_, _>>()?;
+        let options = async_nats::ConnectOptions::new()
+            .name(&config.name)
+            .connection_timeout(config.request_timeout)
+            .request_timeout(Some(config.request_timeout))
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+        let timeout = config.request_timeout;
+        let client = runtime.block_on(async {
+            let connecting = options.connect(servers);
+            let client = tokio::time::timeout(timeout * 2, connecting)
+                .await
+                .map_err(|_| BusError::Unavailable("no NATS server answered".into()))?
+                .map_err(unavailable)?;
+            // retry_on_initial_connect returns at once; wait for the first
+            // connection so the first call does not fail.
+            let deadline = tokio::time::Instant::now() + timeout * 2;
+            while client.connection_state() != async_nats::connection::State::Connected {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(BusError::Unavailable("no NATS server answered".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, BusError>(client)
+        })?;
+        // The context spawns its acknowledgement task on the runtime.
+        let _entered = runtime.enter();
+        let js = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .build(client.clone());
+        Ok(Arc::new(Self {
+            runtime: Arc::new(runtime),
+            client,
+            js,
+        }))
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// The log on stream `name` carrying `subjects` (created if missing,
+    /// its replica count and duplicate window updated if it exists).
+    pub fn log(
+        self: &Arc<Self>,
+        name: &str,
+        subjects: &[&str],
+        replicas: usize,
+        dedupe_window: Duration,
+    ) -> Result<NatsLog, BusError> {
+        let config = stream::Config {
+            name: name.to_owned(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: dedupe_window,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let stream = self.block_on(async {
+            match self.js.get_stream(name).await {
+                Ok(_) => {
+                    self.js.update_stream(&config).await.map_err(unavailable)?;
+                }
+                Err(_) => {
+                    self.js.create_stream(config).await.map_err(unavailable)?;
+                }
+            }
+            self.js.get_stream(name).await.map_err(unavailable)
+        })?;
+        Ok(NatsLog {
+            nats: self.clone(),
+            stream,
+        })
+    }
+
+    /// The key-value bucket `bucket` with entries living `ttl` after their
+    /// last write (created if missing).
+    pub fn kv(
+        self: &Arc<Self>,
+        bucket: &str,
+        ttl: Option<Duration>,
+        replicas: usize,
+    ) -> Result<NatsKv, BusError> {
+        let store = self.block_on(async {
+            match self.js.get_key_value(bucket).await {
+                Ok(store) => Ok(store),
+                Err(_) => self
+                    .js
+                    .create_key_value(kv::Config {
+                        bucket: bucket.to_owned(),
+                        history: 1,
+                        max_age: ttl.unwrap_or_default(),
+                        storage: stream::StorageType::File,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(unavailable),
+            }
+        })?;
+        Ok(NatsKv {
+            nats: self.clone(),
+            store,
+            ttl,
+        })
+    }
+
+    /// Core NATS publish/subscribe on this connection.
+    pub fn pubsub(self: &Arc<Self>) -> NatsPubSub {
+        NatsPubSub { nats: self.clone() }
+    }
+
+    /// Sends everything buffered to the server and waits for its answer.
+    pub fn flush(&self) -> Result<(), BusError> {
+        self.block_on(self.client.flush()).map_err(unavailable)
+    }
+}
+
+/// A [`Log`] on a JetStream stream.
+pub struct NatsLog {
+    nats: Arc<Nats>,
+    stream: stream::Stream,
+}
+
+impl std::fmt::Debug for NatsLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsLog")
+            .field("stream", &self.stream.cached_info().config.name)
+            .finish()
+    }
+}
+
+impl Log for NatsLog {
+    fn append(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+        expect_last: Option<u64>,
+    ) -> Result<Appended, BusError> {
+        check_name(subject)?;
+        let mut publish = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(id);
+        if let Some(last) = expect_last {
+            publish = publish.expected_last_subject_sequence(last);
+        }
+        let nats = &self.nats;
+        nats.block_on(async {
+            let ack = nats
+                .js
+                .send_publish(subject.to_owned(), publish)
+                .await
+                .map_err(unavailable)?
+                .await;
+            match ack {
+                Ok(ack) => Ok(Appended {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                }),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    Err(BusError::Conflict(e.to_string()))
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn last(&self, subject: &str) -> Result<u64, BusError> {
+        check_name(subject)?;
+        self.nats.block_on(async {
+            match self.stream.get_last_raw_message_by_subject(subject).await {
+                Ok(m) => Ok(m.sequence),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn replay(
+        &self,
+        subject: &str,
+        after: u64,
+        each: &mut dyn FnMut(Record) -> Result<(), BusError>,
+    ) -> Result<u64, BusError> {
+        let until = self.last(subject)?;
+        if until <= after {
+            return Ok(after);
+        }
+        let nats = &self.nats;
+        nats.block_on(async {
+            let consumer = self
+                .stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: subject.to_owned(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            let mut messages = consumer.messages().await.map_err(unavailable)?;
+            let mut seen = after;
+            while seen < until {
+                let message = match messages.next().await {
+                    Some(m) => m.map_err(unavailable)?,
+                    None => return Err(BusError::Unavailable("replay ended early".into())),
+                };
+                let seq = message.info().map_err(unavailable)?.stream_sequence;
+                if seq <= seen {
+                    continue;
+                }
+                seen = seq;
+                each(Record {
+                    seq,
+                    payload: message.payload.clone(),
+                })?;
+            }
+            Ok(seen)
+        })
+    }
+}
+
+/// A [`Kv`] on a JetStream key-value bucket.
+pub struct NatsKv {
+    nats: Arc<Nats>,
+    store: kv::Store,
+    ttl: Option<Duration>,
+}
+
+impl std::fmt::Debug for NatsKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsKv")
+            .field("bucket", &self.store.name)
+            .finish()
+    }
+}
+
+impl Kv for NatsKv {
+    fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Entry>, BusError> {
+        check_name(key)?;
+        let entry = self
+            .nats
+            .block_on(self.store.entry(key))
+            .map_err(unavailable)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| Entry {
+                value: e.value,
+                revision: e.revision,
+            }))
+    }
+
+    fn create(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
+        check_name(key)?;
+        match self.nats.block_on(self.store.create(key, value)) {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(BusError::Exists),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, BusError> {
+        check_name(key)?;
+        match self.nats.block_on(self.store.update(key, value, revision)) {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(BusError::Conflict(e.to_string()))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn put(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
+        check_name(key)?;
+        self.nats
+            .block_on(self.store.put(key, value))
+            .map_err(unavailable)
+    }
+
+    fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), BusError> {
+        check_name(key)?;
+        let result = match revision {
+            Some(r) => self
+                .nats
+                .block_on(self.store.delete_expect_revision(key, Some(r))),
+            None => self.nats.block_on(self.store.delete(key)),
+        };
+        result.map_err(|e| match revision {
+            Some(_) => BusError::Conflict(e.to_string()),
+            None => unavailable(e),
+        })
+    }
+}
+
+/// [`PubSub`] on core NATS subjects.
+#[derive(Debug)]
+pub struct NatsPubSub {
+    nats: Arc<Nats>,
+}
+
+/// Ends the forwarding task of a NATS subscription when dropped.
+struct Forwarder(tokio::task::JoinHandle<()>);
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Forwarder")
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl PubSub for NatsPubSub {
+    fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
+        check_name(subject)?;
+        self.nats
+            .block_on(self.nats.client.publish(subject.to_owned(), payload))
+            .map_err(unavailable)
+    }
+
+    fn subscribe(&self, pattern: &str) -> Result<Subscription, BusError> {
+        let nats = &self.nats;
+        let mut subscriber = nats
+            .block_on(nats.client.subscribe(pattern.to_owned()))
+            .map_err(|e| BusError::Invalid(format!("{pattern}: {e}")))?;
+        // The SUB must reach the server before this returns, or a publish
+        // right after could miss the new subscription.
+        nats.flush()?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let task = nats.runtime.spawn(async move {
+            while let Some(m) = subscriber.next().await {
+                let message = Message {
+                    subject: m.subject.to_string(),
+                    payload: m.payload,
+                };
+                if tx.send(message).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Subscription::new(rx, Box::new(Forwarder(task))))
+    }
+}

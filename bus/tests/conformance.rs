@@ -1,0 +1,269 @@
+//! One suite for both implementations of the bus traits: embedded
+//! (`local`) and NATS JetStream against a real `nats-server`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_bus::lease::Lease;
+use courier_bus::local::{LocalKv, LocalLog, LocalPubSub};
+use courier_bus::nats::{Nats, NatsConfig};
+use courier_bus::testing::NatsServer;
+use courier_bus::{BusError, Kv, Log, PubSub};
+
+const TTL: Duration = Duration::from_secs(2);
+
+/// Everything one backend provides, with what keeps it alive.
+struct Backend {
+    log: Arc<dyn Log>,
+    kv: Arc<dyn Kv>,
+    pubsub: Arc<dyn PubSub>,
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn local() -> Backend {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LocalLog::open(dir.path(), Duration::from_secs(120)).expect("open log");
+    Backend {
+        log: Arc::new(log),
+        kv: Arc::new(LocalKv::new(Some(TTL))),
+        pubsub: Arc::new(LocalPubSub::new()),
+        _keep: Box::new(dir),
+    }
+}
+
+fn nats() -> Backend {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = NatsServer::start(dir.path()).expect("nats-server");
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .expect("connect");
+    let log = nats
+        .log("TEST", &["t.log.>"], 1, Duration::from_secs(120))
+        .expect("stream");
+    let kv = nats.kv("test_kv", Some(TTL), 1).expect("bucket");
+    Backend {
+        log: Arc::new(log),
+        kv: Arc::new(kv),
+        pubsub: Arc::new(nats.pubsub()),
+        _keep: Box::new((server, dir, nats)),
+    }
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn replay_all(log: &dyn Log, subject: &str, after: u64) -> Vec<(u64, Bytes)> {
+    let mut out = Vec::new();
+    log.replay(subject, after, &mut |r| {
+        out.push((r.seq, r.payload));
+        Ok(())
+    })
+    .expect("replay");
+    out
+}
+
+fn log_appends_in_order_and_replays(be: Backend) {
+    let log = &*be.log;
+    assert_eq!(log.last("t.log.a").expect("last"), 0);
+    let a1 = log.append("t.log.a", "a1", b("one"), Some(0)).expect("a1");
+    let b1 = log.append("t.log.b", "b1", b("other"), None).expect("b1");
+    let a2 = log
+        .append("t.log.a", "a2", b("two"), Some(a1.seq))
+        .expect("a2");
+    assert!(!a1.duplicate && a1.seq < b1.seq && b1.seq < a2.seq);
+    assert_eq!(log.last("t.log.a").expect("last"), a2.seq);
+    assert_eq!(
+        replay_all(log, "t.log.a", 0),
+        vec![(a1.seq, b("one")), (a2.seq, b("two"))]
+    );
+    assert_eq!(replay_all(log, "t.log.a", a1.seq), vec![(a2.seq, b("two"))]);
+    assert!(replay_all(log, "t.log.a", a2.seq).is_empty());
+    assert!(replay_all(log, "t.log.none", 0).is_empty());
+}
+
+fn log_dedupes_a_retried_append(be: Backend) {
+    let log = &*be.log;
+    let first = log.append("t.log.d", "same", b("x"), None).expect("first");
+    let again = log.append("t.log.d", "same", b("x"), None).expect("again");
+    assert!(again.duplicate);
+    assert_eq!(again.seq, first.seq);
+    assert_eq!(replay_all(log, "t.log.d", 0).len(), 1);
+}
+
+fn log_fences_a_stale_writer(be: Backend) {
+    let log = &*be.log;
+    let first = log.append("t.log.f", "f1", b("1"), Some(0)).expect("f1");
+    log.append("t.log.f", "f2", b("2"), Some(first.seq))
+        .expect("f2");
+    // A writer that still believes `first` is the last record is refused.
+    match log.append("t.log.f", "f3", b("3"), Some(first.seq)) {
+        Err(BusError::Conflict(_)) => {}
+        other => panic!("stale append: {other:?}"),
+    }
+    match log.append("t.log.f", "f4", b("4"), Some(0)) {
+        Err(BusError::Conflict(_)) => {}
+        other => panic!("append expecting empty: {other:?}"),
+    }
+    assert_eq!(replay_all(log, "t.log.f", 0).len(), 2);
+}
+
+fn log_replays_many_records(be: Backend) {
+    let log = &*be.log;
+    let mut last = 0;
+    for i in 0..500 {
+        last = log
+            .append("t.log.m", &format!("m{i}"), b(&i.to_string()), Some(last))
+            .expect("append")
+            .seq;
+    }
+    let all = replay_all(log, "t.log.m", 0);
+    assert_eq!(all.len(), 500);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(all[499].1, b("499"));
+    // An error from the callback stops the replay.
+    let mut n = 0;
+    let stopped = log.replay("t.log.m", 0, &mut |_| {
+        n += 1;
+        if n == 10 {
+            Err(BusError::Invalid("stop".into()))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(stopped.is_err());
+    assert_eq!(n, 10);
+}
+
+fn kv_compare_and_set(be: Backend) {
+    let kv = &*be.kv;
+    assert_eq!(kv.get("k1").expect("get"), None);
+    let r1 = kv.create("k1", b("v1")).expect("create");
+    assert!(matches!(kv.create("k1", b("v2")), Err(BusError::Exists)));
+    let got = kv.get("k1").expect("get").expect("value");
+    assert_eq!((got.value, got.revision), (b("v1"), r1));
+    let r2 = kv.update("k1", b("v2"), r1).expect("update");
+    assert!(r2 > r1);
+    assert!(matches!(
+        kv.update("k1", b("v3"), r1),
+        Err(BusError::Conflict(_))
+    ));
+    assert!(matches!(
+        kv.delete("k1", Some(r1)),
+        Err(BusError::Conflict(_))
+    ));
+    kv.delete("k1", Some(r2)).expect("delete");
+    assert_eq!(kv.get("k1").expect("get"), None);
+    // A deleted key can be created again.
+    kv.create("k1", b("again")).expect("create after delete");
+    kv.put("k1", b("put")).expect("put");
+    assert_eq!(kv.get("k1").expect("get").expect("value").value, b("put"));
+    assert!(matches!(kv.get("bad key"), Err(BusError::Invalid(_))));
+}
+
+fn kv_entries_expire_after_their_last_write(be: Backend) {
+    let kv = &*be.kv;
+    let r = kv.create("ttl.a", b("a")).expect("create");
+    kv.create("ttl.b", b("b")).expect("create");
+    // Keep `a` alive past `b`'s expiry by rewriting it.
+    let mut revision = r;
+    let started = Instant::now();
+    while started.elapsed() < TTL + Duration::from_millis(1500) {
+        std::thread::sleep(Duration::from_millis(400));
+        revision = kv.update("ttl.a", b("a"), revision).expect("renew");
+    }
+    assert!(
+        kv.get("ttl.a").expect("get").is_some(),
+        "renewed entry lives"
+    );
+    wait_for(|| kv.get("ttl.b").expect("get").is_none(), "b expires");
+    // Once expired, the key can be created by someone else.
+    kv.create("ttl.b", b("new owner"))
+        .expect("create after expiry");
+}
+
+fn leases_pass_on_when_the_owner_stops(be: Backend) {
+    let kv = be.kv.clone();
+    let mut first = Lease::try_acquire(&kv, "lease.p0", b"router-a")
+        .expect("acquire")
+        .expect("free");
+    assert!(Lease::try_acquire(&kv, "lease.p0", b"router-b")
+        .expect("acquire")
+        .is_none());
+    first.renew().expect("renew");
+    assert!(first.valid_for().expect("ttl") > Duration::ZERO);
+    assert_eq!(
+        Lease::holder(&kv, "lease.p0").expect("holder"),
+        Some(b("router-a"))
+    );
+    // The owner stops renewing: another takes over once the TTL runs out.
+    let started = Instant::now();
+    let second = loop {
+        if let Some(l) = Lease::try_acquire(&kv, "lease.p0", b"router-b").expect("acquire") {
+            break l;
+        }
+        assert!(started.elapsed() < TTL * 5, "lease never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(started.elapsed() >= TTL - Duration::from_millis(500));
+    // The old owner learns it lost the lease on its next renewal.
+    assert!(matches!(first.renew(), Err(BusError::Conflict(_))));
+    second.release().expect("release");
+    assert!(Lease::try_acquire(&kv, "lease.p0", b"router-c")
+        .expect("acquire")
+        .is_some());
+}
+
+fn pubsub_reaches_matching_subscribers(be: Backend) {
+    let ps = &*be.pubsub;
+    let all = ps.subscribe("t.ev.>").expect("subscribe");
+    let one = ps.subscribe("t.ev.*.typing").expect("subscribe");
+    ps.publish("t.ev.c1.typing", b("t")).expect("publish");
+    ps.publish("t.ev.c1.presence", b("p")).expect("publish");
+    let got = all.recv_timeout(Duration::from_secs(5)).expect("first");
+    assert_eq!(
+        (got.subject.as_str(), got.payload),
+        ("t.ev.c1.typing", b("t"))
+    );
+    let got = all.recv_timeout(Duration::from_secs(5)).expect("second");
+    assert_eq!(got.subject, "t.ev.c1.presence");
+    let got = one.recv_timeout(Duration::from_secs(5)).expect("typing");
+    assert_eq!(got.subject, "t.ev.c1.typing");
+    assert!(one.recv_timeout(Duration::from_millis(300)).is_none());
+    drop(one);
+    ps.publish("t.ev.c2.typing", b("t"))
+        .expect("publish after unsubscribe");
+    assert!(all.recv_timeout(Duration::from_secs(5)).is_some());
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod embedded { $( #[test] fn $name() { super::$name(super::local()) } )* }
+        mod jetstream { $( #[test] fn $name() { super::$name(super::nats()) } )* }
+    };
+}
+
+both!(
+    log_appends_in_order_and_replays,
+    log_dedupes_a_retried_append,
+    log_fences_a_stale_writer,
+    log_replays_many_records,
+    kv_compare_and_set,
+    kv_entries_expire_after_their_last_write,
+    leases_pass_on_when_the_owner_stops,
+    pubsub_reaches_matching_subscribers,
+);
