@@ -152,12 +152,19 @@ pub struct Written {
     wrote: bool,
     /// Writing the batch (before any sync) already failed.
     write_failed: bool,
+    /// The batch's writes encoded for the changelog (fleet mode only).
+    encoded: Option<Vec<u8>>,
 }
 
 impl Written {
     /// True when the batch's effects wait for a sync of the store.
     pub fn needs_sync(&self) -> bool {
         self.wrote && !self.write_failed
+    }
+
+    /// The batch's writes for the changelog, taken once (fleet mode).
+    pub fn take_encoded(&mut self) -> Option<Vec<u8>> {
+        self.encoded.take()
     }
 }
 
@@ -467,17 +474,21 @@ impl RouterCore {
         self.store.fail_commits = n;
     }
 
-    /// Syncs the store to disk and closes it.
-    pub fn close(mut self) {
+    /// Syncs the store to disk and closes it. In fleet mode, returns the
+    /// written-behind records it flushed, encoded for the changelog.
+    pub fn close(mut self) -> Option<Vec<u8>> {
         let mut writes = WriteSet::default();
         self.flush_cursors(&mut writes, u64::MAX, usize::MAX);
         self.flush_devices(&mut writes, usize::MAX);
+        let encoded =
+            (self.config.changelog.is_some() && !writes.is_empty()).then(|| writes.encode());
         if let Err(e) = self.store.commit(writes, false) {
             tracing::error!(error = %e, "writing delivery cursors at stop failed");
         }
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "store flush at stop failed");
         }
+        encoded
     }
 
     /// Handles one batch at wall-clock time `now_ms` and returns what it
@@ -530,6 +541,7 @@ impl RouterCore {
         self.next_batch += 1;
         let wrote = !writes.is_empty();
         let first_entries = writes.first_entries();
+        let encoded = (wrote && self.config.changelog.is_some()).then(|| writes.encode());
         let write_failed = match self.store.commit(writes, false) {
             Ok(()) => false,
             Err(e) => {
@@ -546,6 +558,7 @@ impl RouterCore {
             now_ms,
             wrote,
             write_failed,
+            encoded,
         }
     }
 
@@ -564,6 +577,7 @@ impl RouterCore {
             now_ms,
             wrote,
             write_failed,
+            encoded: _,
         } = written;
         self.unsynced.retain(|(batch_id, _)| *batch_id != id);
         let committed = match synced {

@@ -35,6 +35,7 @@
 pub mod api;
 mod codec;
 mod core;
+pub mod fleet;
 mod metrics;
 mod rate;
 mod server_id;
@@ -114,6 +115,12 @@ pub struct RouterConfig {
     /// How long a history archive waits for its device before the sweep
     /// deletes it.
     pub archive_ttl: Duration,
+    /// Fleet mode: every batch's writes are appended to this changelog,
+    /// and its answers wait for the log's acknowledgement instead of a
+    /// local fdatasync (the local store becomes a cache the log can
+    /// rebuild). `None`, the single node: the store's own journal is the
+    /// durable log.
+    pub changelog: Option<fleet::Changelog>,
 }
 
 impl Default for RouterConfig {
@@ -143,6 +150,7 @@ impl Default for RouterConfig {
             max_prekeys: 1000,
             archive_max_bytes: 65_536,
             archive_ttl: Duration::from_secs(24 * 3600),
+            changelog: None,
         }
     }
 }
@@ -273,6 +281,7 @@ impl Router {
         let depth = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             core,
+            changelog: config.changelog.clone(),
             rx,
             outlet,
             depth: depth.clone(),
@@ -349,6 +358,15 @@ impl RouterHandle {
         })
     }
 
+    /// True once the router thread has ended: after [`Self::shutdown`], or
+    /// in fleet mode after a changelog append failed.
+    pub fn is_stopped(&self) -> bool {
+        match self.shared.thread.lock() {
+            Ok(guard) => guard.as_ref().is_none_or(JoinHandle::is_finished),
+            Err(_) => true,
+        }
+    }
+
     /// Stops the router: refuses new commands, handles those already
     /// queued, commits, syncs the store and joins the thread. Idempotent;
     /// a second call waits for the first to finish.
@@ -387,6 +405,7 @@ enum Msg {
 /// The router thread's state: the core and its channel ends.
 struct Worker {
     core: RouterCore,
+    changelog: Option<fleet::Changelog>,
     rx: Receiver<Msg>,
     outlet: Arc<dyn api::Outlet>,
     depth: Arc<AtomicUsize>,
@@ -403,15 +422,25 @@ impl Worker {
     /// longer stops the deciding.
     fn run(mut self) {
         let queue_depth = self.core.metrics().queue_depth.clone();
-        let syncer = match Syncer::spawn() {
+        let changelog = self.changelog.clone();
+        let fleet = changelog.is_some();
+        let syncer = match Syncer::spawn(changelog) {
             Ok(s) => s,
-            Err(e) => {
+            Err(e) if !fleet => {
                 tracing::error!(error = %e, "router syncer thread failed to start; syncing inline");
                 return self.run_inline();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "router syncer thread failed to start; partition not served");
+                return;
             }
         };
         let mut in_flight: Option<core::Written> = None;
         let mut stopping = false;
+        // Fleet mode: a batch the changelog refused (another owner fenced
+        // us out) or may not have taken leaves the local store ahead of the
+        // log; this router stops serving and the next owner replays.
+        let mut poisoned = false;
         loop {
             // Block for work only when no batch waits on a sync.
             let batch = self.take_batch(in_flight.is_none() && !stopping, &mut stopping);
@@ -423,12 +452,26 @@ impl Worker {
             let next = (!batch.is_empty() || tick).then(|| self.core.prepare(batch, now_ms()));
             if let Some(written) = in_flight.take() {
                 let synced = syncer.wait();
+                poisoned |= fleet && synced.is_err();
                 self.deliver(written, synced);
             }
             match next {
+                Some(written) if poisoned => {
+                    let refused = store::StoreError::Changelog("an earlier batch failed".into());
+                    self.deliver(written, Err(refused));
+                }
+                Some(mut written) if written.needs_sync() && fleet => {
+                    match written.take_encoded() {
+                        Some(bytes) => {
+                            syncer.start(Job::Append(bytes));
+                            in_flight = Some(written);
+                        }
+                        None => self.deliver(written, Ok(Duration::ZERO)),
+                    }
+                }
                 Some(written) if written.needs_sync() => match self.core.sync_handle() {
                     Some(handle) => {
-                        syncer.start(handle);
+                        syncer.start(Job::Fsync(handle));
                         in_flight = Some(written);
                     }
                     None => self.deliver(written, Err(store::StoreError::Closed)),
@@ -437,8 +480,19 @@ impl Worker {
                 None if stopping => break,
                 None => {}
             }
+            if poisoned {
+                tracing::error!(
+                    "changelog append failed; this router stops serving the partition and its next owner replays the log"
+                );
+                return;
+            }
         }
-        self.core.close();
+        if let Some(bytes) = self.core.close() {
+            syncer.start(Job::Append(bytes));
+            if let Err(e) = syncer.wait() {
+                tracing::error!(error = %e, "appending the written-behind records at stop failed");
+            }
+        }
         tracing::info!("router stopped");
     }
 
@@ -453,7 +507,7 @@ impl Worker {
                 }
             }
         }
-        self.core.close();
+        let _ = self.core.close();
         tracing::info!("router stopped");
     }
 
@@ -496,24 +550,40 @@ impl Worker {
     }
 }
 
-/// The thread that fsyncs the store's journal for the router thread, one
-/// request at a time.
+/// What the syncer thread makes durable for one batch.
+enum Job {
+    /// The single node: fdatasync the store's journal.
+    Fsync(store::SyncHandle),
+    /// Fleet mode: append the batch's encoded writes to the changelog.
+    Append(Vec<u8>),
+}
+
+/// The thread that makes each batch durable for the router thread (an
+/// fdatasync of the store's journal, or a changelog append), one request
+/// at a time.
 struct Syncer {
-    requests: Sender<store::SyncHandle>,
+    requests: Sender<Job>,
     results: Receiver<Result<Duration, store::StoreError>>,
 }
 
 impl Syncer {
-    fn spawn() -> std::io::Result<Self> {
-        let (requests, jobs) = crossbeam_channel::bounded::<store::SyncHandle>(1);
+    fn spawn(changelog: Option<fleet::Changelog>) -> std::io::Result<Self> {
+        let (requests, jobs) = crossbeam_channel::bounded::<Job>(1);
         let (done, results) = crossbeam_channel::bounded(1);
+        let mut appender = changelog.map(fleet::Appender::new);
         std::thread::Builder::new()
             .name("courier-sync".into())
             .spawn(move || {
-                for handle in jobs {
+                for job in jobs {
                     let started = std::time::Instant::now();
-                    let result = handle.sync().map(|()| started.elapsed());
-                    if done.send(result).is_err() {
+                    let result = match job {
+                        Job::Fsync(handle) => handle.sync(),
+                        Job::Append(bytes) => match appender.as_mut() {
+                            Some(appender) => appender.append(bytes),
+                            None => Err(store::StoreError::Changelog("no changelog".into())),
+                        },
+                    };
+                    if done.send(result.map(|()| started.elapsed())).is_err() {
                         return;
                     }
                 }
@@ -521,10 +591,10 @@ impl Syncer {
         Ok(Self { requests, results })
     }
 
-    fn start(&self, handle: store::SyncHandle) {
+    fn start(&self, job: Job) {
         // The channel holds one request and the router waits for each
         // result before the next, so this never blocks.
-        let _ = self.requests.send(handle);
+        let _ = self.requests.send(job);
     }
 
     fn wait(&self) -> Result<Duration, store::StoreError> {

@@ -49,6 +49,12 @@ pub enum StoreError {
     /// fjall reported an I/O error (or is poisoned by an earlier one).
     #[error(transparent)]
     Fjall(#[from] fjall::Error),
+    /// The fleet's changelog refused or could not take the batch.
+    #[error("changelog: {0}")]
+    Changelog(String),
+    /// A changelog record could not be read back.
+    #[error("changelog record {seq} is corrupt: {what}")]
+    CorruptRecord { seq: u64, what: &'static str },
     /// A test asked this commit to fail.
     #[cfg(test)]
     #[error("injected commit failure")]
@@ -73,6 +79,26 @@ pub enum Part {
 }
 
 impl Part {
+    /// Every partition, in declaration order (the order of `Open::parts`).
+    pub const ALL: [Part; 12] = [
+        Part::Entries,
+        Part::Conversations,
+        Part::Memberships,
+        Part::Cursors,
+        Part::Dedupe,
+        Part::DedupeByTime,
+        Part::Router,
+        Part::Devices,
+        Part::Settings,
+        Part::Identities,
+        Part::Prekeys,
+        Part::Archives,
+    ];
+
+    fn from_code(code: u8) -> Option<Part> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Part::Entries => "entries",
@@ -147,7 +173,77 @@ impl WriteSet {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The set as bytes, for the fleet's changelog: a version byte, the
+    /// op count, then per op the partition's code, the key, and the value
+    /// (absent for a removal), lengths as `u32` big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let size: usize = self
+            .ops
+            .iter()
+            .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        let mut out = Vec::with_capacity(5 + size);
+        out.push(WRITE_SET_VERSION);
+        out.extend_from_slice(&(self.ops.len() as u32).to_be_bytes());
+        for (part, key, value) in &self.ops {
+            out.push(*part as u8);
+            out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            out.extend_from_slice(key);
+            match value {
+                Some(v) => {
+                    out.push(1);
+                    out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.push(0),
+            }
+        }
+        out
+    }
+
+    /// Reads what [`Self::encode`] wrote.
+    pub fn decode(mut raw: &[u8]) -> Result<Self, Corrupt> {
+        fn take<'a>(raw: &mut &'a [u8], n: usize) -> Result<&'a [u8], Corrupt> {
+            if raw.len() < n {
+                return Err(Corrupt("write set truncated"));
+            }
+            let (head, rest) = raw.split_at(n);
+            *raw = rest;
+            Ok(head)
+        }
+        fn len(raw: &mut &[u8]) -> Result<usize, Corrupt> {
+            let b = take(raw, 4)?;
+            Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        }
+        if take(&mut raw, 1)? != [WRITE_SET_VERSION] {
+            return Err(Corrupt("write set version"));
+        }
+        let count = len(&mut raw)?;
+        let mut set = WriteSet::default();
+        for _ in 0..count {
+            let part = Part::from_code(take(&mut raw, 1)?[0]).ok_or(Corrupt("partition"))?;
+            let n = len(&mut raw)?;
+            let key = take(&mut raw, n)?.to_vec();
+            let value = match take(&mut raw, 1)?[0] {
+                0 => None,
+                1 => {
+                    let n = len(&mut raw)?;
+                    Some(take(&mut raw, n)?.to_vec())
+                }
+                _ => return Err(Corrupt("write set op")),
+            };
+            set.write(part, key, value);
+        }
+        if !raw.is_empty() {
+            return Err(Corrupt("write set trailing bytes"));
+        }
+        Ok(set)
+    }
 }
+
+/// The format of an encoded [`WriteSet`].
+const WRITE_SET_VERSION: u8 = 1;
 
 /// The open keyspace and its partitions. Dropped whole when a failure
 /// poisons it, then opened again from disk (see [`Store::reopen`]).
@@ -784,6 +880,29 @@ mod tests {
         assert!(!membership_key("alicex", "d:a:b").starts_with(&user_prefix("alice")));
         assert!(entry_key("g:1", 1) < entry_key("g:1", 2));
         assert!(entry_key("g:1", 255) < entry_key("g:1", 256));
+    }
+
+    #[test]
+    fn a_write_set_reads_back_as_written() {
+        let mut set = WriteSet::default();
+        for (i, part) in Part::ALL.into_iter().enumerate() {
+            assert_eq!(part as usize, i, "Part::ALL is in declaration order");
+            set.put(part, vec![i as u8; i + 1], vec![7; 300 * i]);
+        }
+        set.remove(Part::Cursors, b"gone".to_vec());
+        set.put(Part::Entries, Vec::new(), Vec::new());
+        let encoded = set.encode();
+        let back = WriteSet::decode(&encoded).expect("decode");
+        assert_eq!(back.ops, set.ops);
+        for cut in [0, 1, 4, 5, encoded.len() / 2, encoded.len() - 1] {
+            assert!(WriteSet::decode(&encoded[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = encoded.clone();
+        bad[0] = 9;
+        assert!(WriteSet::decode(&bad).is_err());
+        let mut trailing = encoded;
+        trailing.push(0);
+        assert!(WriteSet::decode(&trailing).is_err());
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! Fleet mode's durability through the real router thread, against both
+//! changelog backends: the embedded log and NATS JetStream (a real
+//! nats-server). A partition's second owner rebuilds the store from the
+//! changelog and resumes exactly: sequences go on, a retried send is
+//! answered with its original `Sent`, and the first owner, still running
+//! as if it owned the partition, is fenced out on its next write.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{collect, device, frame, outlet, session, sync_done, ChannelOutlet};
+use courier_bus::local::LocalLog;
+use courier_bus::nats::{Nats, NatsConfig};
+use courier_bus::testing::NatsServer;
+use courier_bus::Log;
+use courier_protocol::frame::{ClientFrame, ServerFrame};
+use courier_router::api::{Command, Delivery, SessionKey};
+use courier_router::fleet::{self, Changelog};
+use courier_router::{Router, RouterConfig, RouterHandle};
+use prometheus_client::registry::Registry;
+
+const SUBJECT: &str = "t.log.p0";
+
+type Rx = std::sync::mpsc::Receiver<(u16, Vec<Delivery>)>;
+
+/// Replays the changelog into `dir` and starts an owner writing as `writer`.
+fn start_owner(
+    log: &Arc<dyn Log>,
+    dir: &Path,
+    writer: &str,
+) -> (RouterHandle, Rx, Arc<ChannelOutlet>) {
+    let last = fleet::replay(dir, &**log, SUBJECT, 0).unwrap();
+    let config = RouterConfig {
+        data_dir: dir.to_owned(),
+        changelog: Some(Changelog {
+            log: log.clone(),
+            subject: SUBJECT.into(),
+            writer: writer.into(),
+            last,
+        }),
+        ..RouterConfig::default()
+    };
+    let (out, rx) = outlet();
+    let router = Router::start(config, out.clone(), &mut Registry::default()).unwrap();
+    (router, rx, out)
+}
+
+fn attach_and_sync(router: &RouterHandle, rx: &Rx, s: SessionKey, user: &str) -> Vec<ServerFrame> {
+    router
+        .submit(Command::Attach {
+            session: s,
+            device: device(user),
+            issued_at_s: 0,
+        })
+        .unwrap();
+    let sync = ClientFrame::Sync {
+        tail: 0,
+        summary: false,
+        cursors: vec![],
+    };
+    router.submit(frame(s, user, sync)).unwrap();
+    collect(rx, |f| sync_done(f, s))
+        .into_iter()
+        .filter(|(k, _)| *k == s)
+        .map(|(_, f)| f)
+        .collect()
+}
+
+fn send(conversation: &str, client_id: u64) -> ClientFrame {
+    ClientFrame::Send {
+        conversation: conversation.into(),
+        client_id,
+        body: Bytes::from(format!("message {client_id}")),
+    }
+}
+
+/// Sends and waits for the answer to `client_id` on `s`.
+fn send_and_answer(router: &RouterHandle, rx: &Rx, s: SessionKey, client_id: u64) -> ServerFrame {
+    router
+        .submit(frame(s, "alice", send("d:alice:bob", client_id)))
+        .unwrap();
+    let answered = |f: &(SessionKey, ServerFrame)| {
+        f.0 == s
+            && matches!(&f.1, ServerFrame::Sent { client_id: c, .. }
+                | ServerFrame::Error { reference: c, .. } if *c == client_id)
+    };
+    collect(rx, |got| got.iter().any(answered))
+        .into_iter()
+        .find(answered)
+        .unwrap()
+        .1
+}
+
+fn takeover_resumes_exactly_and_fences_the_old_owner(log: Arc<dyn Log>) {
+    let dirs = tempfile::tempdir().unwrap();
+    let (alice, bob) = (session(0, 1), session(1, 1));
+
+    // The first owner takes three messages.
+    let (a, a_rx, _a_out) = start_owner(&log, &dirs.path().join("a"), "router-a.1");
+    attach_and_sync(&a, &a_rx, alice, "alice");
+    let mut sent = Vec::new();
+    for id in 1..=3 {
+        let answer = send_and_answer(&a, &a_rx, alice, id);
+        assert!(
+            matches!(answer, ServerFrame::Sent { seq, .. } if seq == id),
+            "{answer:?}"
+        );
+        sent.push(answer);
+    }
+    assert!(log.last(SUBJECT).unwrap() > 0);
+
+    // A second owner rebuilds the partition from the log alone, in a
+    // fresh directory, while the first is still running.
+    let (b, b_rx, _b_out) = start_owner(&log, &dirs.path().join("b"), "router-b.2");
+    let caught_up = attach_and_sync(&b, &b_rx, bob, "bob");
+    let seqs: Vec<u64> = caught_up
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message { seq, body, .. } => {
+                assert_eq!(*body, Bytes::from(format!("message {seq}")));
+                Some(*seq)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![1, 2, 3],
+        "catch-up on the new owner: {caught_up:?}"
+    );
+    attach_and_sync(&b, &b_rx, alice, "alice");
+    // A retry of an acknowledged send gets its original answer...
+    assert_eq!(send_and_answer(&b, &b_rx, alice, 3), sent[2]);
+    // ...and the sequence goes on where the first owner stopped.
+    let fourth = send_and_answer(&b, &b_rx, alice, 4);
+    assert!(
+        matches!(fourth, ServerFrame::Sent { seq: 4, .. }),
+        "{fourth:?}"
+    );
+
+    // The first owner, unaware, takes another send: the log refuses its
+    // append, the client gets 503 (never `Sent`), and it stops serving.
+    let stale = send_and_answer(&a, &a_rx, alice, 5);
+    assert!(
+        matches!(stale, ServerFrame::Error { code: 503, .. }),
+        "{stale:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.is_stopped() {
+        assert!(Instant::now() < deadline, "fenced owner kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The retry reaches the real owner and is sequenced after 4.
+    let fifth = send_and_answer(&b, &b_rx, alice, 5);
+    assert!(
+        matches!(fifth, ServerFrame::Sent { seq: 5, .. }),
+        "{fifth:?}"
+    );
+    b.shutdown();
+
+    // A third owner sees exactly 1..=5, once each.
+    let (c, c_rx, _c_out) = start_owner(&log, &dirs.path().join("c"), "router-c.3");
+    let all = attach_and_sync(&c, &c_rx, session(1, 2), "bob");
+    let seqs: Vec<u64> = all
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    c.shutdown();
+}
+
+#[test]
+fn embedded_log_takeover_resumes_exactly_and_fences_the_old_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap();
+    takeover_resumes_exactly_and_fences_the_old_owner(Arc::new(log));
+}
+
+#[test]
+fn jetstream_takeover_resumes_exactly_and_fences_the_old_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path()).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let log = nats
+        .log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
+        .unwrap();
+    takeover_resumes_exactly_and_fences_the_old_owner(Arc::new(log));
+}
