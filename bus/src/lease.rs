@@ -75,6 +75,11 @@ impl Lease {
             .map(|ttl| ttl.saturating_sub(self.written.elapsed()))
     }
 
+    /// The revision of the lease's last write (its create or renewal).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// The key.
     pub fn key(&self) -> &str {
         &self.key

@@ -129,6 +129,8 @@ pub trait Kv: Send + Sync + Debug {
     fn put(&self, key: &str, value: Bytes) -> Result<u64, BusError>;
     /// Deletes `key`; with `revision`, only if that is its current one.
     fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), BusError>;
+    /// The keys starting with `prefix` that hold a live value, sorted.
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, BusError>;
 }
 
 /// A message on a [`PubSub`] subject.

@@ -279,6 +279,18 @@ impl Kv for LocalKv {
         state.entries.remove(key);
         Ok(())
     }
+
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, BusError> {
+        let state = locked(&self.state);
+        let mut keys: Vec<String> = state
+            .entries
+            .keys()
+            .filter(|k| k.starts_with(prefix) && self.live(&state, k).is_some())
+            .cloned()
+            .collect();
+        keys.sort_unstable();
+        Ok(keys)
+    }
 }
 
 /// The live subscriptions: id, pattern, where their messages go.

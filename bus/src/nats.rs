@@ -377,6 +377,21 @@ impl Kv for NatsKv {
             None => unavailable(e),
         })
     }
+
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, BusError> {
+        self.nats.block_on(async {
+            let mut keys = Vec::new();
+            let mut all = self.store.keys().await.map_err(unavailable)?;
+            while let Some(key) = all.next().await {
+                let key = key.map_err(unavailable)?;
+                if key.starts_with(prefix) {
+                    keys.push(key);
+                }
+            }
+            keys.sort_unstable();
+            Ok(keys)
+        })
+    }
 }
 
 /// [`PubSub`] on core NATS subjects.

@@ -160,6 +160,12 @@ fn kv_compare_and_set(be: Backend) {
     // A deleted key can be created again.
     kv.create("k1", b("again")).expect("create after delete");
     kv.put("k1", b("put")).expect("put");
+    kv.put("k2.x", b("x")).expect("put");
+    kv.put("k3", b("y")).expect("put");
+    kv.delete("k3", None).expect("delete");
+    assert_eq!(kv.keys("k").expect("keys"), vec!["k1", "k2.x"]);
+    assert_eq!(kv.keys("k2.").expect("keys"), vec!["k2.x"]);
+    assert!(kv.keys("zz").expect("keys").is_empty());
     assert_eq!(kv.get("k1").expect("get").expect("value").value, b("put"));
     assert!(matches!(kv.get("bad key"), Err(BusError::Invalid(_))));
 }

@@ -21,13 +21,19 @@
 //! clients' unanswered sends are retried against the new owner and
 //! deduplicated there.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_bus::{BusError, Log};
+use courier_bus::lease::Lease;
+use courier_bus::{BusError, Kv, Log};
+use prometheus_client::registry::Registry;
+use rustc_hash::FxHashMap;
 
 use crate::store::{Store, StoreError, WriteSet};
+use crate::{RouterConfig, RouterHandle};
 
 /// Where a partition's batches go.
 #[derive(Clone, Debug)]
@@ -118,4 +124,394 @@ pub fn replay(
         })?;
     store.flush().map_err(|e| store_error(Box::new(e)))?;
     Ok(last)
+}
+
+/// How a router process takes its share of the partitions.
+#[derive(Clone, Debug)]
+pub struct OwnerConfig {
+    /// This router's id, unique in the fleet (it names its leases).
+    pub router_id: String,
+    /// How many partitions the conversations are spread over. Every
+    /// router and gateway of a fleet must agree on it.
+    pub partitions: u16,
+    /// How often leases are renewed and free partitions looked for.
+    /// Several scans fit in the lease bucket's TTL.
+    pub scan_interval: Duration,
+    /// Where the partitions' local stores live (one directory each,
+    /// rebuilt from the changelog on every takeover).
+    pub data_dir: PathBuf,
+    /// The changelog subject of partition `p` is `{subject_prefix}.{p}`.
+    pub subject_prefix: String,
+    /// The router settings every partition runs with (`data_dir` and
+    /// `changelog` are set per partition).
+    pub router: RouterConfig,
+}
+
+/// Which router serves each partition, and the routers of this process.
+///
+/// A supervisor thread keeps a lease per partition it serves in the lease
+/// bucket (key `partition.{p}`), renewed every scan, and a membership key
+/// (`router.{id}`) so the routers know how many they are. Each router
+/// aims at its fair share, ⌈partitions / live routers⌉: below it, it takes
+/// free partitions (replaying each one's changelog first); above it, it
+/// hands one back per scan (a clean stop, then the lease is released), so
+/// a second router that joins gets half of the work. When a router dies
+/// its leases expire after the bucket's TTL and the others take them, so
+/// a partition is served again within TTL + one scan + its replay.
+pub struct Owner {
+    shared: Arc<OwnerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owner")
+            .field("owned", &self.owned())
+            .finish()
+    }
+}
+
+/// Makes the outlet a partition's router delivers to.
+pub type OutletFactory = Arc<dyn Fn(u16) -> Arc<dyn crate::api::Outlet> + Send + Sync>;
+
+struct OwnerShared {
+    serving: Mutex<FxHashMap<u16, RouterHandle>>,
+    /// 0: run; 1: stop cleanly; 2: stop as if killed (tests).
+    stop: AtomicU8,
+}
+
+/// One partition this process serves.
+struct Served {
+    lease: Lease,
+    router: RouterHandle,
+}
+
+impl Owner {
+    /// Starts the supervisor thread. `leases` must have a TTL.
+    pub fn start(
+        config: OwnerConfig,
+        log: Arc<dyn Log>,
+        leases: Arc<dyn Kv>,
+        outlets: OutletFactory,
+    ) -> Result<Self, crate::RouterError> {
+        if leases.ttl().is_none() || config.partitions == 0 {
+            return Err(crate::RouterError::Config {
+                key: "partitions",
+                reason: "fleet mode needs at least one partition and a lease TTL".into(),
+            });
+        }
+        let shared = Arc::new(OwnerShared {
+            serving: Mutex::new(FxHashMap::default()),
+            stop: AtomicU8::new(0),
+        });
+        let supervisor = Supervisor {
+            config,
+            log,
+            leases,
+            outlets,
+            shared: shared.clone(),
+            served: FxHashMap::default(),
+            member: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("courier-leases".into())
+            .spawn(move || supervisor.run())
+            .map_err(crate::RouterError::Spawn)?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The router serving `partition` in this process, if any.
+    pub fn handle(&self, partition: u16) -> Option<RouterHandle> {
+        lock(&self.shared.serving).get(&partition).cloned()
+    }
+
+    /// The partitions this process serves, sorted.
+    pub fn owned(&self) -> Vec<u16> {
+        let mut owned: Vec<u16> = lock(&self.shared.serving).keys().copied().collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    /// Stops every partition cleanly and releases the leases, so other
+    /// routers take over at once.
+    pub fn stop(mut self) {
+        self.shared.stop.store(1, Ordering::Release);
+        self.join();
+    }
+
+    /// Stops renewing and abandons the partitions without a word, as a
+    /// killed process would (for tests): the leases expire by themselves.
+    pub fn abandon(mut self) {
+        self.shared.stop.store(2, Ordering::Release);
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("lease supervisor panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shared.stop.store(1, Ordering::Release);
+            self.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Supervisor {
+    config: OwnerConfig,
+    log: Arc<dyn Log>,
+    leases: Arc<dyn Kv>,
+    outlets: OutletFactory,
+    shared: Arc<OwnerShared>,
+    served: FxHashMap<u16, Served>,
+    member: Option<Lease>,
+}
+
+impl Supervisor {
+    fn run(mut self) {
+        loop {
+            match self.shared.stop.load(Ordering::Acquire) {
+                0 => {}
+                1 => return self.stop_all(),
+                _ => return self.abandon_all(),
+            }
+            self.renew();
+            self.balance();
+            std::thread::sleep(self.config.scan_interval);
+        }
+    }
+
+    fn partition_key(p: u16) -> String {
+        format!("partition.{p}")
+    }
+
+    /// Renews every lease; drops partitions whose lease is lost or whose
+    /// router stopped (fenced, or its changelog failed).
+    fn renew(&mut self) {
+        let member_key = format!("router.{}", self.config.router_id);
+        match self.member.as_mut().map(Lease::renew) {
+            Some(Ok(())) => {}
+            _ => {
+                self.member = Lease::try_acquire(&self.leases, &member_key, b"")
+                    .ok()
+                    .flatten();
+            }
+        }
+        let mut dropped = Vec::new();
+        for (p, served) in &mut self.served {
+            if served.router.is_stopped() {
+                tracing::warn!(
+                    partition = p,
+                    "partition router stopped; giving the partition up"
+                );
+                dropped.push((*p, true));
+                continue;
+            }
+            match served.lease.renew() {
+                Ok(()) => {}
+                Err(BusError::Conflict(why)) => {
+                    tracing::warn!(partition = p, %why, "partition lease lost");
+                    dropped.push((*p, false));
+                }
+                Err(e) => {
+                    // Unreachable bucket: keep serving only while the lease
+                    // is certainly ours; the log's fence guards the rest.
+                    let left = served.lease.valid_for().unwrap_or_default();
+                    if left < self.config.scan_interval * 2 {
+                        tracing::warn!(partition = p, error = %e, "cannot renew the partition lease; stopping before it runs out");
+                        dropped.push((*p, false));
+                    }
+                }
+            }
+        }
+        for (p, release) in dropped {
+            self.give_up(p, release);
+        }
+    }
+
+    /// Takes free partitions up to the fair share, or hands one back above it.
+    fn balance(&mut self) {
+        let routers = self.leases.keys("router.").map_or(1, |k| k.len().max(1));
+        let partitions = usize::from(self.config.partitions);
+        let share = partitions.div_ceil(routers);
+        if self.served.len() > share {
+            if let Some(p) = self.served.keys().copied().max() {
+                tracing::info!(
+                    partition = p,
+                    share,
+                    routers,
+                    "handing a partition back for balance"
+                );
+                self.give_up(p, true);
+            }
+            return;
+        }
+        // Start from an offset of our own so routers starting together do
+        // not all race for partition 0.
+        let offset = self.config.router_id.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        for i in 0..partitions {
+            if self.served.len() >= share || self.shared.stop.load(Ordering::Acquire) != 0 {
+                break;
+            }
+            let p = ((offset + i) % partitions) as u16;
+            if self.served.contains_key(&p) {
+                continue;
+            }
+            match Lease::try_acquire(
+                &self.leases,
+                &Self::partition_key(p),
+                self.config.router_id.as_bytes(),
+            ) {
+                Ok(Some(lease)) => self.take(p, lease),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease bucket unavailable");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Replays partition `p` into a fresh directory and starts its router.
+    fn take(&mut self, p: u16, mut lease: Lease) {
+        let started = Instant::now();
+        let dir = self.config.data_dir.join(format!("partition-{p}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let subject = format!("{}.{p}", self.config.subject_prefix);
+        let last = match replay(&dir, &*self.log, &subject, 0) {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::error!(partition = p, error = %e, "replaying the changelog failed; releasing the partition");
+                let _ = lease.release();
+                return;
+            }
+        };
+        if lease.renew().is_err() {
+            tracing::warn!(partition = p, "lease lost during the replay");
+            return;
+        }
+        let router = RouterConfig {
+            data_dir: dir,
+            changelog: Some(Changelog {
+                log: self.log.clone(),
+                subject,
+                writer: format!("{}.{}", self.config.router_id, lease_epoch(&lease)),
+                last,
+            }),
+            ..self.config.router.clone()
+        };
+        let outlet = (self.outlets)(p);
+        match crate::Router::start(router, outlet, &mut Registry::default()) {
+            Ok(handle) => {
+                tracing::info!(
+                    partition = p,
+                    replayed_to = last,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "serving partition"
+                );
+                lock(&self.shared.serving).insert(p, handle.clone());
+                self.served.insert(
+                    p,
+                    Served {
+                        lease,
+                        router: handle,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(partition = p, error = %e, "starting the partition router failed");
+                let _ = lease.release();
+            }
+        }
+    }
+
+    /// Stops serving `p`; with `release`, lets another take it at once.
+    fn give_up(&mut self, p: u16, release: bool) {
+        lock(&self.shared.serving).remove(&p);
+        if let Some(served) = self.served.remove(&p) {
+            served.router.shutdown();
+            if release {
+                let _ = served.lease.release();
+            }
+        }
+    }
+
+    fn stop_all(mut self) {
+        let owned: Vec<u16> = self.served.keys().copied().collect();
+        for p in owned {
+            self.give_up(p, true);
+        }
+        if let Some(member) = self.member.take() {
+            let _ = member.release();
+        }
+    }
+
+    fn abandon_all(mut self) {
+        lock(&self.shared.serving).clear();
+        // The routers are left to the log's fence: their next append, if
+        // any, is refused once a new owner wrote.
+        for (_, served) in self.served.drain() {
+            drop(served.lease);
+            std::mem::forget(served.router);
+        }
+    }
+}
+
+/// The revision that created or last renewed the lease: unique per owner
+/// epoch, so it tells this owner's appends from any other's.
+fn lease_epoch(lease: &Lease) -> u64 {
+    lease.revision()
+}
+
+/// The partition of `key` (a conversation id, or a user id for what is
+/// per user) among `partitions`: FNV-1a over its bytes, so every process
+/// and every version computes the same partition.
+pub fn partition_of(key: &str, partitions: u16) -> u16 {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % u64::from(partitions.max(1))) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_of;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        // Fixed values: changing the hash would move every conversation.
+        assert_eq!(
+            partition_of("d:alice:bob", 64),
+            partition_of("d:alice:bob", 64)
+        );
+        assert_eq!(
+            partition_of("", 16),
+            (0xcbf2_9ce4_8422_2325_u64 % 16) as u16
+        );
+        let mut counts = [0u32; 16];
+        for i in 0..16_000 {
+            counts[usize::from(partition_of(&format!("g:{i:016x}"), 16))] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+        assert_eq!(partition_of("x", 0), 0);
+    }
 }

@@ -1,0 +1,163 @@
+//! Partition ownership through leases, against both bus backends: two
+//! routers split the partitions, and when one dies without a word the
+//! other takes its partitions over within the lease TTL and resumes them
+//! from the changelog.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{collect, device, frame, outlet, session, sync_done};
+use courier_bus::local::{LocalKv, LocalLog};
+use courier_bus::nats::{Nats, NatsConfig};
+use courier_bus::testing::NatsServer;
+use courier_bus::{Kv, Log};
+use courier_protocol::frame::{ClientFrame, ServerFrame};
+use courier_router::api::{Command, Delivery, Outlet, SessionKey};
+use courier_router::fleet::{OutletFactory, Owner, OwnerConfig};
+use courier_router::{RouterConfig, RouterHandle};
+
+const PARTITIONS: u16 = 4;
+const TTL: Duration = Duration::from_secs(2);
+
+type Rx = std::sync::mpsc::Receiver<(u16, Vec<Delivery>)>;
+
+/// Every partition of a process delivers into one channel.
+fn outlets() -> (OutletFactory, Rx) {
+    let (out, rx) = outlet();
+    let out: Arc<dyn Outlet> = out;
+    (Arc::new(move |_| out.clone()), rx)
+}
+
+fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) -> (Owner, Rx) {
+    let (factory, rx) = outlets();
+    let config = OwnerConfig {
+        router_id: id.into(),
+        partitions: PARTITIONS,
+        scan_interval: Duration::from_millis(200),
+        data_dir: dir.join(id),
+        subject_prefix: "t.log".into(),
+        router: RouterConfig::default(),
+    };
+    (
+        Owner::start(config, log.clone(), kv.clone(), factory).unwrap(),
+        rx,
+    )
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+fn send_and_answer(router: &RouterHandle, rx: &Rx, s: SessionKey, id: u64) -> ServerFrame {
+    let send = ClientFrame::Send {
+        conversation: "d:alice:bob".into(),
+        client_id: id,
+        body: Bytes::from(format!("m{id}")),
+    };
+    router.submit(frame(s, "alice", send)).unwrap();
+    let answered = |f: &(SessionKey, ServerFrame)| {
+        f.0 == s && matches!(&f.1, ServerFrame::Sent { client_id, .. } if *client_id == id)
+    };
+    collect(rx, |got| got.iter().any(answered))
+        .into_iter()
+        .find(answered)
+        .unwrap()
+        .1
+}
+
+fn attach(router: &RouterHandle, rx: &Rx, s: SessionKey) {
+    router
+        .submit(Command::Attach {
+            session: s,
+            device: device("alice"),
+            issued_at_s: 0,
+        })
+        .unwrap();
+    let sync = ClientFrame::Sync {
+        tail: 0,
+        summary: false,
+        cursors: vec![],
+    };
+    router.submit(frame(s, "alice", sync)).unwrap();
+    collect(rx, |f| sync_done(f, s));
+}
+
+fn a_dead_routers_partitions_move_to_the_survivor(log: Arc<dyn Log>, kv: Arc<dyn Kv>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_rx) = owner("router-a", dir.path(), &log, &kv);
+    wait_until("a takes every partition", Duration::from_secs(30), || {
+        a.owned().len() == usize::from(PARTITIONS)
+    });
+    let p0 = a.handle(0).unwrap();
+    let alice = session(0, 1);
+    attach(&p0, &a_rx, alice);
+    let mut sent = Vec::new();
+    for id in 1..=3 {
+        sent.push(send_and_answer(&p0, &a_rx, alice, id));
+    }
+
+    // A second router joins: the partitions are split two and two.
+    let (b, b_rx) = owner("router-b", dir.path(), &log, &kv);
+    wait_until("the partitions are split", Duration::from_secs(30), || {
+        a.owned().len() == 2 && b.owned().len() == 2
+    });
+
+    // The first dies without releasing anything.
+    a.abandon();
+    let took = wait_until("b takes every partition", Duration::from_secs(30), || {
+        b.owned().len() == usize::from(PARTITIONS)
+    });
+    assert!(took < TTL * 4, "takeover took {took:?}");
+    eprintln!("takeover after a silent death: {took:?} (lease TTL {TTL:?})");
+
+    // Partition 0 resumes on the survivor exactly where it stopped.
+    let p0 = b.handle(0).unwrap();
+    let alice = session(0, 2);
+    attach(&p0, &b_rx, alice);
+    assert_eq!(send_and_answer(&p0, &b_rx, alice, 3), sent[2]);
+    let fourth = send_and_answer(&p0, &b_rx, alice, 4);
+    assert!(
+        matches!(fourth, ServerFrame::Sent { seq: 4, .. }),
+        "{fourth:?}"
+    );
+    b.stop();
+    assert!(
+        kv.keys("partition.").unwrap().is_empty(),
+        "leases released at stop"
+    );
+}
+
+#[test]
+fn embedded_bus_a_dead_routers_partitions_move_to_the_survivor() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
+    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(TTL)));
+    a_dead_routers_partitions_move_to_the_survivor(log, kv);
+}
+
+#[test]
+fn jetstream_a_dead_routers_partitions_move_to_the_survivor() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path()).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let log: Arc<dyn Log> = Arc::new(
+        nats.log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
+            .unwrap(),
+    );
+    let kv: Arc<dyn Kv> = Arc::new(nats.kv("test_leases", Some(TTL), 1).unwrap());
+    a_dead_routers_partitions_move_to_the_survivor(log, kv);
+}
