@@ -211,6 +211,14 @@ impl std::fmt::Debug for NatsLog {
     }
 }
 
+impl NatsLog {
+    /// The name of the server leading the stream's replicas, if known.
+    pub fn leader(&self) -> Option<String> {
+        let info = self.nats.block_on(self.stream.get_info()).ok()?;
+        info.cluster.and_then(|c| c.leader)
+    }
+}
+
 impl Log for NatsLog {
     fn append(
         &self,
