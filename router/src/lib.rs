@@ -24,8 +24,11 @@
 //! keys, signed prekeys, one-time prekeys handed out once) and relays
 //! per-device ciphertexts and history archives it cannot read.
 //!
-//! What it does not do: sockets, tokens, push, or talk to other nodes. Those belong to the gateway or are
-//! later work; see `docs/router.md` for the design and its known limits.
+//! What it does not do: sockets or tokens (the gateway's). In fleet mode
+//! ([`fleet`]) the same core runs once per partition, its batches made
+//! durable in a JetStream changelog instead of the local journal; see
+//! `docs/router.md` and `docs/architecture.md` for the design and its
+//! known limits.
 //!
 //! [`RouterCore`] is the logic without the thread, for tests and benches;
 //! [`Router::start`] wraps it in the thread and hands out [`RouterHandle`]s.
