@@ -50,6 +50,19 @@ pub enum DriverChoice {
     Legacy,
 }
 
+/// What this process is in a deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The single node: gateway with the router and its store embedded.
+    Node,
+    /// Fleet mode's connection tier: sessions only; commands go to the
+    /// routers over NATS.
+    Gateway,
+    /// Fleet mode's message tier: serves its share of the partitions, no
+    /// WebSocket listener.
+    Router,
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -192,6 +205,30 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "COURIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// What this process is: `node` (the single node, the default),
+    /// or fleet mode's `gateway` or `router`.
+    #[arg(long, env = "COURIER_ROLE", value_enum, default_value_t = Role::Node)]
+    pub role: Role,
+    /// Fleet mode: NATS server URLs, comma-separated.
+    #[arg(
+        long,
+        env = "COURIER_NATS",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats: Vec<String>,
+    /// Fleet mode: partitions the conversations are spread over; every
+    /// gateway and router of a fleet must agree.
+    #[arg(long, env = "COURIER_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub partitions: u16,
+    /// Fleet mode: replicas of the changelog stream and the lease bucket
+    /// (3 on a 3-server cluster; 1 on a single test server).
+    #[arg(long, env = "COURIER_NATS_REPLICAS", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub nats_replicas: u16,
+    /// Fleet mode: milliseconds a router's partition lease lives without a
+    /// renewal; a dead router's partitions are taken over after about this.
+    #[arg(long, env = "COURIER_LEASE_TTL_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(500..=60_000))]
+    pub lease_ttl_ms: u64,
 }
 
 impl ServeArgs {

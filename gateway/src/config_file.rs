@@ -81,6 +81,11 @@ pub const KEYS: &[Key] = &[
     key("metrics", "admin_token_file", "admin_token_file"),
     key("log", "filter", "log_filter"),
     key("log", "format", "log_format"),
+    key("fleet", "role", "role"),
+    key("fleet", "nats", "nats"),
+    key("fleet", "partitions", "partitions"),
+    key("fleet", "nats_replicas", "nats_replicas"),
+    key("fleet", "lease_ttl_ms", "lease_ttl_ms"),
 ];
 
 /// Arguments that are about the file itself and have no key.

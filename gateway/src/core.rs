@@ -37,7 +37,6 @@ use courier_protocol::token::{self, Secret};
 use courier_protocol::ws::{self, Decoder, Event, Limits, Opcode, Role};
 use courier_protocol::{close, error::ErrorCode};
 use courier_router::api::{Class, Command, Delivery, Device, SessionKey};
-use courier_router::RouterHandle;
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
@@ -110,7 +109,7 @@ pub struct Shared {
     /// The token secret.
     pub secret: Secret,
     /// Where commands go.
-    pub router: RouterHandle,
+    pub router: crate::fleet::Upstream,
     /// Each core's mailbox, indexed by core number.
     pub mailboxes: Vec<Arc<Mailbox<CoreMsg>>>,
     /// Metrics.
@@ -851,6 +850,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         counted_ip: ip_guard.map(|g| Box::new(g.hand_over())),
     });
     let key = SessionKey {
+        node: shared.config.node_id,
         core: core.id,
         slot: slot as u32,
         generation,

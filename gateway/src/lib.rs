@@ -18,6 +18,7 @@ pub mod alloc;
 pub mod config;
 pub mod config_file;
 pub mod core;
+pub mod fleet;
 pub mod handshake;
 pub mod iplimit;
 pub mod mailbox;

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log_filter, args.log_format);
+    if args.role == courier_gateway::config::Role::Router {
+        return courier_gateway::fleet::run_router(args);
+    }
     let node = Node::start(args)?;
     let trigger = node.shutdown_trigger();
     let mut signals = signal_hook::iterator::Signals::new([

@@ -13,8 +13,9 @@ use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin::{Access, AdminToken};
-use crate::config::{DriverChoice, ServeArgs};
+use crate::config::{DriverChoice, Role, ServeArgs};
 use crate::core::{self, CoreMsg, Shared};
+use crate::fleet::{FleetLink, Upstream};
 use crate::mailbox::Mailbox;
 use crate::metrics::{self, GatewayMetrics};
 use crate::process;
@@ -106,26 +107,17 @@ impl Node {
 
         let mailboxes: Vec<_> = (0..cores).map(|_| Arc::new(Mailbox::new())).collect();
         let mut registry = Registry::default();
-        let router = Router::start(
-            RouterConfig {
-                data_dir: args.data_dir.join("store"),
-                node_id: args.node_id,
-                max_body: args.max_body,
-                max_group_members: args.max_group_members,
-                send_rate_per_s: args.send_rate,
-                send_burst: args.send_burst,
-                dedupe_window: Duration::from_secs(args.dedupe_hours * 3600),
-                batch_linger: Duration::from_micros(args.batch_linger_us),
-                max_devices: usize::from(args.max_devices),
-                typing_ttl: Duration::from_millis(args.typing_ttl_ms),
-                presence_debounce: Duration::from_millis(args.presence_debounce_ms),
-                presence_writes_per_s: args.presence_writes_per_s,
-                ..RouterConfig::default()
-            },
-            Arc::new(CoreOutlet(mailboxes.clone())),
-            &mut registry,
-        )
-        .context("starting the router and its store")?;
+        let router = match args.role {
+            Role::Gateway => Upstream::Fleet(FleetLink::start(&args, mailboxes.clone())?),
+            _ => Upstream::Embedded(
+                Router::start(
+                    router_config(&args),
+                    Arc::new(CoreOutlet(mailboxes.clone())),
+                    &mut registry,
+                )
+                .context("starting the router and its store")?,
+            ),
+        };
         let gateway_metrics = GatewayMetrics::register(&mut registry);
         registry.register_collector(Box::new(process::ProcessCollector));
         let ready = Arc::new(AtomicBool::new(true));
@@ -298,6 +290,25 @@ fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net
         out.push(socket.into());
     }
     Ok(out)
+}
+
+/// The router settings the flags ask for.
+pub fn router_config(args: &ServeArgs) -> RouterConfig {
+    RouterConfig {
+        data_dir: args.data_dir.join("store"),
+        node_id: args.node_id,
+        max_body: args.max_body,
+        max_group_members: args.max_group_members,
+        send_rate_per_s: args.send_rate,
+        send_burst: args.send_burst,
+        dedupe_window: Duration::from_secs(args.dedupe_hours * 3600),
+        batch_linger: Duration::from_micros(args.batch_linger_us),
+        max_devices: usize::from(args.max_devices),
+        typing_ttl: Duration::from_millis(args.typing_ttl_ms),
+        presence_debounce: Duration::from_millis(args.presence_debounce_ms),
+        presence_writes_per_s: args.presence_writes_per_s,
+        ..RouterConfig::default()
+    }
 }
 
 /// The per-IP limits the flags ask for (`None`: both off).

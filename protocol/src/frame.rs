@@ -408,7 +408,8 @@ pub enum ServerFrame {
     },
 }
 
-mod ty {
+/// The type byte that starts each frame's payload (docs/protocol.md).
+pub mod ty {
     pub const SEND: u8 = 0x01;
     pub const DELIVERED: u8 = 0x02;
     pub const READ: u8 = 0x03;

@@ -22,6 +22,9 @@ use courier_protocol::frame::ClientFrame;
 /// instead of reaching a stranger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SessionKey {
+    /// The gateway process (its node id) that holds the session: 0 on a
+    /// single node; in a fleet, where the router sends its deliveries.
+    pub node: u16,
     /// The gateway core (thread) that owns the session.
     pub core: u16,
     /// The session's slot in the core's slab.

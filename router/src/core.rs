@@ -1682,9 +1682,13 @@ impl RouterCore {
         })
     }
 
-    /// Picks a group number no conversation has.
+    /// Picks a group number no conversation has; in fleet mode one whose
+    /// id falls in this router's partition, so the group is ordered here.
     fn new_group_id(&mut self) -> Result<String, Reject> {
-        for _ in 0..8 {
+        let (mine, partitions) = self.config.partition.unwrap_or((0, 1));
+        // Each try lands in this partition with probability 1/partitions.
+        let tries = 8 * usize::from(partitions.max(1));
+        for _ in 0..tries {
             let n = getrandom::u64().map_err(|e| {
                 tracing::error!(error = %e, "the system random source failed");
                 Reject::new(
@@ -1693,6 +1697,9 @@ impl RouterCore {
                 )
             })?;
             let id = ids::group_conversation(n);
+            if crate::fleet::partition_of(&id, partitions) != mine {
+                continue;
+            }
             if !self.conversations.contains_key(id.as_str())
                 && self.store.conversation(&id)?.is_none()
             {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_bus::lease::Lease;
-use courier_bus::{BusError, Kv, Log};
+use courier_bus::{BusError, Kv, Log, PubSub};
 use prometheus_client::registry::Registry;
 use rustc_hash::FxHashMap;
 
@@ -145,6 +145,12 @@ pub struct OwnerConfig {
     /// The router settings every partition runs with (`data_dir` and
     /// `changelog` are set per partition).
     pub router: RouterConfig,
+    /// Where a served partition takes its commands and announces its new
+    /// owner: with a bus, each partition's router reads batches from
+    /// `courier.cmd.<p>` and `courier.owner.<p>` is published when it
+    /// starts serving. Without (tests), commands go in through
+    /// [`Owner::handle`].
+    pub intake: Option<Arc<dyn PubSub>>,
 }
 
 /// Which router serves each partition, and the routers of this process.
@@ -414,6 +420,7 @@ impl Supervisor {
                 writer: format!("{}.{}", self.config.router_id, lease_epoch(&lease)),
                 last,
             }),
+            partition: Some((p, self.config.partitions)),
             ..self.config.router.clone()
         };
         let outlet = (self.outlets)(p);
@@ -426,6 +433,11 @@ impl Supervisor {
                     "serving partition"
                 );
                 lock(&self.shared.serving).insert(p, handle.clone());
+                if let Some(bus) = &self.config.intake {
+                    if let Err(e) = start_intake(bus, p, &handle, &self.config.router_id) {
+                        tracing::error!(partition = p, error = %e, "cannot subscribe to the partition's commands");
+                    }
+                }
                 self.served.insert(
                     p,
                     Served {
@@ -513,5 +525,80 @@ mod tests {
             "{counts:?}"
         );
         assert_eq!(partition_of("x", 0), 0);
+    }
+}
+
+/// The subject gateways publish partition `p`'s commands on.
+pub fn command_subject(p: u16) -> String {
+    format!("courier.cmd.{p}")
+}
+
+/// The subject a router publishes on when it starts serving partition `p`.
+pub fn owner_subject(p: u16) -> String {
+    format!("courier.owner.{p}")
+}
+
+/// The subject routers publish deliveries for gateway `node` on.
+pub fn gateway_subject(node: u16) -> String {
+    format!("courier.gw.{node}")
+}
+
+/// Subscribes partition `p`'s router to its command subject (a thread that
+/// submits each batch's commands in order, until the router stops) and
+/// announces the new owner, so gateways attach their sessions again.
+fn start_intake(
+    bus: &Arc<dyn PubSub>,
+    p: u16,
+    router: &RouterHandle,
+    router_id: &str,
+) -> Result<(), BusError> {
+    let subscription = bus.subscribe(&command_subject(p))?;
+    let router = router.clone();
+    std::thread::Builder::new()
+        .name(format!("courier-intake-{p}"))
+        .spawn(move || {
+            while !router.is_stopped() {
+                let Some(message) = subscription.recv_timeout(Duration::from_millis(250)) else {
+                    continue;
+                };
+                match crate::wire::decode_commands(message.payload) {
+                    Ok(commands) => {
+                        for command in commands {
+                            // A refused command (overload, stopping) is a
+                            // client's to retry, like a lost one.
+                            let _ = router.submit(command);
+                        }
+                    }
+                    Err(e) => tracing::warn!(partition = p, error = %e, "dropped a malformed command batch"),
+                }
+            }
+        })
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    bus.publish(
+        &owner_subject(p),
+        Bytes::copy_from_slice(router_id.as_bytes()),
+    )
+}
+
+/// An [`crate::api::Outlet`] that publishes each batch to the gateways
+/// holding its sessions, one message per gateway.
+#[derive(Debug)]
+pub struct BusOutlet(pub Arc<dyn PubSub>);
+
+impl crate::api::Outlet for BusOutlet {
+    fn deliver(&self, _core: u16, batch: Vec<crate::api::Delivery>) {
+        let mut by_node: FxHashMap<u16, Vec<crate::api::Delivery>> = FxHashMap::default();
+        for delivery in batch {
+            by_node
+                .entry(delivery.session().node)
+                .or_default()
+                .push(delivery);
+        }
+        for (node, deliveries) in by_node {
+            let payload = Bytes::from(crate::wire::encode_deliveries(&deliveries));
+            if let Err(e) = self.0.publish(&gateway_subject(node), payload) {
+                tracing::warn!(gateway = node, error = %e, "publishing deliveries failed; the sessions catch up on reconnect");
+            }
+        }
     }
 }

@@ -43,6 +43,7 @@ mod metrics;
 mod rate;
 mod server_id;
 mod store;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;
@@ -124,6 +125,9 @@ pub struct RouterConfig {
     /// rebuild). `None`, the single node: the store's own journal is the
     /// durable log.
     pub changelog: Option<fleet::Changelog>,
+    /// Fleet mode: this router's partition and the partition count; new
+    /// groups get ids in this partition.
+    pub partition: Option<(u16, u16)>,
 }
 
 impl Default for RouterConfig {
@@ -154,6 +158,7 @@ impl Default for RouterConfig {
             archive_max_bytes: 65_536,
             archive_ttl: Duration::from_secs(24 * 3600),
             changelog: None,
+            partition: None,
         }
     }
 }

@@ -42,6 +42,7 @@ fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) 
         data_dir: dir.join(id),
         subject_prefix: "t.log".into(),
         router: RouterConfig::default(),
+        intake: None,
     };
     (
         Owner::start(config, log.clone(), kv.clone(), factory).unwrap(),

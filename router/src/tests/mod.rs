@@ -96,6 +96,7 @@ impl Harness {
         self.next_slot += 1;
         Client {
             session: SessionKey {
+                node: 0,
                 core,
                 slot: self.next_slot,
                 generation: 1,

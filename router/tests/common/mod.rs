@@ -44,6 +44,7 @@ pub fn outlet() -> (Arc<ChannelOutlet>, Receiver<(u16, Vec<Delivery>)>) {
 
 pub fn session(core: u16, slot: u32) -> SessionKey {
     SessionKey {
+        node: 0,
         core,
         slot,
         generation: 1,

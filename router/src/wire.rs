@@ -1,0 +1,449 @@
+//! The fleet's wire between gateways and routers: batches of [`Command`]s
+//! (gateway to a partition's router, on `courier.cmd.<partition>`) and of
+//! [`Delivery`]s (router to a gateway, on `courier.gw.<node>`).
+//!
+//! One NATS message carries a whole batch, so a busy gateway publishes once
+//! per partition per drain, not once per frame. Integers are big-endian,
+//! strings and byte strings are `u32`-length-prefixed. A client frame
+//! travels in its client-protocol encoding; an outbound frame as the
+//! complete WebSocket frame the router built. Times cross processes as
+//! wall-clock microseconds and become `Instant`s again on arrival, so the
+//! SENT and delivery latency clocks include the bus hops (on one machine;
+//! across machines they include the clocks' skew too, clamped at zero).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+use courier_protocol::frame::ClientFrame;
+
+use crate::api::{Class, Command, Delivery, Device, SessionKey};
+
+/// Why a batch could not be read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed fleet batch: {0}")]
+pub struct Malformed(pub &'static str);
+
+const COMMANDS_V1: u8 = 0xc1;
+const DELIVERIES_V1: u8 = 0xd1;
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The wall-clock time of `at` (an instant of this process).
+fn to_wall(at: Instant) -> u64 {
+    wall_us().saturating_sub(at.elapsed().as_micros() as u64)
+}
+
+/// The instant of this process at wall-clock `us` (never in the future).
+fn from_wall(us: u64) -> Instant {
+    let ago = Duration::from_micros(wall_us().saturating_sub(us));
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.put_u32(b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+fn put_session(out: &mut Vec<u8>, s: &SessionKey) {
+    out.put_u16(s.node);
+    out.put_u16(s.core);
+    out.put_u32(s.slot);
+    out.put_u32(s.generation);
+}
+
+fn put_device(out: &mut Vec<u8>, d: &Device) {
+    put_bytes(out, d.user.as_bytes());
+    out.put_u32(d.device);
+}
+
+/// Reads from a received batch, every read bounds-checked.
+struct Reader(Bytes);
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), Malformed> {
+        if self.0.remaining() < n {
+            Err(Malformed("truncated"))
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, Malformed> {
+        self.need(1)?;
+        Ok(self.0.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, Malformed> {
+        self.need(2)?;
+        Ok(self.0.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, Malformed> {
+        self.need(4)?;
+        Ok(self.0.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, Malformed> {
+        self.need(8)?;
+        Ok(self.0.get_u64())
+    }
+    fn bytes(&mut self) -> Result<Bytes, Malformed> {
+        let n = self.u32()? as usize;
+        self.need(n)?;
+        Ok(self.0.split_to(n))
+    }
+    fn session(&mut self) -> Result<SessionKey, Malformed> {
+        Ok(SessionKey {
+            node: self.u16()?,
+            core: self.u16()?,
+            slot: self.u32()?,
+            generation: self.u32()?,
+        })
+    }
+    fn device(&mut self) -> Result<Device, Malformed> {
+        let user = self.bytes()?;
+        let user = std::str::from_utf8(&user).map_err(|_| Malformed("user id"))?;
+        Ok(Device {
+            user: Arc::from(user),
+            device: self.u32()?,
+        })
+    }
+    fn done(&self) -> Result<(), Malformed> {
+        if self.0.has_remaining() {
+            Err(Malformed("trailing bytes"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Encodes a batch of commands.
+pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + commands.len() * 96);
+    out.put_u8(COMMANDS_V1);
+    out.put_u32(commands.len() as u32);
+    for command in commands {
+        match command {
+            Command::Attach {
+                session,
+                device,
+                issued_at_s,
+            } => {
+                out.put_u8(1);
+                put_session(&mut out, session);
+                put_device(&mut out, device);
+                out.put_u64(*issued_at_s);
+            }
+            Command::Detach {
+                session,
+                device,
+                last_seen_ms,
+            } => {
+                out.put_u8(2);
+                put_session(&mut out, session);
+                put_device(&mut out, device);
+                out.put_u64(*last_seen_ms);
+            }
+            Command::Frame {
+                session,
+                device,
+                frame,
+                received_at,
+            } => {
+                out.put_u8(3);
+                put_session(&mut out, session);
+                put_device(&mut out, device);
+                out.put_u64(to_wall(*received_at));
+                let mut encoded = Vec::with_capacity(64);
+                frame.encode(&mut encoded);
+                put_bytes(&mut out, &encoded);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes a batch of commands.
+pub fn decode_commands(raw: Bytes) -> Result<Vec<Command>, Malformed> {
+    let mut r = Reader(raw);
+    if r.u8()? != COMMANDS_V1 {
+        return Err(Malformed("not a command batch"));
+    }
+    let n = r.u32()? as usize;
+    let mut out = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let command = match r.u8()? {
+            1 => Command::Attach {
+                session: r.session()?,
+                device: r.device()?,
+                issued_at_s: r.u64()?,
+            },
+            2 => Command::Detach {
+                session: r.session()?,
+                device: r.device()?,
+                last_seen_ms: r.u64()?,
+            },
+            3 => {
+                let session = r.session()?;
+                let device = r.device()?;
+                let received_at = from_wall(r.u64()?);
+                let frame =
+                    ClientFrame::decode(&r.bytes()?).map_err(|_| Malformed("client frame"))?;
+                Command::Frame {
+                    session,
+                    device,
+                    frame,
+                    received_at,
+                }
+            }
+            _ => return Err(Malformed("command kind")),
+        };
+        out.push(command);
+    }
+    r.done()?;
+    Ok(out)
+}
+
+/// The close reasons the router gives, so a decoded close carries the same
+/// static text (anything else reads as a generic reason).
+const CLOSE_REASONS: [&str; 2] = ["replaced by a newer session", "this device was unlinked"];
+
+/// Encodes a batch of deliveries.
+pub fn encode_deliveries(deliveries: &[Delivery]) -> Vec<u8> {
+    let size: usize = deliveries
+        .iter()
+        .map(|d| match d {
+            Delivery::Frame { frame, .. } => 32 + frame.len(),
+            Delivery::Close { reason, .. } => 32 + reason.len(),
+        })
+        .sum();
+    let mut out = Vec::with_capacity(8 + size);
+    out.put_u8(DELIVERIES_V1);
+    out.put_u32(deliveries.len() as u32);
+    for delivery in deliveries {
+        match delivery {
+            Delivery::Frame {
+                session,
+                class,
+                frame,
+                origin,
+            } => {
+                out.put_u8(1);
+                put_session(&mut out, session);
+                out.put_u8(match class {
+                    Class::Reply => 0,
+                    Class::Message => 1,
+                    Class::Ephemeral => 2,
+                });
+                out.put_u64(origin.map_or(0, to_wall));
+                put_bytes(&mut out, frame);
+            }
+            Delivery::Close {
+                session,
+                code,
+                reason,
+            } => {
+                out.put_u8(2);
+                put_session(&mut out, session);
+                out.put_u16(*code);
+                put_bytes(&mut out, reason.as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Decodes a batch of deliveries.
+pub fn decode_deliveries(raw: Bytes) -> Result<Vec<Delivery>, Malformed> {
+    let mut r = Reader(raw);
+    if r.u8()? != DELIVERIES_V1 {
+        return Err(Malformed("not a delivery batch"));
+    }
+    let n = r.u32()? as usize;
+    let mut out = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let delivery = match r.u8()? {
+            1 => {
+                let session = r.session()?;
+                let class = match r.u8()? {
+                    0 => Class::Reply,
+                    1 => Class::Message,
+                    2 => Class::Ephemeral,
+                    _ => return Err(Malformed("class")),
+                };
+                let origin = match r.u64()? {
+                    0 => None,
+                    us => Some(from_wall(us)),
+                };
+                Delivery::Frame {
+                    session,
+                    class,
+                    frame: r.bytes()?,
+                    origin,
+                }
+            }
+            2 => {
+                let session = r.session()?;
+                let code = r.u16()?;
+                let reason = r.bytes()?;
+                let reason = CLOSE_REASONS
+                    .into_iter()
+                    .find(|known| known.as_bytes() == &reason[..])
+                    .unwrap_or("closed by the router");
+                Delivery::Close {
+                    session,
+                    code,
+                    reason,
+                }
+            }
+            _ => return Err(Malformed("delivery kind")),
+        };
+        out.push(delivery);
+    }
+    r.done()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(node: u16) -> SessionKey {
+        SessionKey {
+            node,
+            core: 3,
+            slot: 77,
+            generation: 9,
+        }
+    }
+
+    fn device() -> Device {
+        Device {
+            user: Arc::from("alice"),
+            device: 2,
+        }
+    }
+
+    #[test]
+    fn command_batches_round_trip() {
+        let received = Instant::now() - Duration::from_millis(30);
+        let commands = vec![
+            Command::Attach {
+                session: key(5),
+                device: device(),
+                issued_at_s: 1_700_000_000,
+            },
+            Command::Frame {
+                session: key(5),
+                device: device(),
+                frame: ClientFrame::Send {
+                    conversation: "d:alice:bob".into(),
+                    client_id: 42,
+                    body: Bytes::from_static(b"opaque"),
+                },
+                received_at: received,
+            },
+            Command::Detach {
+                session: key(5),
+                device: device(),
+                last_seen_ms: 123,
+            },
+        ];
+        let back = decode_commands(Bytes::from(encode_commands(&commands))).expect("decode");
+        assert_eq!(back.len(), 3);
+        assert!(
+            matches!(&back[0], Command::Attach { session, device: d, issued_at_s: 1_700_000_000 }
+            if *session == key(5) && *d == device())
+        );
+        match &back[1] {
+            Command::Frame {
+                frame: ClientFrame::Send { client_id: 42, .. },
+                received_at,
+                ..
+            } => {
+                let age = received_at.elapsed();
+                assert!(
+                    age >= Duration::from_millis(29) && age < Duration::from_secs(5),
+                    "{age:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            &back[2],
+            Command::Detach {
+                last_seen_ms: 123,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn delivery_batches_round_trip() {
+        let deliveries = vec![
+            Delivery::Frame {
+                session: key(1),
+                class: Class::Message,
+                frame: Bytes::from_static(b"\x82\x01\x42"),
+                origin: Some(Instant::now()),
+            },
+            Delivery::Frame {
+                session: key(2),
+                class: Class::Ephemeral,
+                frame: Bytes::from_static(b"x"),
+                origin: None,
+            },
+            Delivery::Close {
+                session: key(1),
+                code: 4002,
+                reason: "replaced by a newer session",
+            },
+        ];
+        let back = decode_deliveries(Bytes::from(encode_deliveries(&deliveries))).expect("decode");
+        assert_eq!(back.len(), 3);
+        assert!(
+            matches!(&back[0], Delivery::Frame { class: Class::Message, origin: Some(_), frame, .. }
+            if &frame[..] == b"\x82\x01\x42")
+        );
+        assert!(matches!(
+            &back[1],
+            Delivery::Frame {
+                class: Class::Ephemeral,
+                origin: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            &back[2],
+            Delivery::Close {
+                code: 4002,
+                reason: "replaced by a newer session",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_not_panicked_on() {
+        let good = encode_commands(&[Command::Attach {
+            session: key(1),
+            device: device(),
+            issued_at_s: 0,
+        }]);
+        for cut in 0..good.len() {
+            assert!(decode_commands(Bytes::copy_from_slice(&good[..cut])).is_err());
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(decode_commands(Bytes::from(trailing)).is_err());
+        assert!(
+            decode_deliveries(Bytes::from(good)).is_err(),
+            "a command batch is not deliveries"
+        );
+        // A huge count with no body fails on the first missing byte.
+        let mut huge = vec![COMMANDS_V1];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_commands(Bytes::from(huge)).is_err());
+    }
+}
