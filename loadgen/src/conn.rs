@@ -110,6 +110,8 @@ pub(crate) struct ConnState {
     /// device held) and the highest sequence per conversation seen since.
     catchup_base: Vec<(u32, u64)>,
     page_max: Vec<(u32, u64)>,
+    /// When the catch-up in progress was asked for.
+    pub catchup_since: Option<Instant>,
     /// Receipts this device's own direct messages are waiting for, per
     /// conversation; lives across sessions.
     receipts: FxHashMap<u32, ReceiptBook>,
@@ -173,6 +175,8 @@ pub(crate) struct Pending {
     pub transmissions: u32,
     /// Retryable errors so far (for the backoff).
     pub failures: u32,
+    /// When it was last written to a socket (`None`: not yet).
+    pub transmitted_at: Option<Instant>,
 }
 
 /// Where a session is.
@@ -209,6 +213,7 @@ impl Conn {
             ever_connected: false,
             ever_ready: false,
             catchup_base: Vec::new(),
+            catchup_since: None,
             page_max: Vec::new(),
             receipts: FxHashMap::default(),
         };
@@ -717,6 +722,7 @@ fn on_welcome(w: &Worker, c: &Conn, max_body: u32, idle_timeout_s: u32) {
         }
     }
     st.phase = SessionPhase::CatchingUp;
+    st.catchup_since = Some(Instant::now());
     w.push_frame(
         &mut st.out,
         &ClientFrame::Sync {

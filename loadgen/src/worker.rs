@@ -50,6 +50,10 @@ const TICK: Duration = Duration::from_millis(50);
 const PROGRESS_TICKS: u64 = 5;
 /// Ticks between heartbeat checks (1 s).
 const HEARTBEAT_TICKS: u64 = 20;
+/// A send unanswered this long is written again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// A catch-up unanswered this long is started over on a new session.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing connections get at the end.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Token lifetime: far longer than any run.
@@ -544,6 +548,7 @@ impl Worker {
             intended_ns: m.intended_ns,
             transmissions: 0,
             failures: 0,
+            transmitted_at: None,
         };
         let mut st = conn.st.borrow_mut();
         let mut stats = self.stats.borrow_mut();
@@ -578,6 +583,7 @@ impl Worker {
             return;
         };
         p.transmissions += 1;
+        p.transmitted_at = Some(Instant::now());
         if p.transmissions > 1 {
             self.stats.borrow_mut().counters.resent += 1;
         }
@@ -742,11 +748,46 @@ impl Worker {
         self.churn_due.set(due.min(self.conns.len() as f64));
     }
 
-    /// Pings every connection that wrote nothing for its heartbeat interval.
+    /// Pings every connection that wrote nothing for its heartbeat interval;
+    /// resends what waited `ACK_TIMEOUT` for its `Sent` (a command lost on
+    /// the way, as in a fleet while a partition changes owner, is the
+    /// client's to retry: the same client id is deduplicated); and starts
+    /// over a catch-up that got no `SyncDone` within `SYNC_TIMEOUT`.
     fn heartbeat(&self) {
         let now = Instant::now();
         for c in &self.conns {
             let mut st = c.st.borrow_mut();
+            if st.phase == SessionPhase::CatchingUp
+                && !st.closing
+                && st
+                    .catchup_since
+                    .is_some_and(|at| now.duration_since(at) > SYNC_TIMEOUT)
+            {
+                self.stats.borrow_mut().error("sync.timeout");
+                conn::close_to_reconnect(self, &mut st, b"catch-up timed out");
+                drop(st);
+                c.notify();
+                continue;
+            }
+            if st.phase == SessionPhase::Ready {
+                let late: Vec<u64> = st
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| {
+                        p.transmitted_at
+                            .is_some_and(|at| now.duration_since(at) > ACK_TIMEOUT)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                if !late.is_empty() {
+                    for id in late {
+                        self.transmit(&mut st, c.user, id);
+                    }
+                    drop(st);
+                    c.notify();
+                    st = c.st.borrow_mut();
+                }
+            }
             if st.phase != SessionPhase::Ready || now.duration_since(st.last_write) < st.heartbeat {
                 continue;
             }

@@ -63,27 +63,43 @@ impl Appender {
         Self { changelog, next: 0 }
     }
 
-    /// Appends one batch; on success the fence moves to it.
+    /// Appends one batch; on success the fence moves to it. An append
+    /// whose answer was lost (timeout, a server or leader change) is sent
+    /// again with the same id and fence for up to [`APPEND_RETRY_FOR`]: if
+    /// the first one landed, the log answers the retry as a duplicate with
+    /// its sequence, so nothing is written twice and nothing is guessed.
     pub(crate) fn append(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
         let c = &mut self.changelog;
         let id = format!("{}.{}", c.writer, self.next);
         self.next += 1;
-        match c
-            .log
-            .append(&c.subject, &id, Bytes::from(bytes), Some(c.last))
-        {
-            Ok(appended) => {
-                c.last = appended.seq;
-                Ok(())
+        let payload = Bytes::from(bytes);
+        let started = Instant::now();
+        loop {
+            match c.log.append(&c.subject, &id, payload.clone(), Some(c.last)) {
+                Ok(appended) => {
+                    c.last = appended.seq;
+                    return Ok(());
+                }
+                Err(BusError::Conflict(why)) => {
+                    return Err(StoreError::Changelog(format!(
+                        "fenced out of {} (another owner wrote): {why}",
+                        c.subject
+                    )))
+                }
+                Err(e) if started.elapsed() < APPEND_RETRY_FOR => {
+                    tracing::warn!(subject = %c.subject, error = %e, "changelog append unanswered; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(StoreError::Changelog(e.to_string())),
             }
-            Err(BusError::Conflict(why)) => Err(StoreError::Changelog(format!(
-                "fenced out of {} (another owner wrote): {why}",
-                c.subject
-            ))),
-            Err(e) => Err(StoreError::Changelog(e.to_string())),
         }
     }
 }
+
+/// How long an unanswered changelog append is retried before the
+/// partition gives up (and its next owner replays the log). Longer than a
+/// JetStream leader election; shorter than a client's patience.
+pub const APPEND_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// Rebuilds a partition's store under `data_dir` from its changelog
 /// `subject`: every record after `after` is applied in order (a fresh
