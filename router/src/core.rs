@@ -75,8 +75,12 @@ const FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
 /// this much cursor progress, which only means those devices are sent a few
 /// messages again on catch-up (they drop them by sequence) and ack again.
 /// Written per receipt instead, they were half of the router's CPU at 5,000
-/// messages/s (store reads and memtable inserts for every Delivered).
-const CURSOR_FLUSH_INTERVAL_MS: u64 = 1_000;
+/// messages/s. Every move of a key within the interval costs one write, so
+/// a longer interval writes less: 5 s instead of 1 s took the cursor
+/// records of the single-node scenario from 265,487 to 109,609 per 100,000
+/// sends (groups, where each member acks every message, gain most) and
+/// the router's CPU per send by about a fifth (docs/benchmarks.md).
+const CURSOR_FLUSH_INTERVAL_MS: u64 = 5_000;
 
 /// Cached cursors beyond which the cache is dropped after a flush.
 const CURSOR_CACHE_LIMIT: usize = 1 << 20;

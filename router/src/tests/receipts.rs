@@ -90,7 +90,7 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
         bob.frame(read(1)),
     ]);
     assert_eq!(h.core().store_fsyncs() - before, 0, "written behind");
-    h.advance(2_000);
+    h.advance(6_000);
     h.step(vec![bob.frame(delivered(4))]);
     assert_eq!(
         h.core().store_fsyncs() - before,
@@ -138,7 +138,7 @@ fn a_receipt_writes_only_its_devices_cursor_and_the_users_is_derived() {
         }],
         "the user's read cursor moved: his other device hears it"
     );
-    h.advance(2_000);
+    h.advance(6_000);
     h.step(vec![]);
     let stored = |h: &Harness, user: &str, device: u32| {
         let c = h.core.as_ref().unwrap().stored_cursor(user, device, AB);
