@@ -73,8 +73,8 @@ start_routers() {
     # over, and the survivor's earlier lines still count for its share).
     local served=0
     for _ in $(seq 1 300); do
-        served=$(cat "$dir"/router-*/log 2>/dev/null | grep "serving partition" |
-            sed 's/.*partition=\([0-9]*\).*/\1/' | sort -u | wc -l)
+        served=$({ cat "$dir"/router-*/log 2>/dev/null || true; } |
+            sed -n 's/.*serving partition partition=\([0-9]*\).*/\1/p' | sort -u | wc -l)
         [ "$served" -ge "$partitions" ] && break
         sleep 0.2
     done

@@ -16,8 +16,8 @@ build
 export FLEET_DIR=${FLEET_DIR:-$(mktemp -d)}
 export COURIER_BIN=$GATEWAY
 fleet="$ROOT/deploy/local-fleet.sh"
-"$fleet" up
 trap '"$fleet" down >/dev/null 2>&1 || true' EXIT
+"$fleet" up
 duration=$((KILL_AT * 4))
 events="$OUT/fleet-kill.events"
 : >"$events"

@@ -119,8 +119,9 @@ pub struct Membership {
     pub left_seq: u64,
 }
 
-/// A device's receipt cursors in one conversation (device 0: the user's,
-/// the highest over its devices).
+/// A device's receipt cursors in one conversation (device 0: the user's
+/// own record, what its sends implied; the user's cursor is derived from it
+/// and its devices' records, see `RouterCore::user_cursor`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursors {
     pub delivered: u64,

@@ -75,8 +75,12 @@ const FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
 /// this much cursor progress, which only means those devices are sent a few
 /// messages again on catch-up (they drop them by sequence) and ack again.
 /// Written per receipt instead, they were half of the router's CPU at 5,000
-/// messages/s (store reads and memtable inserts for every Delivered).
-const CURSOR_FLUSH_INTERVAL_MS: u64 = 1_000;
+/// messages/s. Every move of a key within the interval costs one write, so
+/// a longer interval writes less: 5 s instead of 1 s took the cursor
+/// records of the single-node scenario from 265,487 to 109,609 per 100,000
+/// sends (groups, where each member acks every message, gain most) and
+/// the router's CPU per send by about a fifth (docs/benchmarks.md).
+const CURSOR_FLUSH_INTERVAL_MS: u64 = 5_000;
 
 /// Cached cursors beyond which the cache is dropped after a flush.
 const CURSOR_CACHE_LIMIT: usize = 1 << 20;
@@ -122,10 +126,10 @@ pub struct RouterCore {
     next_batch: u64,
     /// Delivery cursors as the router knows them, by cursor key: read from
     /// the store on first use, moved by receipts. The store may lag behind
-    /// by up to [`CURSOR_FLUSH_INTERVAL_MS`] for the keys in `dirty_cursors`.
-    cursor_cache: FxHashMap<Vec<u8>, Cursors>,
-    /// Keys whose cached cursor is ahead of the store.
-    dirty_cursors: rustc_hash::FxHashSet<Vec<u8>>,
+    /// by up to [`CURSOR_FLUSH_INTERVAL_MS`] for the keys marked dirty.
+    cursor_cache: FxHashMap<Vec<u8>, CachedCursor>,
+    /// How many cached cursors are dirty (ahead of the store).
+    dirty_cursors: usize,
     /// The same keys, oldest first, with when each became dirty: a key is
     /// written once it has been dirty for the flush interval.
     dirty_order: std::collections::VecDeque<(u64, Vec<u8>)>,
@@ -216,6 +220,13 @@ struct Route {
     session: SessionKey,
     /// Set when the session's catch-up finished; cleared by a new Sync.
     live: bool,
+}
+
+/// A cursor in [`RouterCore`]'s cache; `dirty` while the store lags it.
+#[derive(Clone, Copy, Debug)]
+struct CachedCursor {
+    cursor: Cursors,
+    dirty: bool,
 }
 
 /// Why a request is refused: the code and a detail for the error frame.
@@ -402,6 +413,15 @@ fn ws_frame(frame: &impl WireFrame) -> Bytes {
     Bytes::from(out)
 }
 
+/// The higher of two cursors, field by field.
+fn max_cursor(a: Cursors, b: Cursors) -> Cursors {
+    Cursors {
+        delivered: a.delivered.max(b.delivered),
+        read: a.read.max(b.read),
+        updated_ms: a.updated_ms.max(b.updated_ms),
+    }
+}
+
 fn error_frame(code: ErrorCode, reference: u64, detail: String) -> ServerFrame {
     ServerFrame::Error {
         code: code as u16,
@@ -447,7 +467,7 @@ impl RouterCore {
             unsynced: Vec::new(),
             next_batch: 0,
             cursor_cache: FxHashMap::default(),
-            dirty_cursors: rustc_hash::FxHashSet::default(),
+            dirty_cursors: 0,
             dirty_order: std::collections::VecDeque::new(),
             batch_now_ms: 0,
             users: FxHashMap::default(),
@@ -472,6 +492,12 @@ impl RouterCore {
     #[cfg(test)]
     pub(crate) fn fail_next_commits(&mut self, n: usize) {
         self.store.fail_commits = n;
+    }
+
+    /// Test hook: the cursor record the store holds (not the cache).
+    #[cfg(test)]
+    pub(crate) fn stored_cursor(&self, user: &str, device: u32, conversation: &str) -> Cursors {
+        self.store.cursors(user, device, conversation).unwrap()
     }
 
     /// Syncs the store to disk and closes it. In fleet mode, returns the
@@ -641,9 +667,69 @@ impl RouterCore {
         conversation: &str,
     ) -> Result<Cursors, StoreError> {
         match self.cursor_cache.get(key) {
-            Some(c) => Ok(*c),
+            Some(c) => Ok(c.cursor),
             None => self.store.cursors(user, device, conversation),
         }
+    }
+
+    /// The user's cursors in a conversation: the highest, field by field,
+    /// over its own record (device 0: what its sends implied) and the
+    /// cursors of every device it has a record of, linked or not, so it
+    /// never goes back. Receipts move only the device's cursor, so a
+    /// receipt costs one cursor write, not two. Cursors read from the store
+    /// stay in the cache (clean), so the next derivation reads none.
+    fn user_cursor(&mut self, user: &Arc<str>, conversation: &str) -> Result<Cursors, StoreError> {
+        Ok(self.user_and_device_cursor(user, 0, conversation)?.0)
+    }
+
+    /// [`Self::user_cursor`], and the cursor of `device` with its key.
+    fn user_and_device_cursor(
+        &mut self,
+        user: &Arc<str>,
+        device: u32,
+        conversation: &str,
+    ) -> Result<(Cursors, Cursors, Vec<u8>), StoreError> {
+        // Device numbers copied out, so the cache can be filled below.
+        let mut numbers = [0u32; 8];
+        let mut n = 1;
+        let mut more = Vec::new();
+        for (d, _) in &self.user_state(user)?.devices {
+            match numbers.get_mut(n) {
+                Some(slot) => *slot = *d,
+                None => more.push(*d),
+            }
+            n += 1;
+        }
+        // One key buffer, its device number rewritten for each device.
+        let mut key = store::cursor_key(user, 0, conversation);
+        let at = store::cursor_key_device_at(user);
+        let mut user_cursor = Cursors::default();
+        let mut mine = None;
+        let listed = numbers.iter().take(n).chain(more.iter());
+        for &d in listed.chain(std::iter::once(&device).filter(|d| **d != 0)) {
+            if mine.is_some() && d == device {
+                continue;
+            }
+            key[at..at + 4].copy_from_slice(&d.to_be_bytes());
+            let c = match self.cursor_cache.get(&key) {
+                Some(c) => c.cursor,
+                None => {
+                    let c = self.store.cursors(user, d, conversation)?;
+                    let clean = CachedCursor {
+                        cursor: c,
+                        dirty: false,
+                    };
+                    self.cursor_cache.insert(key.clone(), clean);
+                    c
+                }
+            };
+            if d == device {
+                mine = Some(c);
+            }
+            user_cursor = max_cursor(user_cursor, c);
+        }
+        key[at..at + 4].copy_from_slice(&device.to_be_bytes());
+        Ok((user_cursor, mine.unwrap_or_default(), key))
     }
 
     /// Adds to `writes` up to `limit` cursors that became dirty at or
@@ -659,15 +745,15 @@ impl RouterCore {
             let Some((_, key)) = self.dirty_order.pop_front() else {
                 break;
             };
-            if !self.dirty_cursors.remove(&key) {
+            let Some(c) = self.cursor_cache.get_mut(&key).filter(|c| c.dirty) else {
                 continue;
-            }
-            if let Some(c) = self.cursor_cache.get(&key) {
-                writes.put(Part::Cursors, key.clone(), c.encode());
-            }
+            };
+            c.dirty = false;
+            self.dirty_cursors -= 1;
+            writes.put(Part::Cursors, key.clone(), c.cursor.encode());
             keys.push(key);
         }
-        if self.dirty_cursors.is_empty() && self.cursor_cache.len() > CURSOR_CACHE_LIMIT {
+        if self.dirty_cursors == 0 && self.cursor_cache.len() > CURSOR_CACHE_LIMIT {
             self.cursor_cache.clear();
         }
         keys
@@ -723,7 +809,9 @@ impl RouterCore {
         self.conversations.clear();
         self.keys_after_failed_commit();
         for key in &batch.flushed_cursors {
-            if self.dirty_cursors.insert(key.clone()) {
+            if let Some(c) = self.cursor_cache.get_mut(key).filter(|c| !c.dirty) {
+                c.dirty = true;
+                self.dirty_cursors += 1;
                 self.dirty_order.push_front((0, key.clone()));
             }
         }
@@ -1425,8 +1513,12 @@ impl RouterCore {
         }
 
         let now_ms = self.batch_now_ms;
-        let key = store::cursor_key(user, device.device, conversation);
-        let old = self.cursor(&key, user, device.device, conversation)?;
+        // The user's cursor is the highest over its devices (and what its
+        // sends implied): a message delivered to one device is delivered to
+        // the user, and a read on one device is a read on all of them. It
+        // is derived, not written (see `user_cursor`).
+        let (old_user, old, key) =
+            self.user_and_device_cursor(user, device.device, conversation)?;
         let mut new = old;
         match kind {
             ReceiptKind::Delivered => new.delivered = new.delivered.max(seq),
@@ -1441,21 +1533,23 @@ impl RouterCore {
         }
         new.updated_ms = now_ms;
         self.set_cursor(key, new);
-
-        // The user's cursor is the highest over its devices: a message
-        // delivered to one device is delivered to the user, and a read on
-        // one device is a read on all of them.
-        let user_key = store::cursor_key(user, 0, conversation);
-        let old_user = self.cursor(&user_key, user, 0, conversation)?;
-        let mut user_cursor = old_user;
-        user_cursor.delivered = user_cursor.delivered.max(new.delivered);
-        user_cursor.read = user_cursor.read.max(new.read);
+        let listed = self
+            .users
+            .get(user)
+            .is_some_and(|s| s.devices.iter().any(|(d, _)| *d == device.device));
+        let user_cursor = max_cursor(old_user, new);
         let mut forward = Vec::new();
         if (user_cursor.delivered, user_cursor.read) == (old_user.delivered, old_user.read) {
             return Ok(CursorMove::Moved { forward });
         }
-        user_cursor.updated_ms = now_ms;
-        self.set_cursor(user_key, user_cursor);
+        if !listed {
+            // A device the store has no record of (let in while the store
+            // was unreadable) is not part of the derivation: its progress
+            // goes into the user's own record.
+            let user_key = store::cursor_key(user, 0, conversation);
+            let own = self.cursor(&user_key, user, 0, conversation)?;
+            self.set_cursor(user_key, max_cursor(own, new));
+        }
 
         let receipt = |kind: ReceiptKind, seq: u64| ServerFrame::Receipt {
             conversation: conversation.to_owned(),
@@ -1498,13 +1592,30 @@ impl RouterCore {
 
     /// Puts a cursor in the cache and marks it for the write-behind.
     fn set_cursor(&mut self, key: Vec<u8>, cursor: Cursors) {
-        // A key already waiting for the write-behind (the common case for
-        // a busy conversation) costs no copies.
-        if !self.dirty_cursors.contains(&key) {
-            self.dirty_cursors.insert(key.clone());
-            self.dirty_order.push_back((self.batch_now_ms, key.clone()));
+        // One lookup; a key already waiting for the write-behind (the
+        // common case for a busy conversation) costs no copies.
+        let cached = match self.cursor_cache.entry(key) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                if !at.get().dirty {
+                    self.dirty_order
+                        .push_back((self.batch_now_ms, at.key().clone()));
+                }
+                at.into_mut()
+            }
+            std::collections::hash_map::Entry::Vacant(at) => {
+                self.dirty_order
+                    .push_back((self.batch_now_ms, at.key().clone()));
+                at.insert(CachedCursor {
+                    cursor,
+                    dirty: false,
+                })
+            }
+        };
+        if !cached.dirty {
+            cached.dirty = true;
+            self.dirty_cursors += 1;
         }
-        self.cursor_cache.insert(key, cursor);
+        cached.cursor = cursor;
     }
 
     /// A send marks its conversation read up to the message for its user
@@ -1521,14 +1632,18 @@ impl RouterCore {
         seq: u64,
         replied_to: Option<(Arc<str>, u64)>,
     ) {
+        let Ok(user_cursor) = self.user_cursor(&device.user, conversation) else {
+            return;
+        };
+        if user_cursor.read >= seq {
+            return;
+        }
+        let old_read = user_cursor.read;
+        // No device read it: the user's own record (device 0) holds it.
         let key = store::cursor_key(&device.user, 0, conversation);
         let Ok(mut cursor) = self.cursor(&key, &device.user, 0, conversation) else {
             return;
         };
-        if cursor.read >= seq {
-            return;
-        }
-        let old_read = cursor.read;
         cursor.read = seq;
         cursor.updated_ms = self.batch_now_ms;
         self.set_cursor(key, cursor);

@@ -226,7 +226,9 @@ impl Owner {
             serving: Mutex::new(FxHashMap::default()),
             stop: AtomicU8::new(0),
         });
+        let settle_until = Instant::now() + config.scan_interval * 3;
         let supervisor = Supervisor {
+            settle_until,
             config,
             log,
             leases,
@@ -301,6 +303,10 @@ struct Supervisor {
     shared: Arc<OwnerShared>,
     served: FxHashMap<u16, Served>,
     member: Option<Lease>,
+    /// Free partitions are not taken before this: routers started together
+    /// first see each other's membership, so each takes only its share
+    /// instead of the first taking everything and handing half back.
+    settle_until: Instant,
 }
 
 impl Supervisor {
@@ -312,7 +318,9 @@ impl Supervisor {
                 _ => return self.abandon_all(),
             }
             self.renew();
-            self.balance();
+            if Instant::now() >= self.settle_until {
+                self.balance();
+            }
             std::thread::sleep(self.config.scan_interval);
         }
     }

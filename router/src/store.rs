@@ -835,6 +835,11 @@ pub fn cursor_key(user: &str, device: u32, conversation: &str) -> Vec<u8> {
     key
 }
 
+/// Where the device number starts in `user`'s cursor keys.
+pub fn cursor_key_device_at(user: &str) -> usize {
+    user_prefix(user).len()
+}
+
 /// The key of a user's device record.
 pub fn device_key(user: &str, device: u32) -> Vec<u8> {
     let mut key = user_prefix(user);

@@ -187,16 +187,6 @@ impl RouterCore {
         })
     }
 
-    /// The user's read cursor in `conversation` (shared by its devices).
-    fn user_cursor(
-        &self,
-        user: &str,
-        conversation: &str,
-    ) -> Result<crate::codec::Cursors, StoreError> {
-        let key = store::cursor_key(user, 0, conversation);
-        self.cursor(&key, user, 0, conversation)
-    }
-
     fn chat_list(
         &mut self,
         device: &Device,

@@ -90,7 +90,7 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
         bob.frame(read(1)),
     ]);
     assert_eq!(h.core().store_fsyncs() - before, 0, "written behind");
-    h.advance(2_000);
+    h.advance(6_000);
     h.step(vec![bob.frame(delivered(4))]);
     assert_eq!(
         h.core().store_fsyncs() - before,
@@ -112,6 +112,76 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
     assert!(out.frames(&alice).is_empty());
     let out = h.step(vec![bob.frame(delivered(5))]);
     assert_eq!(out.frames(&alice).len(), 1);
+}
+
+#[test]
+fn a_receipt_writes_only_its_devices_cursor_and_the_users_is_derived() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob1 = h.client("bob", 1, 0);
+    let bob2 = h.client("bob", 2, 1);
+    for c in [&alice, &bob1, &bob2] {
+        h.connect(c);
+    }
+    h.step((1..=4).map(|i| alice.send(AB, i, b"m")).collect());
+    // Bob's first device gets 1..=2, his second reads up to 3.
+    h.step(vec![bob1.frame(delivered(2))]);
+    let out = h.step(vec![bob2.frame(read(3))]);
+    assert_eq!(
+        out.frames(&bob1),
+        vec![ServerFrame::Receipt {
+            conversation: AB.into(),
+            seq: 3,
+            user: "bob".into(),
+            device: 2,
+            kind: ReceiptKind::Read,
+        }],
+        "the user's read cursor moved: his other device hears it"
+    );
+    h.advance(6_000);
+    h.step(vec![]);
+    let stored = |h: &Harness, user: &str, device: u32| {
+        let c = h.core.as_ref().unwrap().stored_cursor(user, device, AB);
+        (c.delivered, c.read)
+    };
+    assert_eq!(stored(&h, "bob", 1), (2, 0));
+    assert_eq!(stored(&h, "bob", 2), (3, 3));
+    assert_eq!(stored(&h, "bob", 0), (0, 0), "no user record written");
+    // A send is the one thing that writes the user's own record: alice's
+    // read cursor moved to her last message without any device reading.
+    assert_eq!(stored(&h, "alice", 0), (0, 4));
+
+    // Unlinking the device that read does not take the user's read back,
+    // also after a restart.
+    let out = h.step(vec![bob1.frame(ClientFrame::DeviceRemove {
+        request: 1,
+        device: 2,
+    })]);
+    assert_eq!(out.frames(&bob1), vec![ServerFrame::Done { request: 1 }]);
+    h.restart();
+    let bob1 = bob1.reconnect();
+    h.connect(&bob1);
+    let out = h.step(vec![bob1.frame(ClientFrame::ChatList {
+        request: 2,
+        before_ms: 0,
+        before_conversation: String::new(),
+        limit: 0,
+    })]);
+    match out.frames(&bob1).pop() {
+        Some(ServerFrame::Chats { chats, .. }) => {
+            let c = &chats[0];
+            assert_eq!((c.last_seq, c.read_seq, c.unread), (4, 3, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The user's delivered cursor is 3 (from the read): a Delivered of 3
+    // by the first device moves only that device, and nobody is told.
+    let alice = alice.reconnect();
+    h.connect(&alice);
+    let out = h.step(vec![bob1.frame(delivered(3))]);
+    assert!(out.frames(&alice).is_empty(), "{:?}", out.items);
+    let out = h.step(vec![bob1.frame(delivered(4))]);
+    assert_eq!(out.frames(&alice).len(), 1, "delivered moved to 4");
 }
 
 #[test]
