@@ -36,6 +36,7 @@ pub mod api;
 mod codec;
 mod core;
 mod metrics;
+pub mod push;
 mod rate;
 mod server_id;
 mod store;
@@ -114,6 +115,8 @@ pub struct RouterConfig {
     /// How long a history archive waits for its device before the sweep
     /// deletes it.
     pub archive_ttl: Duration,
+    /// Push notifications (off unless a provider is configured).
+    pub push: push::PushConfig,
 }
 
 impl Default for RouterConfig {
@@ -143,6 +146,7 @@ impl Default for RouterConfig {
             max_prekeys: 1000,
             archive_max_bytes: 65_536,
             archive_ttl: Duration::from_secs(24 * 3600),
+            push: push::PushConfig::default(),
         }
     }
 }
@@ -228,6 +232,9 @@ impl RouterConfig {
         if self.max_inflight == 0 {
             return bad("max_inflight", "must be at least 1");
         }
+        if let Err((key, reason)) = self.push.validate() {
+            return bad(key, reason);
+        }
         Ok(())
     }
 }
@@ -268,9 +275,29 @@ impl Router {
         outlet: Arc<dyn api::Outlet>,
         registry: &mut Registry,
     ) -> Result<RouterHandle, RouterError> {
-        let core = RouterCore::open(config.clone(), registry)?;
+        let mut core = RouterCore::open(config.clone(), registry)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let depth = Arc::new(AtomicUsize::new(0));
+        let push_metrics = push::PushMetrics::register(registry);
+        if config.push.any_enabled() {
+            // Outcomes come back as commands, counted like any other.
+            let (push_tx, push_depth) = (tx.clone(), depth.clone());
+            let sink: push::OutcomeSink = Arc::new(move |outcome| {
+                push_depth.fetch_add(1, Ordering::Relaxed);
+                if push_tx
+                    .send(Msg::Command(api::Command::Push(outcome)))
+                    .is_err()
+                {
+                    push_depth.fetch_sub(1, Ordering::Relaxed);
+                }
+            });
+            let jobs = push::Worker::start(config.push.clone(), push_metrics.clone(), sink)
+                .map_err(|reason| RouterError::Config {
+                    key: "push",
+                    reason,
+                })?;
+            core.set_push(jobs, push_metrics);
+        }
         let worker = Worker {
             core,
             rx,
