@@ -24,8 +24,13 @@
 //! keys, signed prekeys, one-time prekeys handed out once) and relays
 //! per-device ciphertexts and history archives it cannot read.
 //!
-//! What it does not do: sockets, tokens, push, or talk to other nodes. Those belong to the gateway or are
-//! later work; see `docs/router.md` for the design and its known limits.
+//! It schedules push notifications for devices without a live session and
+//! hands them to a push worker thread that speaks to the providers
+//! ([`push`]).
+//!
+//! What it does not do: client sockets, session tokens, or talk to other
+//! nodes. Those belong to the gateway or are later work; see
+//! `docs/router.md` for the design and its known limits.
 //!
 //! [`RouterCore`] is the logic without the thread, for tests and benches;
 //! [`Router::start`] wraps it in the thread and hands out [`RouterHandle`]s.
