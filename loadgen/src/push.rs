@@ -61,6 +61,10 @@ pub struct PushArgs {
     /// Messages per second over all senders.
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
+    /// Consecutive messages a sender sends to one recipient before moving
+    /// on: a burst the node should announce in one notification.
+    #[arg(long, default_value_t = 5)]
+    pub burst: usize,
     /// Seconds of sending.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -158,13 +162,14 @@ fn run(args: &PushArgs) -> Result<bool, String> {
         let (sent, recipients) = (sent.clone(), recipients.clone());
         let me = name("s", s);
         let mine = total / args.senders + usize::from(s < total % args.senders);
+        let burst = args.burst.max(1);
         threads.push(std::thread::spawn(move || -> Result<(), String> {
             for k in 0..mine {
                 let due = send_start + Duration::from_secs_f64(k as f64 / per_sender);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                let (to, offline) = &recipients[(s * 7919 + k * 31) % recipients.len()];
+                let (to, offline) = &recipients[(s * 7919 + (k / burst) * 31) % recipients.len()];
                 let conv = direct(&me, to);
                 let at = Instant::now();
                 let seq = c.send_acked(&conv, k as u64 + 1)?;
@@ -237,6 +242,7 @@ fn judge(
         "offline_devices": args.offline,
         "online_devices": args.online,
         "rate": args.rate,
+        "burst": args.burst,
         "sending_s": sending.as_secs_f64(),
         "messages_to_offline": offline_messages,
         "conversations_to_offline": sent.len(),
