@@ -303,3 +303,65 @@ fn a_restart_in_the_middle_of_a_backlog_loses_no_notification() {
     assert_eq!(got, wanted, "each exactly once");
     drop(node);
 }
+
+#[test]
+fn incomplete_or_bad_push_settings_stop_the_start_with_their_name() {
+    use clap::Parser;
+    use courier_gateway::config::Cli;
+    use courier_gateway::node::Node;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("AuthKey.p8");
+    std::fs::write(&key, "not a key").unwrap();
+    let fcm = dir.path().join("fcm.json");
+    std::fs::write(&fcm, r#"{"client_email": "x"}"#).unwrap();
+    let data = dir.path().join("data");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--push-webhook-url", "http://127.0.0.1:9/hook"],
+            "push_webhook needs both",
+        ),
+        (
+            &[
+                "--push-apns-key-file",
+                key.to_str().unwrap(),
+                "--push-apns-key-id",
+                "K",
+            ],
+            "push_apns needs",
+        ),
+        (
+            &[
+                "--push-apns-key-file",
+                key.to_str().unwrap(),
+                "--push-apns-key-id",
+                "K",
+                "--push-apns-team-id",
+                "T",
+                "--push-apns-topic",
+                "com.example",
+            ],
+            "push.apns",
+        ),
+        (
+            &["--push-fcm-credentials", fcm.to_str().unwrap()],
+            "push_fcm.credentials",
+        ),
+    ];
+    for (flags, wanted) in cases {
+        let mut argv = vec![
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(flags);
+        let args = Cli::try_parse_from(argv).unwrap().serve;
+        match Node::start(args) {
+            Ok(_) => panic!("{flags:?} started"),
+            Err(e) => assert!(format!("{e:#}").contains(wanted), "{flags:?}: {e:#}"),
+        }
+    }
+}
