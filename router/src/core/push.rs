@@ -205,8 +205,9 @@ impl RouterCore {
         self.push.queue.drop_device(&mut b.writes, user, device);
     }
 
-    /// A message was stored: each member device with a token and no live
-    /// session (the sending device aside) gets a notification scheduled.
+    /// A message was stored: each device of the other members with a token
+    /// and no live session gets a notification scheduled (the sender's own
+    /// devices get the message on catch-up but are never woken for it).
     pub(super) fn push_message(
         &mut self,
         b: &mut Batch,
@@ -223,6 +224,9 @@ impl RouterCore {
         let window = self.push.config.coalesce_window.as_millis() as u64;
         let max_ciphertext = self.push.config.max_ciphertext;
         for m in recipients {
+            if m.user == entry.sender {
+                continue;
+            }
             let targets: Vec<(u32, bool)> = match self.push_tokens(&m.user) {
                 Ok(list) => list.iter().map(|(d, t)| (*d, t.ciphertext)).collect(),
                 Err(e) => {
@@ -231,8 +235,7 @@ impl RouterCore {
                 }
             };
             for (device, wants_body) in targets {
-                let own = m.user == entry.sender && device == entry.sender_device;
-                if own || self.device_live(&m.user, device) {
+                if self.device_live(&m.user, device) {
                     continue;
                 }
                 let ciphertext = wants_body
