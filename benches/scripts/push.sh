@@ -16,6 +16,8 @@ RATE=${RATE:-500}
 DURATION=${DURATION:-20}
 DELAY_MS=${DELAY_MS:-2000}
 COALESCE_MS=${COALESCE_MS:-5000}
+BURST=${BURST:-5}
+PUSH_RATE=${PUSH_RATE:-500}
 RECEIVER=${RECEIVER:-127.0.0.1:9180}
 LISTEN=${LISTEN:-127.0.0.1:8080}
 METRICS=${METRICS:-127.0.0.1:9100}
@@ -24,7 +26,7 @@ data=$(mktemp -d)
 printf 'bench-webhook-secret\n' >"$data/webhook.secret"
 "$GATEWAY" --data-dir "$data" --listen "$LISTEN" --metrics-listen "$METRICS" \
     --push-webhook-url "http://$RECEIVER/hook" --push-webhook-secret-file "$data/webhook.secret" \
-    --push-delay-ms "$DELAY_MS" --push-coalesce-ms "$COALESCE_MS" --send-rate 1000 --send-burst 1000 \
+    --push-delay-ms "$DELAY_MS" --push-coalesce-ms "$COALESCE_MS" --push-rate "$PUSH_RATE" --send-rate 1000 --send-burst 1000 \
     >>"$OUT/gateway.log" 2>&1 &
 GW_PID=$!
 for _ in $(seq 1 100); do
@@ -34,7 +36,7 @@ done
 status=0
 "$LOADGEN" push --url "ws://$LISTEN/" --data-dir "$data" --receiver "$RECEIVER" \
     --offline "$OFFLINE" --online "$ONLINE" \
-    --rate "$RATE" --duration "$DURATION" --settle $(( (DELAY_MS + COALESCE_MS) / 1000 + 5 )) \
+    --rate "$RATE" --burst "$BURST" --duration "$DURATION" --settle $(( (DELAY_MS + COALESCE_MS) / 1000 + 5 )) \
     --report "$OUT/push.json" || status=$?
 curl -s "http://$METRICS/metrics" | grep -E '^courier_push_' >"$OUT/push-metrics.txt" || true
 stop_gateway
