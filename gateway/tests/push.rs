@@ -365,3 +365,87 @@ fn incomplete_or_bad_push_settings_stop_the_start_with_their_name() {
         }
     }
 }
+
+/// A port free on 127.0.0.1 now (the kernel hands out a new one each time).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real gateway binary on `dir`, answering on the returned address.
+fn spawn_binary(
+    dir: &std::path::Path,
+    flags: &[String],
+) -> (std::process::Child, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--cores", "1", "--data-dir"])
+        .arg(dir)
+        .args(flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the gateway did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, addr)
+}
+
+#[test]
+fn a_kill_9_in_the_middle_of_a_backlog_loses_no_notification() {
+    use courier_protocol::token;
+    let receiver = Receiver::start();
+    receiver.refuse.store(true, Ordering::SeqCst);
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = push_flags(tmp.path(), &receiver, "200");
+    let data = tmp.path().join("data");
+    let (mut child, addr) = spawn_binary(&data, &flags);
+    let secret = courier_gateway::secret::load(&data).unwrap();
+    let connect = |addr, user: &str| {
+        let t = token::mint(&secret, &token::claims_for(user, 1, common::now_s(), 3600));
+        common::Client::connect(addr, &t).unwrap()
+    };
+    let users: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+    for u in &users {
+        let mut c = connect(addr, u);
+        register(&mut c, &format!("{u}-phone"));
+    }
+    let mut alice = connect(addr, "alice");
+    alice.sync(vec![]);
+    for (i, u) in users.iter().enumerate() {
+        alice.send_acked(&format!("d:alice:{u}"), i as u64 + 1, b"m");
+    }
+    receiver.wait_for("first attempts", |h| h.len() >= users.len());
+    // SIGKILL: no drain, no clean close of the store.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(alice);
+    receiver.refuse.store(false, Ordering::SeqCst);
+    let (mut child, _) = spawn_binary(&data, &flags);
+    receiver.wait_for("every notification after the crash", |h| {
+        h.iter().filter(|h| h.accepted).count() >= users.len()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut got: Vec<String> = receiver
+        .accepted()
+        .iter()
+        .map(|n| n["token"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let wanted: Vec<String> = users.iter().map(|u| format!("{u}-phone")).collect();
+    assert_eq!(got, wanted, "each exactly once");
+}
