@@ -622,3 +622,34 @@ fn apns_goes_over_http2_and_tls_with_an_es256_token_and_the_documented_headers()
     );
     assert_eq!(iats[2].0, iats[3].0, "reused within its lifetime");
 }
+
+#[test]
+fn each_provider_is_held_to_its_rate() {
+    let fake = Fake::start(script(vec![]), None);
+    let (jobs, outcomes) = start(PushConfig {
+        rate_per_s: 2.0,
+        concurrency: 1,
+        webhook: Some(WebhookConfig {
+            url: format!("http://{}/hook", fake.addr),
+            secret: Arc::from(&b"k"[..]),
+        }),
+        ..base_config()
+    });
+    let started = Instant::now();
+    for id in 1..=5 {
+        jobs.send(message_job(id, PushProvider::Webhook, "t", None));
+    }
+    for _ in 1..=5 {
+        assert!(matches!(
+            outcomes.recv_timeout(WAIT).unwrap(),
+            Outcome::Sent { .. }
+        ));
+    }
+    // A burst of two, then one every half second: at least 1.5 s for five.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(fake.seen().len(), 5);
+}
