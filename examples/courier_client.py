@@ -121,6 +121,13 @@ class ArchiveFetch: pass
 @frame(0x19, ("request", "u32"))
 class KeyCountQuery: pass
 
+# Push tokens (docs/protocol.md#push-notifications).
+PUSH_WEBHOOK, PUSH_FCM, PUSH_APNS = 1, 2, 3
+@frame(0x1a, ("request", "u32"), ("provider", "u8"), ("token", "str"), ("ciphertext", "bool"))
+class PushRegister: pass
+@frame(0x1b, ("request", "u32"))
+class PushUnregister: pass
+
 
 def prekey_signing_message(last_resort: bool, prekey_id: int, key: bytes) -> bytes:
     """What the identity's Ed25519 key signs for a signed or last-resort prekey."""
@@ -216,7 +223,8 @@ CLIENT_FRAMES = {c.TYPE: c for c in (Send, Delivered, Read, Sync, GroupCreate,
                                      History, ChatList, ReceiptQuery, Typing, PresenceQuery,
                                      PresenceSubscribe, Settings, DeviceList, DeviceRemove,
                                      KeysUpload, BundleFetch, SendPerDevice, ArchiveUpload,
-                                     ArchiveFetch, KeyCountQuery)}
+                                     ArchiveFetch, KeyCountQuery, PushRegister,
+                                     PushUnregister)}
 SERVER_FRAMES = {c.TYPE: c for c in (Welcome, Sent, Message, Receipt, SyncDone,
                                      GroupCreated, Members, Done, Pong, Error, HistoryPage,
                                      Chats, ReceiptSummary, TypingEvent, Presence,

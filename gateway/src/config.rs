@@ -93,6 +93,74 @@ pub struct ServeArgs {
     /// loopback metrics address.
     #[arg(long, env = "COURIER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Milliseconds a message waits for an offline device to ack or sync
+    /// before the device is woken by a push notification.
+    #[arg(long, env = "COURIER_PUSH_DELAY_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub push_delay_ms: u64,
+    /// Milliseconds after a notification during which further messages of
+    /// the same conversation wait, to wake the device once with a count.
+    #[arg(long, env = "COURIER_PUSH_COALESCE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub push_coalesce_ms: u64,
+    /// Attempts per notification before it is given up.
+    #[arg(long, env = "COURIER_PUSH_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub push_max_attempts: u32,
+    /// First retry delay in milliseconds (doubled per attempt, jittered).
+    #[arg(long, env = "COURIER_PUSH_BACKOFF_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub push_backoff_ms: u64,
+    /// Longest wait between attempts in milliseconds, Retry-After included.
+    #[arg(long, env = "COURIER_PUSH_BACKOFF_MAX_MS", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub push_backoff_max_ms: u64,
+    /// Provider requests in flight at once, per provider.
+    #[arg(long, env = "COURIER_PUSH_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub push_concurrency: u32,
+    /// Provider requests started per second, per provider.
+    #[arg(long, env = "COURIER_PUSH_RATE", default_value_t = 500.0)]
+    pub push_rate: f64,
+    /// Largest message ciphertext a notification carries for a device that
+    /// opted in, in bytes (providers cap payloads at 4 KiB).
+    #[arg(long, env = "COURIER_PUSH_MAX_CIPHERTEXT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(0..=3072))]
+    pub push_max_ciphertext: u32,
+    /// Extra trusted root certificates (PEM) for the push providers' TLS.
+    #[arg(long, env = "COURIER_PUSH_CA_FILE")]
+    pub push_ca_file: Option<PathBuf>,
+    /// Webhook URL; with a secret file it turns the webhook provider on.
+    #[arg(long, env = "COURIER_PUSH_WEBHOOK_URL")]
+    pub push_webhook_url: Option<String>,
+    /// File holding the webhook's HMAC-SHA256 key (its bytes, trailing
+    /// newline dropped).
+    #[arg(long, env = "COURIER_PUSH_WEBHOOK_SECRET_FILE")]
+    pub push_webhook_secret_file: Option<PathBuf>,
+    /// FCM service-account JSON key file; turns the FCM provider on.
+    #[arg(long, env = "COURIER_PUSH_FCM_CREDENTIALS")]
+    pub push_fcm_credentials: Option<PathBuf>,
+    /// Base URL of the FCM HTTP v1 API.
+    #[arg(
+        long,
+        env = "COURIER_PUSH_FCM_ENDPOINT",
+        default_value = "https://fcm.googleapis.com"
+    )]
+    pub push_fcm_endpoint: String,
+    /// APNs token signing key (.p8, PKCS#8 PEM); with key id, team id and
+    /// topic it turns the APNs provider on.
+    #[arg(long, env = "COURIER_PUSH_APNS_KEY_FILE")]
+    pub push_apns_key_file: Option<PathBuf>,
+    /// APNs signing key id (the provider token's `kid`).
+    #[arg(long, env = "COURIER_PUSH_APNS_KEY_ID")]
+    pub push_apns_key_id: Option<String>,
+    /// Apple developer team id (the provider token's `iss`).
+    #[arg(long, env = "COURIER_PUSH_APNS_TEAM_ID")]
+    pub push_apns_team_id: Option<String>,
+    /// The app's bundle id (`apns-topic`).
+    #[arg(long, env = "COURIER_PUSH_APNS_TOPIC")]
+    pub push_apns_topic: Option<String>,
+    /// Base URL of APNs (HTTP/2 over TLS); the sandbox is
+    /// https://api.sandbox.push.apple.com.
+    #[arg(
+        long,
+        env = "COURIER_PUSH_APNS_ENDPOINT",
+        default_value = "https://api.push.apple.com"
+    )]
+    pub push_apns_endpoint: String,
     /// Milliseconds over which a drain (SIGTERM) spreads its 1001 closes;
     /// 0 closes every session at once.
     #[arg(long, env = "COURIER_DRAIN_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=300_000))]

@@ -130,6 +130,8 @@ enum Target {
 fn target(cmd: &Command, partitions: u16) -> Target {
     let (device, frame) = match cmd {
         Command::Attach { .. } | Command::Detach { .. } => return Target::All,
+        // The push worker's reports stay in their router; no core sends one.
+        Command::Push(_) => return Target::One(0),
         Command::Frame { device, frame, .. } => (device, frame),
     };
     let conversation = |c: &str| Target::One(partition_of(c, partitions));
@@ -262,7 +264,7 @@ impl FleetLink {
                     Target::One(p) => batches[usize::from(p)].push(cmd),
                     Target::All => {
                         for batch in batches.iter_mut().skip(1) {
-                            batch.push(clone_command(&cmd));
+                            batch.extend(clone_command(&cmd));
                         }
                         batches[0].push(cmd);
                     }
@@ -318,7 +320,7 @@ impl FleetLink {
                 merge.expected += u32::from(self.partitions);
                 merge.client_waiting = true;
             }
-            Command::Frame { .. } => {}
+            Command::Frame { .. } | Command::Push(_) => {}
         }
     }
 
@@ -478,8 +480,11 @@ fn sync_done(ws: &[u8]) -> Option<bool> {
     }
 }
 
-fn clone_command(cmd: &Command) -> Command {
-    match cmd {
+/// A copy of `cmd` for another partition (`None` for the push worker's
+/// reports, which never cross the bus).
+fn clone_command(cmd: &Command) -> Option<Command> {
+    Some(match cmd {
+        Command::Push(_) => return None,
         Command::Attach {
             session,
             device,
@@ -509,7 +514,7 @@ fn clone_command(cmd: &Command) -> Command {
             frame: frame.clone(),
             received_at: *received_at,
         },
-    }
+    })
 }
 
 /// Calls `f` until it succeeds, for up to a minute.

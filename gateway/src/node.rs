@@ -111,7 +111,10 @@ impl Node {
             Role::Gateway => Upstream::Fleet(FleetLink::start(&args, mailboxes.clone())?),
             _ => Upstream::Embedded(
                 Router::start(
-                    router_config(&args),
+                    RouterConfig {
+                        push: push_config(&args)?,
+                        ..router_config(&args)
+                    },
                     Arc::new(CoreOutlet(mailboxes.clone())),
                     &mut registry,
                 )
@@ -315,4 +318,71 @@ pub fn router_config(args: &ServeArgs) -> RouterConfig {
 fn ip_limits_for(args: &ServeArgs) -> Option<crate::iplimit::IpLimits> {
     let rate = args.connect_rate_per_ip;
     crate::iplimit::IpLimits::new(args.max_connections_per_ip, rate, rate * 10.0)
+}
+
+/// The push settings from the flags, reading the key files they name. A
+/// provider is on when its required settings are all given; some but not
+/// all stop the start, naming what is missing.
+fn push_config(args: &ServeArgs) -> anyhow::Result<courier_router::push::PushConfig> {
+    use courier_router::push::{ApnsConfig, FcmConfig, PushConfig, ServiceAccount, WebhookConfig};
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+    };
+    let webhook = match (&args.push_webhook_url, &args.push_webhook_secret_file) {
+        (None, None) => None,
+        (Some(url), Some(file)) => {
+            let secret = read(file, "push_webhook.secret_file")?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!secret.is_empty(), "push_webhook.secret_file is empty");
+            Some(WebhookConfig {
+                url: url.clone(),
+                secret: std::sync::Arc::from(secret.as_bytes()),
+            })
+        }
+        _ => anyhow::bail!("push_webhook needs both url and secret_file"),
+    };
+    let fcm = match &args.push_fcm_credentials {
+        None => None,
+        Some(file) => Some(FcmConfig {
+            account: ServiceAccount::from_json(&read(file, "push_fcm.credentials")?)
+                .map_err(|e| anyhow::anyhow!("push_fcm.credentials: {e}"))?,
+            endpoint: args.push_fcm_endpoint.clone(),
+        }),
+    };
+    let apns_parts = (
+        &args.push_apns_key_file,
+        &args.push_apns_key_id,
+        &args.push_apns_team_id,
+        &args.push_apns_topic,
+    );
+    let apns = match apns_parts {
+        (None, None, None, None) => None,
+        (Some(file), Some(key_id), Some(team_id), Some(topic)) => Some(ApnsConfig {
+            key_pem: std::sync::Arc::from(read(file, "push_apns.key_file")?),
+            key_id: key_id.clone(),
+            team_id: team_id.clone(),
+            topic: topic.clone(),
+            endpoint: args.push_apns_endpoint.clone(),
+            token_ttl: Duration::from_secs(30 * 60),
+        }),
+        _ => anyhow::bail!("push_apns needs key_file, key_id, team_id and topic together"),
+    };
+    anyhow::ensure!(
+        args.push_rate.is_finite() && args.push_rate > 0.0,
+        "push.rate must be a positive number"
+    );
+    Ok(PushConfig {
+        delay: Duration::from_millis(args.push_delay_ms),
+        coalesce_window: Duration::from_millis(args.push_coalesce_ms),
+        max_attempts: args.push_max_attempts,
+        backoff_base: Duration::from_millis(args.push_backoff_ms),
+        backoff_max: Duration::from_millis(args.push_backoff_max_ms),
+        concurrency: args.push_concurrency as usize,
+        rate_per_s: args.push_rate,
+        ca_file: args.push_ca_file.clone(),
+        max_ciphertext: args.push_max_ciphertext as usize,
+        webhook,
+        fcm,
+        apns,
+    })
 }

@@ -83,11 +83,18 @@ fn sigterm_still_stops_a_node_whose_log_reader_went_away() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Read the first log bytes, then close the pipe: every later log
-    // write fails with EPIPE.
+    // Read the log up to the start summary (the signal handler is set
+    // right after it; a fresh store can take a few hundred milliseconds on
+    // a loaded machine), then close the pipe: every later log write fails
+    // with EPIPE.
     let mut stderr = child.stderr.take().unwrap();
-    let mut first = [0u8; 32];
-    stderr.read_exact(&mut first).unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("gateway started") {
+        let mut chunk = [0u8; 256];
+        let n = stderr.read(&mut chunk).unwrap();
+        assert!(n > 0, "the log ended before the start summary");
+        seen.extend_from_slice(&chunk[..n]);
+    }
     drop(stderr);
     std::thread::sleep(std::time::Duration::from_millis(300));
     send_sigterm(child.id());

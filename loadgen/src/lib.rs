@@ -53,6 +53,7 @@ mod pacer;
 pub mod plan;
 pub mod probe;
 mod procs;
+pub mod push;
 pub mod rangeset;
 pub mod report;
 pub mod rng;

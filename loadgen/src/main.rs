@@ -3,7 +3,8 @@
 //! could not be made) or 3 (the checks passed but a threshold was broken).
 //!
 //! `loadgen size REPORT.json` sizes a fleet from a saved report;
-//! `loadgen worker` is a worker process, started by loadgen itself.
+//! `loadgen worker` is a worker process, started by loadgen itself;
+//! `loadgen push` drives and checks push notifications (see `push`).
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
     match argv.get(1).map(String::as_str) {
         Some("worker") => return courier_loadgen::worker_process(),
         Some("size") => return size(&argv[1..]),
+        Some("push") => return courier_loadgen::push::main(&argv[1..]),
         _ => {}
     }
     let matches = Args::command().get_matches();

@@ -14,11 +14,13 @@
 use bytes::{BufMut, Bytes};
 
 mod e2ee;
+mod push;
 
 pub use e2ee::{
     prekey_signing_message, DeviceAddress, DeviceBundle, DeviceCiphertext, E2eeFrame, IdentityKeys,
     Incoming, Prekey, PrekeyKind, PublicKey, Signature, SignedPrekey,
 };
+pub use push::{PushProvider, MAX_TOKEN_BYTES as MAX_PUSH_TOKEN_BYTES};
 
 /// What a frame type byte, a length or a field was wrong about.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -175,6 +177,19 @@ pub enum ClientFrame {
     /// How many one-time prekeys this device has left; answered with
     /// [`E2eeFrame::KeyCount`].
     KeyCount { request: u32 },
+    /// Registers (or replaces) this device's push token: while the device
+    /// has no live session, messages waiting for it wake it through
+    /// `provider`. With `ciphertext` the notification also carries the
+    /// message's opaque body, so the app can show it without connecting.
+    /// Answered with `Done`.
+    PushRegister {
+        request: u32,
+        provider: PushProvider,
+        token: String,
+        ciphertext: bool,
+    },
+    /// Removes this device's push token; answered with `Done`.
+    PushUnregister { request: u32 },
 }
 
 /// The bits of a user's privacy settings.
@@ -581,6 +596,16 @@ impl ClientFrame {
             e2ee::ty::KEY_COUNT_QUERY => Self::KeyCount {
                 request: r.u32("request")?,
             },
+            push::ty::PUSH_REGISTER => Self::PushRegister {
+                request: r.u32("request")?,
+                provider: PushProvider::from_u8(r.u8("provider")?)
+                    .ok_or(DecodeError::OutOfRange("provider"))?,
+                token: r.str("token")?,
+                ciphertext: r.bool("ciphertext")?,
+            },
+            push::ty::PUSH_UNREGISTER => Self::PushUnregister {
+                request: r.u32("request")?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -797,6 +822,22 @@ impl ClientFrame {
                 w.put_u8(e2ee::ty::KEY_COUNT_QUERY);
                 w.put_u32_le(*request);
             }
+            Self::PushRegister {
+                request,
+                provider,
+                token,
+                ciphertext,
+            } => {
+                w.put_u8(push::ty::PUSH_REGISTER);
+                w.put_u32_le(*request);
+                w.put_u8(*provider as u8);
+                put_str(w, token);
+                w.put_u8(u8::from(*ciphertext));
+            }
+            Self::PushUnregister { request } => {
+                w.put_u8(push::ty::PUSH_UNREGISTER);
+                w.put_u32_le(*request);
+            }
         }
     }
 
@@ -828,6 +869,8 @@ impl ClientFrame {
             Self::ArchiveUpload { .. } => "archive_upload",
             Self::ArchiveFetch { .. } => "archive_fetch",
             Self::KeyCount { .. } => "key_count",
+            Self::PushRegister { .. } => "push_register",
+            Self::PushUnregister { .. } => "push_unregister",
         }
     }
 }
@@ -1503,6 +1546,40 @@ mod tests {
         });
         client_round_trip(ClientFrame::ArchiveFetch { request: 14 });
         client_round_trip(ClientFrame::KeyCount { request: 15 });
+        for provider in PushProvider::ALL {
+            client_round_trip(ClientFrame::PushRegister {
+                request: 16,
+                provider,
+                token: "tok-1".into(),
+                ciphertext: provider == PushProvider::Fcm,
+            });
+        }
+        client_round_trip(ClientFrame::PushUnregister { request: 17 });
+    }
+
+    #[test]
+    fn push_register_refuses_an_unknown_provider_and_a_bad_flag() {
+        let good = |provider: u8, flag: u8| {
+            let mut w = vec![0x1a, 1, 0, 0, 0, provider, 1, 0, b't'];
+            w.push(flag);
+            Bytes::from(w)
+        };
+        assert!(ClientFrame::decode(&good(3, 1)).is_ok());
+        assert_eq!(
+            ClientFrame::decode(&good(0, 0)),
+            Err(DecodeError::OutOfRange("provider"))
+        );
+        assert_eq!(
+            ClientFrame::decode(&good(4, 0)),
+            Err(DecodeError::OutOfRange("provider"))
+        );
+        assert_eq!(
+            ClientFrame::decode(&good(1, 2)),
+            Err(DecodeError::OutOfRange("ciphertext"))
+        );
+        let mut long = good(1, 0).to_vec();
+        long.push(0);
+        assert!(ClientFrame::decode(&Bytes::from(long)).is_err());
     }
 
     #[test]

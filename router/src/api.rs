@@ -72,6 +72,9 @@ pub enum Command {
         frame: ClientFrame,
         received_at: Instant,
     },
+    /// What the push worker made of a notification (sent, token invalid,
+    /// given up); submitted by the worker, not by a core.
+    Push(crate::push::Outcome),
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,

@@ -46,6 +46,7 @@ use crate::store::{self, Part, Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterError};
 
 mod keys;
+mod push;
 mod social;
 mod views;
 
@@ -142,6 +143,8 @@ pub struct RouterCore {
     social: social::Social,
     /// The key directory's cache (see `keys.rs`).
     keys: keys::KeyDirectory,
+    /// Push tokens and waiting notifications (see `push.rs`).
+    push: push::PushState,
 }
 
 /// A batch whose writes are in the store but not yet known to be durable:
@@ -455,6 +458,7 @@ impl RouterCore {
             .map_err(|e| store_error(Box::new(e)))?;
         let mut core = Self {
             ids: ServerIds::resume(config.node_id, high),
+            push: push::PushState::new(config.push.clone()),
             config,
             store,
             metrics,
@@ -475,6 +479,7 @@ impl RouterCore {
             keys: keys::KeyDirectory::default(),
         };
         core.load_key_stock();
+        core.load_push_queue();
         Ok(core)
     }
 
@@ -548,6 +553,7 @@ impl RouterCore {
 
         let mut batch = Batch::default();
         self.timers(&mut batch, now_ms);
+        self.push_timers(&mut batch, now_ms);
         for command in commands {
             self.decide(&mut batch, command, now_ms);
         }
@@ -894,6 +900,7 @@ impl RouterCore {
                 device,
                 last_seen_ms,
             } => self.detach(session, &device, last_seen_ms, now_ms),
+            Command::Push(outcome) => self.push_outcome(b, outcome),
             Command::Frame {
                 session,
                 device,
@@ -962,6 +969,23 @@ impl RouterCore {
                 ClientFrame::ArchiveFetch { request } => {
                     self.archive_fetch(b, session, &device, request)
                 }
+                ClientFrame::PushRegister {
+                    request,
+                    provider,
+                    token,
+                    ciphertext,
+                } => {
+                    let record = crate::push::TokenRecord {
+                        provider,
+                        token,
+                        ciphertext,
+                        registered_ms: now_ms,
+                    };
+                    self.push_register(b, session, &device, request, record)
+                }
+                ClientFrame::PushUnregister { request } => {
+                    self.push_unregister(b, session, &device, request)
+                }
                 ClientFrame::Delivered { conversation, seq } => {
                     self.receipt(
                         b,
@@ -981,6 +1005,7 @@ impl RouterCore {
                     cursors,
                 } => {
                     self.set_live(&device, session, false);
+                    self.push_synced(b, &device);
                     b.syncs.push(SyncRequest {
                         session,
                         device,
@@ -1409,6 +1434,7 @@ impl RouterCore {
             per_device: per_device.clone(),
         };
         self.write_entry(b, conversation, seq, &entry);
+        self.push_message(b, conversation, seq, &recipients, &entry);
         let record = DedupeRecord {
             conversation: Arc::from(conversation),
             seq,
@@ -1460,6 +1486,7 @@ impl RouterCore {
         match self.receipt_inner(device, conversation, seq, kind) {
             Ok(CursorMove::Unchanged) => {}
             Ok(CursorMove::Moved { forward }) => {
+                self.push_receipt(b, device, conversation, seq, kind);
                 b.pending.push(Pending::Receipt { session, forward })
             }
             Err(r) => b.pending.push(Pending::Answer {

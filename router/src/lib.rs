@@ -24,6 +24,10 @@
 //! keys, signed prekeys, one-time prekeys handed out once) and relays
 //! per-device ciphertexts and history archives it cannot read.
 //!
+//! It schedules push notifications for devices without a live session and
+//! hands them to a push worker thread that speaks to the providers
+//! ([`push`]).
+//!
 //! What it does not do: sockets or tokens (the gateway's). In fleet mode
 //! ([`fleet`]) the same core runs once per partition, its batches made
 //! durable in a JetStream changelog instead of the local journal; see
@@ -40,6 +44,7 @@ mod codec;
 mod core;
 pub mod fleet;
 mod metrics;
+pub mod push;
 mod rate;
 mod server_id;
 mod store;
@@ -128,6 +133,8 @@ pub struct RouterConfig {
     /// Fleet mode: this router's partition and the partition count; new
     /// groups get ids in this partition.
     pub partition: Option<(u16, u16)>,
+    /// Push notifications (off unless a provider is configured).
+    pub push: push::PushConfig,
 }
 
 impl Default for RouterConfig {
@@ -159,6 +166,7 @@ impl Default for RouterConfig {
             archive_ttl: Duration::from_secs(24 * 3600),
             changelog: None,
             partition: None,
+            push: push::PushConfig::default(),
         }
     }
 }
@@ -244,6 +252,9 @@ impl RouterConfig {
         if self.max_inflight == 0 {
             return bad("max_inflight", "must be at least 1");
         }
+        if let Err((key, reason)) = self.push.validate() {
+            return bad(key, reason);
+        }
         Ok(())
     }
 }
@@ -284,9 +295,29 @@ impl Router {
         outlet: Arc<dyn api::Outlet>,
         registry: &mut Registry,
     ) -> Result<RouterHandle, RouterError> {
-        let core = RouterCore::open(config.clone(), registry)?;
+        let mut core = RouterCore::open(config.clone(), registry)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let depth = Arc::new(AtomicUsize::new(0));
+        let push_metrics = push::PushMetrics::register(registry);
+        if config.push.any_enabled() {
+            // Outcomes come back as commands, counted like any other.
+            let (push_tx, push_depth) = (tx.clone(), depth.clone());
+            let sink: push::OutcomeSink = Arc::new(move |outcome| {
+                push_depth.fetch_add(1, Ordering::Relaxed);
+                if push_tx
+                    .send(Msg::Command(api::Command::Push(outcome)))
+                    .is_err()
+                {
+                    push_depth.fetch_sub(1, Ordering::Relaxed);
+                }
+            });
+            let jobs = push::Worker::start(config.push.clone(), push_metrics.clone(), sink)
+                .map_err(|reason| RouterError::Config {
+                    key: "push",
+                    reason,
+                })?;
+            core.set_push(jobs, push_metrics);
+        }
         let worker = Worker {
             core,
             changelog: config.changelog.clone(),

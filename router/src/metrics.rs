@@ -13,7 +13,7 @@ use prometheus_client::registry::{Registry, Unit};
 /// bounds go past 1 s so that `histogram_quantile` can report a p99 above
 /// the 1 s the alert rules watch; with 1 s as the last bound it would never
 /// read more than 1.0.
-const LATENCY_BUCKETS: [f64; 17] = [
+pub(crate) const LATENCY_BUCKETS: [f64; 17] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 ];

@@ -19,6 +19,8 @@
 //! | `identities` | `len user device` | [`IdentityRecord`]: identity keys, signed and last-resort prekeys, one-time count |
 //! | `prekeys` | `len user device prekey_id` | one one-time prekey's public key |
 //! | `archives` | `len user device` | [`ArchiveRecord`]: a history archive waiting for that device |
+//! | `push_tokens` | `len user device` | a device's push token (`push/record.rs`) |
+//! | `push_queue` | `len user device conversation` | a notification waiting for its device (`push/record.rs`) |
 //!
 //! A conversation's entries are one prefix range of `entries`, in sequence
 //! order. Its last sequence is the key of its last entry, read back when the
@@ -76,11 +78,13 @@ pub enum Part {
     Identities,
     Prekeys,
     Archives,
+    PushTokens,
+    PushQueue,
 }
 
 impl Part {
     /// Every partition, in declaration order (the order of `Open::parts`).
-    pub const ALL: [Part; 12] = [
+    pub const ALL: [Part; 14] = [
         Part::Entries,
         Part::Conversations,
         Part::Memberships,
@@ -93,6 +97,8 @@ impl Part {
         Part::Identities,
         Part::Prekeys,
         Part::Archives,
+        Part::PushTokens,
+        Part::PushQueue,
     ];
 
     fn from_code(code: u8) -> Option<Part> {
@@ -113,6 +119,8 @@ impl Part {
             Part::Identities => "identities",
             Part::Prekeys => "prekeys",
             Part::Archives => "archives",
+            Part::PushTokens => "push_tokens",
+            Part::PushQueue => "push_queue",
         }
     }
 }
@@ -249,7 +257,7 @@ const WRITE_SET_VERSION: u8 = 1;
 /// poisons it, then opened again from disk (see [`Store::reopen`]).
 struct Open {
     keyspace: Keyspace,
-    parts: [PartitionHandle; 12],
+    parts: [PartitionHandle; 14],
 }
 
 impl Open {
@@ -276,6 +284,8 @@ impl Open {
             open(Part::Identities)?,
             open(Part::Prekeys)?,
             open(Part::Archives)?,
+            open(Part::PushTokens)?,
+            open(Part::PushQueue)?,
         ];
         Ok(Self { keyspace, parts })
     }
@@ -676,6 +686,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Every (key, value) of `part` under `prefix`, in key order (the push
+    /// module's records, which it decodes itself).
+    pub fn scan_prefix(
+        &self,
+        part: Part,
+        prefix: &[u8],
+    ) -> Result<Vec<(Slice, Slice)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.part(part)?.prefix(prefix) {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+
     /// True when the store holds a record under `key` in `part`.
     pub fn contains(&self, part: Part, key: &[u8]) -> Result<bool, StoreError> {
         Ok(self.get(part, key)?.is_some())
@@ -814,7 +838,7 @@ fn seq_of_entry_key(key: &[u8], prefix_len: usize) -> Option<u64> {
     Some(u64::from_be_bytes(tail))
 }
 
-fn user_prefix(user: &str) -> Vec<u8> {
+pub(crate) fn user_prefix(user: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + user.len() + 24);
     push_str(&mut key, user);
     key
@@ -927,6 +951,8 @@ mod tests {
             Part::Identities,
             Part::Prekeys,
             Part::Archives,
+            Part::PushTokens,
+            Part::PushQueue,
         ] {
             assert_eq!(&*open.part(part).name, part.name());
         }

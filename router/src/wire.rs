@@ -118,13 +118,19 @@ impl Reader {
     }
 }
 
-/// Encodes a batch of commands.
+/// Encodes a batch of commands. `Command::Push` (the push worker's report
+/// to its own router) never crosses the bus and is left out.
 pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + commands.len() * 96);
     out.put_u8(COMMANDS_V1);
-    out.put_u32(commands.len() as u32);
+    let carried = commands
+        .iter()
+        .filter(|c| !matches!(c, Command::Push(_)))
+        .count();
+    out.put_u32(carried as u32);
     for command in commands {
         match command {
+            Command::Push(_) => {}
             Command::Attach {
                 session,
                 device,

@@ -51,14 +51,14 @@ class Gateway:
         self.proc = None
         self.log = open(data_dir.parent / "gateway.log", "ab")
 
-    def start(self):
+    def start(self, extra=()):
         self.port, metrics_port = free_port(), free_port()
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.proc = subprocess.Popen(
             [str(GATEWAY), "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{metrics_port}",
              "--cores", "1", "--drain-window-ms", "1000",
-             "--data-dir", str(self.data_dir)],
+             "--data-dir", str(self.data_dir), *extra],
             stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + STEP_S
         while time.monotonic() < deadline:
@@ -381,3 +381,70 @@ def test_key_directory_and_per_device_send(gateway):
         await bob.close()
 
     run(body())
+
+
+def test_push_webhook_is_signed_and_carries_no_plaintext(tmp_path):
+    """A Python webhook receiver checks the node's notification: the
+    HMAC-SHA256 signature over "<timestamp>.<body>" (computed here with
+    Python's hmac, independently of the Rust code), and a body with the
+    conversation, sender and count but not the message."""
+    import hashlib
+    import hmac
+    import http.server
+    import json
+    import threading
+
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, dict(self.headers), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = b"python-side-secret"
+    (tmp_path / "hook.secret").write_bytes(secret + b"\n")
+    gw = Gateway(tmp_path / "data")
+    gw.start(["--push-webhook-url", f"http://127.0.0.1:{server.server_address[1]}/hook",
+              "--push-webhook-secret-file", str(tmp_path / "hook.secret"),
+              "--push-delay-ms", "300"])
+    try:
+        async def body():
+            bob = await gw.client("bob")
+            done = await bob.request(lambda r: cc.PushRegister(r, cc.PUSH_WEBHOOK, "bob-token", False))
+            assert isinstance(done, cc.Done)
+            with pytest.raises(cc.CourierError):
+                await bob.request(lambda r: cc.PushRegister(r, cc.PUSH_APNS, "abcd", False))
+            await bob.close()
+            alice = await gw.live("alice")
+            for i in range(3):
+                await alice.send(cc.direct_conversation("alice", "bob"), b"the plaintext", client_id=i + 1)
+            deadline = time.monotonic() + STEP_S
+            while not received and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            await alice.close()
+        run(body())
+    finally:
+        gw.stop()
+        server.shutdown()
+    assert len(received) == 1, received
+    path, headers, body = received[0]
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert path == "/hook"
+    ts = headers["x-courier-timestamp"]
+    assert abs(int(ts) - time.time()) < 120
+    expected = hmac.new(secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["x-courier-signature"], "sha256=" + expected)
+    note = json.loads(body)
+    assert note["type"] == "message"
+    assert (note["token"], note["conversation"], note["sender"], note["count"], note["seq"]) == \
+        ("bob-token", "d:alice:bob", "alice", 3, 3)
+    assert b"plaintext" not in body

@@ -30,7 +30,6 @@ GATEWAY = Path(os.environ.get("COURIER_GATEWAY_BIN", ROOT / "target/release/gate
 
 # Series queried ahead of the code that will export them.
 PLANNED = {
-    "courier_push_results_total": "issue 6 (push)",
     "courier_routes_stale": "issue 5 (fleet mode)",
 }
 

@@ -6,6 +6,7 @@ mod catchup;
 mod failure;
 mod groups;
 mod keys;
+mod push;
 mod receipts;
 mod send;
 mod social;

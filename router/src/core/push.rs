@@ -1,0 +1,418 @@
+//! The router's push hooks: token registration, scheduling a notification
+//! for each message left for a device without a live session, cancelling
+//! it on ack or catch-up, badge updates on reads elsewhere, and the
+//! worker's outcomes. The dispatcher's logic is `crate::push`; this file
+//! only connects it to the router's state.
+
+use std::sync::Arc;
+
+use courier_protocol::error::ErrorCode;
+use courier_protocol::frame::{PushProvider, ReceiptKind, ServerFrame, MAX_PUSH_TOKEN_BYTES};
+use rustc_hash::FxHashMap;
+
+use super::{error_frame, Batch, Pending, Reject, RouterCore};
+use crate::api::{Device, SessionKey};
+use crate::codec::{Member, StoredEntry};
+use crate::push::{
+    Job, JobSender, Outcome, Payload, PushConfig, PushMetrics, Queue, QueueKey, QueueRecord,
+    TokenRecord,
+};
+use crate::store::{self, Part, StoreError};
+
+/// Push state of the router core: created with the core, the queue
+/// restored from the store at open, the sender set when a worker starts.
+#[derive(Debug)]
+pub(crate) struct PushState {
+    config: PushConfig,
+    queue: Queue,
+    /// Tokens of users seen since the start, loaded on first use; kept in
+    /// step with the store by registration, removal and unlinking.
+    tokens: FxHashMap<Arc<str>, Vec<(u32, TokenRecord)>>,
+    /// `None` until [`RouterCore::set_push`]: notifications then wait.
+    jobs: Option<JobSender>,
+    metrics: PushMetrics,
+}
+
+impl PushState {
+    pub fn new(config: PushConfig) -> Self {
+        Self {
+            config,
+            queue: Queue::default(),
+            tokens: FxHashMap::default(),
+            jobs: None,
+            metrics: PushMetrics::unregistered(),
+        }
+    }
+}
+
+/// Users whose tokens are cached before the cache is dropped whole (it
+/// reloads from the store on use).
+const TOKEN_CACHE_LIMIT: usize = 1 << 20;
+
+impl RouterCore {
+    /// Connects the push worker: due notifications go to `jobs`; `metrics`
+    /// are the registered push metrics.
+    pub fn set_push(&mut self, jobs: JobSender, metrics: PushMetrics) {
+        self.push.jobs = Some(jobs);
+        self.push.metrics = metrics;
+    }
+
+    /// Reads every waiting notification back at start.
+    pub(super) fn load_push_queue(&mut self) {
+        let records = match self.store.scan_prefix(Part::PushQueue, &[]) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the push queue; waiting notifications are lost");
+                return;
+            }
+        };
+        for (key, value) in records {
+            let parsed =
+                crate::push::record::parse_queue_key(&key).zip(QueueRecord::decode(&value));
+            match parsed {
+                Some(((user, device, conversation), record)) => self.push.queue.restore(
+                    (Arc::from(user), device, conversation.into_boxed_str()),
+                    record,
+                ),
+                None => tracing::error!(store.partition = "push_queue", "corrupt record skipped"),
+            }
+        }
+        if self.push.queue.depth() > 0 {
+            tracing::info!(
+                push.waiting = self.push.queue.depth(),
+                "push queue restored"
+            );
+        }
+    }
+
+    fn push_tokens(&mut self, user: &Arc<str>) -> Result<&[(u32, TokenRecord)], StoreError> {
+        if !self.push.tokens.contains_key(user) {
+            if self.push.tokens.len() > TOKEN_CACHE_LIMIT {
+                self.push.tokens.clear();
+            }
+            let mut list = Vec::new();
+            let prefix = store::user_prefix(user);
+            for (key, value) in self.store.scan_prefix(Part::PushTokens, &prefix)? {
+                let device = key
+                    .get(prefix.len()..)
+                    .and_then(|k| <[u8; 4]>::try_from(k).ok())
+                    .map(u32::from_be_bytes);
+                if let Some((device, record)) = device.zip(TokenRecord::decode(&value)) {
+                    list.push((device, record));
+                }
+            }
+            self.push.tokens.insert(user.clone(), list);
+        }
+        Ok(self.push.tokens.get(user).map_or(&[], |l| l.as_slice()))
+    }
+
+    fn window_ms(&self) -> u64 {
+        self.push.config.coalesce_window.as_millis() as u64
+    }
+
+    fn device_live(&self, user: &str, device: u32) -> bool {
+        self.routes
+            .get(user)
+            .is_some_and(|rs| rs.iter().any(|r| r.device == device && r.live))
+    }
+
+    /// `PushRegister`: stores (or replaces) the device's token.
+    pub(super) fn push_register(
+        &mut self,
+        b: &mut Batch,
+        session: SessionKey,
+        device: &Device,
+        request: u32,
+        token_record: TokenRecord,
+    ) {
+        let reference = u64::from(request);
+        let frame = match self.check_token(&token_record) {
+            Err(r) => error_frame(r.code, reference, r.detail),
+            Ok(()) => match self.push_tokens(&device.user) {
+                Err(e) => {
+                    let r = Reject::from(e);
+                    error_frame(r.code, reference, r.detail)
+                }
+                Ok(_) => {
+                    b.writes.put(
+                        Part::PushTokens,
+                        store::device_key(&device.user, device.device),
+                        token_record.encode(),
+                    );
+                    if let Some(list) = self.push.tokens.get_mut(&device.user) {
+                        list.retain(|(d, _)| *d != device.device);
+                        list.push((device.device, token_record));
+                    }
+                    ServerFrame::Done { request }
+                }
+            },
+        };
+        b.pending.push(Pending::Answer {
+            session,
+            frame,
+            reference,
+            send: false,
+        });
+    }
+
+    fn check_token(&self, t: &TokenRecord) -> Result<(), Reject> {
+        let bad = |detail: &str| Err(Reject::new(ErrorCode::BadRequest, detail));
+        if !self.push.config.enabled(t.provider) {
+            return bad("push provider not enabled on this node");
+        }
+        if t.token.is_empty() || t.token.len() > MAX_PUSH_TOKEN_BYTES {
+            return bad("push token must be 1 to 4096 bytes");
+        }
+        if !t.token.bytes().all(|c| c.is_ascii_graphic()) {
+            return bad("push token must be printable ASCII without spaces");
+        }
+        let url_safe = |c: u8| c.is_ascii_alphanumeric() || b"-_:.~".contains(&c);
+        match t.provider {
+            PushProvider::Apns if !t.token.bytes().all(|c| c.is_ascii_hexdigit()) => {
+                bad("an APNs device token is hex digits")
+            }
+            PushProvider::Fcm if !t.token.bytes().all(url_safe) => {
+                bad("an FCM registration token is letters, digits and -_:.~")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `PushUnregister`: removes the device's token and what waits for it.
+    pub(super) fn push_unregister(
+        &mut self,
+        b: &mut Batch,
+        session: SessionKey,
+        device: &Device,
+        request: u32,
+    ) {
+        self.push_forget_device(b, &device.user, device.device);
+        b.pending.push(Pending::Answer {
+            session,
+            frame: ServerFrame::Done { request },
+            reference: u64::from(request),
+            send: false,
+        });
+    }
+
+    /// The device was unlinked or its token dropped: token and queue go.
+    pub(super) fn push_forget_device(&mut self, b: &mut Batch, user: &Arc<str>, device: u32) {
+        b.writes
+            .remove(Part::PushTokens, store::device_key(user, device));
+        if let Some(list) = self.push.tokens.get_mut(user) {
+            list.retain(|(d, _)| *d != device);
+        }
+        self.push.queue.drop_device(&mut b.writes, user, device);
+    }
+
+    /// A message was stored: each device of the other members with a token
+    /// and no live session gets a notification scheduled (the sender's own
+    /// devices get the message on catch-up but are never woken for it).
+    pub(super) fn push_message(
+        &mut self,
+        b: &mut Batch,
+        conversation: &str,
+        seq: u64,
+        recipients: &[Member],
+        entry: &StoredEntry,
+    ) {
+        if !self.push.config.any_enabled() {
+            return;
+        }
+        let now_ms = self.batch_now_ms;
+        let delay = self.push.config.delay.as_millis() as u64;
+        let window = self.push.config.coalesce_window.as_millis() as u64;
+        let max_ciphertext = self.push.config.max_ciphertext;
+        for m in recipients {
+            if m.user == entry.sender {
+                continue;
+            }
+            let targets: Vec<(u32, bool)> = match self.push_tokens(&m.user) {
+                Ok(list) => list.iter().map(|(d, t)| (*d, t.ciphertext)).collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "push tokens unreadable; no notification");
+                    continue;
+                }
+            };
+            for (device, wants_body) in targets {
+                if self.device_live(&m.user, device) {
+                    continue;
+                }
+                let ciphertext = wants_body
+                    .then(|| entry.body_for(&m.user, device))
+                    .filter(|c| !c.is_empty() && c.len() <= max_ciphertext);
+                self.push.queue.add(
+                    &mut b.writes,
+                    (m.user.clone(), device, Box::from(conversation)),
+                    seq,
+                    &entry.sender,
+                    entry.sender_device,
+                    ciphertext,
+                    now_ms,
+                    delay,
+                    window,
+                );
+            }
+        }
+    }
+
+    /// A receipt moved `device`'s cursor: an ack cancels what waits for
+    /// it; a read also tells the user's other offline devices the new
+    /// unread count (a silent badge update).
+    pub(super) fn push_receipt(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        conversation: &str,
+        seq: u64,
+        kind: ReceiptKind,
+    ) {
+        let key: QueueKey = (device.user.clone(), device.device, Box::from(conversation));
+        if self.push.queue.delivered(&mut b.writes, &key, seq) {
+            self.push.metrics.cancelled.inc();
+        }
+        if kind != ReceiptKind::Read || !self.push.config.any_enabled() {
+            return;
+        }
+        let Some(last_seq) = self.conversations.get(conversation).map(|c| c.last_seq) else {
+            return;
+        };
+        let unread = last_seq.saturating_sub(seq);
+        let others: Vec<(u32, TokenRecord)> = match self.push_tokens(&device.user) {
+            Ok(list) => list
+                .iter()
+                .filter(|(d, _)| *d != device.device)
+                .cloned()
+                .collect(),
+            Err(_) => return,
+        };
+        for (other, token) in others {
+            if self.device_live(&device.user, other) {
+                continue;
+            }
+            // Read elsewhere: that device need not be woken for it.
+            let key: QueueKey = (device.user.clone(), other, Box::from(conversation));
+            if self.push.queue.delivered(&mut b.writes, &key, seq) {
+                self.push.metrics.cancelled.inc();
+            }
+            let Some(jobs) = self.push.jobs.clone() else {
+                continue;
+            };
+            if !self.push.config.enabled(token.provider) {
+                continue;
+            }
+            let id = self.push.queue.badge();
+            jobs.send(Job {
+                id,
+                provider: token.provider,
+                token: token.token,
+                user: device.user.to_string(),
+                device: other,
+                payload: Payload::Badge {
+                    conversation: conversation.to_owned(),
+                    unread,
+                },
+            });
+        }
+    }
+
+    /// A `Sync` from the device: what it will catch up on needs no push.
+    pub(super) fn push_synced(&mut self, b: &mut Batch, device: &Device) {
+        let n = self
+            .push
+            .queue
+            .device_back(&mut b.writes, &device.user, device.device);
+        self.push.metrics.cancelled.inc_by(n as u64);
+    }
+
+    /// Hands what is due to the worker; runs at the start of every batch.
+    pub(super) fn push_timers(&mut self, b: &mut Batch, now_ms: u64) {
+        if self.push.jobs.is_some() {
+            let window = self.push.config.coalesce_window.as_millis() as u64;
+            for due in self.push.queue.take_due(now_ms, window) {
+                self.dispatch(b, due, now_ms);
+            }
+        }
+        self.push
+            .metrics
+            .scheduled
+            .set(self.push.queue.waiting() as i64);
+    }
+
+    fn dispatch(&mut self, b: &mut Batch, due: crate::push::queue::Due, now_ms: u64) {
+        let (user, device, conversation) = &due.key;
+        let token = match self.push_tokens(user) {
+            Ok(list) => list
+                .iter()
+                .find(|(d, _)| d == device)
+                .map(|(_, t)| t.clone()),
+            Err(_) => None,
+        };
+        let (Some(token), Some(jobs)) = (token, self.push.jobs.clone()) else {
+            // The token went (or the store is unreadable): nothing to wake.
+            self.push
+                .queue
+                .finish(&mut b.writes, due.id, now_ms, self.window_ms());
+            return;
+        };
+        if !self.push.config.enabled(token.provider) {
+            self.push
+                .queue
+                .finish(&mut b.writes, due.id, now_ms, self.window_ms());
+            return;
+        }
+        jobs.send(Job {
+            id: due.id,
+            provider: token.provider,
+            token: token.token,
+            user: user.to_string(),
+            device: *device,
+            payload: Payload::Message {
+                conversation: conversation.to_string(),
+                sender: due.record.sender,
+                sender_device: due.record.sender_device,
+                count: due.record.count,
+                seq: due.record.last_seq,
+                ciphertext: due.record.ciphertext,
+            },
+        });
+    }
+
+    /// The worker's word on a job.
+    pub(super) fn push_outcome(&mut self, b: &mut Batch, outcome: Outcome) {
+        let now_ms = self.batch_now_ms;
+        let window = self.window_ms();
+        self.push
+            .queue
+            .finish(&mut b.writes, outcome.id(), now_ms, window);
+        if let Outcome::InvalidToken {
+            user,
+            device,
+            token,
+            ..
+        } = outcome
+        {
+            let user: Arc<str> = Arc::from(user);
+            let current = match self.push_tokens(&user) {
+                Ok(list) => list
+                    .iter()
+                    .find(|(d, _)| *d == device)
+                    .map(|(_, t)| (t.token == token, t.provider)),
+                Err(_) => None,
+            };
+            // A token replaced meanwhile stays.
+            if let Some((true, provider)) = current {
+                self.push
+                    .metrics
+                    .tokens_removed
+                    .get_or_create(&PushMetrics::provider(provider))
+                    .inc();
+                tracing::debug!(
+                    push.provider = provider.name(),
+                    "push token invalid; removed"
+                );
+                self.push_forget_device(b, &user, device);
+            }
+        }
+    }
+}
