@@ -47,6 +47,7 @@ use crate::config::ServeArgs;
 use crate::handshake::{self, Refusal, Upgrade};
 use crate::mailbox::Mailbox;
 use crate::metrics::{CoreLabel, GatewayMetrics};
+use crate::probe::Probes;
 use crate::session::{CloseReason, CloseRequest, Pushed, Slot};
 use crate::throttle::Warnings;
 
@@ -159,6 +160,9 @@ struct Core {
     write_buf: RefCell<Vec<u8>>,
     /// Origins of the live messages in the write buffer, for the latency histogram.
     origins: RefCell<Vec<Instant>>,
+    /// Device-ack probes of this core's sessions: started by a session's
+    /// write step, ended by its read step or its end, aged out by the sweep.
+    probes: RefCell<Probes>,
     shutting_down: Cell<bool>,
     /// Set by the sweep while the process's outbound queues are over
     /// `max_outbound_total_bytes`: ephemeral frames are dropped.
@@ -354,6 +358,7 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
         read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
         write_buf: RefCell::new(Vec::with_capacity(WRITE_BATCH)),
         origins: RefCell::new(Vec::new()),
+        probes: RefCell::new(Probes::default()),
         shutting_down: Cell::new(false),
         pressure: Cell::new(false),
         shutdown_asked: Cell::new(false),
@@ -576,6 +581,7 @@ async fn sweep_loop(core: Rc<Core>) {
             }
         }
         relieve_pressure(&core, &mut slots, queued);
+        core.probes.borrow_mut().expire(Instant::now());
         let m = &core.shared.metrics;
         m.connections
             .get_or_create(&core.label)
@@ -1139,6 +1145,22 @@ impl SessionTask {
                         core.shared.metrics.messages_in.inc();
                         Some(*client_id)
                     }
+                    ClientFrame::Delivered { conversation, seq }
+                    | ClientFrame::Read { conversation, seq } => {
+                        let acked = core.probes.borrow_mut().handle_ack(
+                            self.key,
+                            conversation,
+                            *seq,
+                            Instant::now(),
+                        );
+                        if let Some(d) = acked {
+                            core.shared
+                                .metrics
+                                .device_ack_latency
+                                .observe(d.as_secs_f64());
+                        }
+                        None
+                    }
                     _ => None,
                 };
                 let Some(device) = self.device() else { return };
@@ -1249,6 +1271,7 @@ impl SessionTask {
             }
             let mut wbuf = core.write_buf.borrow_mut();
             let mut origins = core.origins.borrow_mut();
+            let mut first_live = None;
             wbuf.clear();
             origins.clear();
             let frames;
@@ -1260,7 +1283,7 @@ impl SessionTask {
                 let Some(out) = slot.out.as_mut() else {
                     return Ok(true);
                 };
-                frames = out.drain_into(&mut wbuf, WRITE_BATCH, &mut origins);
+                frames = out.drain_into(&mut wbuf, WRITE_BATCH, &mut origins, &mut first_live);
                 if out.is_empty() {
                     slot.out = None;
                 }
@@ -1280,8 +1303,15 @@ impl SessionTask {
             }
             m.frames_out.inc_by(frames as u64);
             m.messages_out.inc_by(origins.len() as u64);
+            let now = Instant::now();
             for origin in origins.iter() {
-                m.delivery_latency.observe(origin.elapsed().as_secs_f64());
+                m.delivery_latency
+                    .observe(now.saturating_duration_since(*origin).as_secs_f64());
+            }
+            if let Some(frame) = first_live {
+                core.probes
+                    .borrow_mut()
+                    .handle_written(self.key, &frame, now);
             }
         }
     }
@@ -1299,6 +1329,7 @@ impl SessionTask {
             }
         };
         if let Some(slot) = removed {
+            core.probes.borrow_mut().forget(self.key);
             if let (Some(limits), Some(ip)) = (&core.shared.ip_limits, &slot.counted_ip) {
                 limits.release(**ip);
             }

@@ -24,6 +24,7 @@ pub mod iplimit;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;
+pub mod probe;
 pub mod process;
 pub mod secret;
 pub mod session;

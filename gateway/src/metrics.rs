@@ -98,6 +98,9 @@ pub struct GatewayMetrics {
     pub messages_out: Counter,
     /// Gateway receipt of a send to its write on a recipient's socket.
     pub delivery_latency: Histogram,
+    /// From writing a live message on a recipient's socket to that device's
+    /// `Delivered` for it, sampled (see `probe`).
+    pub device_ack_latency: Histogram,
     /// Sessions closed because their outbound queue stayed full.
     pub slow_consumer_closes: Counter,
     /// Typing and presence frames dropped while the process's outbound
@@ -132,6 +135,7 @@ impl GatewayMetrics {
             messages_in: Counter::default(),
             messages_out: Counter::default(),
             delivery_latency: Histogram::new(LATENCY_BUCKETS),
+            device_ack_latency: Histogram::new(LATENCY_BUCKETS),
             slow_consumer_closes: Counter::default(),
             ephemeral_shed: Counter::default(),
             outbound_pressure: Gauge::default(),
@@ -186,6 +190,12 @@ impl GatewayMetrics {
             "From the gateway reading a send to writing it on a recipient's socket",
             Unit::Seconds,
             m.delivery_latency.clone(),
+        );
+        r.register_with_unit(
+            "courier_device_ack_duration",
+            "From writing a live message on a recipient's socket to that device's Delivered for it (sampled: one message in flight per session)",
+            Unit::Seconds,
+            m.device_ack_latency.clone(),
         );
         r.register(
             "courier_outbound_ephemeral_shed",

@@ -231,12 +231,15 @@ impl Outbound {
 
     /// Moves frames, in priority order, into `buf` until it holds at least
     /// `target` bytes or the queue is empty. Origins of the messages moved
-    /// are appended to `origins`. Returns how many frames were moved.
+    /// are appended to `origins`, and the first live message moved is kept
+    /// in `first_live` if it is empty (the device-ack probe decodes it).
+    /// Returns how many frames were moved.
     pub fn drain_into(
         &mut self,
         buf: &mut Vec<u8>,
         target: usize,
         origins: &mut Vec<Instant>,
+        first_live: &mut Option<Bytes>,
     ) -> usize {
         let mut frames = 0;
         while buf.len() < target {
@@ -245,6 +248,9 @@ impl Outbound {
             } else if let Some(f) = self.reply.pop_front() {
                 f
             } else if let Some((f, origin)) = self.message.pop_front() {
+                if origin.is_some() && first_live.is_none() {
+                    *first_live = Some(f.clone());
+                }
                 origins.extend(origin);
                 f
             } else if let Some(f) = self.ephemeral.pop_front() {
@@ -286,10 +292,14 @@ mod tests {
         assert_eq!(out.push(Class::Reply, b(b"r"), None, 100), Pushed::Queued);
         out.push_last(b(b"x"));
         out.push_control(b(b"c"));
-        let (mut buf, mut origins) = (Vec::new(), Vec::new());
-        assert_eq!(out.drain_into(&mut buf, usize::MAX, &mut origins), 5);
+        let (mut buf, mut origins, mut first) = (Vec::new(), Vec::new(), None);
+        assert_eq!(
+            out.drain_into(&mut buf, usize::MAX, &mut origins, &mut first),
+            5
+        );
         assert_eq!(buf, b"crmtx");
         assert_eq!(origins.len(), 1);
+        assert_eq!(first.as_deref(), Some(&b"m"[..]));
         assert!(out.is_empty());
     }
 
@@ -300,12 +310,18 @@ mod tests {
         out.push_control(Bytes::from_static(b"\x88\x00"));
         out.push_pong(Bytes::from_static(b"\x8a\x02bb"));
         assert_eq!(out.bytes, 6);
-        let (mut buf, mut origins) = (Vec::new(), Vec::new());
-        assert_eq!(out.drain_into(&mut buf, usize::MAX, &mut origins), 2);
+        let (mut buf, mut origins, mut first) = (Vec::new(), Vec::new(), None);
+        assert_eq!(
+            out.drain_into(&mut buf, usize::MAX, &mut origins, &mut first),
+            2
+        );
         assert_eq!(buf, b"\x8a\x02bb\x88\x00");
         // Once written, the next ping gets its own pong.
         out.push_pong(Bytes::from_static(b"\x8a\x01c"));
-        assert_eq!(out.drain_into(&mut buf, usize::MAX, &mut origins), 1);
+        assert_eq!(
+            out.drain_into(&mut buf, usize::MAX, &mut origins, &mut first),
+            1
+        );
     }
 
     #[test]

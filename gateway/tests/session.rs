@@ -570,10 +570,17 @@ fn metrics_endpoint_serves_the_operator_view() {
     let node = TestNode::start(&[]);
     let (mut alice, _) = node.online("alice", 1);
     let (mut bob, _) = node.online("bob", 1);
-    alice.send_acked(&direct_conversation("alice", "bob"), 1, b"m");
+    let conversation = direct_conversation("alice", "bob");
+    let seq = alice.send_acked(&conversation, 1, b"m");
     bob.next();
+    bob.send(&ClientFrame::Delivered { conversation, seq });
     std::thread::sleep(Duration::from_millis(1200));
     let text = node.metrics();
+    // The device-ack probe saw the message written and bob's ack for it.
+    assert!(
+        text.contains("courier_device_ack_duration_seconds_count 1"),
+        "{text}"
+    );
     for name in [
         "courier_gateway_connections{core=",
         "courier_frames_in_total",
