@@ -726,6 +726,14 @@ function start(token) {
     $("login-error").textContent = "That is not a Courier token.";
     return;
   }
+  // Nothing of a previous sign-in in this tab carries over.
+  state.conversations.clear();
+  state.presence.clear();
+  state.pending.clear();
+  state.open = null;
+  messageNodes.clear();
+  list().replaceChildren();
+  delete list().dataset.conversation;
   state.token = token;
   state.claims = claims;
   state.everWelcomed = false;
@@ -797,15 +805,26 @@ function wire() {
   });
 }
 
+/** A token in the fragment (never sent to the server), taken out of the
+ * address bar and the history; null if there is none. */
+function tokenFromUrl() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token) history.replaceState(null, "", location.pathname + location.search);
+  return token;
+}
+
 function boot() {
   wire();
-  // A token in the fragment (never sent to the server) wins; it is moved to
-  // sessionStorage and taken out of the address bar and the history.
-  const fromUrl = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromUrl) history.replaceState(null, "", location.pathname + location.search);
-  const token = fromUrl ?? sessionStorage.getItem(TOKEN_KEY);
+  const token = tokenFromUrl() ?? sessionStorage.getItem(TOKEN_KEY);
   if (token) start(token);
   else $("login").hidden = false;
+  // A link with another token opened in this tab changes only the fragment.
+  window.addEventListener("hashchange", () => {
+    const next = tokenFromUrl();
+    if (!next || next === state.token) return;
+    if (state.token) signOut();
+    start(next);
+  });
 }
 
 boot();
