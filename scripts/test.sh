@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command: lints, the Rust suite under both monoio
 # drivers (its JetStream tests against a real nats-server it installs),
-# and the Python (websockets) and Node (ws) client suites against the real
-# gateway binary.
-# Works on a fresh machine with the Rust toolchain, cargo-nextest, Python 3
-# and Node.js with npm (it installs the Python and npm packages it needs).
+# and the Python (websockets), Node (ws) and browser (headless Chromium,
+# driven by playwright-core) suites against the real gateway binary.
+# Works on a fresh Debian machine with the Rust toolchain, cargo-nextest,
+# Python 3 and Node.js with npm (it installs the Python and npm packages it
+# needs, and Debian's chromium when missing, with apt-get as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,15 @@ echo "== Python client suite (websockets)"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 COURIER_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python
 
-echo "== Node client suite (ws)"
+echo "== Chromium for the browser suite (Debian's package; nothing downloads a browser)"
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+chromium --version 2>/dev/null
+
+echo "== Node client suites (ws; the web client and WebSocket conformance in headless Chromium)"
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error &&
     COURIER_GATEWAY_BIN="$PWD/../../target/debug/gateway" npm test)

@@ -3,7 +3,8 @@
 
 #![no_main]
 
-use courier_gateway::handshake::{self, parse};
+use courier_gateway::handshake::{self, parse, Request};
+use courier_gateway::web;
 use libfuzzer_sys::fuzz_target;
 
 /// The default `--max-header-bytes`.
@@ -17,10 +18,14 @@ fuzz_target!(|data: &[u8]| {
     let mut end = 0;
     loop {
         end = (end + step).min(data.len());
-        match parse(&data[..end], MAX_HEADER_BYTES) {
+        match parse(&data[..end], MAX_HEADER_BYTES, true) {
             Ok(None) if end < data.len() => continue,
             Ok(None) => break,
-            Ok(Some(up)) => {
+            Ok(Some(Request::Page(page))) => {
+                assert!(web::response(page).starts_with(b"HTTP/1.1 "));
+                break;
+            }
+            Ok(Some(Request::Upgrade(up))) => {
                 assert!(up.consumed <= end, "consumed past the input");
                 assert_eq!(up.accept_key.len(), 28, "accept key is base64 of SHA-1");
                 let resp = handshake::accept_response(&up);
@@ -36,5 +41,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // A small limit must refuse, never read past it.
-    let _ = parse(data, data.len() / 2);
+    let _ = parse(data, data.len() / 2, true);
 });

@@ -260,6 +260,10 @@ pub struct ServeArgs {
     /// ASCII case. Others get 403.
     #[arg(long, env = "COURIER_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Serve the browser client's files (`/app/`) on the WebSocket listener
+    /// to plain GETs; `false` answers those paths 404 like any other.
+    #[arg(long, env = "COURIER_WEB_CLIENT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub web_client: bool,
     /// Join other processes already listening on `--listen` (SO_REUSEPORT)
     /// instead of refusing to start.
     #[arg(long, env = "COURIER_SHARE_PORT")]

@@ -52,6 +52,7 @@ pub const KEYS: &[Key] = &[
     key("listen", "share_port", "share_port"),
     key("listen", "handshake_timeout_ms", "handshake_timeout_ms"),
     key("listen", "allowed_origins", "allowed_origins"),
+    key("listen", "web_client", "web_client"),
     key("limits", "max_connections", "max_connections"),
     key("limits", "max_connections_per_ip", "max_connections_per_ip"),
     key("limits", "connect_rate_per_ip", "connect_rate_per_ip"),

@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use crate::config::ServeArgs;
-use crate::handshake::{self, Refusal, Upgrade};
+use crate::handshake::{self, Refusal, Request};
 use crate::mailbox::Mailbox;
 use crate::metrics::{CoreLabel, GatewayMetrics};
 use crate::probe::Probes;
@@ -689,11 +689,13 @@ impl Drop for IpGuard {
     }
 }
 
-/// Reads the upgrade request; returns it with the bytes read past it.
+/// Reads the upgrade request (or, with `pages`, a GET of the browser
+/// client); returns it with the bytes read past an upgrade.
 async fn read_upgrade(
     stream: &mut TcpStreamPoll,
     max: usize,
-) -> io::Result<Result<(Upgrade, Vec<u8>), Refusal>> {
+    pages: bool,
+) -> io::Result<Result<(Request, Vec<u8>), Refusal>> {
     let mut buf = Vec::new();
     loop {
         // Read into the buffer's own spare room, up to the header limit
@@ -705,12 +707,13 @@ async fn read_upgrade(
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        match handshake::parse(&buf, max) {
+        match handshake::parse(&buf, max, pages) {
             Ok(None) => continue,
-            Ok(Some(up)) => {
+            Ok(Some(Request::Upgrade(up))) => {
                 let rest = buf.split_off(up.consumed);
-                return Ok(Ok((up, rest)));
+                return Ok(Ok((Request::Upgrade(up), rest)));
             }
+            Ok(Some(page)) => return Ok(Ok((page, Vec::new()))),
             Err(refusal) => return Ok(Err(refusal)),
         }
     }
@@ -754,7 +757,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
     let metrics = &shared.metrics;
     let read = monoio::time::timeout(
         cfg.handshake_timeout(),
-        read_upgrade(&mut stream, cfg.max_header_bytes),
+        read_upgrade(&mut stream, cfg.max_header_bytes, cfg.web_client),
     )
     .await;
     let refuse = |refusal: Refusal| {
@@ -781,7 +784,17 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
             let _ = write_all(&mut stream, &refuse(refusal)).await;
             return;
         }
-        Ok(Ok(Ok(parsed))) => parsed,
+        Ok(Ok(Ok((Request::Upgrade(up), rest)))) => (up, rest),
+        Ok(Ok(Ok((Request::Page(page), _)))) => {
+            // A file of the browser client: answered, then the connection
+            // ends (no keep-alive), within the upgrade's own deadline.
+            metrics.web_files.inc();
+            tracing::debug!(client.addr = %addr, "web client file served");
+            let resp = crate::web::response(page);
+            let _ =
+                monoio::time::timeout(cfg.handshake_timeout(), write_all(&mut stream, &resp)).await;
+            return;
+        }
     };
     if !handshake::origin_allowed(upgrade.origin.as_deref(), &cfg.allowed_origins) {
         let resp = refuse(Refusal {

@@ -1,17 +1,30 @@
 //! The HTTP/1.1 upgrade that opens a session, parsed from bytes.
 //!
 //! [`parse`] looks at the bytes read so far: not enough yet is `Ok(None)`;
-//! a complete request is either an [`Upgrade`] to accept or a [`Refusal`]
-//! naming the HTTP status to answer with. Authentication is the caller's:
-//! this module only finds the token (`Authorization: Bearer` or the
-//! `access_token` query parameter, for browsers, which cannot set headers on
-//! a WebSocket).
+//! a complete request is either an [`Upgrade`] to accept, a file of the
+//! browser client to serve ([`Request::Page`], only when the caller serves
+//! it), or a [`Refusal`] naming the HTTP status to answer with.
+//! Authentication is the caller's: this module only finds the token
+//! (`Authorization: Bearer` or the `access_token` query parameter, for
+//! browsers, which cannot set headers on a WebSocket).
 
 use courier_protocol::SUBPROTOCOL_V1;
 use tungstenite::handshake::derive_accept_key;
 
+use crate::web;
+
 /// Most headers a request may have.
 const MAX_HEADERS: usize = 32;
+
+/// What a complete, acceptable request asks for.
+#[derive(Debug)]
+pub enum Request {
+    /// A WebSocket upgrade.
+    Upgrade(Upgrade),
+    /// A plain GET (no `Upgrade: websocket`) of one of the browser
+    /// client's paths; answer with [`web::response`] and close.
+    Page(web::Page),
+}
 
 /// An upgrade request that passed every check but authentication.
 #[derive(Debug)]
@@ -43,8 +56,10 @@ impl Refusal {
 }
 
 /// Parses the request at the front of `buf`, which must not exceed
-/// `max_bytes` before the request is complete.
-pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Upgrade>, Refusal> {
+/// `max_bytes` before the request is complete. With `pages` set, a plain
+/// GET of a path [`web::lookup`] knows is a [`Request::Page`]; without it,
+/// and for every other path but `/` and `/ws`, the answer is 404 as before.
+pub fn parse(buf: &[u8], max_bytes: usize, pages: bool) -> Result<Option<Request>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let status = match req.parse(buf) {
@@ -65,12 +80,6 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Upgrade>, Refusal> {
     if req.method != Some("GET") {
         return Err(Refusal::new(405, "only GET upgrades are served"));
     }
-    let path = req.path.unwrap_or("/");
-    let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    if route != "/" && route != "/ws" {
-        return Err(Refusal::new(404, "no such path"));
-    }
-
     let header = |name: &str| {
         req.headers
             .iter()
@@ -80,6 +89,19 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Upgrade>, Refusal> {
     let has_token = |name: &str, wanted: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(wanted)))
     };
+    let path = req.path.unwrap_or("/");
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    if route != "/" && route != "/ws" {
+        // The page's files answer plain GETs only; an upgrade aimed at
+        // them is refused as any other path's.
+        return match web::lookup(route) {
+            Some(page) if pages && !has_token("upgrade", "websocket") => {
+                Ok(Some(Request::Page(page)))
+            }
+            _ => Err(Refusal::new(404, "no such path")),
+        };
+    }
+
     if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
         return Err(Refusal::new(426, "WebSocket upgrade required"));
     }
@@ -107,12 +129,12 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Upgrade>, Refusal> {
         .split('&')
         .find_map(|kv| kv.strip_prefix("access_token="))
         .map(percent_decode);
-    Ok(Some(Upgrade {
+    Ok(Some(Request::Upgrade(Upgrade {
         accept_key: derive_accept_key(key.as_bytes()),
         token: bearer.or(from_query),
         origin: header("origin").map(str::to_owned),
         consumed,
-    }))
+    })))
 }
 
 /// Whether a request with `origin` may open a session, given the
@@ -205,9 +227,17 @@ mod tests {
         )
     }
 
+    /// The upgrade `req` parses to, pages served.
+    fn upgrade(req: &str) -> Upgrade {
+        match parse(req.as_bytes(), 8192, true) {
+            Ok(Some(Request::Upgrade(up))) => up,
+            other => panic!("{req:?}: {other:?}"),
+        }
+    }
+
     #[test]
     fn accepts_a_well_formed_upgrade() {
-        let up = parse(request("").as_bytes(), 8192).unwrap().unwrap();
+        let up = upgrade(&request(""));
         // The accept key of RFC 6455's own example.
         assert_eq!(up.accept_key, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(up.token.as_deref(), Some("abc.def"));
@@ -220,19 +250,20 @@ mod tests {
 
     #[test]
     fn bearer_header_wins_over_query() {
-        let up = parse(request("Authorization: Bearer xyz\r\n").as_bytes(), 8192)
-            .unwrap()
-            .unwrap();
+        let up = upgrade(&request("Authorization: Bearer xyz\r\n"));
         assert_eq!(up.token.as_deref(), Some("xyz"));
     }
 
     #[test]
     fn partial_requests_ask_for_more_until_the_limit() {
         let req = request("");
-        assert!(matches!(parse(&req.as_bytes()[..40], 8192), Ok(None)));
-        assert_eq!(parse(&req.as_bytes()[..40], 40).unwrap_err().status, 431);
+        assert!(matches!(parse(&req.as_bytes()[..40], 8192, true), Ok(None)));
+        assert_eq!(
+            parse(&req.as_bytes()[..40], 40, true).unwrap_err().status,
+            431
+        );
         let big = request(&format!("X-Pad: {}\r\n", "p".repeat(9000)));
-        assert_eq!(parse(big.as_bytes(), 8192).unwrap_err().status, 431);
+        assert_eq!(parse(big.as_bytes(), 8192, true).unwrap_err().status, 431);
     }
 
     #[test]
@@ -249,18 +280,57 @@ mod tests {
             (request("").replace("other, courier.v1", "other"), 400),
             ("\x01\x02 garbage\r\n\r\n".to_string(), 400),
         ];
-        for (req, status) in cases {
+        // The same answers whether the page is served or not.
+        for pages in [true, false] {
+            for (req, status) in &cases {
+                assert_eq!(
+                    parse(req.as_bytes(), 8192, pages).unwrap_err().status,
+                    *status,
+                    "{req:?}"
+                );
+            }
+            let many: String = (0..40).map(|i| format!("X-{i}: v\r\n")).collect();
             assert_eq!(
-                parse(req.as_bytes(), 8192).unwrap_err().status,
-                status,
-                "{req:?}"
+                parse(request(&many).as_bytes(), 8192, pages)
+                    .unwrap_err()
+                    .status,
+                431
             );
         }
-        let many: String = (0..40).map(|i| format!("X-{i}: v\r\n")).collect();
-        assert_eq!(
-            parse(request(&many).as_bytes(), 8192).unwrap_err().status,
-            431
-        );
+    }
+
+    #[test]
+    fn plain_gets_of_the_page_are_pages_only_when_served() {
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let page = |req: &str, pages: bool| match parse(req.as_bytes(), 8192, pages) {
+            Ok(Some(Request::Page(p))) => Ok(p),
+            Ok(other) => panic!("{req:?}: {other:?}"),
+            Err(r) => Err(r.status),
+        };
+        let index = web::lookup("/app/").unwrap();
+        assert_eq!(page(&get("/app/"), true), Ok(index));
+        // The fragment never reaches the server; a query is ignored.
+        assert_eq!(page(&get("/app/?from=demo"), true), Ok(index));
+        assert_eq!(page(&get("/app"), true), Ok(web::Page::ToIndex));
+        assert!(page(&get("/app/app.mjs"), true).is_ok());
+        // Unknown files, and every page when it is off: 404 as before.
+        assert_eq!(page(&get("/app/secret"), true), Err(404));
+        assert_eq!(page(&get("/favicon.ico"), true), Err(404));
+        assert_eq!(page(&get("/app/"), false), Err(404));
+        // Other methods are refused before the path is looked at.
+        assert_eq!(page("HEAD /app/ HTTP/1.1\r\n\r\n", true), Err(405));
+        assert_eq!(page("POST /app/ HTTP/1.1\r\n\r\n", true), Err(405));
+        // The upgrade paths keep their 426 for a plain GET.
+        assert_eq!(page(&get("/"), true), Err(426));
+        assert_eq!(page(&get("/ws"), true), Err(426));
+        // An upgrade aimed at the page is no page.
+        let to_app = request("").replace("GET /?", "GET /app/?");
+        assert_eq!(page(&to_app, true), Err(404));
+        // Partial requests still ask for more.
+        assert!(matches!(
+            parse(&get("/app/").as_bytes()[..10], 8192, true),
+            Ok(None)
+        ));
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //! What the gateway does itself: the HTTP upgrade ([`handshake`]) and token
 //! check, WebSocket framing and its rules, heartbeats and idle timeouts,
 //! token expiry and refresh, per-session outbound queues with priorities
-//! ([`session`]), and answering `Ping`. Everything about messages and
-//! conversations is the router's.
+//! ([`session`]), and answering `Ping`; and, on the same listener, the
+//! browser client's files for plain GETs ([`web`]). Everything about
+//! messages and conversations is the router's.
 
 pub mod admin;
 pub mod alloc;
@@ -29,3 +30,4 @@ pub mod process;
 pub mod secret;
 pub mod session;
 pub mod throttle;
+pub mod web;

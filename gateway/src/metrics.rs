@@ -114,6 +114,8 @@ pub struct GatewayMetrics {
     pub handshake_refusals: Family<ReasonLabel, Counter>,
     /// Sessions closed, by close code.
     pub closes: Family<CodeLabel, Counter>,
+    /// Files of the browser client served on the WebSocket listener.
+    pub web_files: Counter,
     /// Accept errors (out of file descriptors and the like).
     pub accept_errors: Counter,
     /// Frames refused because the router's queue was full.
@@ -142,6 +144,7 @@ impl GatewayMetrics {
             auth_failures: Family::default(),
             handshake_refusals: Family::default(),
             closes: Family::default(),
+            web_files: Counter::default(),
             accept_errors: Counter::default(),
             router_refusals: Counter::default(),
             build_info: Family::default(),
@@ -226,6 +229,11 @@ impl GatewayMetrics {
             "courier_session_closes",
             "Sessions closed, by close code",
             m.closes.clone(),
+        );
+        r.register(
+            "courier_web_files",
+            "Files of the browser client served on the WebSocket listener",
+            m.web_files.clone(),
         );
         r.register(
             "courier_accept_errors",

@@ -7,7 +7,8 @@
 
 use std::path::PathBuf;
 
-use courier_gateway::handshake::{self, parse};
+use courier_gateway::handshake::{self, parse, Request};
+use courier_gateway::web;
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
     let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
@@ -36,12 +37,15 @@ fn handshake_inputs_parse_to_an_answer_at_every_prefix() {
     let mut accepted = 0;
     for (name, data) in all {
         for end in 0..=data.len() {
-            match parse(&data[..end], 8192) {
+            match parse(&data[..end], 8192, true) {
                 Ok(None) => {}
-                Ok(Some(up)) => {
+                Ok(Some(Request::Upgrade(up))) => {
                     assert!(up.consumed <= end, "{name}");
                     assert!(handshake::accept_response(&up).starts_with(b"HTTP/1.1 101 "));
                     accepted += usize::from(end == data.len());
+                }
+                Ok(Some(Request::Page(page))) => {
+                    assert!(web::response(page).starts_with(b"HTTP/1.1 "), "{name}");
                 }
                 Err(refusal) => {
                     assert!((400..600).contains(&refusal.status), "{name}");
@@ -50,7 +54,7 @@ fn handshake_inputs_parse_to_an_answer_at_every_prefix() {
                 }
             }
         }
-        let _ = parse(&data, data.len() / 2);
+        let _ = parse(&data, data.len() / 2, true);
     }
     assert!(accepted >= 2, "the real clients' requests are accepted");
 }

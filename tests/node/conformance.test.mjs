@@ -41,7 +41,7 @@ describe("the gateway, with ws as the client", () => {
     assert.equal(msg.name, "Message");
     assert.deepEqual([msg.conversation, msg.seq, msg.serverId, msg.sender, msg.clientId],
       [CONV, 1n, sent.serverId, "alice", 41n]);
-    assert.equal(msg.body.toString(), "hello from ws");
+    assert.equal(new TextDecoder().decode(msg.body), "hello from ws");
     alice.ws.close(1000);
     bob.ws.close(1000);
     assert.equal((await alice.closeEvent()).code, 1000);
