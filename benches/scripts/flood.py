@@ -2,10 +2,11 @@
 """The flooders of flood.sh. Each runs for a bounded time and prints what
 it got as one JSON line.
 
-    flood.py conn  HOST PORT SOURCE_IP SECONDS RATE TOKEN
+    flood.py conn  HOST PORT SOURCE_IP SECONDS RATE DATA_DIR
         Opens RATE connections a second from SOURCE_IP, each sending a
-        complete upgrade with TOKEN, and keeps those the node accepts open
-        until the end. Counts answers by HTTP status.
+        complete upgrade with a valid token of its own user (signed with
+        DATA_DIR/jwt.secret), and keeps those the node accepts open until
+        the end. Counts answers by HTTP status.
     flood.py send  URL SECONDS TOKEN CONVERSATION
         One session sending as fast as it can write, never waiting for an
         answer; counts Sent frames and Error frames by code.
@@ -18,6 +19,8 @@ it got as one JSON line.
 import asyncio
 import base64
 import collections
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -35,6 +38,17 @@ def upgrade_request(host, port, token):
             f"Authorization: Bearer {token}\r\n\r\n").encode()
 
 
+def mint(secret, user):
+    """An HS256 token for `user`, device 1, as `gateway token` makes them."""
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")  # noqa: E731
+    now = int(time.time())
+    claims = {"sub": user, "dev": 1, "aud": "courier", "exp": now + 3600, "nbf": now - 1, "iat": now}
+    head = b64(json.dumps({"typ": "JWT", "alg": "HS256"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
+
+
 async def open_from(host, port, source):
     return await asyncio.open_connection(host, port, local_addr=(source, 0))
 
@@ -45,19 +59,20 @@ async def status_of(reader, timeout):
     return parts[1].decode() if len(parts) > 1 else "eof"
 
 
-async def conn_flood(host, port, source, seconds, rate, token):
+async def conn_flood(host, port, source, seconds, rate, data_dir):
+    secret = open(os.path.join(data_dir, "jwt.secret"), "rb").read().strip()
     counts = collections.Counter()
     held = []
     end = time.monotonic() + seconds
 
-    async def one():
+    async def one(n):
         try:
             r, w = await open_from(host, port, source)
         except OSError as e:
             counts[f"connect.{e.errno}"] += 1
             return
         try:
-            w.write(upgrade_request(host, port, token))
+            w.write(upgrade_request(host, port, mint(secret, f"conn-flooder-{n}")))
             status = await status_of(r, 5)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
             counts[type(e).__name__] += 1
@@ -77,7 +92,7 @@ async def conn_flood(host, port, source, seconds, rate, token):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one()))
+        tasks.append(asyncio.ensure_future(one(n)))
         n += 1
     await asyncio.gather(*tasks)
     for w in held:
@@ -166,8 +181,8 @@ async def slowloris(host, port, source, seconds, connections):
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "conn":
-        host, port, source, seconds, rate, token = args
-        out = conn_flood(host, int(port), source, float(seconds), float(rate), token)
+        host, port, source, seconds, rate, data_dir = args
+        out = conn_flood(host, int(port), source, float(seconds), float(rate), data_dir)
     elif mode == "send":
         url, seconds, token, conversation = args
         out = send_flood(url, float(seconds), token, conversation)

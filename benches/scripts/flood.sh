@@ -5,7 +5,9 @@
 # turn, all from loopback:
 #
 #   conn  a connection flood from 127.0.0.99: CONN_RATE upgrades a second,
-#         valid tokens, the accepted ones held open;
+#         each with a valid token of its own user, the accepted ones held
+#         open (so both per-IP limits are met: the concurrent cap and the
+#         connect rate);
 #   send  one user writing sends as fast as one session can, over the send
 #         rate limit (50/s, burst 100);
 #   slow  SLOW_CONNS connections from 127.0.0.98 trickling an upgrade
@@ -57,8 +59,8 @@ flood() { # name command...: runs the flood beside the normal run, from its traf
 }
 
 normal none
-flood conn conn 127.0.0.1 "$PORT" 127.0.0.99 "$((SECONDS_ - 5))" "$CONN_RATE" "$(token conn-flooder)"
+flood conn conn 127.0.0.1 "$PORT" 127.0.0.99 "$((SECONDS_ - 5))" "$CONN_RATE" "$data"
 flood send send "$url" "$((SECONDS_ - 5))" "$(token send-flooder)" "d:send-flooder:send-target"
 flood slow slow 127.0.0.1 "$PORT" 127.0.0.98 "$((SECONDS_ - 5))" "$SLOW_CONNS"
-curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^courier_(handshake_refusals|session_closes)' \
+curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^courier_(handshake_refusals|auth_failures|session_closes)' \
     >"$OUT/flood.metrics" || true
