@@ -140,7 +140,21 @@ for _ in $(seq 1 300); do
     sleep 0.2
 done
 [ "$served" -ge "$PARTITIONS" ] || { echo "routers serve $served of $PARTITIONS partitions" >&2; exit 1; }
-echo "routers: all $PARTITIONS partitions served"
+# The first router up takes every partition and hands half back, one per
+# scan, once it sees the second; a catch-up sent to a partition in that
+# handover waits for its 10 s timeout. Start the load once each router
+# serves its half.
+held() { # router index: partitions it serves now, by its log
+    local taken dropped
+    taken=$(grep -c 'serving partition' "$dir/router-$1/log" || true)
+    dropped=$(grep -cE 'handing a partition back|giving the partition up|lease lost' "$dir/router-$1/log" || true)
+    echo $((taken - dropped))
+}
+for _ in $(seq 1 300); do
+    [ "$(held 1)" -ge $((PARTITIONS / 2)) ] && [ "$(held 2)" -ge $((PARTITIONS / 2)) ] && break
+    sleep 0.2
+done
+echo "routers: all $PARTITIONS partitions served (router-1 $(held 1), router-2 $(held 2))"
 
 mkdir -p "$dir/gateway-1" "$dir/gateway-2"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/gateway-1/jwt.secret"
