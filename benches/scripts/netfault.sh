@@ -54,18 +54,28 @@ log="$OUT/netfault.log"
 
 teardown() {
     set +e
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    for pid in "${pids[@]}"; do
+    local pid i ns
+    # Newest first: loadgen, gateways, routers, the relay, then NATS.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        pid=${pids[$i]}
+        kill -TERM "$pid" 2>/dev/null
         for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
+    done
+    # Anything still running inside our namespaces was started by this
+    # script (deleting a namespace does not stop its processes).
+    for ns in "${!ADDR[@]}"; do
+        for pid in $(ip netns pids "$P-$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
     done
     for ns in hub "${!ADDR[@]}"; do ip netns del "$P-$ns" 2>/dev/null; done
     rm -rf "$dir"
 }
 trap teardown EXIT
 
+# Runs a command in one of our namespaces. In the background, call
+# `ip netns exec` directly instead (it execs the command, so $! is the
+# process itself; a function in the background would be a subshell).
 in_ns() { # name command...
     local ns=$1; shift
     ip netns exec "$P-$ns" "$@"
@@ -103,22 +113,24 @@ cluster {
   no_advertise: true
 }
 CONF
-    in_ns "nats$i" "$NATS" -c "$dir/nats-$i/nats.conf" >"$dir/nats-$i/log" 2>&1 &
+    ip netns exec "$P-nats$i" "$NATS" -c "$dir/nats-$i/nats.conf" >"$dir/nats-$i/log" 2>&1 &
     pids+=($!)
 done
 for i in 0 1 2; do
-    for _ in $(seq 1 150); do
+    for _ in $(seq 1 50); do
         in_ns edge curl -fsS "http://${ADDR[nats$i]}:8222/healthz?js-enabled-only=true" >/dev/null 2>&1 &&
             in_ns edge curl -fsS "http://${ADDR[nats$i]}:8222/jsz" 2>/dev/null | grep -q meta_cluster && break
         sleep 0.2
     done
+    in_ns edge curl -fsS "http://${ADDR[nats$i]}:8222/healthz?js-enabled-only=true" >/dev/null 2>&1 ||
+        { echo "nats-$i is not healthy:" >&2; tail -n 5 "$dir/nats-$i/log" >&2; exit 1; }
 done
 echo "nats: 3 servers up"
 
 # router-1 through its relay (loopback 4222..4224 to the three servers).
 delay_file="$dir/router1.delay"
 : >"$delay_file"
-in_ns router1 python3 "$ROOT/benches/scripts/delay_relay.py" "$delay_file" \
+ip netns exec "$P-router1" python3 "$ROOT/benches/scripts/delay_relay.py" "$delay_file" \
     "4222=${ADDR[nats0]}:4222" "4223=${ADDR[nats1]}:4222" "4224=${ADDR[nats2]}:4222" \
     >"$dir/relay.log" 2>&1 &
 pids+=($!)
@@ -128,7 +140,7 @@ for i in 1 2; do
     mkdir -p "$d"
     urls=$nats_urls
     [ "$i" = 2 ] || urls=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
-    in_ns "router$i" "$GATEWAY" --role router --nats "$urls" --partitions "$PARTITIONS" \
+    ip netns exec "$P-router$i" "$GATEWAY" --role router --nats "$urls" --partitions "$PARTITIONS" \
         --nats-replicas 3 --node-id "$((100 + i))" --data-dir "$d" >"$d/log" 2>&1 &
     pids+=($!)
 done
@@ -161,7 +173,7 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/gateway-1/jwt.secret"
 cp "$dir/gateway-1/jwt.secret" "$dir/gateway-2/jwt.secret"
 chmod 600 "$dir"/gateway-*/jwt.secret
 for i in 1 2; do
-    in_ns edge "$GATEWAY" --role gateway --nats "$nats_urls" --partitions "$PARTITIONS" \
+    ip netns exec "$P-edge" "$GATEWAY" --role gateway --nats "$nats_urls" --partitions "$PARTITIONS" \
         --node-id "$i" --listen 127.0.0.1:8080 --share-port --metrics-listen "127.0.0.1:910$i" \
         --data-dir "$dir/gateway-$i" >"$dir/gateway-$i/log" 2>&1 &
     pids+=($!)
@@ -180,7 +192,7 @@ duration=$((WARM_S + PARTITION_S + SETTLE_S + LATENCY_S + SETTLE_S))
 : >"$events"
 start=$(date +%s.%N)
 mark() { echo "$(echo "$(date +%s.%N) - $start" | bc) $*" | tee -a "$events"; }
-in_ns edge "$LOADGEN" --url ws://127.0.0.1:8080/ --data-dir "$dir/gateway-1" \
+ip netns exec "$P-edge" "$LOADGEN" --url ws://127.0.0.1:8080/ --data-dir "$dir/gateway-1" \
     --connections "$CONNS" --rate "$RATE" --duration "${duration}s" --drain 30s \
     --report "$OUT/netfault.json" >"$log" 2>&1 &
 lg=$!
