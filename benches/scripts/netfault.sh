@@ -10,8 +10,8 @@
 #      LATENCY_S seconds, then the delay is removed.
 #
 # loadgen must report 0 lost and 0 reordered among SENT-acked messages;
-# bench-out/netfault.summary says, per fault, how long acks and deliveries
-# stayed below rate. Needs root. Everything it made (namespaces, bridge,
+# bench-out/netfault.summary says, per fault, when the run was not at rate
+# (acks under 80 % of it, or 10 or more sends awaiting SENT). Needs root. Everything it made (namespaces, bridge,
 # veths, processes, the fleet's directory) is removed on exit, also on
 # failure.
 #
