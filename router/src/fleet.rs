@@ -236,6 +236,7 @@ impl Owner {
             shared: shared.clone(),
             served: FxHashMap::default(),
             member: None,
+            renewed_at: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("courier-leases".into())
@@ -303,6 +304,10 @@ struct Supervisor {
     shared: Arc<OwnerShared>,
     served: FxHashMap<u16, Served>,
     member: Option<Lease>,
+    /// When the leases were last renewed: taking partitions (a replay
+    /// each) renews in between once a scan interval has passed, so a long
+    /// run of takes never lets the leases already held run out.
+    renewed_at: Instant,
     /// Free partitions are not taken before this: routers started together
     /// first see each other's membership, so each takes only its share
     /// instead of the first taking everything and handing half back.
@@ -332,6 +337,7 @@ impl Supervisor {
     /// Renews every lease; drops partitions whose lease is lost or whose
     /// router stopped (fenced, or its changelog failed).
     fn renew(&mut self) {
+        self.renewed_at = Instant::now();
         let member_key = format!("router.{}", self.config.router_id);
         match self.member.as_mut().map(Lease::renew) {
             Some(Ok(())) => {}
@@ -402,6 +408,16 @@ impl Supervisor {
             let p = ((offset + i) % partitions) as u16;
             if self.served.contains_key(&p) {
                 continue;
+            }
+            // Each take replays a changelog (hundreds of milliseconds, more
+            // for a long one); the leases already held, this router's
+            // membership among them, are renewed between takes as often
+            // as between scans.
+            if self.renewed_at.elapsed() >= self.config.scan_interval {
+                self.renew();
+                if self.served.len() >= share {
+                    break;
+                }
             }
             match Lease::try_acquire(
                 &self.leases,

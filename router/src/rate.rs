@@ -40,12 +40,19 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, now_ms: u64, rate_per_s: f64, burst: f64) {
-        // A clock that steps back refills nothing until it passes `at_ms`.
+        // A clock that steps back moves the mark back with it: the bucket
+        // refills from the new time on. Keeping the old mark instead would
+        // refill nothing until the clock caught up with it, so a user who
+        // had emptied the bucket would be refused for as long as the step
+        // (an hour for a step of an hour), each refusal naming a retry
+        // time that is wrong. The cost: a clock that steps back and then
+        // forward again counts the time in between twice, which refills at
+        // most one burst.
         if now_ms > self.at_ms {
             let elapsed_s = (now_ms - self.at_ms) as f64 / 1000.0;
             self.tokens = (self.tokens + elapsed_s * rate_per_s).min(burst);
-            self.at_ms = now_ms;
         }
+        self.at_ms = now_ms;
     }
 }
 
@@ -63,6 +70,22 @@ mod tests {
         assert_eq!(b.take(50, 10.0, 3.0), Err(50));
         assert_eq!(b.take(100, 10.0, 3.0), Ok(()));
         assert!(!b.is_full(100, 10.0, 3.0));
+        assert!(b.is_full(400, 10.0, 3.0));
+    }
+
+    #[test]
+    fn a_clock_stepped_back_refills_from_the_new_time() {
+        // Emptied at t = 1 h; the wall clock then steps back to t = 0.
+        let hour = 3_600_000;
+        let mut b = TokenBucket::full(3.0, hour);
+        for _ in 0..3 {
+            assert_eq!(b.take(hour, 10.0, 3.0), Ok(()));
+        }
+        assert_eq!(b.take(0, 10.0, 3.0), Err(100));
+        // 100 ms after the step one token is back, as it would be without
+        // the step (it used to take an hour).
+        assert_eq!(b.take(100, 10.0, 3.0), Ok(()));
+        assert_eq!(b.take(100, 10.0, 3.0), Err(100));
         assert!(b.is_full(400, 10.0, 3.0));
     }
 }

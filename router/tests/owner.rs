@@ -162,3 +162,82 @@ fn jetstream_a_dead_routers_partitions_move_to_the_survivor() {
     let kv: Arc<dyn Kv> = Arc::new(nats.kv("test_leases", Some(TTL), 1).unwrap());
     a_dead_routers_partitions_move_to_the_survivor(log, kv);
 }
+
+/// A changelog whose replays are slow, as a long log's are.
+#[derive(Debug)]
+struct SlowReplay(Arc<dyn Log>, Duration);
+
+impl Log for SlowReplay {
+    fn append(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+        expect_last: Option<u64>,
+    ) -> Result<courier_bus::Appended, courier_bus::BusError> {
+        self.0.append(subject, id, payload, expect_last)
+    }
+
+    fn last(&self, subject: &str) -> Result<u64, courier_bus::BusError> {
+        self.0.last(subject)
+    }
+
+    fn replay(
+        &self,
+        subject: &str,
+        after: u64,
+        each: &mut dyn FnMut(courier_bus::Record) -> Result<(), courier_bus::BusError>,
+    ) -> Result<u64, courier_bus::BusError> {
+        std::thread::sleep(self.1);
+        self.0.replay(subject, after, each)
+    }
+}
+
+/// Taking many partitions one replay after another used to renew nothing
+/// until the last was taken: with replays longer than the TTL in total,
+/// the first leases ran out while their partitions were still served, and
+/// a second router (in the netfault run, one starting a little later) took
+/// them, so two routers served one partition until the next renewal.
+#[test]
+fn leases_held_stay_renewed_while_more_partitions_are_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner: Arc<dyn Log> =
+        Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
+    let log: Arc<dyn Log> = Arc::new(SlowReplay(inner, Duration::from_millis(300)));
+    let ttl = Duration::from_millis(1000);
+    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(ttl)));
+    let (factory, _rx) = outlets();
+    let partitions = 8;
+    let config = OwnerConfig {
+        router_id: "router-a".into(),
+        partitions,
+        scan_interval: Duration::from_millis(200),
+        data_dir: dir.path().join("router-a"),
+        subject_prefix: "t.log".into(),
+        router: RouterConfig::default(),
+        intake: None,
+    };
+    let a = Owner::start(config, log, kv.clone(), factory).unwrap();
+    // 8 replays of 300 ms: about 2.4 s of taking, more than twice the TTL.
+    let started = Instant::now();
+    let mut unleased = Vec::new();
+    while a.owned().len() < usize::from(partitions) || started.elapsed() < Duration::from_secs(4) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a never took every partition"
+        );
+        for p in a.owned() {
+            let holder = kv.get(&format!("partition.{p}")).unwrap().map(|e| e.value);
+            if holder.as_deref() != Some(b"router-a".as_slice()) {
+                unleased.push((started.elapsed(), p));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        unleased.is_empty(),
+        "partitions served without a lease: {:?}",
+        &unleased[..unleased.len().min(5)]
+    );
+    a.stop();
+}

@@ -314,8 +314,11 @@ impl RouterCore {
             // tick's period, so an idle router still writes at the full
             // rate): the rate over any second stays within 1.25 times it.
             s.write_tokens = (s.write_tokens + elapsed_s * rate).min((rate / 4.0).max(1.0));
-            s.write_at_ms = now_ms;
         }
+        // Also when the clock stepped back: the budget then accrues from the
+        // new time, instead of nothing being written until the clock is
+        // back where it was (as TokenBucket does, in rate.rs).
+        s.write_at_ms = now_ms;
         let allowed = s.write_tokens.floor() as usize;
         if allowed > 0 && !s.dirty_devices.is_empty() {
             let written = self.flush_devices(&mut b.writes, allowed);

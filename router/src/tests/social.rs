@@ -469,6 +469,31 @@ fn presence_writes_are_spread_at_the_configured_rate() {
 }
 
 #[test]
+fn presence_writes_go_on_after_the_clock_steps_back() {
+    let mut h = Harness::with(|c| {
+        c.presence_writes_per_s = 100.0;
+        c.presence_debounce = std::time::Duration::ZERO;
+    });
+    let clients: Vec<Client> = (0..200).map(|i| h.client(&format!("u{i}"), 1, 0)).collect();
+    h.step(clients.iter().map(|c| c.attach()).collect());
+    h.advance(1_000);
+    h.step(vec![]);
+    h.step(clients.iter().map(|c| detach_seen(c, 5)).collect());
+    // The wall clock steps back an hour; the writes must go on at their
+    // rate from there, not wait for the clock to come back.
+    h.now_ms -= 3_600_000;
+    for _ in 0..40 {
+        h.advance(100);
+        h.step(vec![]);
+    }
+    assert!(
+        h.metrics_text()
+            .contains("courier_presence_pending_writes 0"),
+        "presence writes stalled after the clock stepped back"
+    );
+}
+
+#[test]
 fn typing_is_relayed_expires_ends_with_the_message_and_is_rate_limited() {
     let mut h = Harness::with(|c| {
         c.typing_ttl = std::time::Duration::from_secs(6);
