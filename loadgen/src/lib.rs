@@ -50,6 +50,7 @@ pub mod handshake;
 pub mod html;
 pub mod latency;
 mod pacer;
+pub mod peer;
 pub mod plan;
 pub mod probe;
 mod procs;
