@@ -401,7 +401,15 @@ impl Worker {
                 self.acked.notify();
             }
             Note::Acked(_) => t.error("ack.not_publisher"),
-            Note::Error(kind) => t.error(&kind),
+            Note::Error(kind) => {
+                t.error(&kind);
+                if c.role == Role::Publisher {
+                    // A refused publish is never acknowledged: free its
+                    // place in the window (its deliveries count as lost).
+                    self.inflight.set(self.inflight.get().saturating_sub(1));
+                    self.acked.notify();
+                }
+            }
         }
     }
 
@@ -546,6 +554,10 @@ async fn keep_connected(w: Rc<Worker>, c: Rc<PeerConn>, delay: Duration) {
                 let mut t = w.tally.borrow_mut();
                 t.disconnects += 1;
                 t.error(&end);
+                if end == "session.refused" {
+                    // Wrong credentials stay wrong: do not hammer the server.
+                    break;
+                }
             }
             Err(kind) => {
                 w.tally.borrow_mut().error(&kind);

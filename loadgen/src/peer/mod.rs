@@ -395,11 +395,13 @@ pub fn run(args: &PeerArgs) -> Result<PeerReport, String> {
 
     // 2. The fan-out.
     let mut fanout_cpu = None;
+    let mut subscribers_joined = 0;
     if job.subscribers > 0 {
         fleet.send(&ToPeerWorker::Subscribe);
         let joined =
             |t: &Tally| t.subscribed >= u64::from(job.subscribers) && t.publisher_ready > 0;
         c.pump_until(Instant::now() + args.setup_timeout, joined)?;
+        subscribers_joined = c.total().subscribed;
         marks.push(probe.sample("joined", started.elapsed().as_secs_f64()));
         fleet.send(&ToPeerWorker::Publish);
         c.pump_until(
@@ -478,7 +480,7 @@ pub fn run(args: &PeerArgs) -> Result<PeerReport, String> {
             .and_then(|m| m.kernel.as_ref())
             .map(|k| k.tcp_mem_pages),
         subscribers: job.subscribers,
-        subscribers_joined: t.subscribed,
+        subscribers_joined,
         groups: match job.protocol {
             Protocol::Courier => job.subscribers.div_ceil(per),
             _ => 0,
