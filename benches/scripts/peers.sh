@@ -149,9 +149,14 @@ CONF
     wait_port "$MQTT_PORT"
 }
 
+# ejabberdctl started as root switches to the ejabberd user with su, whose
+# login session sets the soft descriptor limit back to 1024; started as the
+# ejabberd user itself (setpriv, no login session) it keeps this script's
+# limit, so the node can hold the connections.
 ejabberd_ctl() {
-    ejabberdctl --config-dir "$work/ejabberd" --ctl-config "$work/ejabberd/ejabberdctl.cfg" \
-        --spool "$work/ejabberd/spool" --logs "$work/ejabberd/logs" "$@"
+    (cd "$work/ejabberd" && HOME=/var/lib/ejabberd setpriv --reuid=ejabberd --regid=ejabberd \
+        --init-groups ejabberdctl --config-dir "$work/ejabberd" --ctl-config "$work/ejabberd/ejabberdctl.cfg" \
+        --spool "$work/ejabberd/spool" --logs "$work/ejabberd/logs" "$@")
 }
 
 # ejabberd: a WebSocket listener on loopback, plain-text passwords in
@@ -229,9 +234,6 @@ ERL_PROCESSES=1000000
 POLL=true
 EJABBERD_PID_PATH=$d/ejabberd.pid
 ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"
-# su to the ejabberd user resets the soft descriptor limit to 1024; take
-# it back up to the hard limit (nothing beyond it).
-ulimit -Sn "\$(ulimit -Hn)"
 CONF
     python3 - "$CONNS" "$PASSWORD" >"$d/users.xml" <<'PY'
 import sys
