@@ -7,6 +7,8 @@
 #   nats       nats-server 2.15.1 (pip)         NATS protocol over its WebSocket listener
 #   mosquitto  mosquitto (Debian)               MQTT 3.1.1 over TCP
 #   ejabberd   ejabberd (Debian)                XMPP over WebSocket (RFC 7395), a MUC room
+#   nats-tcp   the same nats-server on its native TCP listener (not in the
+#              default PEERS: PEERS="nats-tcp" adds it)
 #
 # 1. CONNS authenticated connections (default 10,000), kept alive with the
 #    protocol's own keepalive, held IDLE (30 s); server RSS delta per
@@ -290,12 +292,14 @@ for peer in $PEERS; do
     case "$peer" in
         nats) start_nats
               measure nats nats-ws "ws://127.0.0.1:$NATS_WS_PORT/" --user lg ;;
+        nats-tcp) start_nats
+                  measure nats-tcp nats "nats://127.0.0.1:$NATS_PORT" --user lg ;;
         mosquitto) start_mosquitto
                    measure mosquitto mqtt "mqtt://127.0.0.1:$MQTT_PORT" --user lg --qos 1 ;;
         ejabberd) start_ejabberd
                   measure ejabberd xmpp-ws "ws://127.0.0.1:$XMPP_PORT/ws" \
                       --user 'lg{n}' --topic fan@conference.localhost ;;
-        *) echo "unknown peer $peer (nats, mosquitto, ejabberd)" >&2; exit 2 ;;
+        *) echo "unknown peer $peer (nats, nats-tcp, mosquitto, ejabberd)" >&2; exit 2 ;;
     esac
 done
 

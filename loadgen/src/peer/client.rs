@@ -304,7 +304,7 @@ impl Worker {
         }
         let mut st = c.st.borrow_mut();
         let opcode = match self.job.protocol {
-            Protocol::Mqtt => None,
+            Protocol::Mqtt | Protocol::Nats => None,
             Protocol::XmppWs => Some(Opcode::Text),
             Protocol::NatsWs | Protocol::Courier => Some(Opcode::Binary),
         };
@@ -334,7 +334,7 @@ impl Worker {
         }
         let needs = match (c.role, self.job.protocol) {
             // NATS and MQTT publishers publish without joining anything.
-            (Role::Publisher, Protocol::NatsWs | Protocol::Mqtt) => false,
+            (Role::Publisher, Protocol::NatsWs | Protocol::Nats | Protocol::Mqtt) => false,
             _ => true,
         };
         if !needs {
@@ -510,7 +510,9 @@ impl Worker {
         let job = &self.job;
         let user = job.user_name(c.index);
         match job.protocol {
-            Protocol::NatsWs => Box::new(Nats::new(&user, &job.password, &job.topic)),
+            Protocol::NatsWs | Protocol::Nats => {
+                Box::new(Nats::new(&user, &job.password, &job.topic))
+            }
             Protocol::Mqtt => Box::new(Mqtt::new(
                 &format!("lg{}-{}", job.run_id, c.index),
                 &user,
@@ -584,7 +586,7 @@ async fn open(w: &Worker, c: &PeerConn) -> Result<(TcpStream, Vec<u8>), String> 
         .map_err(|e| format!("connect.{:?}", e.kind()).to_lowercase())?;
         let _ = stream.set_nodelay(true);
         let subprotocol = match w.job.protocol {
-            Protocol::Mqtt => return Ok((stream, Vec::new())),
+            Protocol::Mqtt | Protocol::Nats => return Ok((stream, Vec::new())),
             Protocol::NatsWs => None,
             Protocol::XmppWs => Some("xmpp"),
             Protocol::Courier => Some(courier_protocol::SUBPROTOCOL_V1),
@@ -642,7 +644,7 @@ async fn session(w: &Rc<Worker>, c: &Rc<PeerConn>, stream: TcpStream, leftover: 
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(writer(c.clone(), wr, id, wake));
     w.send(c, start);
-    let ws = w.job.protocol != Protocol::Mqtt;
+    let ws = !matches!(w.job.protocol, Protocol::Mqtt | Protocol::Nats);
     let mut decoder = Decoder::new(WsRole::Client, LIMITS);
     let mut buf = leftover;
     buf.reserve(READ_BUF);

@@ -57,6 +57,8 @@ pub use client::Tally;
 pub enum Protocol {
     /// NATS client protocol over WebSocket (nats-server's websocket block).
     NatsWs,
+    /// NATS client protocol over plain TCP (its native listener).
+    Nats,
     /// MQTT 3.1.1 over TCP.
     Mqtt,
     /// XMPP over WebSocket (RFC 7395), multi-user chat for the fan-out.
@@ -69,6 +71,7 @@ impl Protocol {
     fn name(self) -> &'static str {
         match self {
             Self::NatsWs => "nats-ws",
+            Self::Nats => "nats",
             Self::Mqtt => "mqtt",
             Self::XmppWs => "xmpp-ws",
             Self::Courier => "courier",
@@ -85,7 +88,8 @@ pub struct PeerArgs {
     #[arg(long, value_enum)]
     pub protocol: Protocol,
     /// The server: ws://host:port/path for the WebSocket protocols,
-    /// mqtt://host:port for MQTT; loopback only.
+    /// mqtt://host:port for MQTT, nats://host:port for NATS over TCP;
+    /// loopback only.
     #[arg(long)]
     pub url: String,
     /// Idle connections to open and hold.
@@ -200,12 +204,15 @@ impl Job {
     /// The server's address (the MQTT URL is checked like a ws:// one).
     pub fn target(&self) -> Result<Target, String> {
         let url = match self.protocol {
-            Protocol::Mqtt => self
+            Protocol::Mqtt | Protocol::Nats => self
                 .url
                 .strip_prefix("mqtt://")
+                .or_else(|| self.url.strip_prefix("nats://"))
                 .or_else(|| self.url.strip_prefix("tcp://"))
                 .map(|rest| format!("ws://{rest}"))
-                .ok_or_else(|| format!("--url {}: expected mqtt://host:port", self.url))?,
+                .ok_or_else(|| {
+                    format!("--url {}: expected mqtt:// or nats://host:port", self.url)
+                })?,
             _ => self.url.clone(),
         };
         Target::parse(&url).map_err(|e| format!("--url {}: {e}", self.url))
