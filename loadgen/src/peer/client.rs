@@ -441,26 +441,19 @@ impl Worker {
             let expect = {
                 let mut st = p.st.borrow_mut();
                 let up = st.up;
-                match st.session.as_mut().filter(|_| up) {
-                    Some(s) => s.publish(index, &payload(index, job.body_bytes), &mut out),
-                    None => {
-                        drop(st);
-                        monoio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                }
+                st.session
+                    .as_mut()
+                    .filter(|_| up)
+                    .map(|s| s.publish(index, &payload(index, job.body_bytes), &mut out))
+            };
+            let Some(expect) = expect else {
+                // The publisher is down; it reconnects and rejoins.
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             };
             self.inflight.set(self.inflight.get() + expect);
             self.send(p, out);
-            let now = unix_ns();
-            let mut t = self.tally.borrow_mut();
-            t.published += 1;
-            t.acks_expected += expect;
-            if t.first_publish_ns == 0 {
-                t.first_publish_ns = now;
-            }
-            t.last_publish_ns = now;
-            drop(t);
+            self.count_publish(expect);
             index += 1;
             if expect == 0 && index % u64::from(job.window.max(1)) == 0 {
                 // Nothing comes back to wait on: let the writer run.
@@ -468,6 +461,17 @@ impl Worker {
             }
         }
         self.tally.borrow_mut().publishing_done = 1;
+    }
+
+    fn count_publish(&self, expect: u64) {
+        let now = unix_ns();
+        let mut t = self.tally.borrow_mut();
+        t.published += 1;
+        t.acks_expected += expect;
+        if t.first_publish_ns == 0 {
+            t.first_publish_ns = now;
+        }
+        t.last_publish_ns = now;
     }
 
     /// Progress to the parent, and keepalives.

@@ -524,7 +524,7 @@ fn job_of(args: &PeerArgs) -> Result<Job, String> {
     if args.subscribers > args.connections {
         return Err("--subscribers: at most --connections".into());
     }
-    if !(args.ramp > 0.0) {
+    if args.ramp.is_nan() || args.ramp <= 0.0 {
         return Err("--ramp: must be positive".into());
     }
     if args.rate < 0.0 || (args.rate == 0.0 && args.window == 0) {
