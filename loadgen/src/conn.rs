@@ -357,7 +357,7 @@ async fn connect(w: &Worker, c: &Conn) -> Result<(TcpStream, Vec<u8>), ConnectEr
 /// Connects to `dst` from `src` (port chosen by the kernel at bind time):
 /// monoio connects only from the kernel's choice of address, so the socket
 /// is made, bound and connected without blocking here, then handed over.
-async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;

@@ -130,12 +130,32 @@ pub fn request(target: &Target, token: &str, token_in: TokenIn, key: &str) -> Ve
             format!("{}{sep}access_token={token}", target.path)
         }
     };
+    let bearer = (token_in == TokenIn::Header).then_some(token);
+    request_for(target, &path, key, Some(SUBPROTOCOL_V1), bearer)
+}
+
+/// An upgrade request to `path` on `target` asking for `subprotocol` (none:
+/// no `Sec-WebSocket-Protocol` header), with `Authorization: Bearer` when a
+/// bearer token is given. `loadgen peer` uses it for other servers'
+/// WebSocket listeners (NATS, XMPP).
+pub fn request_for(
+    target: &Target,
+    path: &str,
+    key: &str,
+    subprotocol: Option<&str>,
+    bearer: Option<&str>,
+) -> Vec<u8> {
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL_V1}\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
         target.host
     );
-    if token_in == TokenIn::Header {
+    if let Some(p) = subprotocol {
+        req.push_str("Sec-WebSocket-Protocol: ");
+        req.push_str(p);
+        req.push_str("\r\n");
+    }
+    if let Some(token) = bearer {
         req.push_str("Authorization: Bearer ");
         req.push_str(token);
         req.push_str("\r\n");
@@ -159,8 +179,8 @@ pub enum HandshakeError {
     /// `Sec-WebSocket-Accept` is missing or wrong.
     #[error("wrong Sec-WebSocket-Accept")]
     Accept,
-    /// The server did not pick `courier.v1`.
-    #[error("server did not select subprotocol courier.v1")]
+    /// The server did not pick the subprotocol asked for (`courier.v1`).
+    #[error("server did not select the subprotocol asked for")]
     Subprotocol,
     /// `Upgrade: websocket` is missing.
     #[error("response does not upgrade to websocket")]
@@ -184,6 +204,16 @@ impl HandshakeError {
 /// is not complete yet; `Ok(Some(n))`: the first `n` bytes were the head and
 /// what follows is WebSocket frames.
 pub fn check_response(buf: &[u8], key: &str) -> Result<Option<usize>, HandshakeError> {
+    check_response_for(buf, key, Some(SUBPROTOCOL_V1))
+}
+
+/// [`check_response`] for a request that asked for `subprotocol` (none: the
+/// response's choice is not checked).
+pub fn check_response_for(
+    buf: &[u8],
+    key: &str,
+    subprotocol: Option<&str>,
+) -> Result<Option<usize>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head = match resp.parse(buf) {
@@ -209,7 +239,7 @@ pub fn check_response(buf: &[u8], key: &str) -> Result<Option<usize>, HandshakeE
     if header("sec-websocket-accept") != Some(accept_key(key).as_str()) {
         return Err(HandshakeError::Accept);
     }
-    if header("sec-websocket-protocol") != Some(SUBPROTOCOL_V1) {
+    if subprotocol.is_some() && header("sec-websocket-protocol") != subprotocol {
         return Err(HandshakeError::Subprotocol);
     }
     Ok(Some(head))

@@ -32,6 +32,9 @@
 //! judged against the report (`threshold`), gateway and kernel
 //! measurements (`probe`), the fleet sizing they feed (`sizing`, also
 //! `loadgen size`), and an HTML report with percentile plots (`html`).
+//! `loadgen peer` (`peer`) makes the idle-memory and fan-out measurements
+//! against Courier and against other servers (NATS, MQTT, XMPP) in their
+//! own protocols, for comparison in one run.
 //!
 //! What it does not do (yet): TLS, typing or presence, receipt latency. It
 //! only targets loopback addresses.
@@ -50,6 +53,7 @@ pub mod handshake;
 pub mod html;
 pub mod latency;
 mod pacer;
+pub mod peer;
 pub mod plan;
 pub mod probe;
 mod procs;

@@ -4,7 +4,9 @@
 //!
 //! `loadgen size REPORT.json` sizes a fleet from a saved report;
 //! `loadgen worker` is a worker process, started by loadgen itself;
-//! `loadgen push` drives and checks push notifications (see `push`).
+//! `loadgen push` drives and checks push notifications (see `push`);
+//! `loadgen peer` measures Courier and peer servers in their own
+//! protocols (see `peer`).
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,8 @@ fn main() -> ExitCode {
         Some("worker") => return courier_loadgen::worker_process(),
         Some("size") => return size(&argv[1..]),
         Some("push") => return courier_loadgen::push::main(&argv[1..]),
+        Some("peer") => return courier_loadgen::peer::main(&argv[1..]),
+        Some("peer-worker") => return courier_loadgen::peer::worker_process(),
         _ => {}
     }
     let matches = Args::command().get_matches();

@@ -32,7 +32,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -106,7 +106,7 @@ pub(crate) fn unix_ns() -> u64 {
 }
 
 /// The local monotonic instant of wall-clock time `ns`.
-fn instant_of(ns: u64) -> Instant {
+pub(crate) fn instant_of(ns: u64) -> Instant {
     let (now, wall) = (Instant::now(), unix_ns());
     if ns >= wall {
         now + Duration::from_nanos(ns - wall)
@@ -165,22 +165,10 @@ impl Fleet {
                 processes,
                 tokens,
             };
-            let mut child = Command::new(exe)
-                .arg("worker")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .map_err(|e| format!("cannot start {} worker: {e}", exe.display()))?;
-            let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-                let _ = child.kill();
-                return Err("worker process without pipes".into());
-            };
-            fleet.children.push(child);
             let line = serde_json::to_string(&start).map_err(|e| e.to_string())?;
-            writeln!(stdin, "{line}")
-                .and_then(|()| stdin.flush())
-                .map_err(|e| format!("worker process {p}: cannot send its start: {e}"))?;
+            let (child, stdin, stdout) = spawn_child(exe, "worker", &line)
+                .map_err(|e| format!("worker process {p}: {e}"))?;
+            fleet.children.push(child);
             fleet.stdins.push(Some(stdin));
             let events = events.clone();
             let first = (p * threads) as usize;
@@ -232,6 +220,34 @@ impl Fleet {
             let _ = r.join();
         }
     }
+}
+
+/// Starts `exe subcommand` with piped stdin and stdout (stderr inherited)
+/// and writes `first` to it as its first line. `loadgen peer` starts its
+/// worker processes with it too.
+pub(crate) fn spawn_child(
+    exe: &Path,
+    subcommand: &str,
+    first: &str,
+) -> Result<(Child, ChildStdin, ChildStdout), String> {
+    let mut child = Command::new(exe)
+        .arg(subcommand)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {} {subcommand}: {e}", exe.display()))?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("worker process without pipes".into());
+    };
+    if let Err(e) = writeln!(stdin, "{first}").and_then(|()| stdin.flush()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("cannot send its start: {e}"));
+    }
+    Ok((child, stdin, stdout))
 }
 
 /// Turns a child's lines into worker events until its stdout closes.

@@ -217,18 +217,24 @@ pub fn run(mut config: Config) -> Result<Report, RunError> {
 /// ports than one source address has (the kernel's default source,
 /// 127.0.0.1, gives one address). Returns true when it did.
 fn auto_source_addrs(config: &mut Config) -> bool {
+    config.source_addrs = source_addrs_for(config.connections);
+    !config.source_addrs.is_empty()
+}
+
+/// Source addresses from 127.0.1.1 enough for `connections` (none when the
+/// kernel's default source has ports enough). Also used by `loadgen peer`.
+pub(crate) fn source_addrs_for(connections: u32) -> Vec<std::net::Ipv4Addr> {
     let ports = ephemeral_ports().unwrap_or(28_232);
     // Keep a fifth of each address's ports free for everything else.
     let per_addr = (ports * 4 / 5).max(1);
-    if config.connections <= per_addr {
-        return false;
+    if connections <= per_addr {
+        return Vec::new();
     }
-    let count = config.connections.div_ceil(per_addr);
+    let count = connections.div_ceil(per_addr);
     let first = u32::from(std::net::Ipv4Addr::new(127, 0, 1, 1));
-    config.source_addrs = (0..count)
+    (0..count)
         .map(|k| std::net::Ipv4Addr::from(first + k))
-        .collect();
-    true
+        .collect()
 }
 
 /// Size of the ephemeral port range, from /proc.
@@ -276,11 +282,11 @@ impl Seam {
 
 /// Descriptors loadgen needs beside one per connection (runtime, pacer,
 /// stdio, the report).
-const FD_RESERVE: u64 = 64;
+pub(crate) const FD_RESERVE: u64 = 64;
 
 /// The soft limit on open files, from `/proc/self/limits` (None where that
 /// file is missing or unreadable, or the limit is unlimited).
-fn open_files_limit() -> Option<u64> {
+pub(crate) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..]

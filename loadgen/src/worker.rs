@@ -107,7 +107,7 @@ pub(crate) fn run_worker(setup: WorkerSetup) {
 
 /// Builds the runtime (io_uring with the legacy fallback, or legacy when
 /// forced) and runs the future `make(driver name)` on it.
-fn block_on<F, Fut>(legacy: bool, make: F) -> std::io::Result<Fut::Output>
+pub(crate) fn block_on<F, Fut>(legacy: bool, make: F) -> std::io::Result<Fut::Output>
 where
     F: FnOnce(&'static str) -> Fut,
     Fut: Future,

@@ -397,3 +397,58 @@ fn assert_well_formed(doc: &str) {
         );
     }
 }
+
+/// `loadgen peer --protocol courier`: idle connections over two worker
+/// processes and two source addresses, then a fan-out split over three
+/// groups (at most 8 members each), every delivery counted once.
+#[test]
+fn peer_mode_against_courier() {
+    let gw = Gateway::start();
+    let pid = gw.child.id().to_string();
+    let report = gw.dir.path().join("peer.json");
+    let out = loadgen(&[
+        "peer",
+        "--protocol",
+        "courier",
+        "--url",
+        &gw.url(),
+        "--data-dir",
+        gw.dir.path().to_str().unwrap(),
+        "--connections",
+        "60",
+        "--subscribers",
+        "20",
+        "--group-max",
+        "8",
+        "--workers",
+        "2",
+        "--source-addrs",
+        "127.0.1.1-127.0.1.2",
+        "--idle",
+        "1s",
+        "--messages",
+        "20",
+        "--fanout-duration",
+        "5s",
+        "--drain",
+        "10s",
+        "--server-pid",
+        &pid,
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["connections_up"], 60, "{r}");
+    assert_eq!(r["worker_processes"], 2);
+    assert_eq!(r["subscribers_joined"], 20);
+    assert_eq!(r["groups"], 3);
+    assert_eq!(r["published"], 20);
+    assert_eq!(r["acked"], 60, "one Sent per group and message");
+    assert_eq!(r["delivered"], 400);
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicates"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(r["server_bytes_per_connection"].is_number(), "{r}");
+}
