@@ -48,7 +48,7 @@ use crate::handshake::{self, Refusal, Request};
 use crate::mailbox::Mailbox;
 use crate::metrics::{CoreLabel, GatewayMetrics};
 use crate::probe::Probes;
-use crate::session::{CloseReason, CloseRequest, Pushed, Slot};
+use crate::session::{Admit, CloseReason, CloseRequest, Pushed, SendGate, Slot};
 use crate::throttle::Warnings;
 
 /// Size of the per-core read buffer every session reads into.
@@ -163,6 +163,9 @@ struct Core {
     /// Device-ack probes of this core's sessions: started by a session's
     /// write step, ended by its read step or its end, aged out by the sweep.
     probes: RefCell<Probes>,
+    /// Each session's send gate: (tokens a second, burst), twice the
+    /// router's per-user rate and burst (see [`SendGate`]).
+    send_gate: (u16, u16),
     shutting_down: Cell<bool>,
     /// Set by the sweep while the process's outbound queues are over
     /// `max_outbound_total_bytes`: ephemeral frames are dropped.
@@ -316,6 +319,13 @@ impl Core {
     }
 }
 
+/// A session's send gate from the user's limit: twice its rate (at least 1
+/// token a second) and twice its burst, in whole tokens.
+fn send_gate(config: &ServeArgs) -> (u16, u16) {
+    let whole = |x: f64| (2.0 * x).ceil().clamp(1.0, f64::from(u16::MAX)) as u16;
+    (whole(config.send_rate), whole(config.send_burst))
+}
+
 fn live_slot(slots: &mut Slab<Slot>, key: SessionKey) -> Option<&mut Slot> {
     slots
         .get_mut(key.slot as usize)
@@ -346,6 +356,7 @@ fn unix_now_ms() -> u64 {
 /// Runs core `id` on the current thread's monoio runtime until shutdown.
 pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) -> io::Result<()> {
     let listener = Rc::new(TcpListener::from_std(listener)?);
+    let gate = send_gate(&shared.config);
     let core = Rc::new(Core {
         id,
         label: CoreLabel {
@@ -359,6 +370,7 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
         write_buf: RefCell::new(Vec::with_capacity(WRITE_BATCH)),
         origins: RefCell::new(Vec::new()),
         probes: RefCell::new(Probes::default()),
+        send_gate: gate,
         shutting_down: Cell::new(false),
         pressure: Cell::new(false),
         shutdown_asked: Cell::new(false),
@@ -867,6 +879,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         closing_since_s: None,
         force_end: false,
         counted_ip: ip_guard.map(|g| Box::new(g.hand_over())),
+        sends: SendGate::full(core.send_gate.1, core.now_s()),
     });
     let key = SessionKey {
         node: shared.config.node_id,
@@ -1154,8 +1167,12 @@ impl SessionTask {
             }
             frame => {
                 let client_id = match &frame {
-                    ClientFrame::Send { client_id, .. } => {
+                    ClientFrame::Send { client_id, .. }
+                    | ClientFrame::SendPerDevice { client_id, .. } => {
                         core.shared.metrics.messages_in.inc();
+                        if !self.admit_send(*client_id) {
+                            return;
+                        }
                         Some(*client_id)
                     }
                     ClientFrame::Delivered { conversation, seq }
@@ -1194,6 +1211,43 @@ impl SessionTask {
                         },
                     );
                 }
+            }
+        }
+    }
+
+    /// Applies the session's send gate; false when the send was refused
+    /// here (answered 429) or the session is being closed for flooding.
+    fn admit_send(&self, client_id: u64) -> bool {
+        let core = &self.core;
+        let (rate, burst) = core.send_gate;
+        let admit = {
+            let mut slots = core.slots.borrow_mut();
+            let Some(slot) = live_slot(&mut slots, self.key) else {
+                return false;
+            };
+            slot.sends.admit(core.now_s(), rate, burst)
+        };
+        match admit {
+            Admit::Pass => true,
+            Admit::Refuse => {
+                core.shared.metrics.gateway_send_refusals.inc();
+                core.reply(
+                    self.key,
+                    &ServerFrame::Error {
+                        code: ErrorCode::RateLimited as u16,
+                        reference: client_id,
+                        detail: "send rate far over the limit; retry in 1000 ms".into(),
+                    },
+                );
+                false
+            }
+            Admit::Close => {
+                core.shared.metrics.gateway_send_refusals.inc();
+                self.close_gracefully(
+                    close::POLICY_VIOLATION,
+                    "kept sending after 429; reconnect later and respect the send rate",
+                );
+                false
             }
         }
     }

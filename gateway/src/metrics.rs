@@ -101,6 +101,8 @@ pub struct GatewayMetrics {
     /// From writing a live message on a recipient's socket to that device's
     /// `Delivered` for it, sampled (see `probe`).
     pub device_ack_latency: Histogram,
+    /// Sends refused by a session's own gate, before the router.
+    pub gateway_send_refusals: Counter,
     /// Sessions closed because their outbound queue stayed full.
     pub slow_consumer_closes: Counter,
     /// Typing and presence frames dropped while the process's outbound
@@ -138,6 +140,7 @@ impl GatewayMetrics {
             messages_out: Counter::default(),
             delivery_latency: Histogram::new(LATENCY_BUCKETS),
             device_ack_latency: Histogram::new(LATENCY_BUCKETS),
+            gateway_send_refusals: Counter::default(),
             slow_consumer_closes: Counter::default(),
             ephemeral_shed: Counter::default(),
             outbound_pressure: Gauge::default(),
@@ -199,6 +202,11 @@ impl GatewayMetrics {
             "From writing a live message on a recipient's socket to that device's Delivered for it (sampled: one message in flight per session)",
             Unit::Seconds,
             m.device_ack_latency.clone(),
+        );
+        r.register(
+            "courier_gateway_send_refusals",
+            "Sends refused by the session's own gate (over twice the user's send rate) before reaching the router",
+            m.gateway_send_refusals.clone(),
         );
         r.register(
             "courier_outbound_ephemeral_shed",

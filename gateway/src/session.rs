@@ -68,6 +68,71 @@ impl From<&'static str> for CloseReason {
     }
 }
 
+/// What [`SendGate::admit`] decided about one send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Pass it to the router (which applies the user's own limit).
+    Pass,
+    /// Refuse it with 429; the next token comes in about a second.
+    Refuse,
+    /// The session kept sending through [`SendGate::CLOSE_AFTER`] refusals
+    /// in a row: close it.
+    Close,
+}
+
+/// A per-session token bucket in whole tokens and coarse seconds (8 bytes),
+/// so that a session flooding sends is refused on its own core instead of
+/// costing the router thread a decode, a queue slot and a refusal each.
+///
+/// It is deliberately looser than the router's per-user limit (the gateway
+/// uses twice the user's rate and burst): the sends of one session are a
+/// subset of its user's, so a client that respects the user limit never
+/// meets this one. Only a client that keeps sending after 429s does, and
+/// after [`SendGate::CLOSE_AFTER`] refusals in a row it is closed with
+/// 1008.
+#[derive(Debug, Clone, Copy)]
+pub struct SendGate {
+    tokens: u16,
+    refused: u16,
+    stamp_s: u32,
+}
+
+impl SendGate {
+    /// Refusals in a row after which the session is closed.
+    pub const CLOSE_AFTER: u16 = 256;
+
+    /// A full bucket at `now_s` (core seconds).
+    pub fn full(burst: u16, now_s: u32) -> Self {
+        Self {
+            tokens: burst,
+            refused: 0,
+            stamp_s: now_s,
+        }
+    }
+
+    /// Takes a token for one send at `now_s`, refilling `rate` tokens a
+    /// whole second up to `burst`.
+    pub fn admit(&mut self, now_s: u32, rate: u16, burst: u16) -> Admit {
+        let elapsed = now_s.saturating_sub(self.stamp_s);
+        if elapsed > 0 {
+            let refill = u64::from(elapsed) * u64::from(rate);
+            self.tokens = (u64::from(self.tokens) + refill).min(u64::from(burst)) as u16;
+            self.stamp_s = now_s;
+        }
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            self.refused = 0;
+            return Admit::Pass;
+        }
+        self.refused = self.refused.saturating_add(1);
+        if self.refused >= Self::CLOSE_AFTER {
+            Admit::Close
+        } else {
+            Admit::Refuse
+        }
+    }
+}
+
 /// One session's entry in its core's slab.
 #[derive(Debug)]
 pub struct Slot {
@@ -105,6 +170,9 @@ pub struct Slot {
     /// the slot, nothing allocated when the limits are off), given back when
     /// the session ends.
     pub counted_ip: Option<Box<std::net::IpAddr>>,
+    /// The session's own send limit, checked before a send reaches the
+    /// router; created full with the slot.
+    pub sends: SendGate,
 }
 
 impl Slot {
@@ -276,6 +344,26 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_send_gate_refills_per_second_and_closes_a_flooder() {
+        let mut gate = SendGate::full(4, 10);
+        for _ in 0..4 {
+            assert_eq!(gate.admit(10, 2, 4), Admit::Pass);
+        }
+        assert_eq!(gate.admit(10, 2, 4), Admit::Refuse);
+        // One second later two tokens are back, and a pass clears the run.
+        assert_eq!(gate.admit(11, 2, 4), Admit::Pass);
+        assert_eq!(gate.admit(11, 2, 4), Admit::Pass);
+        for _ in 1..SendGate::CLOSE_AFTER {
+            assert_eq!(gate.admit(11, 2, 4), Admit::Refuse);
+        }
+        assert_eq!(gate.admit(11, 2, 4), Admit::Close);
+        // A long quiet refills to the burst, never past it.
+        let mut gate = SendGate::full(4, 0);
+        assert_eq!(gate.admit(u32::MAX, u16::MAX, 4), Admit::Pass);
+        assert_eq!(gate.tokens, 3);
+    }
 
     #[test]
     fn drains_in_priority_order() {
