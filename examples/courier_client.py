@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+import websockets.exceptions
 from websockets.asyncio.client import connect as ws_connect
 
 SUBPROTOCOL = "courier.v1"
@@ -538,6 +539,33 @@ def main(argv=None) -> int:
         return 130
     except CourierError as e:
         print(f"courier: {e}", file=sys.stderr)
+        return 1
+    except websockets.exceptions.InvalidStatus as e:
+        status = e.response.status_code
+        hint = {401: "the token was refused (wrong --data-dir for this node, or expired)",
+                429: "too many connections from this address; try again later"}.get(status, "")
+        print(f"courier: the gateway refused the connection: HTTP {status}"
+              + (f": {hint}" if hint else ""), file=sys.stderr)
+        return 1
+    except websockets.exceptions.ConnectionClosed as e:
+        close = e.rcvd
+        if close is not None and close.code == 4002:
+            print("courier: replaced by a newer session of the same user and device "
+                  "(use another --device to run both)", file=sys.stderr)
+        elif close is not None:
+            print(f"courier: the gateway closed the session: {close.code} {close.reason}",
+                  file=sys.stderr)
+        else:
+            print("courier: the connection ended without a close frame", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:
+        print(f"courier: minting a token failed: {(e.stderr or '').strip()}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"courier: {e.filename} not found (build it, or pass --gateway)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"courier: cannot reach {args.url}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -101,40 +101,56 @@ async def conn_flood(host, port, source, seconds, rate, data_dir):
 
 
 async def send_flood(url, seconds, token, conversation):
+    """One user sending as fast as one session can; a session the gateway
+    closes for it (1008) is replaced at once, as a determined flooder would."""
     import courier_client as cc
-    client = await cc.Client.connect(token, url)
-    await client.sync()
     counts = collections.Counter()
     end = time.monotonic() + seconds
     written = 0
-
-    async def reader():
-        while True:
-            try:
-                f = await client.recv(timeout=max(0.1, end + 3 - time.monotonic()))
-            except Exception as e:
-                counts[f"ended.{type(e).__name__}"] += 1
-                return
-            if isinstance(f, cc.Sent):
-                counts["sent"] += 1
-            elif isinstance(f, cc.Error):
-                counts[f"error.{f.code}"] += 1
-            if time.monotonic() > end + 3:
-                return
-
-    task = asyncio.ensure_future(reader())
     cid = 1
     while time.monotonic() < end:
-        for _ in range(50):
-            await client.put(cc.Send(conversation, cid, b"flood"))
-            cid += 1
-            written += 1
-        await asyncio.sleep(0.005)
-    await task
-    code = client.ws.close_code
-    await client.close()
+        try:
+            client = await cc.Client.connect(token, url)
+        except Exception as e:
+            counts[f"connect.{type(e).__name__}"] += 1
+            await asyncio.sleep(0.1)
+            continue
+        counts["sessions"] += 1
+
+        async def reader():
+            while True:
+                try:
+                    f = await client.recv(timeout=max(0.1, end + 3 - time.monotonic()))
+                except Exception as e:
+                    counts[f"ended.{type(e).__name__}"] += 1
+                    return
+                if isinstance(f, cc.Sent):
+                    counts["sent"] += 1
+                elif isinstance(f, cc.Error):
+                    counts[f"error.{f.code}"] += 1
+                if time.monotonic() > end + 3:
+                    return
+
+        task = asyncio.ensure_future(reader())
+        try:
+            while time.monotonic() < end and not task.done():
+                for _ in range(50):
+                    await client.put(cc.Send(conversation, cid, b"flood"))
+                    cid += 1
+                    written += 1
+                await asyncio.sleep(0.005)
+        except Exception as e:
+            counts[f"write.{type(e).__name__}"] += 1
+        await task
+        code = client.ws.close_code
+        if code is not None:
+            counts[f"close.{code}"] += 1
+        try:
+            await client.close()
+        except Exception:
+            pass
     return {"flood": "send", "written": written, "written_per_s": round(written / seconds),
-            "answers": dict(counts), "close_code": code}
+            "answers": dict(counts)}
 
 
 async def slowloris(host, port, source, seconds, connections):

@@ -723,7 +723,12 @@ const list = () => $("messages");
 function start(token) {
   const claims = readClaims(token);
   if (!claims || !validUser(claims.sub)) {
+    // Show the form with the reason, whether the token came from it, from
+    // the link or from this tab's storage.
+    sessionStorage.removeItem(TOKEN_KEY);
     $("login-error").textContent = "That is not a Courier token.";
+    $("chat").hidden = true;
+    $("login").hidden = false;
     return;
   }
   // Nothing of a previous sign-in in this tab carries over.

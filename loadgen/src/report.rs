@@ -440,7 +440,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "  latency (ms)      p50      p90      p99    p99.9      max    count"
+            "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "latency (ms)", "p50", "p90", "p99", "p99.9", "max", "count"
         );
         for (name, l) in [
             ("SENT ack", &self.latency_ms.sent_ack),
@@ -451,7 +452,7 @@ impl Report {
         ] {
             let _ = writeln!(
                 s,
-                "    {name:<12} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8}",
+                "    {name:<14} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8}",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.count
             );
         }

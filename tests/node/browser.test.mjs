@@ -185,6 +185,15 @@ describe("two pages chat through the web client", () => {
     await carol.close();
     await dave.close();
   });
+
+  test("a link with a malformed token shows the sign-in form with the reason", async () => {
+    const page = await browser.context.newPage();
+    await page.goto(`${gw.http}/app/#token=not-a-token`);
+    await page.locator("#login").waitFor({ state: "visible" });
+    assert.equal(await page.locator("#login-error").textContent(), "That is not a Courier token.");
+    assert.equal(await page.locator("#chat").isVisible(), false);
+    await page.close();
+  });
 });
 
 // ----- conformance from inside Chromium ---------------------------------------------

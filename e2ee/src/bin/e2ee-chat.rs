@@ -32,8 +32,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// alice and bob set up a session through the key directory and
-    /// exchange encrypted messages; prints what each decrypted.
+    /// Two users (alice-e2ee and bob-e2ee, so the demo's ciphertext stays
+    /// out of a plain alice and bob's conversation) set up a session
+    /// through the key directory and exchange encrypted messages; prints
+    /// what each decrypted. Each run uploads fresh keys and sends with
+    /// fresh client ids, so it can be run again against the same node.
     Demo {
         /// The messages alice sends (bob answers each).
         #[arg(default_values_t = ["hello, bob".to_string(), "this is end to end".to_string()])]
@@ -125,12 +128,19 @@ fn connect(addr: SocketAddr, secret: &Secret, user: &str) -> anyhow::Result<Conn
 
 fn demo(addr: SocketAddr, secret: &Secret, messages: &[String]) -> anyhow::Result<()> {
     let t = Duration::from_secs(10);
-    let conv = direct_conversation("alice", "bob");
+    let (alice_id, bob_id) = ("alice-e2ee", "bob-e2ee");
+    let conv = direct_conversation(alice_id, bob_id);
     let (mut a, mut b) = (
-        connect(addr, secret, "alice")?,
-        connect(addr, secret, "bob")?,
+        connect(addr, secret, alice_id)?,
+        connect(addr, secret, bob_id)?,
     );
-    let (mut alice, mut bob) = (Device::new("alice", 1), Device::new("bob", 1));
+    let (mut alice, mut bob) = (Device::new(alice_id, 1), Device::new(bob_id, 1));
+    // Client ids are deduplicated for days: a run's ids must not repeat an
+    // earlier run's, or its sends would be answered as retries of those.
+    let first_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+        << 12;
     a.send(&alice.upload(1, 20))?;
     b.send(&bob.upload(1, 20))?;
     b.wait_for(t, |f| {
@@ -138,33 +148,33 @@ fn demo(addr: SocketAddr, secret: &Secret, messages: &[String]) -> anyhow::Resul
     })?;
     a.send(&ClientFrame::BundleFetch {
         request: 2,
-        user: "bob".into(),
+        user: bob_id.into(),
     })?;
     let bundle = a.wait_for(t, |f| match f {
         Incoming::E2ee(E2eeFrame::Bundle { devices, .. }) => devices.first().copied(),
         _ => None,
     })?;
-    alice.start_session("bob", &bundle)?;
+    alice.start_session(bob_id, &bundle)?;
     println!(
         "safety number: {}",
         safety_number(&alice.identity(), &bundle.identity)
     );
     for (i, text) in messages.iter().enumerate() {
-        let client_id = 2 * i as u64 + 1;
+        let client_id = first_id + 2 * i as u64 + 1;
         a.send(&ClientFrame::SendPerDevice {
             conversation: conv.clone(),
             client_id,
-            ciphertexts: alice.encrypt_for(&[("bob".into(), 1)], text.as_bytes())?,
+            ciphertexts: alice.encrypt_for(&[(bob_id.into(), 1)], text.as_bytes())?,
         })?;
-        let plain = receive(&mut b, &mut bob, "alice")?;
+        let plain = receive(&mut b, &mut bob, alice_id)?;
         println!("bob got:   {}", String::from_utf8_lossy(&plain));
         let answer = format!("got \"{}\"", String::from_utf8_lossy(&plain));
         b.send(&ClientFrame::SendPerDevice {
             conversation: conv.clone(),
             client_id,
-            ciphertexts: bob.encrypt_for(&[("alice".into(), 1)], answer.as_bytes())?,
+            ciphertexts: bob.encrypt_for(&[(alice_id.into(), 1)], answer.as_bytes())?,
         })?;
-        let plain = receive(&mut a, &mut alice, "bob")?;
+        let plain = receive(&mut a, &mut alice, bob_id)?;
         println!("alice got: {}", String::from_utf8_lossy(&plain));
     }
     Ok(())
