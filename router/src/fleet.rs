@@ -167,6 +167,12 @@ pub struct OwnerConfig {
     /// starts serving. Without (tests), commands go in through
     /// [`Owner::handle`].
     pub intake: Option<Arc<dyn PubSub>>,
+    /// The gateways' liveness bucket (keys `gateway.<node>`, each written
+    /// by its gateway and expiring a TTL after its last refresh). Every
+    /// scan lists it; a gateway seen alive by an earlier scan and absent
+    /// now is gone, and every partition this process serves detaches its
+    /// sessions (`PeerMsg::GatewayGone`). `None`: gateways are not watched.
+    pub gateways: Option<Arc<dyn Kv>>,
 }
 
 /// Which router serves each partition, and the routers of this process.
@@ -236,6 +242,7 @@ impl Owner {
             shared: shared.clone(),
             served: FxHashMap::default(),
             member: None,
+            gateways_seen: FxHashMap::default(),
         };
         let thread = std::thread::Builder::new()
             .name("courier-leases".into())
@@ -303,6 +310,9 @@ struct Supervisor {
     shared: Arc<OwnerShared>,
     served: FxHashMap<u16, Served>,
     member: Option<Lease>,
+    /// Gateways whose liveness key the last scan found, with the wall-clock
+    /// time of that scan (their sessions' last seen if they are found gone).
+    gateways_seen: FxHashMap<u16, u64>,
     /// Free partitions are not taken before this: routers started together
     /// first see each other's membership, so each takes only its share
     /// instead of the first taking everything and handing half back.
@@ -318,6 +328,7 @@ impl Supervisor {
                 _ => return self.abandon_all(),
             }
             self.renew();
+            self.watch_gateways();
             if Instant::now() >= self.settle_until {
                 self.balance();
             }
@@ -370,6 +381,50 @@ impl Supervisor {
         }
         for (p, release) in dropped {
             self.give_up(p, release);
+        }
+    }
+
+    /// Lists the gateways' liveness keys; tells every served partition
+    /// about a gateway whose key was there at the last scan and is gone
+    /// now. A gateway first seen by this scan is only remembered, so one
+    /// that started between the listing and its first attach is never
+    /// taken for dead. An unreachable bucket decides nothing.
+    fn watch_gateways(&mut self) {
+        let Some(kv) = &self.config.gateways else {
+            return;
+        };
+        let keys = match kv.keys(GATEWAY_KEY_PREFIX) {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway liveness bucket unavailable");
+                return;
+            }
+        };
+        let live: Vec<u16> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(GATEWAY_KEY_PREFIX)?.parse().ok())
+            .collect();
+        let now = wall_ms();
+        let gone: Vec<(u16, u64)> = self
+            .gateways_seen
+            .iter()
+            .filter(|(node, _)| !live.contains(node))
+            .map(|(node, at)| (*node, *at))
+            .collect();
+        for node in live {
+            self.gateways_seen.insert(node, now);
+        }
+        for (node, last_seen_ms) in gone {
+            self.gateways_seen.remove(&node);
+            tracing::info!(
+                gateway = node,
+                partitions = self.served.len(),
+                "gateway liveness key expired; detaching its sessions"
+            );
+            for served in self.served.values() {
+                let gone = crate::api::PeerMsg::GatewayGone { node, last_seen_ms };
+                let _ = served.router.submit(crate::api::Command::Peer(gone));
+            }
         }
     }
 
@@ -552,6 +607,15 @@ mod tests {
     }
 }
 
+/// Gateway `node`'s liveness key is `{GATEWAY_KEY_PREFIX}{node}`.
+pub const GATEWAY_KEY_PREFIX: &str = "gateway.";
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The subject gateways publish partition `p`'s commands on.
 pub fn command_subject(p: u16) -> String {
     format!("courier.cmd.{p}")
@@ -610,6 +674,13 @@ fn start_intake(
 pub struct BusOutlet(pub Arc<dyn PubSub>);
 
 impl crate::api::Outlet for BusOutlet {
+    fn to_partition(&self, partition: u16, commands: Vec<crate::api::Command>) {
+        let payload = Bytes::from(crate::wire::encode_commands(&commands));
+        if let Err(e) = self.0.publish(&command_subject(partition), payload) {
+            tracing::warn!(partition, error = %e, "publishing to another partition failed; the waiting send times out and is retried");
+        }
+    }
+
     fn deliver(&self, _core: u16, batch: Vec<crate::api::Delivery>) {
         let mut by_node: FxHashMap<u16, Vec<crate::api::Delivery>> = FxHashMap::default();
         for delivery in batch {

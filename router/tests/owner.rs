@@ -43,6 +43,7 @@ fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) 
         subject_prefix: "t.log".into(),
         router: RouterConfig::default(),
         intake: None,
+        gateways: None,
     };
     (
         Owner::start(config, log.clone(), kv.clone(), factory).unwrap(),
