@@ -491,9 +491,10 @@ impl Liveness {
     fn start(nats: &Arc<Nats>, args: &ServeArgs) -> anyhow::Result<Self> {
         let ttl = Duration::from_millis(args.gateway_ttl_ms);
         let replicas = usize::from(args.nats_replicas);
-        let kv: Arc<dyn Kv> = Arc::new(with_retries("opening the gateway liveness bucket", || {
-            nats.kv(GATEWAYS_BUCKET, Some(ttl), replicas)
-        })?);
+        let kv: Arc<dyn Kv> =
+            Arc::new(with_retries("opening the gateway liveness bucket", || {
+                nats.kv(GATEWAYS_BUCKET, Some(ttl), replicas)
+            })?);
         let bus = nats.pubsub();
         let started_ms = wall_ms();
         // Whatever an earlier process with this node id left attached is
@@ -535,10 +536,7 @@ impl Liveness {
                 std::thread::sleep(step);
                 slept += step;
             }
-            match self
-                .kv
-                .update(&self.key, self.value.clone(), self.revision)
-            {
+            match self.kv.update(&self.key, self.value.clone(), self.revision) {
                 Ok(revision) => self.revision = revision,
                 Err(BusError::Conflict(_)) => match self.kv.put(&self.key, self.value.clone()) {
                     Ok(revision) => {

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use courier_bus::lease::Lease;
 use courier_bus::{BusError, Kv, Log, PubSub};
 use prometheus_client::registry::Registry;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::store::{Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterHandle};
@@ -242,7 +242,7 @@ impl Owner {
             shared: shared.clone(),
             served: FxHashMap::default(),
             member: None,
-            gateways_seen: FxHashMap::default(),
+            gateways_seen: FxHashSet::default(),
         };
         let thread = std::thread::Builder::new()
             .name("courier-leases".into())
@@ -310,9 +310,8 @@ struct Supervisor {
     shared: Arc<OwnerShared>,
     served: FxHashMap<u16, Served>,
     member: Option<Lease>,
-    /// Gateways whose liveness key the last scan found, with the wall-clock
-    /// time of that scan (their sessions' last seen if they are found gone).
-    gateways_seen: FxHashMap<u16, u64>,
+    /// Gateways whose liveness key the last scan found.
+    gateways_seen: FxHashSet<u16>,
     /// Free partitions are not taken before this: routers started together
     /// first see each other's membership, so each takes only its share
     /// instead of the first taking everything and handing half back.
@@ -404,18 +403,20 @@ impl Supervisor {
             .iter()
             .filter_map(|k| k.strip_prefix(GATEWAY_KEY_PREFIX)?.parse().ok())
             .collect();
-        let now = wall_ms();
-        let gone: Vec<(u16, u64)> = self
+        let gone: Vec<u16> = self
             .gateways_seen
             .iter()
-            .filter(|(node, _)| !live.contains(node))
-            .map(|(node, at)| (*node, *at))
+            .filter(|node| !live.contains(node))
+            .copied()
             .collect();
-        for node in live {
-            self.gateways_seen.insert(node, now);
-        }
-        for (node, last_seen_ms) in gone {
-            self.gateways_seen.remove(&node);
+        self.gateways_seen = live.into_iter().collect();
+        // The key expired since the last scan, so it was last written one
+        // TTL before some moment since then: now less the TTL is at most a
+        // scan after the gateway's last refresh, and the gateway died
+        // after that refresh. Its sessions' last seen is that moment.
+        let last_seen_ms =
+            wall_ms().saturating_sub(kv.ttl().unwrap_or_default().as_millis() as u64);
+        for node in gone {
             tracing::info!(
                 gateway = node,
                 partitions = self.served.len(),

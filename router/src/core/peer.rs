@@ -104,9 +104,12 @@ impl RouterCore {
         let dedupe_key = store::dedupe_key(&device.user, device.device, *client_id);
         let window_ms = self.config.dedupe_window.as_millis() as u64;
         let retry = b.dedupe.contains_key(&dedupe_key)
-            || self.store.dedupe(&dedupe_key).ok().flatten().is_some_and(|r| {
-                r.stored_at_ms.saturating_add(window_ms) > now_ms
-            });
+            || self
+                .store
+                .dedupe(&dedupe_key)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.stored_at_ms.saturating_add(window_ms) > now_ms);
         if retry {
             return Some(command);
         }
@@ -233,7 +236,9 @@ impl RouterCore {
             } = parked.command
             {
                 self.metrics.peer_timeouts.inc();
-                let detail = "recipients' device lists unavailable (a partition is changing owner); retry".to_owned();
+                let detail =
+                    "recipients' device lists unavailable (a partition is changing owner); retry"
+                        .to_owned();
                 b.pending.push(Pending::Answer {
                     session,
                     frame: error_frame(ErrorCode::Unavailable, client_id, detail),

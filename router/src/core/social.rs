@@ -262,16 +262,13 @@ impl RouterCore {
             .routes
             .iter()
             .flat_map(|(user, routes)| {
-                routes
-                    .iter()
-                    .filter(|r| r.session.node == node)
-                    .map(|r| {
-                        let device = Device {
-                            user: user.clone(),
-                            device: r.device,
-                        };
-                        (device, r.session)
-                    })
+                routes.iter().filter(|r| r.session.node == node).map(|r| {
+                    let device = Device {
+                        user: user.clone(),
+                        device: r.device,
+                    };
+                    (device, r.session)
+                })
             })
             .collect();
         for (device, session) in &gone {
