@@ -27,6 +27,11 @@
 //! again and runs a catch-up for it, so the new owner delivers live at once
 //! and anything the old owner acknowledged but did not fan out arrives
 //! (clients dedupe by sequence). That catch-up's `SyncDone` is not passed on.
+//!
+//! Liveness: the gateway keeps `gateway.<node>` alive in the
+//! `courier_gateways` KV bucket (`Liveness`); routers detach the sessions
+//! of a gateway whose key expired, so a crashed gateway's users go offline
+//! by themselves.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
