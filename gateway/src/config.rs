@@ -301,6 +301,13 @@ pub struct ServeArgs {
     /// renewal; a dead router's partitions are taken over after about this.
     #[arg(long, env = "COURIER_LEASE_TTL_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(500..=60_000))]
     pub lease_ttl_ms: u64,
+    /// Fleet mode: milliseconds a gateway's liveness key lives without a
+    /// refresh (the gateway refreshes it every third of this). Routers
+    /// detach a gateway's sessions once its key has expired, so a crashed
+    /// gateway's users show offline after about this plus a router scan.
+    /// Gateways and routers of a fleet must agree.
+    #[arg(long, env = "COURIER_GATEWAY_TTL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    pub gateway_ttl_ms: u64,
 }
 
 impl ServeArgs {

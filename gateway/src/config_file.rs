@@ -105,6 +105,7 @@ pub const KEYS: &[Key] = &[
     key("fleet", "partitions", "partitions"),
     key("fleet", "nats_replicas", "nats_replicas"),
     key("fleet", "lease_ttl_ms", "lease_ttl_ms"),
+    key("fleet", "gateway_ttl_ms", "gateway_ttl_ms"),
 ];
 
 /// Arguments that are about the file itself and have no key.

@@ -27,6 +27,11 @@
 //! again and runs a catch-up for it, so the new owner delivers live at once
 //! and anything the old owner acknowledged but did not fan out arrives
 //! (clients dedupe by sequence). That catch-up's `SyncDone` is not passed on.
+//!
+//! Liveness: the gateway keeps `gateway.<node>` alive in the
+//! `courier_gateways` KV bucket (`Liveness`); routers detach the sessions
+//! of a gateway whose key expired, so a crashed gateway's users go offline
+//! by themselves.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,9 +40,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use courier_bus::nats::{Nats, NatsConfig};
-use courier_bus::PubSub;
+use courier_bus::{BusError, Kv, PubSub};
 use courier_protocol::frame::{self, ClientFrame, ServerFrame};
-use courier_router::api::{Class, Command, Delivery, Device, SessionKey};
+use courier_router::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
 use courier_router::fleet::{self as rfleet, partition_of};
 use courier_router::{Overloaded, RouterHandle};
 use crossbeam_channel::{Receiver, Sender};
@@ -132,6 +137,8 @@ fn target(cmd: &Command, partitions: u16) -> Target {
         Command::Attach { .. } | Command::Detach { .. } => return Target::All,
         // The push worker's reports stay in their router; no core sends one.
         Command::Push(_) => return Target::One(0),
+        // A gateway sends only its own `GatewayGone` (at start), to all.
+        Command::Peer(_) => return Target::All,
         Command::Frame { device, frame, .. } => (device, frame),
     };
     let conversation = |c: &str| Target::One(partition_of(c, partitions));
@@ -192,6 +199,7 @@ impl FleetLink {
         let owners = bus
             .subscribe("courier.owner.*")
             .context("subscribing to partition owner changes")?;
+        let liveness = Liveness::start(&nats, args)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let link = Arc::new(Self {
             tx,
@@ -212,6 +220,11 @@ impl FleetLink {
             .name("courier-bus-in".into())
             .spawn(move || receiver.receive_loop(deliveries, owners, mailboxes))
             .context("spawning the bus receiver")?;
+        let refresher = link.clone();
+        std::thread::Builder::new()
+            .name("courier-liveness".into())
+            .spawn(move || liveness.run(&refresher))
+            .context("spawning the liveness refresher")?;
         tracing::info!(
             nats = ?args.nats,
             partitions = args.partitions,
@@ -320,7 +333,7 @@ impl FleetLink {
                 merge.expected += u32::from(self.partitions);
                 merge.client_waiting = true;
             }
-            Command::Frame { .. } | Command::Push(_) => {}
+            Command::Frame { .. } | Command::Push(_) | Command::Peer(_) => {}
         }
     }
 
@@ -461,6 +474,103 @@ impl FleetLink {
     }
 }
 
+/// The gateway's liveness key in the `courier_gateways` bucket.
+///
+/// Written at start (after telling every partition that any earlier
+/// process with this node id is gone, so a quick restart leaves no stale
+/// sessions behind) and refreshed every third of the bucket's TTL by a
+/// thread of its own. Routers detach the sessions of a gateway whose key
+/// expired. If the key expired while this gateway lived (NATS was out of
+/// reach longer than the TTL), routers may have detached its sessions:
+/// the key is written again and every session attached again everywhere,
+/// with a catch-up for what it missed. Deleted at a clean stop.
+struct Liveness {
+    kv: Arc<dyn Kv>,
+    key: String,
+    value: Bytes,
+    revision: u64,
+    every: Duration,
+}
+
+impl Liveness {
+    fn start(nats: &Arc<Nats>, args: &ServeArgs) -> anyhow::Result<Self> {
+        let ttl = Duration::from_millis(args.gateway_ttl_ms);
+        let replicas = usize::from(args.nats_replicas);
+        let kv: Arc<dyn Kv> =
+            Arc::new(with_retries("opening the gateway liveness bucket", || {
+                nats.kv(GATEWAYS_BUCKET, Some(ttl), replicas)
+            })?);
+        let bus = nats.pubsub();
+        let started_ms = wall_ms();
+        // Whatever an earlier process with this node id left attached is
+        // dead; this reaches each partition before any attach of ours.
+        let gone = [Command::Peer(PeerMsg::GatewayGone {
+            node: args.node_id,
+            last_seen_ms: started_ms,
+        })];
+        let payload = Bytes::from(courier_router::wire::encode_commands(&gone));
+        for p in 0..args.partitions {
+            with_retries("announcing this gateway's start", || {
+                bus.publish(&rfleet::command_subject(p), payload.clone())
+            })?;
+        }
+        let key = format!("{}{}", rfleet::GATEWAY_KEY_PREFIX, args.node_id);
+        let value = Bytes::from(format!("{}.{started_ms}", std::process::id()));
+        let revision = with_retries("writing the gateway liveness key", || {
+            kv.put(&key, value.clone())
+        })?;
+        Ok(Self {
+            kv,
+            key,
+            value,
+            revision,
+            every: ttl / 3,
+        })
+    }
+
+    /// Refreshes the key until the link closes, then deletes it.
+    fn run(mut self, link: &FleetLink) {
+        loop {
+            let mut slept = Duration::ZERO;
+            while slept < self.every {
+                if link.closed.load(Ordering::Acquire) {
+                    let _ = self.kv.delete(&self.key, Some(self.revision));
+                    return;
+                }
+                let step = Duration::from_millis(100).min(self.every - slept);
+                std::thread::sleep(step);
+                slept += step;
+            }
+            match self.kv.update(&self.key, self.value.clone(), self.revision) {
+                Ok(revision) => self.revision = revision,
+                Err(BusError::Conflict(_)) => match self.kv.put(&self.key, self.value.clone()) {
+                    Ok(revision) => {
+                        self.revision = revision;
+                        tracing::warn!(
+                            gateway.key = %self.key,
+                            "liveness key had expired; attaching every session again"
+                        );
+                        for p in 0..link.partitions {
+                            link.reattach(p);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot write the liveness key"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the liveness key"),
+            }
+        }
+    }
+}
+
+/// The KV bucket of the gateways' liveness keys.
+pub const GATEWAYS_BUCKET: &str = "courier_gateways";
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// `Some(more)` when `ws` (a complete WebSocket frame from a router) is a
 /// `SyncDone`.
 fn sync_done(ws: &[u8]) -> Option<bool> {
@@ -485,6 +595,7 @@ fn sync_done(ws: &[u8]) -> Option<bool> {
 fn clone_command(cmd: &Command) -> Option<Command> {
     Some(match cmd {
         Command::Push(_) => return None,
+        Command::Peer(msg) => Command::Peer(msg.clone()),
         Command::Attach {
             session,
             device,
@@ -560,6 +671,10 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
     let leases = with_retries("opening the lease bucket", || {
         nats.kv("courier_leases", ttl, replicas)
     })?;
+    let gateway_ttl = Some(Duration::from_millis(args.gateway_ttl_ms));
+    let gateways = with_retries("opening the gateway liveness bucket", || {
+        nats.kv(GATEWAYS_BUCKET, gateway_ttl, replicas)
+    })?;
     let bus: Arc<dyn PubSub> = Arc::new(nats.pubsub());
     let outlet: Arc<dyn courier_router::api::Outlet> = Arc::new(rfleet::BusOutlet(bus.clone()));
     let router_id = format!("router-{}", args.node_id);
@@ -571,6 +686,7 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         subject_prefix: "courier.log".into(),
         router: crate::node::router_config(&args),
         intake: Some(bus),
+        gateways: Some(Arc::new(gateways)),
     };
     let owner = rfleet::Owner::start(
         config,

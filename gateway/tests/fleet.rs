@@ -1,27 +1,47 @@
 //! Fleet mode end to end with real processes: a nats-server, two router
 //! processes (`gateway --role router`) and two gateways (`--role
-//! gateway`), real WebSocket clients on different gateways. Messages and
-//! groups flow across gateways; after the router serving the conversation
-//! is SIGKILLed, the other router takes the partition over, the sender's
-//! retry is acknowledged with the next sequence and the recipient receives
-//! everything, in order.
+//! gateway`), real WebSocket clients on different gateways.
+//!
+//! - Messages and groups flow across gateways; after the router serving
+//!   the conversation is SIGKILLed, the other router takes the partition
+//!   over, the sender's retry is acknowledged with the next sequence and
+//!   the recipient receives everything, in order.
+//! - One-time prekeys go out once: 100 concurrent fetches over both
+//!   gateways, and fetches running while the owner of the target user's
+//!   partition is SIGKILLed and taken over.
+//! - Per-device sends whose members live on other partitions are checked
+//!   against those partitions' device lists (409 with missing and stale
+//!   devices), and each device receives only its own ciphertext.
+//! - A SIGKILLed gateway's users go offline once its liveness key expires,
+//!   and what was sent to them meanwhile arrives in their catch-up.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Client, TestNode};
+use bytes::Bytes;
+use common::{now_s, Client, TestNode};
 use courier_bus::nats::{Nats, NatsConfig};
 use courier_bus::testing::NatsServer;
 use courier_bus::{Kv, PubSub};
-use courier_protocol::frame::{ClientFrame, ServerFrame};
+use courier_e2ee::Device as E2eeDevice;
+use courier_protocol::frame::{
+    ClientFrame, DeviceAddress, DeviceBundle, E2eeFrame, Incoming, PrekeyKind, ServerFrame,
+};
+use courier_protocol::ids::direct_conversation;
+use courier_protocol::token;
 use courier_router::fleet::partition_of;
 
 const PARTITIONS: u16 = 4;
+/// The liveness TTL of gateways in these tests (routers scan every
+/// 1500 / 6 = 250 ms).
+const GATEWAY_TTL_MS: u64 = 1500;
 
 struct Router(Child);
 
@@ -31,6 +51,7 @@ impl Router {
             .args(["--role", "router", "--nats", url])
             .args(["--partitions", &PARTITIONS.to_string()])
             .args(["--nats-replicas", "1", "--lease-ttl-ms", "1500"])
+            .args(["--gateway-ttl-ms", &GATEWAY_TTL_MS.to_string()])
             .args(["--node-id", &node.to_string()])
             .arg("--data-dir")
             .arg(dir)
@@ -53,6 +74,89 @@ impl Drop for Router {
     }
 }
 
+/// A nats-server and two router processes serving every partition.
+struct Fleet {
+    dir: tempfile::TempDir,
+    _server: NatsServer,
+    url: String,
+    routers: [Router; 2],
+    kv: Arc<dyn Kv>,
+}
+
+impl Fleet {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(std::env::var_os("COURIER_KEEP").is_some())
+            .tempdir()
+            .unwrap();
+        eprintln!("fleet test state under {}", dir.path().display());
+        let server = NatsServer::start(&dir.path().join("nats")).unwrap();
+        let url = server.url();
+        let nats = Nats::connect(&NatsConfig {
+            servers: vec![url.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+        // Each partition's router announces itself once it serves (after
+        // its replay); wait for all of them before clients connect.
+        let announcements = nats.pubsub().subscribe("courier.owner.*").unwrap();
+        let routers = [
+            Router::start(&url, 101, &dir.path().join("r1")),
+            Router::start(&url, 102, &dir.path().join("r2")),
+        ];
+        let mut served = std::collections::BTreeSet::new();
+        while served.len() < usize::from(PARTITIONS) {
+            let m = announcements
+                .recv_timeout(Duration::from_secs(30))
+                .expect("every partition served");
+            served.insert(m.subject);
+        }
+        // The bucket is created by whichever starts first; routers create
+        // it with this TTL too.
+        let kv: Arc<dyn Kv> = Arc::new(
+            nats.kv("courier_leases", Some(Duration::from_millis(1500)), 1)
+                .unwrap(),
+        );
+        let started = Instant::now();
+        while owners(&*kv).is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "partitions never owned"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            dir,
+            _server: server,
+            url,
+            routers,
+            kv,
+        }
+    }
+
+    /// A data directory for gateway `name` holding the fleet's shared
+    /// token secret.
+    fn gateway_dir(&self, name: &str) -> std::path::PathBuf {
+        let d = self.dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("jwt.secret"), "fleet-test-secret-0123456789abcdef").unwrap();
+        d
+    }
+
+    /// An in-process gateway with node id `node`.
+    fn gateway(&self, name: &str, node: u16) -> TestNode {
+        gateway(&self.gateway_dir(name), &self.url, node)
+    }
+
+    /// SIGKILLs the router holding `partition`'s lease; returns its id.
+    fn kill_owner_of(&mut self, partition: u16) -> String {
+        let victim = owners(&*self.kv).unwrap()[usize::from(partition)].clone();
+        let index = if victim == "router-101" { 0 } else { 1 };
+        self.routers[index].kill();
+        victim
+    }
+}
+
 fn gateway(dir: &std::path::Path, url: &str, node: u16) -> TestNode {
     TestNode::start_in(
         dir,
@@ -65,6 +169,10 @@ fn gateway(dir: &std::path::Path, url: &str, node: u16) -> TestNode {
             &PARTITIONS.to_string(),
             "--node-id",
             &node.to_string(),
+            "--nats-replicas",
+            "1",
+            "--gateway-ttl-ms",
+            &GATEWAY_TTL_MS.to_string(),
         ],
     )
 }
@@ -135,55 +243,9 @@ fn messages_until(c: &mut Client, conversation: &str, seq: u64) -> Vec<u64> {
 
 #[test]
 fn messages_cross_gateways_and_survive_a_router_kill() {
-    let dir = tempfile::Builder::new()
-        .disable_cleanup(std::env::var_os("COURIER_KEEP").is_some())
-        .tempdir()
-        .unwrap();
-    eprintln!("fleet test state under {}", dir.path().display());
-    let server = NatsServer::start(&dir.path().join("nats")).unwrap();
-    let url = server.url();
-    let nats = Nats::connect(&NatsConfig {
-        servers: vec![url.clone()],
-        ..Default::default()
-    })
-    .unwrap();
-    // Each partition's router announces itself once it serves (after its
-    // replay); wait for all four before clients connect.
-    let announcements = nats.pubsub().subscribe("courier.owner.*").unwrap();
-    let mut routers = [
-        Router::start(&url, 101, &dir.path().join("r1")),
-        Router::start(&url, 102, &dir.path().join("r2")),
-    ];
-    let mut served = std::collections::BTreeSet::new();
-    while served.len() < usize::from(PARTITIONS) {
-        let m = announcements
-            .recv_timeout(Duration::from_secs(30))
-            .expect("every partition served");
-        served.insert(m.subject);
-    }
-    // The bucket is created by whichever starts first; routers create it
-    // with this TTL too.
-    let kv: Arc<dyn Kv> = Arc::new(
-        nats.kv("courier_leases", Some(Duration::from_millis(1500)), 1)
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while owners(&*kv).is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "partitions never owned"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    // Both gateways share the fleet's token secret.
-    let (g1_dir, g2_dir) = (dir.path().join("g1"), dir.path().join("g2"));
-    for d in [&g1_dir, &g2_dir] {
-        std::fs::create_dir_all(d).unwrap();
-        std::fs::write(d.join("jwt.secret"), "fleet-test-secret-0123456789abcdef").unwrap();
-    }
-    let g1 = gateway(&g1_dir, &url, 1);
-    let g2 = gateway(&g2_dir, &url, 2);
+    let mut fleet = Fleet::start();
+    let g1 = fleet.gateway("g1", 1);
+    let g2 = fleet.gateway("g2", 2);
     let (mut alice, _) = g1.online("alice", 1);
     let (mut bob, _) = g2.online("bob", 1);
 
@@ -212,10 +274,7 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
     assert!(messages_until(&mut bob, &group, seq).contains(&seq));
 
     // SIGKILL the router serving the direct conversation.
-    let p = partition_of(direct, PARTITIONS);
-    let victim = owners(&*kv).unwrap()[usize::from(p)].clone();
-    let index = if victim == "router-101" { 0 } else { 1 };
-    routers[index].kill();
+    let victim = fleet.kill_owner_of(partition_of(direct, PARTITIONS));
     let killed = Instant::now();
 
     let (sent, took) = send_until_sent(&mut alice, direct, 6, Duration::from_millis(500));
@@ -250,4 +309,455 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
     assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
     g1.stop();
     g2.stop();
+}
+
+// ----- end-to-end encryption in a fleet -----
+
+/// Reads frames of either family until `pick` accepts one (or `limit`).
+fn wait_any_for<T>(
+    c: &mut Client,
+    limit: Duration,
+    mut pick: impl FnMut(&Incoming) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(f) = c.try_next_any(Duration::from_millis(100)) {
+            if let Some(t) = pick(&f) {
+                return Some(t);
+            }
+        }
+    }
+    None
+}
+
+fn wait_any<T>(c: &mut Client, pick: impl FnMut(&Incoming) -> Option<T>) -> T {
+    wait_any_for(c, Duration::from_secs(20), pick).expect("the expected frame arrived")
+}
+
+fn upload(c: &mut Client, d: &mut E2eeDevice, one_time: u32) -> u32 {
+    c.send(&d.upload(90, one_time));
+    wait_any(c, |f| match f {
+        Incoming::E2ee(E2eeFrame::KeyCount {
+            request: 90,
+            remaining,
+        }) => Some(*remaining),
+        _ => None,
+    })
+}
+
+/// Fetches `user`'s bundle; `None` if no answer came within `limit` (a
+/// command lost while its partition changed owner).
+fn fetch_within(
+    c: &mut Client,
+    user: &str,
+    request: u32,
+    limit: Duration,
+) -> Option<Vec<DeviceBundle>> {
+    c.send(&ClientFrame::BundleFetch {
+        request,
+        user: user.into(),
+    });
+    wait_any_for(c, limit, |f| match f {
+        Incoming::E2ee(E2eeFrame::Bundle {
+            request: r,
+            devices,
+            ..
+        }) if *r == request => Some(devices.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn one_time_prekeys_go_out_once_across_gateways() {
+    let fleet = Fleet::start();
+    let g1 = fleet.gateway("g1", 1);
+    let g2 = fleet.gateway("g2", 2);
+    let (mut alice, _) = g1.online("alice", 1);
+    let mut keys = E2eeDevice::new("alice", 1);
+    assert_eq!(upload(&mut alice, &mut keys, 60), 60);
+
+    // 100 fetchers, half on each gateway, all at once.
+    let clients: Vec<Client> = (0..100)
+        .map(|i| {
+            let g = if i % 2 == 0 { &g1 } else { &g2 };
+            g.online(&format!("fetcher{i}"), 1).0
+        })
+        .collect();
+    let barrier = Arc::new(Barrier::new(clients.len()));
+    let threads: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let b = fetch_within(&mut c, "alice", 7, Duration::from_secs(30))
+                    .expect("bundle answered");
+                assert_eq!(b.len(), 1);
+                (b[0].prekey_kind, b[0].prekey.id)
+            })
+        })
+        .collect();
+    let got: Vec<(PrekeyKind, u32)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let one_time: Vec<u32> = got
+        .iter()
+        .filter(|(k, _)| *k == PrekeyKind::OneTime)
+        .map(|(_, id)| *id)
+        .collect();
+    let distinct: BTreeSet<u32> = one_time.iter().copied().collect();
+    assert_eq!(one_time.len(), 60, "every one-time prekey handed out");
+    assert_eq!(distinct, (1..=60).collect(), "and none twice");
+    let last_resort = got
+        .iter()
+        .filter(|(k, _)| *k == PrekeyKind::LastResort)
+        .count();
+    assert_eq!(last_resort, 40);
+}
+
+#[test]
+fn one_time_prekeys_are_never_handed_out_again_after_a_takeover() {
+    let mut fleet = Fleet::start();
+    let g1 = fleet.gateway("g1", 1);
+    let g2 = fleet.gateway("g2", 2);
+    let (mut alice, _) = g1.online("alice", 1);
+    let mut keys = E2eeDevice::new("alice", 1);
+    assert_eq!(upload(&mut alice, &mut keys, 400), 400);
+
+    // 20 fetchers over both gateways fetch in a loop; a fetch without an
+    // answer in 2 s (lost in the takeover) is retried under a new request.
+    let handed: Arc<Mutex<Vec<(Instant, u32)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let g = if i % 2 == 0 { &g1 } else { &g2 };
+            let mut c = g.online(&format!("fetcher{i}"), 1).0;
+            let (handed, stop) = (handed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut request = 0;
+                while !stop.load(Ordering::Acquire) {
+                    request += 1;
+                    if let Some(b) = fetch_within(&mut c, "alice", request, Duration::from_secs(2))
+                    {
+                        if b[0].prekey_kind == PrekeyKind::OneTime {
+                            handed
+                                .lock()
+                                .unwrap()
+                                .push((Instant::now(), b[0].prekey.id));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        })
+        .collect();
+    let count = |handed: &Mutex<Vec<(Instant, u32)>>| handed.lock().unwrap().len();
+    let started = Instant::now();
+    while count(&handed) < 100 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "fetches stalled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = count(&handed);
+    let victim = fleet.kill_owner_of(partition_of("alice", PARTITIONS));
+    let killed = Instant::now();
+    while count(&handed) < before + 100 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "fetches never resumed after the takeover"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let handed = handed.lock().unwrap();
+    let after_kill: Vec<u32> = handed
+        .iter()
+        .filter(|(at, _)| *at > killed)
+        .map(|(_, id)| *id)
+        .collect();
+    let first_after = handed
+        .iter()
+        .filter(|(at, _)| *at > killed)
+        .map(|(at, _)| *at - killed)
+        .min();
+    let mut ids: Vec<u32> = handed.iter().map(|(_, id)| *id).collect();
+    let total = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    eprintln!(
+        "owner {victim} of alice's partition SIGKILLed after {before} one-time prekeys; \
+         first handed out by the new owner after {first_after:?}; {} after the kill, {total} in all",
+        after_kill.len()
+    );
+    assert_eq!(ids.len(), total, "a one-time prekey was handed out twice");
+    assert!(!after_kill.is_empty());
+}
+
+#[test]
+fn per_device_sends_in_a_fleet_check_devices_with_their_users_partitions() {
+    let fleet = Fleet::start();
+    let g1 = fleet.gateway("g1", 1);
+    let g2 = fleet.gateway("g2", 2);
+    // Two users on partitions of their own, neither the conversation's,
+    // so both device lists come from other partitions.
+    let (a, b, conv) = (0..)
+        .map(|i| {
+            let (a, b) = (format!("alice{i}"), format!("bob{i}"));
+            let conv = direct_conversation(&a, &b);
+            (a, b, conv)
+        })
+        .find(|(a, b, conv)| {
+            let (pa, pb, pc) = (
+                partition_of(a, PARTITIONS),
+                partition_of(b, PARTITIONS),
+                partition_of(conv, PARTITIONS),
+            );
+            pa != pc && pb != pc && pa != pb
+        })
+        .unwrap();
+    let mut sockets = Vec::new();
+    let mut devices = Vec::new();
+    for (user, d, g) in [(&a, 1, &g1), (&a, 2, &g2), (&b, 1, &g2), (&b, 2, &g1)] {
+        let (mut c, _) = g.online(user, d);
+        let mut dev = E2eeDevice::new(user, d);
+        upload(&mut c, &mut dev, 5);
+        sockets.push(c);
+        devices.push(dev);
+    }
+    for (user, request) in [(&b, 1), (&a, 2)] {
+        for bundle in fetch_within(&mut sockets[0], user, request, Duration::from_secs(10)).unwrap()
+        {
+            devices[0].start_session(user, &bundle).unwrap();
+        }
+    }
+    let addr = |u: &str, d| DeviceAddress {
+        user: u.into(),
+        device: d,
+    };
+
+    // One of bob's devices only, and a device bob never had.
+    let mut partial = devices[0]
+        .encrypt_for(&[(b.clone(), 1)], b"too few")
+        .unwrap();
+    let mut stray = partial[0].clone();
+    stray.device = 3;
+    partial.push(stray);
+    sockets[0].send(&ClientFrame::SendPerDevice {
+        conversation: conv.clone(),
+        client_id: 5,
+        ciphertexts: partial,
+    });
+    let mismatch = wait_any(&mut sockets[0], |f| match f {
+        Incoming::E2ee(E2eeFrame::DeviceMismatch {
+            client_id: 5,
+            missing,
+            stale,
+        }) => Some((missing.clone(), stale.clone())),
+        _ => None,
+    });
+    assert_eq!(
+        mismatch,
+        (vec![addr(&a, 2), addr(&b, 2)], vec![addr(&b, 3)])
+    );
+    let code = wait_any(&mut sockets[0], |f| match f {
+        Incoming::Frame(ServerFrame::Error {
+            code, reference: 5, ..
+        }) => Some(*code),
+        _ => None,
+    });
+    assert_eq!(code, 409);
+
+    // Fixed and retried with the same client id: each device gets only
+    // its own ciphertext, and it decrypts.
+    let to = [(a.clone(), 2), (b.clone(), 1), (b.clone(), 2)];
+    let cts = devices[0].encrypt_for(&to, b"meet at noon").unwrap();
+    let bodies: Vec<Bytes> = cts.iter().map(|c| c.body.clone()).collect();
+    sockets[0].send(&ClientFrame::SendPerDevice {
+        conversation: conv.clone(),
+        client_id: 5,
+        ciphertexts: cts,
+    });
+    wait_any(&mut sockets[0], |f| {
+        matches!(f, Incoming::Frame(ServerFrame::Sent { client_id: 5, .. })).then_some(())
+    });
+    for (i, body) in bodies.iter().enumerate() {
+        let at = i + 1;
+        let (from_device, got) = wait_any(&mut sockets[at], |f| match f {
+            Incoming::Frame(ServerFrame::Message {
+                sender,
+                sender_device,
+                body,
+                ..
+            }) if *sender == a => Some((*sender_device, body.clone())),
+            _ => None,
+        });
+        assert_eq!(&got, body, "device {at} got exactly its own ciphertext");
+        let plain = devices[at].decrypt(&a, from_device, &got).unwrap();
+        assert_eq!(plain, b"meet at noon");
+    }
+
+    // Bob unlinks his second device on his own partition: the next send
+    // that still names it is told it is stale.
+    sockets[2].send(&ClientFrame::DeviceRemove {
+        request: 9,
+        device: 2,
+    });
+    wait_any(&mut sockets[2], |f| {
+        matches!(f, Incoming::Frame(ServerFrame::Done { request: 9 })).then_some(())
+    });
+    let cts = devices[0].encrypt_for(&to, b"still there?").unwrap();
+    sockets[0].send(&ClientFrame::SendPerDevice {
+        conversation: conv,
+        client_id: 6,
+        ciphertexts: cts,
+    });
+    let mismatch = wait_any(&mut sockets[0], |f| match f {
+        Incoming::E2ee(E2eeFrame::DeviceMismatch {
+            client_id: 6,
+            missing,
+            stale,
+        }) => Some((missing.clone(), stale.clone())),
+        _ => None,
+    });
+    assert_eq!(mismatch, (vec![], vec![addr(&b, 2)]));
+}
+
+// ----- gateway liveness -----
+
+/// A gateway in a process of its own, so that it can be SIGKILLed.
+struct GatewayProcess {
+    child: Child,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    fn start(fleet: &Fleet, name: &str, node: u16) -> Self {
+        let dir = fleet.gateway_dir(name);
+        let log_path = dir.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--role", "gateway", "--nats", &fleet.url])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .args(["--nats-replicas", "1"])
+            .args(["--gateway-ttl-ms", &GATEWAY_TTL_MS.to_string()])
+            .args(["--node-id", &node.to_string()])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--cores", "2", "--data-dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("gateway process");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(at) = text.find("listen.addr=") {
+                let rest = &text[at + "listen.addr=".len()..];
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "gateway did not start: {text}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self { child, addr, dir }
+    }
+
+    fn online(&self, user: &str, device: u32) -> (Client, Vec<ServerFrame>) {
+        let secret = courier_gateway::secret::load_or_create(&self.dir).unwrap();
+        let token = token::mint(&secret, &token::claims_for(user, device, now_s(), 3600));
+        let mut c = Client::connect(self.addr, &token).expect("upgrade accepted");
+        let caught_up = c.sync(vec![]);
+        (c, caught_up)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits for a presence push about `user`; returns whether it says online.
+fn presence_of(c: &mut Client, user: &str, limit: Duration) -> Option<(bool, u64)> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(ServerFrame::Presence { entries, .. }) = c.try_next(Duration::from_millis(50)) {
+            if let Some(e) = entries.iter().find(|e| e.user == user) {
+                return Some((e.online, e.last_seen_ms));
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_killed_gateways_users_go_offline_and_catch_up_on_reconnect() {
+    let fleet = Fleet::start();
+    let mut g1 = GatewayProcess::start(&fleet, "g1", 1);
+    let g2 = fleet.gateway("g2", 2);
+    let (_alice, _) = g1.online("alice", 1);
+    let (mut bob, _) = g2.online("bob", 1);
+    bob.send(&ClientFrame::PresenceSubscribe {
+        request: 1,
+        users: vec!["alice".into()],
+    });
+    let (online, _) = presence_of(&mut bob, "alice", Duration::from_secs(10)).unwrap();
+    assert!(online, "alice is online on g1");
+    // Let the routers' scans see g1's liveness key at least once.
+    std::thread::sleep(Duration::from_millis(600));
+
+    g1.kill();
+    let killed = Instant::now();
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Sent while g1 is dead: acknowledged, and kept for alice.
+    let direct = "d:alice:bob";
+    for id in 1..=3 {
+        assert_eq!(bob.send_acked(direct, id, format!("m{id}").as_bytes()), id);
+    }
+    let limit = Duration::from_millis(GATEWAY_TTL_MS * 4);
+    let (online, last_seen_ms) = presence_of(&mut bob, "alice", limit)
+        .expect("alice's presence changed after her gateway died");
+    let offline_after = killed.elapsed();
+    eprintln!(
+        "gateway SIGKILLed: alice offline to bob after {offline_after:?} \
+         (gateway TTL {GATEWAY_TTL_MS} ms, router scan 250 ms); last seen \
+         {last_seen_ms} ms, killed at about {killed_ms} ms"
+    );
+    assert!(!online, "the change is to offline");
+    // Last seen is estimated as the key's expiry less the TTL: never
+    // before the gateway's last refresh (a third of the TTL before the
+    // kill at most), and later than the kill by at most a scan and the
+    // server's expiry lag.
+    let earliest = killed_ms - GATEWAY_TTL_MS / 3 - 100;
+    assert!(
+        (earliest..=killed_ms + 1000).contains(&last_seen_ms),
+        "last seen {last_seen_ms}, killed at {killed_ms}"
+    );
+    assert!(offline_after < limit);
+
+    // Sent after the routes were dropped: also kept.
+    assert_eq!(bob.send_acked(direct, 4, b"m4"), 4);
+    let (_alice, caught_up) = g2.online("alice", 1);
+    let seqs: Vec<u64> = caught_up
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message {
+                conversation, seq, ..
+            } if conversation == direct => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "everything arrives in the catch-up");
+    let (online, _) = presence_of(&mut bob, "alice", Duration::from_secs(10)).unwrap();
+    assert!(online, "and alice is online again, on g2");
 }

@@ -75,6 +75,35 @@ pub enum Command {
     /// What the push worker made of a notification (sent, token invalid,
     /// given up); submitted by the worker, not by a core.
     Push(crate::push::Outcome),
+    /// Fleet mode: a message between partitions' routers, or about a
+    /// gateway, that no client frame carries.
+    Peer(PeerMsg),
+}
+
+/// What travels between partitions (fleet mode). On a single node there is
+/// one partition and none of these is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// Partition `from` checks a per-device send (its `query`) and asks
+    /// the partition of `users` for their current keyed devices. The
+    /// user's partition is the only writer of its devices and keys, so it
+    /// answers from its own records.
+    DeviceQuery {
+        from: u16,
+        query: u64,
+        users: Vec<Arc<str>>,
+    },
+    /// The answer to `query`: each asked user's linked devices that have
+    /// published keys, ascending.
+    DeviceSets {
+        query: u64,
+        sets: Vec<(Arc<str>, Vec<u32>)>,
+    },
+    /// Gateway `node` is gone: its liveness key expired (a crash), or it
+    /// started again and its earlier sessions are dead. Its sessions are
+    /// detached as if each had ended at `last_seen_ms`, and their users go
+    /// offline at once.
+    GatewayGone { node: u16, last_seen_ms: u64 },
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,
@@ -126,4 +155,11 @@ pub trait Outlet: Send + Sync + 'static {
     /// Takes one batch of deliveries for `core`. Called from the router
     /// thread; must not block.
     fn deliver(&self, core: u16, batch: Vec<Delivery>);
+
+    /// Takes commands for another partition's router (fleet mode: device
+    /// queries and their answers). Called from the router thread; must not
+    /// block. A single node has one partition and never calls it.
+    fn to_partition(&self, partition: u16, commands: Vec<Command>) {
+        let _ = (partition, commands);
+    }
 }

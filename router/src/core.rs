@@ -46,6 +46,7 @@ use crate::store::{self, Part, Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterError};
 
 mod keys;
+mod peer;
 mod push;
 mod social;
 mod views;
@@ -145,6 +146,9 @@ pub struct RouterCore {
     keys: keys::KeyDirectory,
     /// Push tokens and waiting notifications (see `push.rs`).
     push: push::PushState,
+    /// Fleet mode: sends waiting for other partitions, and commands for
+    /// them (see `peer.rs`).
+    peer: peer::PeerState,
 }
 
 /// A batch whose writes are in the store but not yet known to be durable:
@@ -317,6 +321,9 @@ enum Pending {
     Notify(Vec<Forward>),
     /// The key directory's answers and pushes (see `keys.rs`).
     Keys(keys::KeysPending),
+    /// A command for another partition's router, sent once the batch is
+    /// durable (dropped if it is not: the asker times out).
+    Peer { partition: u16, command: Command },
 }
 
 /// A frame for every live session of `user` but `except_device`'s.
@@ -367,6 +374,8 @@ struct Batch {
 #[derive(Debug, Default)]
 struct Outbox {
     per_core: FxHashMap<u16, Vec<Delivery>>,
+    /// Commands for other partitions (fleet mode).
+    peers: Vec<(u16, Command)>,
 }
 
 impl Outbox {
@@ -477,6 +486,7 @@ impl RouterCore {
             users: FxHashMap::default(),
             social: social::Social::default(),
             keys: keys::KeyDirectory::default(),
+            peer: peer::PeerState::default(),
         };
         core.load_key_stock();
         core.load_push_queue();
@@ -554,6 +564,7 @@ impl RouterCore {
         let mut batch = Batch::default();
         self.timers(&mut batch, now_ms);
         self.push_timers(&mut batch, now_ms);
+        self.peer_timers(&mut batch, now_ms);
         for command in commands {
             self.decide(&mut batch, command, now_ms);
         }
@@ -641,6 +652,7 @@ impl RouterCore {
         for query in batch.queries {
             self.query(&mut out, query);
         }
+        self.peer.out.append(&mut out.peers);
         out.into_batches()
     }
 
@@ -889,7 +901,11 @@ impl RouterCore {
     // ----- step 1: decide -----
 
     fn decide(&mut self, b: &mut Batch, command: Command, now_ms: u64) {
+        let Some(command) = self.park_if_remote(b, command, now_ms) else {
+            return;
+        };
         match command {
+            Command::Peer(msg) => self.peer_message(b, msg, now_ms),
             Command::Attach {
                 session,
                 device,
@@ -2119,6 +2135,11 @@ impl RouterCore {
     fn answer(&self, out: &mut Outbox, pending: Pending, committed: bool) {
         match pending {
             Pending::Always(delivery) => out.push(delivery),
+            Pending::Peer { partition, command } => {
+                if committed {
+                    out.peers.push((partition, command));
+                }
+            }
             Pending::Answer {
                 session,
                 frame,

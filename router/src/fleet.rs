@@ -30,7 +30,7 @@ use bytes::Bytes;
 use courier_bus::lease::Lease;
 use courier_bus::{BusError, Kv, Log, PubSub};
 use prometheus_client::registry::Registry;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::store::{Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterHandle};
@@ -167,6 +167,12 @@ pub struct OwnerConfig {
     /// starts serving. Without (tests), commands go in through
     /// [`Owner::handle`].
     pub intake: Option<Arc<dyn PubSub>>,
+    /// The gateways' liveness bucket (keys `gateway.<node>`, each written
+    /// by its gateway and expiring a TTL after its last refresh). Every
+    /// scan lists it; a gateway seen alive by an earlier scan and absent
+    /// now is gone, and every partition this process serves detaches its
+    /// sessions (`PeerMsg::GatewayGone`). `None`: gateways are not watched.
+    pub gateways: Option<Arc<dyn Kv>>,
 }
 
 /// Which router serves each partition, and the routers of this process.
@@ -237,6 +243,7 @@ impl Owner {
             served: FxHashMap::default(),
             member: None,
             renewed_at: Instant::now(),
+            gateways_seen: FxHashSet::default(),
         };
         let thread = std::thread::Builder::new()
             .name("courier-leases".into())
@@ -308,6 +315,8 @@ struct Supervisor {
     /// each) renews in between once a scan interval has passed, so a long
     /// run of takes never lets the leases already held run out.
     renewed_at: Instant,
+    /// Gateways whose liveness key the last scan found.
+    gateways_seen: FxHashSet<u16>,
     /// Free partitions are not taken before this: routers started together
     /// first see each other's membership, so each takes only its share
     /// instead of the first taking everything and handing half back.
@@ -323,6 +332,7 @@ impl Supervisor {
                 _ => return self.abandon_all(),
             }
             self.renew();
+            self.watch_gateways();
             if Instant::now() >= self.settle_until {
                 self.balance();
             }
@@ -376,6 +386,52 @@ impl Supervisor {
         }
         for (p, release) in dropped {
             self.give_up(p, release);
+        }
+    }
+
+    /// Lists the gateways' liveness keys; tells every served partition
+    /// about a gateway whose key was there at the last scan and is gone
+    /// now. A gateway first seen by this scan is only remembered, so one
+    /// that started between the listing and its first attach is never
+    /// taken for dead. An unreachable bucket decides nothing.
+    fn watch_gateways(&mut self) {
+        let Some(kv) = &self.config.gateways else {
+            return;
+        };
+        let keys = match kv.keys(GATEWAY_KEY_PREFIX) {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway liveness bucket unavailable");
+                return;
+            }
+        };
+        let live: Vec<u16> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(GATEWAY_KEY_PREFIX)?.parse().ok())
+            .collect();
+        let gone: Vec<u16> = self
+            .gateways_seen
+            .iter()
+            .filter(|node| !live.contains(node))
+            .copied()
+            .collect();
+        self.gateways_seen = live.into_iter().collect();
+        // The key expired since the last scan, so it was last written one
+        // TTL before some moment since then: now less the TTL is at most a
+        // scan after the gateway's last refresh, and the gateway died
+        // after that refresh. Its sessions' last seen is that moment.
+        let last_seen_ms =
+            wall_ms().saturating_sub(kv.ttl().unwrap_or_default().as_millis() as u64);
+        for node in gone {
+            tracing::info!(
+                gateway = node,
+                partitions = self.served.len(),
+                "gateway liveness key expired; detaching its sessions"
+            );
+            for served in self.served.values() {
+                let gone = crate::api::PeerMsg::GatewayGone { node, last_seen_ms };
+                let _ = served.router.submit(crate::api::Command::Peer(gone));
+            }
         }
     }
 
@@ -568,6 +624,15 @@ mod tests {
     }
 }
 
+/// Gateway `node`'s liveness key is `{GATEWAY_KEY_PREFIX}{node}`.
+pub const GATEWAY_KEY_PREFIX: &str = "gateway.";
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The subject gateways publish partition `p`'s commands on.
 pub fn command_subject(p: u16) -> String {
     format!("courier.cmd.{p}")
@@ -626,6 +691,13 @@ fn start_intake(
 pub struct BusOutlet(pub Arc<dyn PubSub>);
 
 impl crate::api::Outlet for BusOutlet {
+    fn to_partition(&self, partition: u16, commands: Vec<crate::api::Command>) {
+        let payload = Bytes::from(crate::wire::encode_commands(&commands));
+        if let Err(e) = self.0.publish(&command_subject(partition), payload) {
+            tracing::warn!(partition, error = %e, "publishing to another partition failed; the waiting send times out and is retried");
+        }
+    }
+
     fn deliver(&self, _core: u16, batch: Vec<crate::api::Delivery>) {
         let mut by_node: FxHashMap<u16, Vec<crate::api::Delivery>> = FxHashMap::default();
         for delivery in batch {

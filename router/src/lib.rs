@@ -519,6 +519,9 @@ impl Worker {
                 None if stopping => break,
                 None => {}
             }
+            // Queries a batch parked sends on go out at once, not after
+            // its sync.
+            self.send_peer_commands();
             if poisoned {
                 tracing::error!(
                     "changelog append failed; this router stops serving the partition and its next owner replays the log"
@@ -585,6 +588,24 @@ impl Worker {
     fn deliver(&mut self, written: core::Written, synced: Result<Duration, store::StoreError>) {
         for (core, deliveries) in self.core.finish(written, synced) {
             self.outlet.deliver(core, deliveries);
+        }
+        self.send_peer_commands();
+    }
+
+    /// Fleet mode: hands what the batches made for other partitions to the
+    /// outlet, one batch per partition.
+    fn send_peer_commands(&mut self) {
+        let commands = self.core.take_peer_commands();
+        if commands.is_empty() {
+            return;
+        }
+        let mut by_partition: rustc_hash::FxHashMap<u16, Vec<api::Command>> =
+            rustc_hash::FxHashMap::default();
+        for (p, command) in commands {
+            by_partition.entry(p).or_default().push(command);
+        }
+        for (p, commands) in by_partition {
+            self.outlet.to_partition(p, commands);
         }
     }
 }

@@ -74,6 +74,13 @@ pub struct Metrics {
     pub key_changes: Counter,
     /// Per-device sends refused for a device-list mismatch.
     pub device_mismatches: Counter,
+    /// Fleet mode: device-list queries sent to other partitions.
+    pub peer_queries: Counter,
+    /// Fleet mode: per-device sends answered 504 because a partition did
+    /// not send its device lists in time.
+    pub peer_timeouts: Counter,
+    /// Fleet mode: sessions detached because their gateway was gone.
+    pub gateway_sessions_dropped: Counter,
 }
 
 impl Metrics {
@@ -99,6 +106,9 @@ impl Metrics {
             prekey_low: Counter::default(),
             key_changes: Counter::default(),
             device_mismatches: Counter::default(),
+            peer_queries: Counter::default(),
+            peer_timeouts: Counter::default(),
+            gateway_sessions_dropped: Counter::default(),
         };
         // Units are registered as such: the encoder appends the suffix to
         // the name and writes the OpenMetrics `# UNIT` line.
@@ -200,6 +210,21 @@ impl Metrics {
             "courier_device_mismatches",
             "Per-device sends refused because their device list was wrong",
             m.device_mismatches.clone(),
+        );
+        registry.register(
+            "courier_peer_device_queries",
+            "Fleet mode: device-list queries sent to other partitions",
+            m.peer_queries.clone(),
+        );
+        registry.register(
+            "courier_peer_device_timeouts",
+            "Fleet mode: per-device sends refused because device lists did not arrive in time",
+            m.peer_timeouts.clone(),
+        );
+        registry.register(
+            "courier_gateway_sessions_dropped",
+            "Fleet mode: sessions detached because their gateway's liveness key expired or it restarted",
+            m.gateway_sessions_dropped.clone(),
         );
         m
     }

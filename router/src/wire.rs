@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut, Bytes};
 use courier_protocol::frame::ClientFrame;
 
-use crate::api::{Class, Command, Delivery, Device, SessionKey};
+use crate::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
 
 /// Why a batch could not be read.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -101,11 +101,14 @@ impl Reader {
             generation: self.u32()?,
         })
     }
-    fn device(&mut self) -> Result<Device, Malformed> {
+    fn user(&mut self) -> Result<Arc<str>, Malformed> {
         let user = self.bytes()?;
         let user = std::str::from_utf8(&user).map_err(|_| Malformed("user id"))?;
+        Ok(Arc::from(user))
+    }
+    fn device(&mut self) -> Result<Device, Malformed> {
         Ok(Device {
-            user: Arc::from(user),
+            user: self.user()?,
             device: self.u32()?,
         })
     }
@@ -165,6 +168,32 @@ pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
                 frame.encode(&mut encoded);
                 put_bytes(&mut out, &encoded);
             }
+            Command::Peer(PeerMsg::DeviceQuery { from, query, users }) => {
+                out.put_u8(4);
+                out.put_u16(*from);
+                out.put_u64(*query);
+                out.put_u32(users.len() as u32);
+                for user in users {
+                    put_bytes(&mut out, user.as_bytes());
+                }
+            }
+            Command::Peer(PeerMsg::DeviceSets { query, sets }) => {
+                out.put_u8(5);
+                out.put_u64(*query);
+                out.put_u32(sets.len() as u32);
+                for (user, devices) in sets {
+                    put_bytes(&mut out, user.as_bytes());
+                    out.put_u32(devices.len() as u32);
+                    for d in devices {
+                        out.put_u32(*d);
+                    }
+                }
+            }
+            Command::Peer(PeerMsg::GatewayGone { node, last_seen_ms }) => {
+                out.put_u8(6);
+                out.put_u16(*node);
+                out.put_u64(*last_seen_ms);
+            }
         }
     }
     out
@@ -203,6 +232,35 @@ pub fn decode_commands(raw: Bytes) -> Result<Vec<Command>, Malformed> {
                     received_at,
                 }
             }
+            4 => {
+                let from = r.u16()?;
+                let query = r.u64()?;
+                let n = r.u32()? as usize;
+                let mut users = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    users.push(r.user()?);
+                }
+                Command::Peer(PeerMsg::DeviceQuery { from, query, users })
+            }
+            5 => {
+                let query = r.u64()?;
+                let n = r.u32()? as usize;
+                let mut sets = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    let user = r.user()?;
+                    let count = r.u32()? as usize;
+                    let mut devices = Vec::with_capacity(count.min(64));
+                    for _ in 0..count {
+                        devices.push(r.u32()?);
+                    }
+                    sets.push((user, devices));
+                }
+                Command::Peer(PeerMsg::DeviceSets { query, sets })
+            }
+            6 => Command::Peer(PeerMsg::GatewayGone {
+                node: r.u16()?,
+                last_seen_ms: r.u64()?,
+            }),
             _ => return Err(Malformed("command kind")),
         };
         out.push(command);
@@ -383,6 +441,35 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn peer_messages_round_trip() {
+        let peers = vec![
+            PeerMsg::DeviceQuery {
+                from: 3,
+                query: 1 << 40,
+                users: vec![Arc::from("alice"), Arc::from("bob")],
+            },
+            PeerMsg::DeviceSets {
+                query: 7,
+                sets: vec![(Arc::from("alice"), vec![1, 4]), (Arc::from("bob"), vec![])],
+            },
+            PeerMsg::GatewayGone {
+                node: 2,
+                last_seen_ms: 99,
+            },
+        ];
+        let commands: Vec<Command> = peers.iter().cloned().map(Command::Peer).collect();
+        let back = decode_commands(Bytes::from(encode_commands(&commands))).expect("decode");
+        let back: Vec<PeerMsg> = back
+            .into_iter()
+            .map(|c| match c {
+                Command::Peer(p) => p,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(back, peers);
     }
 
     #[test]

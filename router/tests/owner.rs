@@ -43,6 +43,7 @@ fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) 
         subject_prefix: "t.log".into(),
         router: RouterConfig::default(),
         intake: None,
+        gateways: None,
     };
     (
         Owner::start(config, log.clone(), kv.clone(), factory).unwrap(),
@@ -216,6 +217,7 @@ fn leases_held_stay_renewed_while_more_partitions_are_taken() {
         subject_prefix: "t.log".into(),
         router: RouterConfig::default(),
         intake: None,
+        gateways: None,
     };
     let a = Owner::start(config, log, kv.clone(), factory).unwrap();
     // 8 replays of 300 ms: about 2.4 s of taking, more than twice the TTL.

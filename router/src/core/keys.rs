@@ -145,7 +145,7 @@ impl RouterCore {
     }
 
     /// The user's linked devices that have published keys, ascending.
-    fn keyed_devices(&mut self, user: &Arc<str>) -> Result<Vec<u32>, StoreError> {
+    pub(super) fn keyed_devices(&mut self, user: &Arc<str>) -> Result<Vec<u32>, StoreError> {
         let linked = self.linked_devices(user)?;
         let mut out: Vec<u32> = self
             .identity_records(user)?
@@ -581,7 +581,18 @@ impl RouterCore {
         }
         let mut expected: FxHashMap<Arc<str>, Vec<u32>> = FxHashMap::default();
         for user in members {
-            let mut devices = self.keyed_devices(user)?;
+            // Fleet mode: another partition's user's devices as its
+            // partition answered them (see `peer.rs`).
+            let remote = self
+                .peer
+                .resolved
+                .as_ref()
+                .and_then(|r| r.get(user))
+                .cloned();
+            let mut devices = match remote {
+                Some(devices) => devices,
+                None => self.keyed_devices(user)?,
+            };
             if *user == sender.user {
                 devices.retain(|d| *d != sender.device);
             }

@@ -244,6 +244,64 @@ impl RouterCore {
         }
     }
 
+    /// Detaches every session of gateway `node` (fleet mode: its liveness
+    /// key expired, or it started again), as if each had ended at
+    /// `last_seen_ms`. Users left with no session are announced offline
+    /// at once rather than after the debounce: the gateway has been silent
+    /// for its whole TTL already, longer than any flap the debounce hides.
+    /// Nothing is lost: deliveries to those devices were never
+    /// acknowledged and come back in their next catch-up.
+    pub(super) fn gateway_gone(
+        &mut self,
+        b: &mut Batch,
+        node: u16,
+        last_seen_ms: u64,
+        now_ms: u64,
+    ) {
+        let gone: Vec<(Device, SessionKey)> = self
+            .routes
+            .iter()
+            .flat_map(|(user, routes)| {
+                routes.iter().filter(|r| r.session.node == node).map(|r| {
+                    let device = Device {
+                        user: user.clone(),
+                        device: r.device,
+                    };
+                    (device, r.session)
+                })
+            })
+            .collect();
+        for (device, session) in &gone {
+            self.detach(*session, device, last_seen_ms, now_ms);
+            if !self.routes.contains_key(&device.user)
+                && self.social.going_offline.remove(&device.user).is_some()
+            {
+                self.push_presence(b, &device.user);
+            }
+        }
+        // Subscriptions of its sessions that had no route (refused ones).
+        let subscribed: Vec<SessionKey> = self
+            .social
+            .subscriptions
+            .keys()
+            .filter(|s| s.node == node)
+            .copied()
+            .collect();
+        for session in subscribed {
+            self.unsubscribe(session);
+        }
+        self.metrics
+            .gateway_sessions_dropped
+            .inc_by(gone.len() as u64);
+        if !gone.is_empty() {
+            tracing::info!(
+                gateway = node,
+                sessions = gone.len(),
+                "gateway gone; its sessions are detached"
+            );
+        }
+    }
+
     /// Queues a device record for the rate-bounded write-behind.
     fn mark_device(&mut self, user: &Arc<str>, device: u32) {
         if self.social.dirty_set.insert((user.clone(), device)) {
