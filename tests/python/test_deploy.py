@@ -158,6 +158,24 @@ def test_every_exported_metric_is_documented(metrics_text):
         assert shown in ops, f"{shown} is exported but not in docs/operations.md"
 
 
+def test_every_configuration_key_is_in_the_operations_table():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "deploy/courier.toml").read_text())
+    ops = (ROOT / "docs/operations.md").read_text()
+    table = ops[ops.index("| key | flag / variable"):ops.index("## Health and readiness")]
+    rows = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `")]
+    for section, keys in config.items():
+        for key in keys:
+            # A row names `section.key`, or several keys of one section
+            # (`push.backoff_ms`, `push.backoff_max_ms`; `push_apns.key_file`, `.key_id`).
+            assert any(
+                f"`{section}.{key}`" in row or (f"`{section}." in row and f"`.{key}`" in row)
+                or (f"`{section}." in row and f", `{section}.{key}`" in row)
+                for row in rows
+            ), f"{section}.{key} is in deploy/courier.toml but not in docs/operations.md's configuration table"
+
+
 def test_metric_names_follow_prometheus_conventions(metrics_text):
     for line in metrics_text.splitlines():
         if not line.startswith("# TYPE "):
