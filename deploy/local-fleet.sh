@@ -8,7 +8,8 @@
 #   deploy/local-fleet.sh down    # stop cleanly: gateways, routers, NATS (SIGTERM, then wait)
 #
 # WebSocket: ws://127.0.0.1:8080 (both gateways, one SO_REUSEPORT port);
-# gateway metrics http://127.0.0.1:9101 and :9102. NATS clients:
+# gateway metrics http://127.0.0.1:9101 and :9102, router metrics and
+# health http://127.0.0.1:9111 and :9112. NATS clients:
 # nats://127.0.0.1:4222,4223,4224; monitoring http://127.0.0.1:8222..8224.
 # Tokens: `gateway token --data-dir $FLEET_DIR/gateway-1 --user alice`
 # (both gateways share one secret).
@@ -71,7 +72,8 @@ start_routers() {
         mkdir -p "$d"
         running "$d/pid" && { echo "router-$i already running"; continue; }
         "$bin" --role router --nats "$nats_urls" --partitions "$partitions" \
-            --nats-replicas 3 --node-id "$((100 + i))" --data-dir "$d" >>"$d/log" 2>&1 &
+            --nats-replicas 3 --node-id "$((100 + i))" --data-dir "$d" \
+            --metrics-listen "127.0.0.1:$(metrics_port "$((10 + i))")" >>"$d/log" 2>&1 &
         echo $! >"$d/pid"
     done
     # Ready when every partition is served: each router logs "serving

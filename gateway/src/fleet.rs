@@ -650,6 +650,23 @@ fn with_retries<T>(
 /// share of the partitions, taking commands from and sending deliveries
 /// over NATS.
 pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
+    // The endpoint first, so a bad address stops the start at once and
+    // /healthz answers while NATS is being reached; /readyz turns ready
+    // once the partition supervisor runs, and unready at a stop signal.
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(crate::process::ProcessCollector));
+    let served = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "courier_router_partitions_served",
+        "Partitions this router serves now",
+        served.clone(),
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics_addr =
+        crate::metrics::serve_plain(args.metrics_listen, Arc::new(registry), ready.clone())
+            .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
+    tracing::info!(metrics.addr = %metrics_addr, "metrics endpoint bound");
+
     let nats = Nats::connect(&NatsConfig {
         servers: args.nats.clone(),
         name: format!("courier-router-{}", args.node_id),
@@ -696,6 +713,22 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
     )
     .context("starting the partition supervisor")?;
     tracing::info!(router.id = %router_id, partitions = args.partitions, "router started");
+    let owner = Arc::new(owner);
+    ready.store(true, Ordering::Release);
+    // The served-partitions gauge, sampled twice a second by a thread that
+    // ends before the supervisor is stopped.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (owner, sampling) = (owner.clone(), sampling.clone());
+        std::thread::Builder::new()
+            .name("router-gauges".into())
+            .spawn(move || {
+                while sampling.load(Ordering::Acquire) {
+                    served.set(owner.owned().len() as i64);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })?
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -703,7 +736,15 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(signal) = signals.forever().next() {
         tracing::info!(signal, "signal received; handing the partitions back");
     }
-    owner.stop();
+    ready.store(false, Ordering::Release);
+    sampling.store(false, Ordering::Release);
+    if sampler.join().is_err() {
+        tracing::error!("gauge sampler panicked");
+    }
+    match Arc::try_unwrap(owner) {
+        Ok(owner) => owner.stop(),
+        Err(_) => tracing::error!("partition supervisor still shared; not stopped cleanly"),
+    }
     tracing::info!("router stopped");
     Ok(())
 }

@@ -300,6 +300,27 @@ pub fn serve(
     shared: Arc<Shared>,
     access: Access,
 ) -> std::io::Result<SocketAddr> {
+    let ready = shared.ready.clone();
+    serve_with(addr, registry, ready, Some(Arc::new((shared, access))))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (ready while `ready` is
+/// true) on `addr`, without the admin endpoints: the router role's
+/// endpoint, which holds no sessions to administer.
+pub fn serve_plain(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
+    serve_with(addr, registry, ready, None)
+}
+
+fn serve_with(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+    admin: Option<Arc<(Arc<Shared>, Access)>>,
+) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
@@ -307,7 +328,6 @@ pub fn serve(
         .enable_io()
         .enable_time()
         .build()?;
-    let access = Arc::new(access);
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -319,19 +339,17 @@ pub fn serve(
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let registry = registry.clone();
-                    let shared = shared.clone();
-                    let access = access.clone();
+                    let (registry, ready, admin) = (registry.clone(), ready.clone(), admin.clone());
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
-                            let registry = registry.clone();
-                            let shared = shared.clone();
-                            let access = access.clone();
+                            let (registry, ready, admin) =
+                                (registry.clone(), ready.clone(), admin.clone());
                             async move {
-                                let response = if req.uri().path().starts_with("/admin/") {
-                                    admin::respond(&req, &shared, &access).await
-                                } else {
-                                    respond(&req, &registry, &shared.ready)
+                                let response = match &admin {
+                                    Some(a) if req.uri().path().starts_with("/admin/") => {
+                                        admin::respond(&req, &a.0, &a.1).await
+                                    }
+                                    _ => respond(&req, &registry, &ready),
                                 };
                                 Ok::<_, Infallible>(response)
                             }

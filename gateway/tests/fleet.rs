@@ -26,7 +26,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{now_s, Client, TestNode};
+use common::{now_s, Client, TestNode, TIMEOUT};
 use courier_bus::nats::{Nats, NatsConfig};
 use courier_bus::testing::NatsServer;
 use courier_bus::{Kv, PubSub};
@@ -43,7 +43,7 @@ const PARTITIONS: u16 = 4;
 /// 1500 / 6 = 250 ms).
 const GATEWAY_TTL_MS: u64 = 1500;
 
-struct Router(Child);
+struct Router(Child, std::path::PathBuf);
 
 impl Router {
     fn start(url: &str, node: u16, dir: &std::path::Path) -> Self {
@@ -53,13 +53,36 @@ impl Router {
             .args(["--nats-replicas", "1", "--lease-ttl-ms", "1500"])
             .args(["--gateway-ttl-ms", &GATEWAY_TTL_MS.to_string()])
             .args(["--node-id", &node.to_string()])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
             .spawn()
             .expect("router process");
-        Self(child)
+        Self(child, dir.with_extension("log"))
+    }
+
+    /// The metrics endpoint's address, from the router's start log.
+    fn metrics_addr(&self) -> std::net::SocketAddr {
+        let started = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let addr = log
+                .lines()
+                .filter(|l| l.contains("metrics endpoint bound"))
+                .find_map(|l| l.split("metrics.addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            if let Some(addr) = addr {
+                return addr;
+            }
+            assert!(
+                started.elapsed() < TIMEOUT,
+                "no metrics address in the router's log"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn kill(&mut self) {
@@ -272,6 +295,35 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
     );
     let seq = alice.send_acked(&group, 100, b"hello group");
     assert!(messages_until(&mut bob, &group, seq).contains(&seq));
+
+    // Each router serves its health, readiness and metrics (probes of the
+    // Kubernetes StatefulSet), with the partitions it serves.
+    let addrs: Vec<_> = fleet.routers.iter().map(Router::metrics_addr).collect();
+    let started = Instant::now();
+    loop {
+        let mut served = 0;
+        for &addr in &addrs {
+            assert_eq!(common::http_get(addr, "/healthz").0, 200);
+            assert_eq!(common::http_get(addr, "/readyz").0, 200);
+            let (status, text) = common::http_get(addr, "/metrics");
+            assert_eq!(status, 200);
+            assert!(text.contains("process_resident_memory_bytes"), "{text}");
+            served += text
+                .lines()
+                .find_map(|l| l.strip_prefix("courier_router_partitions_served "))
+                .and_then(|v| v.trim().parse::<u16>().ok())
+                .expect("the served-partitions gauge");
+        }
+        // Sampled twice a second: equal once any handover has settled.
+        if served == PARTITIONS {
+            break;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "routers report {served} partitions served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // SIGKILL the router serving the direct conversation.
     let victim = fleet.kill_owner_of(partition_of(direct, PARTITIONS));
