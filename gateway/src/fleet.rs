@@ -90,11 +90,31 @@ struct Attached {
 /// Catch-up merging for one session.
 #[derive(Debug, Default)]
 struct SyncMerge {
-    /// `SyncDone`s still expected from partitions.
-    expected: u32,
+    /// `SyncDone`s still owed, by partition (index); created at the
+    /// partition count on first use.
+    owed: Vec<u8>,
     /// The client asked for a catch-up and waits for its `SyncDone`.
     client_waiting: bool,
     more: bool,
+}
+
+impl SyncMerge {
+    fn owe(&mut self, p: u16, partitions: u16) {
+        if self.owed.is_empty() {
+            self.owed = vec![0; usize::from(partitions)];
+        }
+        if let Some(n) = self.owed.get_mut(usize::from(p)) {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    fn owes(&self, p: u16) -> bool {
+        self.owed.get(usize::from(p)).is_some_and(|n| *n > 0)
+    }
+
+    fn settled(&self) -> bool {
+        self.owed.iter().all(|n| *n == 0)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -194,7 +214,7 @@ impl FleetLink {
         .context("connecting to NATS")?;
         let bus: Arc<dyn PubSub> = Arc::new(nats.pubsub());
         let deliveries = bus
-            .subscribe(&rfleet::gateway_subject(args.node_id))
+            .subscribe(&rfleet::gateway_subjects(args.node_id))
             .context("subscribing to this gateway's deliveries")?;
         let owners = bus
             .subscribe("courier.owner.*")
@@ -330,7 +350,9 @@ impl FleetLink {
                 ..
             } => {
                 let merge = state.syncs.entry(*session).or_default();
-                merge.expected += u32::from(self.partitions);
+                for p in 0..self.partitions {
+                    merge.owe(p, self.partitions);
+                }
                 merge.client_waiting = true;
             }
             Command::Frame { .. } | Command::Push(_) | Command::Peer(_) => {}
@@ -348,19 +370,10 @@ impl FleetLink {
             crossbeam_channel::select! {
                 recv(deliveries.receiver()) -> m => {
                     let Ok(m) = m else { return };
-                    let batch = match courier_router::wire::decode_deliveries(m.payload) {
-                        Ok(batch) => batch,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "dropped a malformed delivery batch");
-                            continue;
-                        }
-                    };
-                    self.sort(batch, &mut per_core);
+                    self.sort_message(m, &mut per_core);
                     // Whatever else already arrived joins this wake-up.
                     while let Ok(m) = deliveries.receiver().try_recv() {
-                        if let Ok(batch) = courier_router::wire::decode_deliveries(m.payload) {
-                            self.sort(batch, &mut per_core);
-                        }
+                        self.sort_message(m, &mut per_core);
                     }
                     for (core, batch) in per_core.iter_mut().enumerate() {
                         if !batch.is_empty() {
@@ -382,12 +395,31 @@ impl FleetLink {
         }
     }
 
-    /// Sorts deliveries by core, merging the partitions' `SyncDone`s.
-    fn sort(&self, batch: Vec<Delivery>, per_core: &mut [Vec<Delivery>]) {
+    /// Decodes one partition's delivery batch (`courier.gw.<node>.<p>`)
+    /// and sorts it by core.
+    fn sort_message(&self, m: courier_bus::Message, per_core: &mut [Vec<Delivery>]) {
+        let partition = m
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok());
+        let Some(p) = partition.filter(|p| *p < self.partitions) else {
+            tracing::warn!(subject = %m.subject, "dropped deliveries from an unknown partition");
+            return;
+        };
+        match courier_router::wire::decode_deliveries(m.payload) {
+            Ok(batch) => self.sort(p, batch, per_core),
+            Err(e) => tracing::warn!(error = %e, "dropped a malformed delivery batch"),
+        }
+    }
+
+    /// Sorts partition `p`'s deliveries by core, merging the partitions'
+    /// `SyncDone`s.
+    fn sort(&self, p: u16, batch: Vec<Delivery>, per_core: &mut [Vec<Delivery>]) {
         for delivery in batch {
             let delivery = match &delivery {
                 Delivery::Frame { session, frame, .. } => match sync_done(frame) {
-                    Some(more) => match self.merge_sync_done(*session, more) {
+                    Some(more) => match self.merge_sync_done(*session, p, more) {
                         Some(done) => done,
                         None => continue,
                     },
@@ -401,14 +433,21 @@ impl FleetLink {
         }
     }
 
-    /// Counts one partition's `SyncDone`; the last one the client waits
+    /// Counts partition `p`'s `SyncDone`; the last one the client waits
     /// for becomes the client's.
-    fn merge_sync_done(&self, session: SessionKey, more: bool) -> Option<Delivery> {
+    fn merge_sync_done(&self, session: SessionKey, p: u16, more: bool) -> Option<Delivery> {
         let mut state = lock(&self.state);
         let merge = state.syncs.get_mut(&session)?;
-        merge.expected = merge.expected.saturating_sub(1);
+        if let Some(n) = merge.owed.get_mut(usize::from(p)) {
+            *n = n.saturating_sub(1);
+        }
         merge.more |= more;
-        if merge.expected > 0 || !merge.client_waiting {
+        if !merge.settled() {
+            return None;
+        }
+        if !merge.client_waiting {
+            // Only re-attach catch-ups were owed: nothing to tell.
+            state.syncs.remove(&session);
             return None;
         }
         let more = merge.more;
@@ -431,7 +470,10 @@ impl FleetLink {
     }
 
     /// Attaches every session again at partition `p`'s new owner, with a
-    /// catch-up whose `SyncDone` is swallowed.
+    /// catch-up. Its `SyncDone` answers a client's catch-up still waiting
+    /// for `p` (whose request the old owner may never have answered, or
+    /// that reached `p` while it had no owner), and is swallowed
+    /// otherwise.
     fn reattach(&self, p: u16) {
         let mut commands = Vec::new();
         {
@@ -457,7 +499,10 @@ impl FleetLink {
                     },
                     received_at: std::time::Instant::now(),
                 });
-                state.syncs.entry(session).or_default().expected += 1;
+                let merge = state.syncs.entry(session).or_default();
+                if !(merge.client_waiting && merge.owes(p)) {
+                    merge.owe(p, self.partitions);
+                }
             }
         }
         tracing::info!(
@@ -661,6 +706,18 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         "Partitions this router serves now",
         served.clone(),
     );
+    let gateways_live = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "courier_fleet_gateways_live",
+        "Gateways whose liveness key this router found at its last scan",
+        gateways_live.clone(),
+    );
+    let gateways_expired = prometheus_client::metrics::counter::Counter::<u64>::default();
+    registry.register(
+        "courier_fleet_gateways_expired",
+        "Gateway liveness keys that expired (the gateway died or lost NATS); their sessions were detached",
+        gateways_expired.clone(),
+    );
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_addr =
         crate::metrics::serve_plain(args.metrics_listen, Arc::new(registry), ready.clone())
@@ -693,7 +750,7 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         nats.kv(GATEWAYS_BUCKET, gateway_ttl, replicas)
     })?;
     let bus: Arc<dyn PubSub> = Arc::new(nats.pubsub());
-    let outlet: Arc<dyn courier_router::api::Outlet> = Arc::new(rfleet::BusOutlet(bus.clone()));
+    let outlet_bus = bus.clone();
     let router_id = format!("router-{}", args.node_id);
     let config = rfleet::OwnerConfig {
         router_id: router_id.clone(),
@@ -709,13 +766,13 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         config,
         Arc::new(log),
         Arc::new(leases),
-        Arc::new(move |_| outlet.clone()),
+        Arc::new(move |p| Arc::new(rfleet::BusOutlet(outlet_bus.clone(), p))),
     )
     .context("starting the partition supervisor")?;
     tracing::info!(router.id = %router_id, partitions = args.partitions, "router started");
     let owner = Arc::new(owner);
     ready.store(true, Ordering::Release);
-    // The served-partitions gauge, sampled twice a second by a thread that
+    // The supervisor's figures, sampled twice a second by a thread that
     // ends before the supervisor is stopped.
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -725,6 +782,9 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
             .spawn(move || {
                 while sampling.load(Ordering::Acquire) {
                     served.set(owner.owned().len() as i64);
+                    let (live, expired) = owner.gateways();
+                    gateways_live.set(live as i64);
+                    gateways_expired.inc_by(expired.saturating_sub(gateways_expired.get()));
                     std::thread::sleep(Duration::from_millis(500));
                 }
             })?

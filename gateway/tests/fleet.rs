@@ -313,6 +313,7 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
                 .find_map(|l| l.strip_prefix("courier_router_partitions_served "))
                 .and_then(|v| v.trim().parse::<u16>().ok())
                 .expect("the served-partitions gauge");
+            assert!(text.contains("courier_fleet_gateways_live "), "{text}");
         }
         // Sampled twice a second: equal once any handover has settled.
         if served == PARTITIONS {
@@ -812,4 +813,23 @@ fn a_killed_gateways_users_go_offline_and_catch_up_on_reconnect() {
     assert_eq!(seqs, vec![1, 2, 3, 4], "everything arrives in the catch-up");
     let (online, _) = presence_of(&mut bob, "alice", Duration::from_secs(10)).unwrap();
     assert!(online, "and alice is online again, on g2");
+
+    // Every router counted the expiry, which operators alert on.
+    for router in &fleet.routers {
+        let started = Instant::now();
+        while metric(router, "courier_fleet_gateways_expired_total") < 1 {
+            assert!(started.elapsed() < TIMEOUT, "the expiry is not counted");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(metric(router, "courier_fleet_gateways_live") >= 1);
+    }
+}
+
+/// One unlabelled series of `router`'s metrics, 0 when absent.
+fn metric(router: &Router, name: &str) -> u64 {
+    let (_, text) = common::http_get(router.metrics_addr(), "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

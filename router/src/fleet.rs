@@ -22,7 +22,7 @@
 //! deduplicated there.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,11 @@ struct OwnerShared {
     serving: Mutex<FxHashMap<u16, RouterHandle>>,
     /// 0: run; 1: stop cleanly; 2: stop as if killed (tests).
     stop: AtomicU8,
+    /// Gateways whose liveness key the last scan found (written by the
+    /// supervisor, read for metrics).
+    gateways_live: AtomicUsize,
+    /// Gateways whose liveness key expired since the start.
+    gateways_expired: AtomicU64,
 }
 
 /// One partition this process serves.
@@ -231,6 +236,8 @@ impl Owner {
         let shared = Arc::new(OwnerShared {
             serving: Mutex::new(FxHashMap::default()),
             stop: AtomicU8::new(0),
+            gateways_live: AtomicUsize::new(0),
+            gateways_expired: AtomicU64::new(0),
         });
         let settle_until = Instant::now() + config.scan_interval * 3;
         let supervisor = Supervisor {
@@ -258,6 +265,16 @@ impl Owner {
     /// The router serving `partition` in this process, if any.
     pub fn handle(&self, partition: u16) -> Option<RouterHandle> {
         lock(&self.shared.serving).get(&partition).cloned()
+    }
+
+    /// Gateways alive at the last scan of the liveness bucket, and how many
+    /// liveness keys expired since the start (a gateway died or lost NATS;
+    /// its sessions were detached).
+    pub fn gateways(&self) -> (usize, u64) {
+        (
+            self.shared.gateways_live.load(Ordering::Relaxed),
+            self.shared.gateways_expired.load(Ordering::Relaxed),
+        )
     }
 
     /// The partitions this process serves, sorted.
@@ -416,6 +433,12 @@ impl Supervisor {
             .copied()
             .collect();
         self.gateways_seen = live.into_iter().collect();
+        self.shared
+            .gateways_live
+            .store(self.gateways_seen.len(), Ordering::Relaxed);
+        self.shared
+            .gateways_expired
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
         // The key expired since the last scan, so it was last written one
         // TTL before some moment since then: now less the TTL is at most a
         // scan after the gateway's last refresh, and the gateway died
@@ -643,9 +666,16 @@ pub fn owner_subject(p: u16) -> String {
     format!("courier.owner.{p}")
 }
 
-/// The subject routers publish deliveries for gateway `node` on.
-pub fn gateway_subject(node: u16) -> String {
-    format!("courier.gw.{node}")
+/// The subject partition `p`'s router publishes deliveries for gateway
+/// `node` on. The partition in the subject tells the gateway which
+/// partition a catch-up's `SyncDone` came from.
+pub fn gateway_subject(node: u16, p: u16) -> String {
+    format!("courier.gw.{node}.{p}")
+}
+
+/// What gateway `node` subscribes to: its deliveries from every partition.
+pub fn gateway_subjects(node: u16) -> String {
+    format!("courier.gw.{node}.*")
 }
 
 /// Subscribes partition `p`'s router to its command subject (a thread that
@@ -685,10 +715,11 @@ fn start_intake(
     )
 }
 
-/// An [`crate::api::Outlet`] that publishes each batch to the gateways
-/// holding its sessions, one message per gateway.
+/// An [`crate::api::Outlet`] of one partition (the `u16`) that publishes
+/// each batch to the gateways holding its sessions, one message per
+/// gateway.
 #[derive(Debug)]
-pub struct BusOutlet(pub Arc<dyn PubSub>);
+pub struct BusOutlet(pub Arc<dyn PubSub>, pub u16);
 
 impl crate::api::Outlet for BusOutlet {
     fn to_partition(&self, partition: u16, commands: Vec<crate::api::Command>) {
@@ -708,7 +739,7 @@ impl crate::api::Outlet for BusOutlet {
         }
         for (node, deliveries) in by_node {
             let payload = Bytes::from(crate::wire::encode_deliveries(&deliveries));
-            if let Err(e) = self.0.publish(&gateway_subject(node), payload) {
+            if let Err(e) = self.0.publish(&gateway_subject(node, self.1), payload) {
                 tracing::warn!(gateway = node, error = %e, "publishing deliveries failed; the sessions catch up on reconnect");
             }
         }

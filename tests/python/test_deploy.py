@@ -2,8 +2,9 @@
 
 * Every courier_ (and process_) metric the Grafana dashboard and the Prometheus alert rules
   query exists on the /metrics of a real node this test starts (histogram
-  queries as their _bucket series), except the few named in PLANNED, which
-  belong to features not built yet and must say so in docs/operations.md.
+  queries as their _bucket series), except the few named in ROUTER_ONLY,
+  which only fleet mode's router processes export (gateway/tests/fleet.rs
+  checks them on real routers) and which docs/operations.md must list.
 * The systemd unit passes `systemd-analyze verify` (or, where that tool is
   missing, a structural parse with known sections and keys).
 * The Kubernetes manifests and the alert rules parse as YAML with the fields
@@ -28,9 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 GATEWAY = Path(os.environ.get("COURIER_GATEWAY_BIN", ROOT / "target/release/gateway"))
 
-# Series queried ahead of the code that will export them.
-PLANNED = {
-    "courier_routes_stale": "issue 5 (fleet mode)",
+# Series only a fleet's router processes export; a single node has none.
+ROUTER_ONLY = {
+    "courier_router_partitions_served",
+    "courier_fleet_gateways_live",
+    "courier_fleet_gateways_expired_total",
 }
 
 METRIC = re.compile(r"\b(?:courier|process)_[a-z0-9_]+")
@@ -128,8 +131,8 @@ def test_every_metric_the_dashboard_and_alerts_query_exists_on_a_running_node(me
     exported = scrape_series(metrics_text)
     missing = {}
     for name, exprs in sorted(queried.items()):
-        if name in PLANNED:
-            assert name not in exported, f"{name} exists now: drop it from PLANNED"
+        if name in ROUTER_ONLY:
+            assert name not in exported, f"{name} is exported by a single node: drop it from ROUTER_ONLY"
             continue
         if name not in exported:
             missing[name] = exprs[0]
@@ -141,12 +144,11 @@ def test_every_metric_the_dashboard_and_alerts_query_exists_on_a_running_node(me
                 pytest.fail(f"{name} used without _bucket in {expr}")
 
 
-def test_planned_series_are_documented_as_planned():
+def test_router_only_series_are_documented():
     ops = (ROOT / "docs/operations.md").read_text()
-    for name, why in PLANNED.items():
-        line = next((l for l in ops.splitlines() if name in l), None)
-        assert line is not None, f"{name} ({why}) is not in docs/operations.md"
-        assert "planned" in line.lower(), f"docs/operations.md must call {name} planned: {line}"
+    section = ops[ops.index("### Router process (fleet mode)"):ops.index("## The dashboard")]
+    for name in sorted(ROUTER_ONLY):
+        assert f"`{name}`" in section, f"{name} is not in operations.md's router process section"
 
 
 def test_every_exported_metric_is_documented(metrics_text):
@@ -214,7 +216,7 @@ def test_alert_rules_parse_and_cover_what_operators_page_on():
     rules = alert_rules()
     names = {r["alert"] for r in rules}
     for wanted in ("CourierNodeDown", "CourierDeliveryLatencyHigh", "CourierOutboundQueuesGrowing",
-                   "CourierStoreCommitSlow", "CourierAuthFailuresHigh", "CourierStaleRoutes"):
+                   "CourierStoreCommitSlow", "CourierAuthFailuresHigh", "CourierGatewayExpired"):
         assert wanted in names, wanted
     ops = (ROOT / "docs/operations.md").read_text()
     for r in rules:
