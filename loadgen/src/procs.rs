@@ -123,12 +123,72 @@ fn users_of(users: u32, first: u32, last: u32, count: u32) -> impl Iterator<Item
 
 // ---- the parent's side ----
 
+/// Child processes with a line pipe to each: what `loadgen` and `loadgen
+/// peer` hold of their workers. Children still running when it is dropped
+/// are killed, so a failed run leaves no orphans.
+#[derive(Debug, Default)]
+pub(crate) struct Children {
+    children: Vec<Child>,
+    stdins: Vec<Option<ChildStdin>>,
+}
+
+impl Children {
+    /// Adds a child started by [`spawn_child`].
+    pub fn add(&mut self, child: Child, stdin: ChildStdin) {
+        self.children.push(child);
+        self.stdins.push(Some(stdin));
+    }
+
+    /// Writes `line` to every child still listening; a child whose pipe
+    /// broke is not written to again (its reader reports its failure).
+    pub fn send_line(&mut self, line: &str) {
+        for stdin in &mut self.stdins {
+            let ok = stdin
+                .as_mut()
+                .is_some_and(|s| writeln!(s, "{line}").and_then(|()| s.flush()).is_ok());
+            if !ok {
+                *stdin = None;
+            }
+        }
+    }
+
+    /// Closes the pipes and waits for the children, killing any still
+    /// running after `grace`.
+    pub fn wait(&mut self, grace: Duration) {
+        self.stdins.clear();
+        let deadline = Instant::now() + grace;
+        for child in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
 /// The parent's handle on its worker processes. Created by
 /// [`Fleet::spawn`]; [`Fleet::stop`] waits for them to exit.
 #[derive(Debug)]
 pub(crate) struct Fleet {
-    children: Vec<Child>,
-    stdins: Vec<Option<ChildStdin>>,
+    children: Children,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -147,8 +207,7 @@ impl Fleet {
         let count = processes * threads;
         let now_s = unix_ns() / 1_000_000_000;
         let mut fleet = Self {
-            children: Vec::new(),
-            stdins: Vec::new(),
+            children: Children::default(),
             readers: Vec::new(),
         };
         for p in 0..processes {
@@ -168,8 +227,7 @@ impl Fleet {
             let line = serde_json::to_string(&start).map_err(|e| e.to_string())?;
             let (child, stdin, stdout) = spawn_child(exe, "worker", &line)
                 .map_err(|e| format!("worker process {p}: {e}"))?;
-            fleet.children.push(child);
-            fleet.stdins.push(Some(stdin));
+            fleet.children.add(child, stdin);
             let events = events.clone();
             let first = (p * threads) as usize;
             let reader = std::thread::Builder::new()
@@ -183,39 +241,15 @@ impl Fleet {
 
     /// Sends `msg` to every child still listening.
     pub fn send(&mut self, msg: &ToWorker) {
-        let Ok(line) = serde_json::to_string(msg) else {
-            return;
-        };
-        for stdin in &mut self.stdins {
-            let ok = stdin
-                .as_mut()
-                .is_some_and(|s| writeln!(s, "{line}").and_then(|()| s.flush()).is_ok());
-            if !ok {
-                // A child that stopped listening has failed; its reader
-                // reports it.
-                *stdin = None;
-            }
+        if let Ok(line) = serde_json::to_string(msg) {
+            self.children.send_line(&line);
         }
     }
 
     /// Closes the children's stdin and waits for them (killing any still
     /// running after `grace`).
     pub fn stop(mut self, grace: Duration) {
-        self.stdins.clear();
-        let deadline = Instant::now() + grace;
-        for child in &mut self.children {
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
+        self.children.wait(grace);
         for r in self.readers {
             let _ = r.join();
         }

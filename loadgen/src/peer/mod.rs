@@ -34,7 +34,7 @@ pub mod xmpp;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ExitCode};
+use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +46,7 @@ use crate::config::{parse_duration, parse_source_addrs, CONNECTIONS_PER_PROCESS}
 use crate::control::{Control, Phase};
 use crate::handshake::Target;
 use crate::probe::{Probe, Sample};
-use crate::procs::spawn_child;
+use crate::procs::{spawn_child, Children};
 use crate::run::{open_files_limit, source_addrs_for, FD_RESERVE};
 
 pub use client::Tally;
@@ -362,8 +362,7 @@ pub fn run(args: &PeerArgs) -> Result<PeerReport, String> {
         };
         let line = serde_json::to_string(&start).map_err(|e| e.to_string())?;
         let (child, stdin, stdout) = spawn_child(&exe, "peer-worker", &line)?;
-        fleet.children.push(child);
-        fleet.stdins.push(Some(stdin));
+        fleet.0.add(child, stdin);
         let tx = tx.clone();
         std::thread::Builder::new()
             .name(format!("peer-pipe{p}"))
@@ -613,55 +612,19 @@ pub fn summary(r: &PeerReport) -> String {
 
 /// The parent's side of the worker processes.
 #[derive(Default)]
-struct PeerFleet {
-    children: Vec<Child>,
-    stdins: Vec<Option<ChildStdin>>,
-}
+struct PeerFleet(Children);
 
 impl PeerFleet {
     fn send(&mut self, msg: &ToPeerWorker) {
-        let Ok(line) = serde_json::to_string(msg) else {
-            return;
-        };
-        for stdin in &mut self.stdins {
-            let ok = stdin
-                .as_mut()
-                .is_some_and(|s| writeln!(s, "{line}").and_then(|()| s.flush()).is_ok());
-            if !ok {
-                *stdin = None;
-            }
+        if let Ok(line) = serde_json::to_string(msg) {
+            self.0.send_line(&line);
         }
     }
 
     /// Closes the pipes and waits for the children (killing any that is
     /// still there after 5 s).
     fn stop(mut self) {
-        self.stdins.clear();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for child in &mut self.children {
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-    }
-}
-
-impl Drop for PeerFleet {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        self.0.wait(Duration::from_secs(5));
     }
 }
 
