@@ -938,22 +938,7 @@ mod tests {
     fn each_part_indexes_its_own_partition() {
         let dir = tempfile::tempdir().expect("tempdir");
         let open = Open::new(dir.path()).expect("open");
-        for part in [
-            Part::Entries,
-            Part::Conversations,
-            Part::Memberships,
-            Part::Cursors,
-            Part::Dedupe,
-            Part::DedupeByTime,
-            Part::Router,
-            Part::Devices,
-            Part::Settings,
-            Part::Identities,
-            Part::Prekeys,
-            Part::Archives,
-            Part::PushTokens,
-            Part::PushQueue,
-        ] {
+        for part in Part::ALL {
             assert_eq!(&*open.part(part).name, part.name());
         }
     }

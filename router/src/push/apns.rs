@@ -94,10 +94,7 @@ impl Apns {
             }
             (403, Some("ExpiredProviderToken" | "InvalidProviderToken")) => {
                 *self.token.lock().await = None;
-                Err(Failure::Retry {
-                    reason: "auth",
-                    after: Some(Duration::ZERO),
-                })
+                Err(Failure::CREDENTIAL_RENEWED)
             }
             _ => Err(http::common_failure(&a).unwrap_or(Failure::Permanent { reason: "rejected" })),
         }

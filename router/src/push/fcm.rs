@@ -84,10 +84,7 @@ impl Fcm {
             (401, _) => {
                 // The access token was revoked or expired early.
                 *self.access.lock().await = None;
-                Err(Failure::Retry {
-                    reason: "auth",
-                    after: Some(Duration::ZERO),
-                })
+                Err(Failure::CREDENTIAL_RENEWED)
             }
             _ => Err(http::common_failure(&a).unwrap_or(Failure::Permanent { reason: "rejected" })),
         }
@@ -122,15 +119,10 @@ impl Fcm {
             })?;
         let a = http::exchange(&self.client, req).await?;
         if !a.status.is_success() {
-            return Err(http::common_failure(&a).unwrap_or(Failure::Retry {
-                reason: "auth",
-                after: None,
-            }));
+            return Err(http::common_failure(&a).unwrap_or(Failure::CREDENTIAL_UNAVAILABLE));
         }
-        let answer: TokenAnswer = serde_json::from_slice(&a.body).map_err(|_| Failure::Retry {
-            reason: "auth",
-            after: None,
-        })?;
+        let answer: TokenAnswer =
+            serde_json::from_slice(&a.body).map_err(|_| Failure::CREDENTIAL_UNAVAILABLE)?;
         // Renew five minutes before expiry, or halfway through a short one.
         let life = answer.expires_in;
         let renew = life.saturating_sub(300).max(life / 2);

@@ -39,6 +39,21 @@ pub(super) enum Failure {
     Permanent { reason: &'static str },
 }
 
+impl Failure {
+    /// The provider refused our credential (expired or revoked early): the
+    /// caller dropped its cached one, so retry at once with a new one.
+    pub(super) const CREDENTIAL_RENEWED: Self = Self::Retry {
+        reason: "auth",
+        after: Some(Duration::ZERO),
+    };
+
+    /// Getting a credential failed; retry after the usual backoff.
+    pub(super) const CREDENTIAL_UNAVAILABLE: Self = Self::Retry {
+        reason: "auth",
+        after: None,
+    };
+}
+
 /// An answer: status, headers, body.
 pub(super) struct Answer {
     pub status: StatusCode,
