@@ -253,6 +253,17 @@ pub struct ServeArgs {
     /// join its batch (fewer fsyncs and wake-ups, at most this much latency).
     #[arg(long, env = "COURIER_BATCH_LINGER_US", default_value_t = 0)]
     pub batch_linger_us: u64,
+    /// MiB of the store's block cache (recently read blocks).
+    #[arg(long, env = "COURIER_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub store_cache_mib: u64,
+    /// MiB all of the store's memtables may hold before the largest are
+    /// flushed to disk.
+    #[arg(long, env = "COURIER_STORE_WRITE_BUFFER_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub store_write_buffer_mib: u64,
+    /// MiB one memtable of the store may hold before it is flushed. Fixed
+    /// for each part of the store when the store is created.
+    #[arg(long, env = "COURIER_STORE_MEMTABLE_MIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub store_memtable_mib: u32,
     /// Browser origins allowed to open a session, comma-separated (for
     /// example `https://chat.example,https://web.chat.example`). Empty:
     /// every origin. A request without an `Origin` header (native apps send

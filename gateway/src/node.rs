@@ -299,6 +299,11 @@ fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net
 pub fn router_config(args: &ServeArgs) -> RouterConfig {
     RouterConfig {
         data_dir: args.data_dir.join("store"),
+        store: courier_router::StoreLimits {
+            cache_bytes: args.store_cache_mib << 20,
+            write_buffer_bytes: args.store_write_buffer_mib << 20,
+            memtable_bytes: args.store_memtable_mib << 20,
+        },
         node_id: args.node_id,
         max_body: args.max_body,
         max_group_members: args.max_group_members,
@@ -323,7 +328,7 @@ fn ip_limits_for(args: &ServeArgs) -> Option<crate::iplimit::IpLimits> {
 /// The push settings from the flags, reading the key files they name. A
 /// provider is on when its required settings are all given; some but not
 /// all stop the start, naming what is missing.
-fn push_config(args: &ServeArgs) -> anyhow::Result<courier_router::push::PushConfig> {
+pub(crate) fn push_config(args: &ServeArgs) -> anyhow::Result<courier_router::push::PushConfig> {
     use courier_router::push::{ApnsConfig, FcmConfig, PushConfig, ServiceAccount, WebhookConfig};
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))

@@ -461,7 +461,8 @@ impl RouterCore {
             source,
         };
         std::fs::create_dir_all(&config.data_dir).map_err(|e| store_error(Box::new(e)))?;
-        let store = Store::open(&config.data_dir).map_err(|e| store_error(Box::new(e)))?;
+        let store = Store::open_with(&config.data_dir, config.store)
+            .map_err(|e| store_error(Box::new(e)))?;
         let high = store
             .server_id_high()
             .map_err(|e| store_error(Box::new(e)))?;
@@ -638,6 +639,10 @@ impl RouterCore {
         };
         if committed {
             self.metrics.messages_stored.inc_by(batch.messages);
+            let buffered = self.store.write_buffer_bytes();
+            self.metrics
+                .store_write_buffer
+                .set(i64::try_from(buffered).unwrap_or(i64::MAX));
         } else {
             self.after_failed_commit(&batch);
         }

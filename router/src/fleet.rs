@@ -103,10 +103,12 @@ pub const APPEND_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// Rebuilds a partition's store under `data_dir` from its changelog
 /// `subject`: every record after `after` is applied in order (a fresh
-/// directory needs `after` = 0). Returns the sequence of the last record
-/// applied, the fence for the new owner's first append.
+/// directory needs `after` = 0), with the store holding at most `limits`
+/// in memory. Returns the sequence of the last record applied, the fence
+/// for the new owner's first append.
 pub fn replay(
     data_dir: &Path,
+    limits: crate::StoreLimits,
     log: &dyn Log,
     subject: &str,
     after: u64,
@@ -117,7 +119,7 @@ pub fn replay(
             source,
         };
     std::fs::create_dir_all(data_dir).map_err(|e| store_error(Box::new(e)))?;
-    let mut store = Store::open(data_dir).map_err(|e| store_error(Box::new(e)))?;
+    let mut store = Store::open_with(data_dir, limits).map_err(|e| store_error(Box::new(e)))?;
     let mut failure: Option<StoreError> = None;
     let last = log
         .replay(subject, after, &mut |record| {
@@ -519,7 +521,7 @@ impl Supervisor {
         let dir = self.config.data_dir.join(format!("partition-{p}"));
         let _ = std::fs::remove_dir_all(&dir);
         let subject = format!("{}.{p}", self.config.subject_prefix);
-        let last = match replay(&dir, &*self.log, &subject, 0) {
+        let last = match replay(&dir, self.config.router.store, &*self.log, &subject, 0) {
             Ok(last) => last,
             Err(e) => {
                 tracing::error!(partition = p, error = %e, "replaying the changelog failed; releasing the partition");

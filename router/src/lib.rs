@@ -64,6 +64,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use prometheus_client::registry::Registry;
 
 pub use crate::core::RouterCore;
+pub use crate::store::StoreLimits;
 
 /// The router's settings. Every field has a default ([`Default`]); a value
 /// out of range stops the start with [`RouterError::Config`] naming it.
@@ -71,6 +72,9 @@ pub use crate::core::RouterCore;
 pub struct RouterConfig {
     /// Where the store lives (created if missing).
     pub data_dir: PathBuf,
+    /// How much memory the store may hold (each partition's store, in a
+    /// fleet router).
+    pub store: StoreLimits,
     /// This node's number in server ids, 0 to 1023.
     pub node_id: u16,
     /// Largest message body accepted, in bytes.
@@ -141,6 +145,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("data"),
+            store: StoreLimits::default(),
             node_id: 0,
             max_body: 65_536,
             max_group_members: 512,

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     /// Commands per batch.
     pub batch_commands: Histogram,
+    /// Bytes in the store's memtables after the last commit.
+    pub store_write_buffer: Gauge,
     /// From the gateway reading a send to its `Sent` being handed out.
     pub sent_ack_duration: Histogram,
     /// From the gateway reading a send to the router starting to decide
@@ -89,6 +91,7 @@ impl Metrics {
         let m = Self {
             commit_duration: Histogram::new(LATENCY_BUCKETS),
             batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            store_write_buffer: Gauge::default(),
             sent_ack_duration: Histogram::new(LATENCY_BUCKETS),
             queue_wait_duration: Histogram::new(LATENCY_BUCKETS),
             messages_stored: Counter::default(),
@@ -117,6 +120,12 @@ impl Metrics {
             "Time to commit one batch to the store, fdatasync included",
             Unit::Seconds,
             m.commit_duration.clone(),
+        );
+        registry.register_with_unit(
+            "courier_store_write_buffer",
+            "Bytes held in the store's memtables (bounded by the store's write buffer limit)",
+            Unit::Bytes,
+            m.store_write_buffer.clone(),
         );
         registry.register(
             "courier_router_batch_commands",

@@ -260,16 +260,47 @@ struct Open {
     parts: [PartitionHandle; 14],
 }
 
+/// How much memory the store may hold, in bytes. fjall's own defaults (a
+/// 32 MiB block cache, 64 MiB of write buffers, 16 MiB memtables) let a
+/// node's memory climb for half an hour under a steady load before the
+/// slowest-written partitions fill their memtables; these bounds are
+/// reached within minutes and then hold (docs/benchmarks.md, the soak).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// The block cache shared by every partition.
+    pub cache_bytes: u64,
+    /// All memtables together; past it fjall flushes the largest ones.
+    pub write_buffer_bytes: u64,
+    /// One partition's memtable; past it the memtable is flushed. Fixed
+    /// when a partition is created.
+    pub memtable_bytes: u32,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 16 << 20,
+            write_buffer_bytes: 16 << 20,
+            memtable_bytes: 4 << 20,
+        }
+    }
+}
+
 impl Open {
-    fn new(path: &Path) -> Result<Self, fjall::Error> {
+    fn new(path: &Path, limits: StoreLimits) -> Result<Self, fjall::Error> {
         // Batches choose their own durability; fjall never flushes the
         // journal on its own schedule.
         let keyspace = Config::new(path)
             .manual_journal_persist(true)
             .fsync_ms(None)
+            .cache_size(limits.cache_bytes)
+            .max_write_buffer_size(limits.write_buffer_bytes.max(1 << 20))
             .open()?;
-        let open =
-            |part: Part| keyspace.open_partition(part.name(), PartitionCreateOptions::default());
+        // fjall records the memtable size with a partition when it creates
+        // it: a store created before keeps its own, and only the total write
+        // buffer bound above applies to it.
+        let options = PartitionCreateOptions::default().max_memtable_size(limits.memtable_bytes);
+        let open = |part: Part| keyspace.open_partition(part.name(), options.clone());
         // In `Part` order: `part()` indexes this array by discriminant.
         let parts = [
             open(Part::Entries)?,
@@ -298,6 +329,7 @@ impl Open {
 /// The store. Owned by the router thread; reads see only committed data.
 pub struct Store {
     path: PathBuf,
+    limits: StoreLimits,
     open: Option<Open>,
     fsyncs: u64,
     /// Test hook: how many of the next commits fail before anything reaches
@@ -316,11 +348,19 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `path`.
+    /// Opens (or creates) the store under `path` with the default limits.
+    #[cfg(test)]
     pub fn open(path: &Path) -> Result<Self, fjall::Error> {
+        Self::open_with(path, StoreLimits::default())
+    }
+
+    /// Opens (or creates) the store under `path`, holding at most `limits`
+    /// in memory.
+    pub fn open_with(path: &Path, limits: StoreLimits) -> Result<Self, fjall::Error> {
         Ok(Self {
             path: path.to_owned(),
-            open: Some(Open::new(path)?),
+            limits,
+            open: Some(Open::new(path, limits)?),
             fsyncs: 0,
             #[cfg(test)]
             fail_commits: 0,
@@ -397,8 +437,15 @@ impl Store {
     /// the journal, so what reached the disk is what the store holds.
     pub fn reopen(&mut self) -> Result<(), StoreError> {
         self.open = None;
-        self.open = Some(Open::new(&self.path)?);
+        self.open = Some(Open::new(&self.path, self.limits)?);
         Ok(())
+    }
+
+    /// Bytes in the memtables now (0 while the store is closed).
+    pub fn write_buffer_bytes(&self) -> u64 {
+        self.open
+            .as_ref()
+            .map_or(0, |open| open.keyspace.write_buffer_size())
     }
 
     /// Syncs everything to disk, for a clean stop.
@@ -937,9 +984,42 @@ mod tests {
     #[test]
     fn each_part_indexes_its_own_partition() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let open = Open::new(dir.path()).expect("open");
+        let open = Open::new(dir.path(), StoreLimits::default()).expect("open");
         for part in Part::ALL {
             assert_eq!(&*open.part(part).name, part.name());
+        }
+    }
+
+    #[test]
+    fn memtables_are_flushed_to_stay_within_the_write_buffer_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = StoreLimits {
+            cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            memtable_bytes: 256 << 10,
+        };
+        let mut store = Store::open_with(dir.path(), limits).expect("open");
+        // 8 MiB of entries, eight times the limit.
+        for batch in 0..128u64 {
+            let mut w = WriteSet::default();
+            for i in 0..64 {
+                w.put(
+                    Part::Entries,
+                    entry_key("g:load", batch * 64 + i),
+                    vec![7; 1024],
+                );
+            }
+            store.commit(w, false).expect("commit");
+        }
+        // Flushes run on fjall's own threads: wait for them, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.write_buffer_bytes() > limits.write_buffer_bytes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "write buffers still hold {} bytes",
+                store.write_buffer_bytes()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 

@@ -35,7 +35,7 @@ fn start_owner(
     dir: &Path,
     writer: &str,
 ) -> (RouterHandle, Rx, Arc<ChannelOutlet>) {
-    let last = fleet::replay(dir, &**log, SUBJECT, 0).unwrap();
+    let last = fleet::replay(dir, Default::default(), &**log, SUBJECT, 0).unwrap();
     let config = RouterConfig {
         data_dir: dir.to_owned(),
         changelog: Some(Changelog {
