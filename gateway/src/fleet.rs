@@ -44,7 +44,7 @@ use courier_bus::{BusError, Kv, PubSub};
 use courier_protocol::frame::{self, ClientFrame, ServerFrame};
 use courier_router::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
 use courier_router::fleet::{self as rfleet, partition_of};
-use courier_router::{Overloaded, RouterHandle};
+use courier_router::{Overloaded, RouterConfig, RouterHandle};
 use crossbeam_channel::{Receiver, Sender};
 use rustc_hash::FxHashMap;
 
@@ -758,7 +758,10 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         scan_interval: Duration::from_millis((args.lease_ttl_ms / 6).max(100)),
         data_dir: args.data_dir.join("partitions"),
         subject_prefix: "courier.log".into(),
-        router: crate::node::router_config(&args),
+        router: RouterConfig {
+            push: crate::node::push_config(&args)?,
+            ..crate::node::router_config(&args)
+        },
         intake: Some(bus),
         gateways: Some(Arc::new(gateways)),
     };

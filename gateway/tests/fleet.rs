@@ -14,6 +14,9 @@
 //!   devices), and each device receives only its own ciphertext.
 //! - A SIGKILLed gateway's users go offline once its liveness key expires,
 //!   and what was sent to them meanwhile arrives in their catch-up.
+//! - Push: a token registered with the user's partition wakes the device
+//!   for messages decided by other partitions, and unregistering it stops
+//!   every partition.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -46,8 +49,9 @@ const GATEWAY_TTL_MS: u64 = 1500;
 struct Router(Child, std::path::PathBuf);
 
 impl Router {
-    fn start(url: &str, node: u16, dir: &std::path::Path) -> Self {
+    fn start(url: &str, node: u16, dir: &std::path::Path, extra: &[String]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(extra)
             .args(["--role", "router", "--nats", url])
             .args(["--partitions", &PARTITIONS.to_string()])
             .args(["--nats-replicas", "1", "--lease-ttl-ms", "1500"])
@@ -108,6 +112,11 @@ struct Fleet {
 
 impl Fleet {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// The fleet with `router_flags` added to both routers' command lines.
+    fn start_with(router_flags: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .disable_cleanup(std::env::var_os("COURIER_KEEP").is_some())
             .tempdir()
@@ -124,8 +133,8 @@ impl Fleet {
         // its replay); wait for all of them before clients connect.
         let announcements = nats.pubsub().subscribe("courier.owner.*").unwrap();
         let routers = [
-            Router::start(&url, 101, &dir.path().join("r1")),
-            Router::start(&url, 102, &dir.path().join("r2")),
+            Router::start(&url, 101, &dir.path().join("r1"), router_flags),
+            Router::start(&url, 102, &dir.path().join("r2"), router_flags),
         ];
         let mut served = std::collections::BTreeSet::new();
         while served.len() < usize::from(PARTITIONS) {
@@ -832,4 +841,56 @@ fn metric(router: &Router, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Push in a fleet: bob registers his token with his own partition, and
+/// the messages for him are decided by the partitions of their
+/// conversations, which wake his phone from their copies of the token.
+/// After he unregisters, no partition wakes it.
+#[test]
+fn offline_devices_are_woken_by_their_conversations_partitions() {
+    let receiver = common::webhook::Receiver::start();
+    let flags_dir = tempfile::tempdir().unwrap();
+    let flags = common::webhook::push_flags(flags_dir.path(), &receiver, "300");
+    let fleet = Fleet::start_with(&flags);
+    let node = fleet.gateway("g1", 1);
+
+    // Senders whose conversation with bob is on another partition than bob.
+    let bob = "push-bob";
+    let away = |sender: &str| {
+        partition_of(&direct_conversation(sender, bob), PARTITIONS) != partition_of(bob, PARTITIONS)
+    };
+    let mut senders = (0..).map(|i| format!("push-sender{i}")).filter(|s| away(s));
+    let (alice, carol) = (senders.next().unwrap(), senders.next().unwrap());
+
+    let mut phone = node.connect(bob, 1);
+    phone.send(&ClientFrame::PushRegister {
+        request: 1,
+        provider: courier_protocol::frame::PushProvider::Webhook,
+        token: "bob-phone".into(),
+        ciphertext: false,
+    });
+    assert_eq!(phone.next(), ServerFrame::Done { request: 1 });
+    drop(phone);
+    // The detach and the token's copies reach every partition.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (mut a, _) = node.online(&alice, 1);
+    a.send_acked(&direct_conversation(&alice, bob), 1, b"hello");
+    receiver.wait_for("bob's notification", |h| !h.is_empty());
+    let hits = receiver.accepted();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0]["token"], "bob-phone");
+    assert_eq!(hits[0]["conversation"], direct_conversation(&alice, bob));
+
+    let mut phone = node.connect(bob, 1);
+    phone.send(&ClientFrame::PushUnregister { request: 2 });
+    assert_eq!(phone.next(), ServerFrame::Done { request: 2 });
+    drop(phone);
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut c, _) = node.online(&carol, 1);
+    c.send_acked(&direct_conversation(&carol, bob), 1, b"hello");
+    // Several push delays: nothing more comes.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(receiver.hits().len(), 1, "{:?}", receiver.hits());
 }

@@ -104,6 +104,26 @@ pub enum PeerMsg {
     /// detached as if each had ended at `last_seen_ms`, and their users go
     /// offline at once.
     GatewayGone { node: u16, last_seen_ms: u64 },
+    /// The user's partition changed `device`'s push token: `record` is the
+    /// token's store record (registered or replaced), or `None` (removed:
+    /// unregistered, unlinked, or refused by its provider). The user's
+    /// partition writes tokens; every other partition keeps a copy,
+    /// because a message's notifications are scheduled by the partition
+    /// of its conversation.
+    PushToken {
+        user: Arc<str>,
+        device: u32,
+        record: Option<Vec<u8>>,
+    },
+    /// A provider refused `token` when partition `from` used its copy: the
+    /// user's partition removes the token if it is still the device's
+    /// current one, and tells every partition.
+    PushTokenDead {
+        from: u16,
+        user: Arc<str>,
+        device: u32,
+        token: String,
+    },
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,

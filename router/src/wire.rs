@@ -194,6 +194,34 @@ pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
                 out.put_u16(*node);
                 out.put_u64(*last_seen_ms);
             }
+            Command::Peer(PeerMsg::PushToken {
+                user,
+                device,
+                record,
+            }) => {
+                out.put_u8(7);
+                put_bytes(&mut out, user.as_bytes());
+                out.put_u32(*device);
+                match record {
+                    Some(record) => {
+                        out.put_u8(1);
+                        put_bytes(&mut out, record);
+                    }
+                    None => out.put_u8(0),
+                }
+            }
+            Command::Peer(PeerMsg::PushTokenDead {
+                from,
+                user,
+                device,
+                token,
+            }) => {
+                out.put_u8(8);
+                out.put_u16(*from);
+                put_bytes(&mut out, user.as_bytes());
+                out.put_u32(*device);
+                put_bytes(&mut out, token.as_bytes());
+            }
         }
     }
     out
@@ -261,6 +289,33 @@ pub fn decode_commands(raw: Bytes) -> Result<Vec<Command>, Malformed> {
                 node: r.u16()?,
                 last_seen_ms: r.u64()?,
             }),
+            7 => {
+                let user = r.user()?;
+                let device = r.u32()?;
+                let record = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.bytes()?.to_vec()),
+                    _ => return Err(Malformed("push token presence")),
+                };
+                Command::Peer(PeerMsg::PushToken {
+                    user,
+                    device,
+                    record,
+                })
+            }
+            8 => {
+                let from = r.u16()?;
+                let user = r.user()?;
+                let device = r.u32()?;
+                let token = String::from_utf8(r.bytes()?.to_vec())
+                    .map_err(|_| Malformed("push token utf-8"))?;
+                Command::Peer(PeerMsg::PushTokenDead {
+                    from,
+                    user,
+                    device,
+                    token,
+                })
+            }
             _ => return Err(Malformed("command kind")),
         };
         out.push(command);
@@ -458,6 +513,22 @@ mod tests {
             PeerMsg::GatewayGone {
                 node: 2,
                 last_seen_ms: 99,
+            },
+            PeerMsg::PushToken {
+                user: Arc::from("carol"),
+                device: 3,
+                record: Some(vec![1, 2, 3]),
+            },
+            PeerMsg::PushToken {
+                user: Arc::from("carol"),
+                device: 4,
+                record: None,
+            },
+            PeerMsg::PushTokenDead {
+                from: 5,
+                user: Arc::from("dave"),
+                device: 1,
+                token: "abc:def".into(),
             },
         ];
         let commands: Vec<Command> = peers.iter().cloned().map(Command::Peer).collect();

@@ -18,6 +18,8 @@ use courier_protocol::frame::{ClientFrame, Cursor, Incoming, ServerFrame};
 use courier_protocol::token::{self, Claims, Secret};
 use courier_protocol::ws::{self, Decoder, Event, Limits, Opcode, Role};
 
+pub mod webhook;
+
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn now_s() -> u64 {

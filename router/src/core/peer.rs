@@ -16,6 +16,9 @@
 //!   behind: the client's retry (same client id) starts over at the next
 //!   owner. An answer that does not come within [`PEER_TIMEOUT_MS`] (its
 //!   partition is being taken over) makes the send 504, retried likewise.
+//! - **Push tokens.** Copied from the user's partition to every other
+//!   one, so a conversation's partition can wake its members' devices
+//!   (see `push.rs`).
 //! - **Gone gateways.** `GatewayGone` detaches every session a gateway held
 //!   and announces its users offline at once (see `social.rs`).
 //!
@@ -216,6 +219,17 @@ impl RouterCore {
             PeerMsg::GatewayGone { node, last_seen_ms } => {
                 self.gateway_gone(b, node, last_seen_ms, now_ms);
             }
+            PeerMsg::PushToken {
+                user,
+                device,
+                record,
+            } => self.push_peer_token(b, user, device, record),
+            PeerMsg::PushTokenDead {
+                user,
+                device,
+                token,
+                ..
+            } => self.push_peer_token_dead(b, user, device, &token),
         }
     }
 

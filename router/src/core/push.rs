@@ -11,7 +11,7 @@ use courier_protocol::frame::{PushProvider, ReceiptKind, ServerFrame, MAX_PUSH_T
 use rustc_hash::FxHashMap;
 
 use super::{error_frame, Batch, Pending, Reject, RouterCore};
-use crate::api::{Device, SessionKey};
+use crate::api::{Command, Device, PeerMsg, SessionKey};
 use crate::codec::{Member, StoredEntry};
 use crate::push::{
     Job, JobSender, Outcome, Payload, PushConfig, PushMetrics, Queue, QueueKey, QueueRecord,
@@ -134,15 +134,9 @@ impl RouterCore {
                     error_frame(r.code, reference, r.detail)
                 }
                 Ok(_) => {
-                    b.writes.put(
-                        Part::PushTokens,
-                        store::device_key(&device.user, device.device),
-                        token_record.encode(),
-                    );
-                    if let Some(list) = self.push.tokens.get_mut(&device.user) {
-                        list.retain(|(d, _)| *d != device.device);
-                        list.push((device.device, token_record));
-                    }
+                    let encoded = token_record.encode();
+                    self.push_tell_partitions(b, &device.user, device.device, Some(&encoded));
+                    self.push_keep_token(b, &device.user, device.device, token_record, encoded);
                     ServerFrame::Done { request }
                 }
             },
@@ -186,13 +180,122 @@ impl RouterCore {
         device: &Device,
         request: u32,
     ) {
-        self.push_forget_device(b, &device.user, device.device);
+        self.push_token_removed(b, &device.user, device.device);
         b.pending.push(Pending::Answer {
             session,
             frame: ServerFrame::Done { request },
             reference: u64::from(request),
             send: false,
         });
+    }
+
+    /// Stores `record` (its encoding `encoded`) as `device`'s token.
+    fn push_keep_token(
+        &mut self,
+        b: &mut Batch,
+        user: &Arc<str>,
+        device: u32,
+        record: TokenRecord,
+        encoded: Vec<u8>,
+    ) {
+        b.writes
+            .put(Part::PushTokens, store::device_key(user, device), encoded);
+        if let Some(list) = self.push.tokens.get_mut(user) {
+            list.retain(|(d, _)| *d != device);
+            list.push((device, record));
+        }
+    }
+
+    /// The partition that writes `user`'s tokens, when it is not this one
+    /// (`None` on a single node and in the user's own partition).
+    fn push_token_writer(&self, user: &str) -> Option<u16> {
+        let (mine, partitions) = self.config.partition?;
+        let owner = crate::fleet::partition_of(user, partitions);
+        (owner != mine).then_some(owner)
+    }
+
+    /// Fleet mode, in the user's partition: sends the device's new token
+    /// record (`None`: removed) to every other partition once this batch
+    /// commits.
+    fn push_tell_partitions(
+        &mut self,
+        b: &mut Batch,
+        user: &Arc<str>,
+        device: u32,
+        record: Option<&[u8]>,
+    ) {
+        let Some((mine, partitions)) = self.config.partition else {
+            return;
+        };
+        if self.push_token_writer(user).is_some() {
+            return;
+        }
+        for p in (0..partitions).filter(|p| *p != mine) {
+            b.pending.push(Pending::Peer {
+                partition: p,
+                command: Command::Peer(PeerMsg::PushToken {
+                    user: user.clone(),
+                    device,
+                    record: record.map(<[u8]>::to_vec),
+                }),
+            });
+        }
+    }
+
+    /// The device unregistered or was unlinked (in its user's partition):
+    /// its token and waiting notifications go, here and in every copy.
+    pub(super) fn push_token_removed(&mut self, b: &mut Batch, user: &Arc<str>, device: u32) {
+        self.push_forget_device(b, user, device);
+        self.push_tell_partitions(b, user, device, None);
+    }
+
+    /// Fleet mode: another partition's word on one of its users' tokens.
+    pub(super) fn push_peer_token(
+        &mut self,
+        b: &mut Batch,
+        user: Arc<str>,
+        device: u32,
+        record: Option<Vec<u8>>,
+    ) {
+        if self.push_token_writer(&user).is_none() {
+            // Only the user's partition writes its tokens; a copy sent
+            // back here (an earlier owner's late message) changes nothing.
+            return;
+        }
+        match record {
+            None => self.push_forget_device(b, &user, device),
+            Some(encoded) => match TokenRecord::decode(&encoded) {
+                Some(record) => {
+                    // Loaded first, so the cache holds the whole list.
+                    if self.push_tokens(&user).is_ok() {
+                        self.push_keep_token(b, &user, device, record, encoded);
+                    }
+                }
+                None => tracing::warn!("corrupt push token copy from another partition; ignored"),
+            },
+        }
+    }
+
+    /// Fleet mode, in the user's partition: a provider refused `token` in
+    /// another partition. Removed everywhere if it is still current.
+    pub(super) fn push_peer_token_dead(
+        &mut self,
+        b: &mut Batch,
+        user: Arc<str>,
+        device: u32,
+        token: &str,
+    ) {
+        if self.push_token_writer(&user).is_some() {
+            return;
+        }
+        let current = self
+            .push_tokens(&user)
+            .ok()
+            .and_then(|list| list.iter().find(|(d, _)| *d == device))
+            .is_some_and(|(_, t)| t.token == token);
+        if current {
+            self.push_token_removed(b, &user, device);
+        }
     }
 
     /// The device was unlinked or its token dropped: token and queue go.
@@ -411,7 +514,22 @@ impl RouterCore {
                     push.provider = provider.name(),
                     "push token invalid; removed"
                 );
-                self.push_forget_device(b, &user, device);
+                match (self.push_token_writer(&user), self.config.partition) {
+                    // A copy: dropped here, and the user's partition told.
+                    (Some(writer), Some((mine, _))) => {
+                        self.push_forget_device(b, &user, device);
+                        b.pending.push(Pending::Peer {
+                            partition: writer,
+                            command: Command::Peer(PeerMsg::PushTokenDead {
+                                from: mine,
+                                user,
+                                device,
+                                token,
+                            }),
+                        });
+                    }
+                    _ => self.push_token_removed(b, &user, device),
+                }
             }
         }
     }

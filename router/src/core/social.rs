@@ -791,7 +791,7 @@ impl RouterCore {
                     store::device_key(&device.user, target),
                     record.encode(),
                 );
-                self.push_forget_device(b, &device.user, target);
+                self.push_token_removed(b, &device.user, target);
                 // An unlinked device's keys must not be handed out again.
                 if let Err(e) = self.drop_keys(b, &device.user, target) {
                     tracing::warn!(error = %e, "could not read an unlinked device's keys");
