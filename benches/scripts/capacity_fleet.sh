@@ -145,6 +145,8 @@ def at(t, k):  # column k at second t, between the samples around it
 # idle phase to the drain.
 i0, t0, t1 = marks["connected"] + 5, marks["idle"], marks["drained"]
 delivered = report["delivered"]
+if delivered == 0:
+    sys.exit("  no deliveries: no CPU per delivery")
 print(f"  traffic window {t1 - t0:.0f} s ({delivered} deliveries), idle baseline {t0 - i0:.0f} s")
 for k, kind in ((1, "gateways"), (2, "routers"), (3, "nats servers")):
     idle_rate = (at(t0, k) - at(i0, k)) / (t0 - i0)

@@ -32,6 +32,7 @@ use courier_bus::{BusError, Kv, Log, PubSub};
 use prometheus_client::registry::Registry;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::codec::Corrupt;
 use crate::store::{Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterHandle};
 
@@ -63,19 +64,35 @@ impl Appender {
         Self { changelog, next: 0 }
     }
 
-    /// Appends one batch; on success the fence moves to it. An append
-    /// whose answer was lost (timeout, a server or leader change) is sent
-    /// again with the same id and fence for up to [`APPEND_RETRY_FOR`]: if
-    /// the first one landed, the log answers the retry as a duplicate with
-    /// its sequence, so nothing is written twice and nothing is guessed.
+    /// Appends one batch; on success the fence moves past it. A batch
+    /// larger than [`RECORD_BYTES`] goes as several records in a row
+    /// ([`split`]), appended one after the other; the batch is durable
+    /// once the last is. An append whose answer was lost (timeout, a
+    /// server or leader change) is sent again with the same id and fence
+    /// for up to [`APPEND_RETRY_FOR`]: if the first one landed, the log
+    /// answers the retry as a duplicate with its sequence, so nothing is
+    /// written twice and nothing is guessed.
     pub(crate) fn append(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
-        let c = &mut self.changelog;
-        let id = format!("{}.{}", c.writer, self.next);
+        let batch = self.next;
         self.next += 1;
-        let payload = Bytes::from(bytes);
+        let records = split(bytes);
+        let whole = records.len() == 1;
+        for (i, payload) in records.into_iter().enumerate() {
+            let id = if whole {
+                format!("{}.{batch}", self.changelog.writer)
+            } else {
+                format!("{}.{batch}.{i}", self.changelog.writer)
+            };
+            self.append_record(&id, payload)?;
+        }
+        Ok(())
+    }
+
+    fn append_record(&mut self, id: &str, payload: Bytes) -> Result<(), StoreError> {
+        let c = &mut self.changelog;
         let started = Instant::now();
         loop {
-            match c.log.append(&c.subject, &id, payload.clone(), Some(c.last)) {
+            match c.log.append(&c.subject, id, payload.clone(), Some(c.last)) {
                 Ok(appended) => {
                     c.last = appended.seq;
                     return Ok(());
@@ -93,6 +110,78 @@ impl Appender {
                 Err(e) => return Err(StoreError::Changelog(e.to_string())),
             }
         }
+    }
+}
+
+/// The largest changelog record: a batch's encoded writes beyond it are
+/// split. Half of NATS's default `max_payload` (1 MiB), leaving room for
+/// headers; a batch of group creations with hundreds of members each
+/// encodes to megabytes.
+pub const RECORD_BYTES: usize = 512 * 1024;
+
+/// The first byte of a piece of a split batch. A whole batch's record
+/// starts with the write set's version byte, which is never this.
+const PIECE: u8 = 0xB0;
+
+/// One batch's encoded writes as changelog records: itself when it fits
+/// one, else pieces of at most [`RECORD_BYTES`] of it, each `PIECE`, its
+/// index (u32, big-endian), 1 on the last and 0 before, then its bytes.
+fn split(bytes: Vec<u8>) -> Vec<Bytes> {
+    if bytes.len() <= RECORD_BYTES {
+        return vec![Bytes::from(bytes)];
+    }
+    let count = bytes.len().div_ceil(RECORD_BYTES);
+    bytes
+        .chunks(RECORD_BYTES)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut piece = Vec::with_capacity(chunk.len() + 6);
+            piece.push(PIECE);
+            piece.extend_from_slice(&(i as u32).to_be_bytes());
+            piece.push(u8::from(i + 1 == count));
+            piece.extend_from_slice(chunk);
+            Bytes::from(piece)
+        })
+        .collect()
+}
+
+/// Puts split batches back together during a replay. The pieces of a
+/// batch are consecutive records; an owner that died between two of them
+/// left a batch it never answered, whose pieces are dropped when the next
+/// owner's first record (a whole batch, or a first piece) follows them.
+#[derive(Debug, Default)]
+struct Reassembly {
+    pending: Vec<u8>,
+    next: u32,
+}
+
+impl Reassembly {
+    /// Takes one record; returns a batch's encoded writes once complete.
+    fn take<'a>(&'a mut self, record: &'a [u8]) -> Result<Option<&'a [u8]>, Corrupt> {
+        if record.first() != Some(&PIECE) {
+            self.pending.clear();
+            self.next = 0;
+            return Ok(Some(record));
+        }
+        let header = record.get(1..6).ok_or(Corrupt("changelog piece header"))?;
+        let index = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let last = match header[4] {
+            0 => false,
+            1 => true,
+            _ => return Err(Corrupt("changelog piece flag")),
+        };
+        if index == 0 {
+            self.pending.clear();
+        } else if index != self.next {
+            return Err(Corrupt("changelog piece out of order"));
+        }
+        self.pending.extend_from_slice(&record[6..]);
+        self.next = index + 1;
+        if !last {
+            return Ok(None);
+        }
+        self.next = 0;
+        Ok(Some(&self.pending))
     }
 }
 
@@ -121,15 +210,22 @@ pub fn replay(
     std::fs::create_dir_all(data_dir).map_err(|e| store_error(Box::new(e)))?;
     let mut store = Store::open_with(data_dir, limits).map_err(|e| store_error(Box::new(e)))?;
     let mut failure: Option<StoreError> = None;
+    let mut pieces = Reassembly::default();
     let last = log
         .replay(subject, after, &mut |record| {
-            let writes = WriteSet::decode(&record.payload).map_err(|corrupt| {
-                failure = Some(StoreError::CorruptRecord {
+            let corrupt = |failure: &mut Option<StoreError>, what: &'static str| {
+                *failure = Some(StoreError::CorruptRecord {
                     seq: record.seq,
-                    what: corrupt.0,
+                    what,
                 });
-                BusError::Invalid(corrupt.0.into())
-            })?;
+                BusError::Invalid(what.into())
+            };
+            let batch = match pieces.take(&record.payload) {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return Ok(()),
+                Err(c) => return Err(corrupt(&mut failure, c.0)),
+            };
+            let writes = WriteSet::decode(batch).map_err(|c| corrupt(&mut failure, c.0))?;
             store.commit(writes, false).map_err(|e| {
                 let shown = e.to_string();
                 failure = Some(e);
@@ -624,7 +720,38 @@ pub fn partition_of(key: &str, partitions: u16) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::partition_of;
+    use super::{partition_of, split, Reassembly, RECORD_BYTES};
+
+    #[test]
+    fn a_split_batch_comes_back_whole_and_a_torn_one_is_dropped() {
+        let small = vec![1u8, 2, 3];
+        assert_eq!(
+            split(small.clone()),
+            vec![bytes::Bytes::from(small.clone())]
+        );
+        let big: Vec<u8> = (0..RECORD_BYTES * 2 + 10).map(|i| i as u8).collect();
+        let pieces = split(big.clone());
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces.iter().all(|p| p.len() <= RECORD_BYTES + 6));
+
+        let mut r = Reassembly::default();
+        // A torn batch (its owner died after two pieces), then the next
+        // owner's whole batch: the torn one is dropped.
+        assert_eq!(r.take(&pieces[0]).unwrap(), None);
+        assert_eq!(r.take(&pieces[1]).unwrap(), None);
+        assert_eq!(r.take(&small).unwrap(), Some(&small[..]));
+        // A torn batch followed by a new first piece starts over.
+        assert_eq!(r.take(&pieces[0]).unwrap(), None);
+        for p in &pieces[..2] {
+            assert_eq!(r.take(p).unwrap(), None);
+        }
+        assert_eq!(r.take(&pieces[2]).unwrap(), Some(&big[..]));
+        // A piece out of order is corrupt, not glued on.
+        let mut r = Reassembly::default();
+        assert_eq!(r.take(&pieces[0]).unwrap(), None);
+        assert!(r.take(&pieces[2]).is_err());
+        assert!(Reassembly::default().take(&[0xB0, 0, 0]).is_err());
+    }
 
     #[test]
     fn partitions_are_stable_and_spread() {

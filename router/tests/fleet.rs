@@ -35,6 +35,16 @@ fn start_owner(
     dir: &Path,
     writer: &str,
 ) -> (RouterHandle, Rx, Arc<ChannelOutlet>) {
+    start_owner_lingering(log, dir, writer, Duration::ZERO)
+}
+
+/// [`start_owner`] whose router waits `linger` to fill each batch.
+fn start_owner_lingering(
+    log: &Arc<dyn Log>,
+    dir: &Path,
+    writer: &str,
+    linger: Duration,
+) -> (RouterHandle, Rx, Arc<ChannelOutlet>) {
     let last = fleet::replay(dir, Default::default(), &**log, SUBJECT, 0).unwrap();
     let config = RouterConfig {
         data_dir: dir.to_owned(),
@@ -44,6 +54,7 @@ fn start_owner(
             writer: writer.into(),
             last,
         }),
+        batch_linger: linger,
         ..RouterConfig::default()
     };
     let (out, rx) = outlet();
@@ -176,6 +187,94 @@ fn takeover_resumes_exactly_and_fences_the_old_owner(log: Arc<dyn Log>) {
         .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
     c.shutdown();
+}
+
+/// A batch whose writes are larger than one changelog record (here 24
+/// sends of 60 KB in one batch, 1.4 MB, over NATS's 1 MiB payload limit)
+/// goes as several records and comes back whole on the next owner.
+/// Catch-up of such bodies pages over several `Sync`s, so the check is on
+/// the sends' answers.
+fn a_batch_larger_than_a_record_is_replayed_whole(log: Arc<dyn Log>) {
+    let dirs = tempfile::tempdir().unwrap();
+    let alice = session(0, 1);
+    let (a, a_rx, _a_out) = start_owner_lingering(
+        &log,
+        &dirs.path().join("a"),
+        "router-a.1",
+        Duration::from_millis(200),
+    );
+    attach_and_sync(&a, &a_rx, alice, "alice");
+    let body = |id: u64| Bytes::from(vec![b'a' + id as u8; 60_000]);
+    for id in 1..=24 {
+        let send = ClientFrame::Send {
+            conversation: "d:alice:bob".into(),
+            client_id: id,
+            body: body(id),
+        };
+        a.submit(frame(alice, "alice", send)).unwrap();
+    }
+    let sent = |got: &[(SessionKey, ServerFrame)]| {
+        got.iter()
+            .filter(|(s, f)| *s == alice && matches!(f, ServerFrame::Sent { .. }))
+            .count()
+    };
+    let answers = collect(&a_rx, |got| sent(got) == 24);
+    assert_eq!(sent(&answers), 24, "{answers:?}");
+    assert!(
+        log.last(SUBJECT).unwrap() >= 3,
+        "the big batch went as pieces"
+    );
+    a.shutdown();
+
+    // The next owner has the whole batch: each send's dedupe record (a
+    // retry gets its original `Sent`) and the sequence after it.
+    let (b, b_rx, _b_out) = start_owner(&log, &dirs.path().join("b"), "router-b.2");
+    b.submit(Command::Attach {
+        session: alice,
+        device: device("alice"),
+        issued_at_s: 0,
+    })
+    .unwrap();
+    let original = |id: u64| {
+        answers
+            .iter()
+            .find(|(s, f)| {
+                *s == alice && matches!(f, ServerFrame::Sent { client_id, .. } if *client_id == id)
+            })
+            .map(|(_, f)| f.clone())
+            .unwrap()
+    };
+    for id in [1, 12, 24] {
+        assert_eq!(send_and_answer(&b, &b_rx, alice, id), original(id));
+    }
+    let next = send_and_answer(&b, &b_rx, alice, 25);
+    assert!(
+        matches!(next, ServerFrame::Sent { seq: 25, .. }),
+        "{next:?}"
+    );
+    b.shutdown();
+}
+
+#[test]
+fn embedded_log_replays_a_batch_larger_than_a_record_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap();
+    a_batch_larger_than_a_record_is_replayed_whole(Arc::new(log));
+}
+
+#[test]
+fn jetstream_replays_a_batch_larger_than_a_record_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path()).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let log = nats
+        .log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
+        .unwrap();
+    a_batch_larger_than_a_record_is_replayed_whole(Arc::new(log));
 }
 
 #[test]
