@@ -311,12 +311,11 @@ impl FleetLink {
                 if batch.is_empty() {
                     continue;
                 }
-                let payload = Bytes::from(courier_router::wire::encode_commands(batch));
+                let subject = rfleet::command_subject(p as u16);
+                let encode = |c: &[Command]| courier_router::wire::encode_commands(c);
+                let published = rfleet::publish_split(&*self.bus, &subject, batch, &encode);
                 batch.clear();
-                if let Err(e) = self
-                    .bus
-                    .publish(&rfleet::command_subject(p as u16), payload)
-                {
+                if let Err(e) = published {
                     tracing::warn!(partition = p, error = %e, "publishing commands failed; clients retry");
                 }
             }

@@ -720,7 +720,27 @@ pub fn partition_of(key: &str, partitions: u16) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::{partition_of, split, Reassembly, RECORD_BYTES};
+    use super::{partition_of, publish_split, split, Reassembly, RECORD_BYTES};
+    use courier_bus::PubSub;
+
+    #[test]
+    fn a_list_too_large_for_one_message_is_published_as_several_in_order() {
+        let bus = courier_bus::local::LocalPubSub::new();
+        let sub = bus.subscribe("t.split").unwrap();
+        // 40 items of 60 KB: 2.4 MB, so at least five messages.
+        let items: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 60_000]).collect();
+        let encode = |items: &[Vec<u8>]| items.concat();
+        publish_split(&bus, "t.split", &items, &encode).unwrap();
+        let mut got = Vec::new();
+        let mut messages = 0;
+        while let Some(m) = sub.recv_timeout(std::time::Duration::from_millis(200)) {
+            assert!(m.payload.len() <= RECORD_BYTES);
+            got.extend_from_slice(&m.payload);
+            messages += 1;
+        }
+        assert!(messages >= 5, "{messages} messages");
+        assert_eq!(got, items.concat(), "every item, in order");
+    }
 
     #[test]
     fn a_split_batch_comes_back_whole_and_a_torn_one_is_dropped() {
@@ -850,10 +870,30 @@ fn start_intake(
 #[derive(Debug)]
 pub struct BusOutlet(pub Arc<dyn PubSub>, pub u16);
 
+/// Publishes `items` on `subject`, encoded by `encode`: as one message, or,
+/// when that would exceed [`RECORD_BYTES`] (NATS refuses payloads over
+/// 1 MiB by default), as several in order, the list halved until each
+/// fits. One item never needs it (a frame is at most about 64 KiB).
+pub fn publish_split<T>(
+    bus: &dyn PubSub,
+    subject: &str,
+    items: &[T],
+    encode: &dyn Fn(&[T]) -> Vec<u8>,
+) -> Result<(), BusError> {
+    let payload = encode(items);
+    if payload.len() <= RECORD_BYTES || items.len() <= 1 {
+        return bus.publish(subject, Bytes::from(payload));
+    }
+    let (first, second) = items.split_at(items.len() / 2);
+    publish_split(bus, subject, first, encode)?;
+    publish_split(bus, subject, second, encode)
+}
+
 impl crate::api::Outlet for BusOutlet {
     fn to_partition(&self, partition: u16, commands: Vec<crate::api::Command>) {
-        let payload = Bytes::from(crate::wire::encode_commands(&commands));
-        if let Err(e) = self.0.publish(&command_subject(partition), payload) {
+        let subject = command_subject(partition);
+        let encode = |c: &[crate::api::Command]| crate::wire::encode_commands(c);
+        if let Err(e) = publish_split(&*self.0, &subject, &commands, &encode) {
             tracing::warn!(partition, error = %e, "publishing to another partition failed; the waiting send times out and is retried");
         }
     }
@@ -866,9 +906,10 @@ impl crate::api::Outlet for BusOutlet {
                 .or_default()
                 .push(delivery);
         }
+        let encode = |d: &[crate::api::Delivery]| crate::wire::encode_deliveries(d);
         for (node, deliveries) in by_node {
-            let payload = Bytes::from(crate::wire::encode_deliveries(&deliveries));
-            if let Err(e) = self.0.publish(&gateway_subject(node, self.1), payload) {
+            let subject = gateway_subject(node, self.1);
+            if let Err(e) = publish_split(&*self.0, &subject, &deliveries, &encode) {
                 tracing::warn!(gateway = node, error = %e, "publishing deliveries failed; the sessions catch up on reconnect");
             }
         }
