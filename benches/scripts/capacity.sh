@@ -8,10 +8,10 @@
 # (--gateway-pid) and the kernel, and writes bench-out/capacity-idle.json
 # and .html with the sizing section.
 #
-# Each gateway process runs its own embedded router and data directory
-# (fleet mode, where they would share one, does not exist yet), so traffic
-# between users on different processes would not route: the big phase is
-# idle. They share one token secret so loadgen's tokens are good on all.
+# Each gateway process runs its own embedded router and data directory, so
+# traffic between users on different processes would not route: the big
+# phase is idle. Traffic at this size runs against the fleet
+# (benches/scripts/capacity_fleet.sh). They share one token secret so loadgen's tokens are good on all.
 # With TRAFFIC=1 the traffic scenario (loadgen/scenarios/traffic.toml) then
 # runs against a single gateway process and writes capacity-traffic.json.
 #
