@@ -255,46 +255,58 @@ fn a_batch_larger_than_a_record_is_replayed_whole(log: Arc<dyn Log>) {
     b.shutdown();
 }
 
+/// The embedded changelog under `dir`.
+fn embedded_log(dir: &Path) -> Arc<dyn Log> {
+    Arc::new(LocalLog::open(dir, Duration::from_secs(120)).unwrap())
+}
+
+/// A nats-server under `dir` and a JetStream changelog on it; the server
+/// and the connection last as long as this value.
+struct JetStream {
+    _server: NatsServer,
+    _nats: Arc<Nats>,
+    log: Arc<dyn Log>,
+}
+
+fn jetstream_log(dir: &Path) -> JetStream {
+    let server = NatsServer::start(dir).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let log = nats
+        .log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
+        .unwrap();
+    JetStream {
+        _server: server,
+        _nats: nats,
+        log: Arc::new(log),
+    }
+}
+
 #[test]
 fn embedded_log_replays_a_batch_larger_than_a_record_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let log = LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap();
-    a_batch_larger_than_a_record_is_replayed_whole(Arc::new(log));
+    a_batch_larger_than_a_record_is_replayed_whole(embedded_log(dir.path()));
 }
 
 #[test]
 fn jetstream_replays_a_batch_larger_than_a_record_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path()).unwrap();
-    let nats = Nats::connect(&NatsConfig {
-        servers: vec![server.url()],
-        ..Default::default()
-    })
-    .unwrap();
-    let log = nats
-        .log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
-        .unwrap();
-    a_batch_larger_than_a_record_is_replayed_whole(Arc::new(log));
+    let js = jetstream_log(dir.path());
+    a_batch_larger_than_a_record_is_replayed_whole(js.log.clone());
 }
 
 #[test]
 fn embedded_log_takeover_resumes_exactly_and_fences_the_old_owner() {
     let dir = tempfile::tempdir().unwrap();
-    let log = LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap();
-    takeover_resumes_exactly_and_fences_the_old_owner(Arc::new(log));
+    takeover_resumes_exactly_and_fences_the_old_owner(embedded_log(dir.path()));
 }
 
 #[test]
 fn jetstream_takeover_resumes_exactly_and_fences_the_old_owner() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path()).unwrap();
-    let nats = Nats::connect(&NatsConfig {
-        servers: vec![server.url()],
-        ..Default::default()
-    })
-    .unwrap();
-    let log = nats
-        .log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
-        .unwrap();
-    takeover_resumes_exactly_and_fences_the_old_owner(Arc::new(log));
+    let js = jetstream_log(dir.path());
+    takeover_resumes_exactly_and_fences_the_old_owner(js.log.clone());
 }
