@@ -115,11 +115,10 @@ pub enum PeerMsg {
         device: u32,
         record: Option<Vec<u8>>,
     },
-    /// A provider refused `token` when partition `from` used its copy: the
-    /// user's partition removes the token if it is still the device's
+    /// A provider refused `token` when another partition used its copy:
+    /// the user's partition removes the token if it is still the device's
     /// current one, and tells every partition.
     PushTokenDead {
-        from: u16,
         user: Arc<str>,
         device: u32,
         token: String,

@@ -211,13 +211,11 @@ pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
                 }
             }
             Command::Peer(PeerMsg::PushTokenDead {
-                from,
                 user,
                 device,
                 token,
             }) => {
                 out.put_u8(8);
-                out.put_u16(*from);
                 put_bytes(&mut out, user.as_bytes());
                 out.put_u32(*device);
                 put_bytes(&mut out, token.as_bytes());
@@ -304,13 +302,11 @@ pub fn decode_commands(raw: Bytes) -> Result<Vec<Command>, Malformed> {
                 })
             }
             8 => {
-                let from = r.u16()?;
                 let user = r.user()?;
                 let device = r.u32()?;
                 let token = String::from_utf8(r.bytes()?.to_vec())
                     .map_err(|_| Malformed("push token utf-8"))?;
                 Command::Peer(PeerMsg::PushTokenDead {
-                    from,
                     user,
                     device,
                     token,
@@ -525,7 +521,6 @@ mod tests {
                 record: None,
             },
             PeerMsg::PushTokenDead {
-                from: 5,
                 user: Arc::from("dave"),
                 device: 1,
                 token: "abc:def".into(),

@@ -228,7 +228,6 @@ impl RouterCore {
                 user,
                 device,
                 token,
-                ..
             } => self.push_peer_token_dead(b, user, device, &token),
         }
     }

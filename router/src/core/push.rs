@@ -227,7 +227,7 @@ impl RouterCore {
         let Some((mine, partitions)) = self.config.partition else {
             return;
         };
-        if self.push_token_writer(user).is_some() {
+        if crate::fleet::partition_of(user, partitions) != mine {
             return;
         }
         for p in (0..partitions).filter(|p| *p != mine) {
@@ -514,21 +514,20 @@ impl RouterCore {
                     push.provider = provider.name(),
                     "push token invalid; removed"
                 );
-                match (self.push_token_writer(&user), self.config.partition) {
+                match self.push_token_writer(&user) {
                     // A copy: dropped here, and the user's partition told.
-                    (Some(writer), Some((mine, _))) => {
+                    Some(writer) => {
                         self.push_forget_device(b, &user, device);
                         b.pending.push(Pending::Peer {
                             partition: writer,
                             command: Command::Peer(PeerMsg::PushTokenDead {
-                                from: mine,
                                 user,
                                 device,
                                 token,
                             }),
                         });
                     }
-                    _ => self.push_token_removed(b, &user, device),
+                    None => self.push_token_removed(b, &user, device),
                 }
             }
         }
