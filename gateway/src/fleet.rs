@@ -718,9 +718,14 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         gateways_expired.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));
-    let metrics_addr =
-        crate::metrics::serve_plain(args.metrics_listen, Arc::new(registry), ready.clone())
-            .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
+    let partition_metrics = Arc::new(rfleet::PartitionMetrics::new());
+    let metrics_addr = crate::metrics::serve_plain(
+        args.metrics_listen,
+        Arc::new(registry),
+        ready.clone(),
+        partition_metrics.clone(),
+    )
+    .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
     tracing::info!(metrics.addr = %metrics_addr, "metrics endpoint bound");
 
     let nats = Nats::connect(&NatsConfig {
@@ -763,6 +768,7 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         },
         intake: Some(bus),
         gateways: Some(Arc::new(gateways)),
+        metrics: Some(partition_metrics),
     };
     let owner = rfleet::Owner::start(
         config,

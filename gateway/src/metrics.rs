@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use courier_router::fleet::PartitionMetrics;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -301,23 +302,51 @@ pub fn serve(
     access: Access,
 ) -> std::io::Result<SocketAddr> {
     let ready = shared.ready.clone();
+    let registry = Arc::new(Served {
+        registry,
+        partitions: None,
+    });
     serve_with(addr, registry, ready, Some(Arc::new((shared, access))))
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` (ready while `ready` is
 /// true) on `addr`, without the admin endpoints: the router role's
-/// endpoint, which holds no sessions to administer.
+/// endpoint, which holds no sessions to administer. `/metrics` also
+/// carries the metrics of the partitions in `partitions`, each labelled
+/// with its partition.
 pub fn serve_plain(
     addr: SocketAddr,
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
+    partitions: Arc<PartitionMetrics>,
 ) -> std::io::Result<SocketAddr> {
+    let registry = Arc::new(Served {
+        registry,
+        partitions: Some(partitions),
+    });
     serve_with(addr, registry, ready, None)
+}
+
+/// What `/metrics` encodes: the process's registry, then the metrics of
+/// the partitions a fleet router serves.
+struct Served {
+    registry: Arc<Registry>,
+    partitions: Option<Arc<PartitionMetrics>>,
+}
+
+impl Served {
+    fn encode(&self, out: &mut String) -> std::fmt::Result {
+        prometheus_client::encoding::text::encode_registry(out, &self.registry)?;
+        if let Some(partitions) = &self.partitions {
+            partitions.encode(out)?;
+        }
+        prometheus_client::encoding::text::encode_eof(out)
+    }
 }
 
 fn serve_with(
     addr: SocketAddr,
-    registry: Arc<Registry>,
+    registry: Arc<Served>,
     ready: Arc<AtomicBool>,
     admin: Option<Arc<(Arc<Shared>, Access)>>,
 ) -> std::io::Result<SocketAddr> {
@@ -367,7 +396,7 @@ fn serve_with(
 
 fn respond(
     req: &Request<hyper::body::Incoming>,
-    registry: &Registry,
+    registry: &Served,
     ready: &AtomicBool,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| {
@@ -378,7 +407,7 @@ fn respond(
     match req.uri().path() {
         "/metrics" => {
             let mut body = String::new();
-            if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
+            if registry.encode(&mut body).is_err() {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
             }
             let mut r = Response::new(Full::new(Bytes::from(body)));

@@ -307,10 +307,14 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
 
     // Each router serves its health, readiness and metrics (probes of the
     // Kubernetes StatefulSet), with the partitions it serves.
+    // Each served partition's router metrics are on its process's
+    // endpoint, labelled with the partition.
     let addrs: Vec<_> = fleet.routers.iter().map(Router::metrics_addr).collect();
     let started = Instant::now();
     loop {
         let mut served = 0;
+        let mut labelled = std::collections::BTreeSet::new();
+        let mut stored = 0;
         for &addr in &addrs {
             assert_eq!(common::http_get(addr, "/healthz").0, 200);
             assert_eq!(common::http_get(addr, "/readyz").0, 200);
@@ -323,9 +327,23 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
                 .and_then(|v| v.trim().parse::<u16>().ok())
                 .expect("the served-partitions gauge");
             assert!(text.contains("courier_fleet_gateways_live "), "{text}");
+            for line in text.lines() {
+                let partition = |name: &str| {
+                    let rest = line.strip_prefix(name)?.strip_prefix("{partition=\"")?;
+                    let (p, value) = rest.split_once("\"} ")?;
+                    Some((p.parse::<u16>().ok()?, value.trim().parse::<f64>().ok()?))
+                };
+                if let Some((p, _)) = partition("courier_router_queue_depth") {
+                    labelled.insert(p);
+                }
+                if let Some((_, n)) = partition("courier_messages_stored_total") {
+                    stored += n as u64;
+                }
+            }
         }
         // Sampled twice a second: equal once any handover has settled.
-        if served == PARTITIONS {
+        if served == PARTITIONS && labelled.len() == usize::from(PARTITIONS) {
+            assert!(stored >= 2, "{stored} messages stored over the partitions");
             break;
         }
         assert!(

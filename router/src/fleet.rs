@@ -32,6 +32,8 @@ use courier_bus::{BusError, Kv, Log, PubSub};
 use prometheus_client::registry::Registry;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+pub use crate::partition_metrics::PartitionMetrics;
+
 use crate::codec::Corrupt;
 use crate::store::{Store, StoreError, WriteSet};
 use crate::{RouterConfig, RouterHandle};
@@ -271,6 +273,10 @@ pub struct OwnerConfig {
     /// now is gone, and every partition this process serves detaches its
     /// sessions (`PeerMsg::GatewayGone`). `None`: gateways are not watched.
     pub gateways: Option<Arc<dyn Kv>>,
+    /// Where each served partition's router metrics are registered, for
+    /// the process's endpoint to serve with a `partition` label. `None`:
+    /// they are not served.
+    pub metrics: Option<Arc<PartitionMetrics>>,
 }
 
 /// Which router serves each partition, and the routers of this process.
@@ -641,8 +647,12 @@ impl Supervisor {
             ..self.config.router.clone()
         };
         let outlet = (self.outlets)(p);
-        match crate::Router::start(router, outlet, &mut Registry::default()) {
+        let mut registry = Registry::default();
+        match crate::Router::start(router, outlet, &mut registry) {
             Ok(handle) => {
+                if let Some(metrics) = &self.config.metrics {
+                    metrics.insert(p, registry);
+                }
                 tracing::info!(
                     partition = p,
                     replayed_to = last,
@@ -673,6 +683,9 @@ impl Supervisor {
     /// Stops serving `p`; with `release`, lets another take it at once.
     fn give_up(&mut self, p: u16, release: bool) {
         lock(&self.shared.serving).remove(&p);
+        if let Some(metrics) = &self.config.metrics {
+            metrics.remove(p);
+        }
         if let Some(served) = self.served.remove(&p) {
             served.router.shutdown();
             if release {
@@ -693,6 +706,9 @@ impl Supervisor {
 
     fn abandon_all(mut self) {
         lock(&self.shared.serving).clear();
+        if let Some(metrics) = &self.config.metrics {
+            self.served.keys().for_each(|&p| metrics.remove(p));
+        }
         // The routers are left to the log's fence: their next append, if
         // any, is refused once a new owner wrote.
         for (_, served) in self.served.drain() {

@@ -44,6 +44,7 @@ mod codec;
 mod core;
 pub mod fleet;
 mod metrics;
+mod partition_metrics;
 pub mod push;
 mod rate;
 mod server_id;

@@ -44,6 +44,7 @@ fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) 
         router: RouterConfig::default(),
         intake: None,
         gateways: None,
+        metrics: None,
     };
     (
         Owner::start(config, log.clone(), kv.clone(), factory).unwrap(),
@@ -218,6 +219,7 @@ fn leases_held_stay_renewed_while_more_partitions_are_taken() {
         router: RouterConfig::default(),
         intake: None,
         gateways: None,
+        metrics: None,
     };
     let a = Owner::start(config, log, kv.clone(), factory).unwrap();
     // 8 replays of 300 ms: about 2.4 s of taking, more than twice the TTL.
