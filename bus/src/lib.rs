@@ -94,6 +94,13 @@ pub trait Log: Send + Sync + Debug {
     /// The sequence of the last record of `subject`, 0 if it has none.
     fn last(&self, subject: &str) -> Result<u64, BusError>;
 
+    /// The sequence of the last record of `subject` if that record was
+    /// appended with `id`; `None` if the subject is empty or its last
+    /// record has another id. An appender whose retry was refused with
+    /// [`BusError::Conflict`] asks this to learn whether the refusal is its
+    /// own earlier attempt, which landed, or another writer's record.
+    fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError>;
+
     /// Calls `each` with every record of `subject` after sequence `after`,
     /// in order, up to the last one when the call started; returns the
     /// sequence of the last record passed (or `after`). An error from

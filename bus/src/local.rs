@@ -153,6 +153,20 @@ impl Log for LocalLog {
         })
     }
 
+    fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
+        let _last = locked(&self.last);
+        let id_key = [b"id:".as_slice(), id.as_bytes()].concat();
+        let Some(v) = self.ids.get(&id_key).map_err(io)? else {
+            return Ok(None);
+        };
+        let seq = match v.get(..8).map(<[u8; 8]>::try_from) {
+            Some(Ok(bytes)) => u64::from_be_bytes(bytes),
+            _ => return Ok(None),
+        };
+        let last = self.last(subject)?;
+        Ok((last != 0 && last == seq).then_some(seq))
+    }
+
     fn last(&self, subject: &str) -> Result<u64, BusError> {
         let prefix = Self::subject_prefix(subject);
         match self.records.prefix(prefix).next_back() {

@@ -266,6 +266,23 @@ impl Log for NatsLog {
         })
     }
 
+    fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
+        check_name(subject)?;
+        self.nats.block_on(async {
+            match self.stream.get_last_raw_message_by_subject(subject).await {
+                Ok(m) => {
+                    let ours = m
+                        .headers
+                        .get(async_nats::header::NATS_MESSAGE_ID)
+                        .is_some_and(|v| v.as_str() == id);
+                    Ok(ours.then_some(m.sequence))
+                }
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
     fn replay(
         &self,
         subject: &str,

@@ -111,6 +111,31 @@ fn log_fences_a_stale_writer(be: Backend) {
     assert_eq!(replay_all(log, "t.log.f", 0).len(), 2);
 }
 
+fn log_tells_whether_its_last_record_has_an_id(be: Backend) {
+    let log = &*be.log;
+    assert_eq!(log.last_if_id("t.log.i", "i1").expect("empty"), None);
+    let first = log.append("t.log.i", "i1", b("1"), Some(0)).expect("i1");
+    assert_eq!(
+        log.last_if_id("t.log.i", "i1").expect("i1"),
+        Some(first.seq)
+    );
+    assert_eq!(log.last_if_id("t.log.i", "i2").expect("unknown id"), None);
+    let second = log
+        .append("t.log.i", "i2", b("2"), Some(first.seq))
+        .expect("i2");
+    // No longer the last record: another one follows it.
+    assert_eq!(log.last_if_id("t.log.i", "i1").expect("i1"), None);
+    assert_eq!(
+        log.last_if_id("t.log.i", "i2").expect("i2"),
+        Some(second.seq)
+    );
+    // Another subject's last record is not this one's.
+    assert_eq!(
+        log.last_if_id("t.log.j", "i2").expect("other subject"),
+        None
+    );
+}
+
 fn log_replays_many_records(be: Backend) {
     let log = &*be.log;
     let mut last = 0;
@@ -267,6 +292,7 @@ both!(
     log_appends_in_order_and_replays,
     log_dedupes_a_retried_append,
     log_fences_a_stale_writer,
+    log_tells_whether_its_last_record_has_an_id,
     log_replays_many_records,
     kv_compare_and_set,
     kv_entries_expire_after_their_last_write,

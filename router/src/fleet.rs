@@ -73,7 +73,13 @@ impl Appender {
     /// server or leader change) is sent again with the same id and fence
     /// for up to [`APPEND_RETRY_FOR`]: if the first one landed, the log
     /// answers the retry as a duplicate with its sequence, so nothing is
-    /// written twice and nothing is guessed.
+    /// written twice and nothing is guessed. A replicated stream does not
+    /// always: after a leader change the retry can meet the fence first
+    /// and be refused as a conflict (the subject's last record is the
+    /// first attempt, no longer the one fenced on). A conflict on a retry
+    /// is therefore checked: if the subject's last record carries this
+    /// append's id, the append landed and the fence moves past it; any
+    /// other record there is another owner's, and this owner is fenced out.
     pub(crate) fn append(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
         let batch = self.next;
         self.next += 1;
@@ -93,6 +99,7 @@ impl Appender {
     fn append_record(&mut self, id: &str, payload: Bytes) -> Result<(), StoreError> {
         let c = &mut self.changelog;
         let started = Instant::now();
+        let mut retry = false;
         loop {
             match c.log.append(&c.subject, id, payload.clone(), Some(c.last)) {
                 Ok(appended) => {
@@ -100,13 +107,34 @@ impl Appender {
                     return Ok(());
                 }
                 Err(BusError::Conflict(why)) => {
-                    return Err(StoreError::Changelog(format!(
-                        "fenced out of {} (another owner wrote): {why}",
-                        c.subject
-                    )))
+                    let landed = if retry {
+                        c.log.last_if_id(&c.subject, id)
+                    } else {
+                        Ok(None)
+                    };
+                    match landed {
+                        Ok(Some(seq)) => {
+                            tracing::info!(subject = %c.subject, seq, "changelog retry refused, but its first attempt had landed");
+                            c.last = seq;
+                            return Ok(());
+                        }
+                        Ok(None) => {
+                            return Err(StoreError::Changelog(format!(
+                                "fenced out of {} (another owner wrote): {why}",
+                                c.subject
+                            )))
+                        }
+                        // Not known whether it landed: ask again below.
+                        Err(e) if started.elapsed() < APPEND_RETRY_FOR => {
+                            tracing::warn!(subject = %c.subject, error = %e, "cannot read the changelog's last record; retrying");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        Err(e) => return Err(StoreError::Changelog(e.to_string())),
+                    }
                 }
                 Err(e) if started.elapsed() < APPEND_RETRY_FOR => {
                     tracing::warn!(subject = %c.subject, error = %e, "changelog append unanswered; retrying");
+                    retry = true;
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => return Err(StoreError::Changelog(e.to_string())),
@@ -736,8 +764,119 @@ pub fn partition_of(key: &str, partitions: u16) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::{partition_of, publish_split, split, Reassembly, RECORD_BYTES};
-    use courier_bus::PubSub;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use courier_bus::{Appended, BusError, Log, PubSub, Record};
+
+    use super::{
+        partition_of, publish_split, split, Appender, Changelog, Reassembly, RECORD_BYTES,
+    };
+
+    /// A replicated log across a leader change: the first append of
+    /// `lose` lands but its answer is lost, and its retry is refused at
+    /// the fence instead of being answered as a duplicate.
+    #[derive(Debug)]
+    struct LeaderChange {
+        inner: courier_bus::local::LocalLog,
+        lose: usize,
+        calls: AtomicUsize,
+    }
+
+    impl Log for LeaderChange {
+        fn append(
+            &self,
+            subject: &str,
+            id: &str,
+            payload: Bytes,
+            expect_last: Option<u64>,
+        ) -> Result<Appended, BusError> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call == self.lose {
+                self.inner.append(subject, id, payload, expect_last)?;
+                return Err(BusError::Unavailable("timed out".into()));
+            }
+            if call == self.lose + 1 {
+                return Err(BusError::Conflict("wrong last sequence".into()));
+            }
+            self.inner.append(subject, id, payload, expect_last)
+        }
+
+        fn last(&self, subject: &str) -> Result<u64, BusError> {
+            self.inner.last(subject)
+        }
+
+        fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
+            self.inner.last_if_id(subject, id)
+        }
+
+        fn replay(
+            &self,
+            subject: &str,
+            after: u64,
+            each: &mut dyn FnMut(Record) -> Result<(), BusError>,
+        ) -> Result<u64, BusError> {
+            self.inner.replay(subject, after, each)
+        }
+    }
+
+    fn appender(log: Arc<dyn Log>, writer: &str) -> Appender {
+        let last = log.last("t.log.0").unwrap();
+        Appender::new(Changelog {
+            log,
+            subject: "t.log.0".into(),
+            writer: writer.into(),
+            last,
+        })
+    }
+
+    #[test]
+    fn a_retry_refused_at_the_fence_after_its_first_attempt_landed_is_taken_as_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn Log> = Arc::new(LeaderChange {
+            inner: courier_bus::local::LocalLog::open(dir.path(), Duration::from_secs(120))
+                .unwrap(),
+            lose: 1,
+            calls: AtomicUsize::new(0),
+        });
+        let mut a = appender(log.clone(), "router-a.1");
+        a.append(b"first".to_vec()).unwrap();
+        a.append(b"second".to_vec())
+            .expect("the landed attempt is recognised");
+        a.append(b"third".to_vec())
+            .expect("the fence moved past it");
+        let mut seen = Vec::new();
+        log.replay("t.log.0", 0, &mut |r| {
+            seen.push(r.payload);
+            Ok(())
+        })
+        .unwrap();
+        let expected: Vec<Bytes> = ["first", "second", "third"].map(Bytes::from).to_vec();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_retry_refused_behind_another_owners_record_is_fenced_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner =
+            courier_bus::local::LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap();
+        let log: Arc<dyn Log> = Arc::new(LeaderChange {
+            inner,
+            lose: usize::MAX - 1,
+            calls: AtomicUsize::new(0),
+        });
+        let mut a = appender(log.clone(), "router-a.1");
+        a.append(b"mine".to_vec()).unwrap();
+        // Another owner takes over and writes.
+        let mut b = appender(log.clone(), "router-b.2");
+        b.append(b"theirs".to_vec()).unwrap();
+        let err = a.append(b"late".to_vec()).unwrap_err();
+        assert!(err.to_string().contains("fenced out"), "{err}");
+        assert_eq!(log.last_if_id("t.log.0", "router-a.1.0").unwrap(), None);
+        assert!(log.last_if_id("t.log.0", "router-b.2.0").unwrap().is_some());
+    }
 
     #[test]
     fn a_list_too_large_for_one_message_is_published_as_several_in_order() {

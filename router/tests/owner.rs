@@ -184,6 +184,10 @@ impl Log for SlowReplay {
         self.0.last(subject)
     }
 
+    fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, courier_bus::BusError> {
+        self.0.last_if_id(subject, id)
+    }
+
     fn replay(
         &self,
         subject: &str,
