@@ -912,3 +912,47 @@ fn offline_devices_are_woken_by_their_conversations_partitions() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(receiver.hits().len(), 1, "{:?}", receiver.hits());
 }
+
+/// A device unlinked by its user's partition frees its place under the
+/// device limit in every partition: each keeps its own record of the
+/// devices that attached to it, and used to go on counting the unlinked
+/// one, closing the user's next new device with 4006.
+#[test]
+fn an_unlinked_device_frees_its_place_in_every_partition() {
+    let flags = ["--max-devices".to_string(), "2".to_string()];
+    let fleet = Fleet::start_with(&flags);
+    let node = fleet.gateway("g1", 1);
+    let user = "unlink-carol";
+    let (mut first, _) = node.online(user, 1);
+    let (mut second, _) = node.online(user, 2);
+
+    first.send(&ClientFrame::DeviceRemove {
+        request: 4,
+        device: 2,
+    });
+    loop {
+        if let ServerFrame::Done { request: 4 } = first.next() {
+            break;
+        }
+    }
+    assert_eq!(
+        second.expect_close().0,
+        courier_protocol::close::DEVICE_REMOVED
+    );
+
+    // The user's partition told the others when it answered; the new
+    // device connects after that answer, so every partition has freed
+    // the place by the time its attach arrives.
+    let (mut third, _) = node.online(user, 3);
+    let mut covered = BTreeSet::new();
+    for i in 0.. {
+        if covered.len() == usize::from(PARTITIONS) {
+            break;
+        }
+        let conversation = direct_conversation(user, &format!("unlink-peer{i}"));
+        if covered.insert(partition_of(&conversation, PARTITIONS)) {
+            // Refused by any partition, the session would be closed here.
+            assert_eq!(third.send_acked(&conversation, 10 + i, b"new phone"), 1);
+        }
+    }
+}

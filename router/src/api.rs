@@ -123,6 +123,15 @@ pub enum PeerMsg {
         device: u32,
         token: String,
     },
+    /// The user's partition unlinked `device` at `removed_ms`. Every
+    /// partition keeps a record of each device that attached to it (its
+    /// link), counted against the user's device limit there; each marks
+    /// its record unlinked too, so the slot is free in every partition.
+    DeviceUnlinked {
+        user: Arc<str>,
+        device: u32,
+        removed_ms: u64,
+    },
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,

@@ -220,6 +220,16 @@ pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
                 out.put_u32(*device);
                 put_bytes(&mut out, token.as_bytes());
             }
+            Command::Peer(PeerMsg::DeviceUnlinked {
+                user,
+                device,
+                removed_ms,
+            }) => {
+                out.put_u8(9);
+                put_bytes(&mut out, user.as_bytes());
+                out.put_u32(*device);
+                out.put_u64(*removed_ms);
+            }
         }
     }
     out
@@ -312,6 +322,11 @@ pub fn decode_commands(raw: Bytes) -> Result<Vec<Command>, Malformed> {
                     token,
                 })
             }
+            9 => Command::Peer(PeerMsg::DeviceUnlinked {
+                user: r.user()?,
+                device: r.u32()?,
+                removed_ms: r.u64()?,
+            }),
             _ => return Err(Malformed("command kind")),
         };
         out.push(command);
@@ -524,6 +539,11 @@ mod tests {
                 user: Arc::from("dave"),
                 device: 1,
                 token: "abc:def".into(),
+            },
+            PeerMsg::DeviceUnlinked {
+                user: Arc::from("erin"),
+                device: 2,
+                removed_ms: 1_700_000_000_000,
             },
         ];
         let commands: Vec<Command> = peers.iter().cloned().map(Command::Peer).collect();

@@ -19,6 +19,10 @@
 //! - **Push tokens.** Copied from the user's partition to every other
 //!   one, so a conversation's partition can wake its members' devices
 //!   (see `push.rs`).
+//! - **Unlinked devices.** The user's partition unlinks a device and tells
+//!   every other one (`DeviceUnlinked`), which marks its own record of the
+//!   device unlinked, so the device stops counting against the user's
+//!   device limit everywhere (see `social.rs`).
 //! - **Gone gateways.** `GatewayGone` detaches every session a gateway held
 //!   and announces its users offline at once (see `social.rs`).
 //!
@@ -229,6 +233,11 @@ impl RouterCore {
                 device,
                 token,
             } => self.push_peer_token_dead(b, user, device, &token),
+            PeerMsg::DeviceUnlinked {
+                user,
+                device,
+                removed_ms,
+            } => self.peer_device_unlinked(b, &user, device, removed_ms),
         }
     }
 

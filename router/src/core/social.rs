@@ -24,7 +24,7 @@ use courier_protocol::ids;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::{error_frame, ws_frame, Batch, Forward, Pending, Reject, Route, RouterCore};
-use crate::api::{Class, Delivery, Device, SessionKey};
+use crate::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
 use crate::codec::{DeviceRecord, UserSettings};
 use crate::rate::TokenBucket;
 use crate::store::{self, Part, StoreError, WriteSet};
@@ -792,6 +792,7 @@ impl RouterCore {
                     record.encode(),
                 );
                 self.push_token_removed(b, &device.user, target);
+                self.tell_partitions_unlinked(b, &device.user, target, record.removed_ms);
                 // An unlinked device's keys must not be handed out again.
                 if let Err(e) = self.drop_keys(b, &device.user, target) {
                     tracing::warn!(error = %e, "could not read an unlinked device's keys");
@@ -823,6 +824,72 @@ impl RouterCore {
                 reference,
                 send: false,
             }),
+        }
+    }
+
+    /// Fleet mode, in the user's partition: tells every other partition
+    /// that `device` was unlinked, once this batch commits.
+    fn tell_partitions_unlinked(
+        &mut self,
+        b: &mut Batch,
+        user: &Arc<str>,
+        device: u32,
+        removed_ms: u64,
+    ) {
+        let Some((mine, partitions)) = self.config.partition else {
+            return;
+        };
+        for p in (0..partitions).filter(|p| *p != mine) {
+            b.pending.push(Pending::Peer {
+                partition: p,
+                command: Command::Peer(PeerMsg::DeviceUnlinked {
+                    user: user.clone(),
+                    device,
+                    removed_ms,
+                }),
+            });
+        }
+    }
+
+    /// Fleet mode: the user's partition unlinked `device`. This
+    /// partition's record of it is marked unlinked as well (written, so a
+    /// replay keeps it), which frees its slot under the device limit; a
+    /// session of the device still attached here is detached by its own
+    /// close, which the user's partition ordered.
+    pub(super) fn peer_device_unlinked(
+        &mut self,
+        b: &mut Batch,
+        user: &Arc<str>,
+        device: u32,
+        removed_ms: u64,
+    ) {
+        if self
+            .config
+            .partition
+            .is_none_or(|(mine, n)| crate::fleet::partition_of(user, n) == mine)
+        {
+            // Only the user's partition unlinks; an echo changes nothing.
+            return;
+        }
+        let record = match self.user_state(user) {
+            Ok(state) => match state.device(device) {
+                Some(r) if r.removed_ms == 0 => {
+                    r.removed_ms = removed_ms.max(1);
+                    Some(*r)
+                }
+                _ => None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a user's devices to unlink one");
+                None
+            }
+        };
+        if let Some(record) = record {
+            b.writes.put(
+                Part::Devices,
+                store::device_key(user, device),
+                record.encode(),
+            );
         }
     }
 }
