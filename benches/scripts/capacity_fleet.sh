@@ -63,14 +63,25 @@ cpu_s() { # pids...: their user + system CPU seconds
     done
     echo "scale=2; $t / $tick" | bc
 }
-messages_out() { # the gateways' messages written to clients
-    local i n=0 port
+gateway_metrics() { # every gateway's metrics, one after the other
+    local i
     for i in $(seq 1 "$GW_PROCS"); do
-        port=$(( 9100 + FLEET_PORT_OFFSET + i ))
-        n=$(( n + $(curl -sf "http://127.0.0.1:$port/metrics" 2>/dev/null |
-            awk '/^courier_messages_out_total/ {s += $NF} END {printf "%d", s}') ))
+        curl -sf "http://127.0.0.1:$(( 9100 + FLEET_PORT_OFFSET + i ))/metrics" 2>/dev/null || true
     done
-    echo "$n"
+}
+# The gateways' messages written to clients, then their delivery
+# histogram summed over the gateways (bucket counts, in bound order).
+gateway_sample() {
+    gateway_metrics | awk '
+        /^courier_messages_out_total/ {n += $NF}
+        /^courier_delivery_duration_seconds_bucket/ {
+            if (!($1 in b)) order[++k] = $1
+            b[$1] += $NF
+        }
+        END {
+            printf "%d\t", n
+            for (i = 1; i <= k; i++) printf "%s%s", (i > 1 ? "," : ""), b[order[i]]
+        }'
 }
 
 status=0
@@ -110,12 +121,12 @@ read_share = 0.3
 TOML
     # The sampler starts with loadgen, so its seconds are loadgen's.
     (
-        printf 'at_s\tgateways_cpu_s\trouters_cpu_s\tnats_cpu_s\tmessages_out\n'
+        printf 'at_s\tgateways_cpu_s\trouters_cpu_s\tnats_cpu_s\tmessages_out\tdelivery_buckets\n'
         start=$(date +%s)
         while :; do
             # shellcheck disable=SC2086
             printf '%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(cpu_s $gateways)" \
-                "$(cpu_s $routers)" "$(cpu_s $natss)" "$(messages_out)"
+                "$(cpu_s $routers)" "$(cpu_s $natss)" "$(gateway_sample)"
             sleep 2
         done
     ) >"$OUT/$name.cpu.tsv" &
@@ -126,14 +137,20 @@ TOML
         --scenario "$scenario" --gateway-pid "$(echo $gateways | tr ' ' ,)" \
         --report "$OUT/$name.json" --quiet || status=$?
     sleep 3 # one more sample after the drain
+    # The bucket bounds of the gateways' delivery histogram, for the
+    # sampler's counts.
+    gateway_metrics | sed -n 's/^courier_delivery_duration_seconds_bucket{le="\([^"]*\)"}.*/\1/p' |
+        awk '!seen[$0]++' >"$OUT/$name.delivery_bounds"
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
     sampler=
-    python3 - "$OUT/$name.json" "$OUT/$name.cpu.tsv" <<'PY'
+    python3 - "$OUT/$name.json" "$OUT/$name.cpu.tsv" "$OUT/$name.delivery_bounds" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
-rows = [l.split("\t") for l in open(sys.argv[2]).read().splitlines()[1:] if l.strip()]
-rows = [[float(x) for x in r] for r in rows]
+bounds = [float(b) for b in open(sys.argv[3]).read().split()]
+lines = [l.split("\t") for l in open(sys.argv[2]).read().splitlines()[1:] if l.strip()]
+rows = [[float(x) for x in r[:5]] for r in lines]
+hists = [(float(r[0]), [float(c) for c in r[5].split(",")] if len(r) > 5 and r[5] else []) for r in lines]
 marks = {m["label"]: m["at_s"] for m in report["measurements"]}
 def at(t, k):  # column k at second t, between the samples around it
     for a, b in zip(rows, rows[1:]):
@@ -148,6 +165,19 @@ delivered = report["delivered"]
 if delivered == 0:
     sys.exit("  no deliveries: no CPU per delivery")
 print(f"  traffic window {t1 - t0:.0f} s ({delivered} deliveries), idle baseline {t0 - i0:.0f} s")
+# The gateways' own view of the traffic window's deliveries: from a
+# gateway reading a send to a gateway writing it on the recipient's
+# socket, from the histogram's growth between the samples around it.
+def hist_at(t, after):
+    picks = [h for at, h in hists if (at >= t if after else at <= t) and len(h) == len(bounds)]
+    return (picks[0] if after else picks[-1]) if picks else None
+h0, h1 = hist_at(t0, False), hist_at(t1, True)
+if h0 and h1 and h1[-1] > h0[-1]:
+    grown = [b - a for a, b in zip(h0, h1)]
+    def bound(q):
+        return next(le for le, c in zip(bounds, grown) if c >= q * grown[-1])
+    print(f"  gateways' delivery latency over the window (bucket bounds): p50 <= {bound(0.5) * 1e3:g} ms, "
+          f"p90 <= {bound(0.9) * 1e3:g} ms, p99 <= {bound(0.99) * 1e3:g} ms ({grown[-1]:.0f} deliveries)")
 for k, kind in ((1, "gateways"), (2, "routers"), (3, "nats servers")):
     idle_rate = (at(t0, k) - at(i0, k)) / (t0 - i0)
     used = at(t1, k) - at(t0, k) - idle_rate * (t1 - t0)
