@@ -5,7 +5,7 @@
 # PORT and METRICS_PORT move the node off the default ports; NO_BUILD=1
 # runs the binaries already built (GATEWAY, LOADGEN); LOADGEN_CPUS pins
 # loadgen to those CPUs with taskset (e.g. LOADGEN_CPUS=1), leaving the
-# node unpinned.
+# node unpinned; LOADGEN_THREADS sets loadgen's --threads (default 1).
 source "$(dirname "$0")/common.sh"
 RATE=${RATE:-5000}
 DURATION=${DURATION:-60s}
@@ -15,7 +15,8 @@ pin=()
 data=$(mktemp -d)
 start_gateway "$data"
 "${pin[@]}" "$LOADGEN" --url "ws://127.0.0.1:$PORT/" --data-dir "$data" --connections 10000 \
-    --rate "$RATE" --duration "$DURATION" --ramp 5000 --report "$OUT/single_node.json" --quiet ||
+    --rate "$RATE" --duration "$DURATION" --ramp 5000 --threads "${LOADGEN_THREADS:-1}" \
+    --report "$OUT/single_node.json" --quiet ||
     status=$?
 curl -s "http://127.0.0.1:$METRICS_PORT/metrics" >"$OUT/single_node.metrics"
 stop_gateway
