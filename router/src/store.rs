@@ -286,18 +286,6 @@ impl Default for StoreLimits {
     }
 }
 
-/// The size of the tables compaction writes. fjall keeps the whole block
-/// index of every table in its first two levels in memory (one entry per
-/// 4 KiB block), and only a small top-level index of deeper tables (the
-/// rest goes through the bounded block cache). Its first level holds four
-/// tables' worth, so with its default 64 MiB tables a partition keeps the
-/// index of its first 256 MiB (or more) of data in memory: a node's memory
-/// then grows with its stored history for as long as that takes to fill.
-/// 8 MiB tables bound it to about 64 MiB of data per partition; beyond,
-/// only the bloom filters (about 10 bits a key) grow with the data.
-/// Applied at every open, so an existing store's next compactions use it.
-const TABLE_BYTES: u32 = 8 << 20;
-
 impl Open {
     fn new(path: &Path, limits: StoreLimits) -> Result<Self, fjall::Error> {
         // Batches choose their own durability; fjall never flushes the
@@ -311,14 +299,7 @@ impl Open {
         // fjall records the memtable size with a partition when it creates
         // it: a store created before keeps its own, and only the total write
         // buffer bound above applies to it.
-        let options = PartitionCreateOptions::default()
-            .max_memtable_size(limits.memtable_bytes)
-            .compaction_strategy(fjall::compaction::Strategy::Leveled(
-                fjall::compaction::Leveled {
-                    target_size: TABLE_BYTES,
-                    ..Default::default()
-                },
-            ));
+        let options = PartitionCreateOptions::default().max_memtable_size(limits.memtable_bytes);
         let open = |part: Part| keyspace.open_partition(part.name(), options.clone());
         // In `Part` order: `part()` indexes this array by discriminant.
         let parts = [
