@@ -241,6 +241,20 @@ impl RouterCore {
         }
     }
 
+    /// Fleet mode: sends `message()` to every partition but this one once
+    /// this batch commits. Nothing on a single node.
+    pub(super) fn tell_other_partitions(&self, b: &mut Batch, message: impl Fn() -> PeerMsg) {
+        let Some((mine, partitions)) = self.config.partition else {
+            return;
+        };
+        for p in (0..partitions).filter(|p| *p != mine) {
+            b.pending.push(Pending::Peer {
+                partition: p,
+                command: Command::Peer(message()),
+            });
+        }
+    }
+
     /// Answers parked sends whose device lists did not come in time.
     pub(super) fn peer_timers(&mut self, b: &mut Batch, now_ms: u64) {
         while let Some(&(at, query)) = self.peer.deadlines.front() {

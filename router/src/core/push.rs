@@ -230,16 +230,11 @@ impl RouterCore {
         if crate::fleet::partition_of(user, partitions) != mine {
             return;
         }
-        for p in (0..partitions).filter(|p| *p != mine) {
-            b.pending.push(Pending::Peer {
-                partition: p,
-                command: Command::Peer(PeerMsg::PushToken {
-                    user: user.clone(),
-                    device,
-                    record: record.map(<[u8]>::to_vec),
-                }),
-            });
-        }
+        self.tell_other_partitions(b, || PeerMsg::PushToken {
+            user: user.clone(),
+            device,
+            record: record.map(<[u8]>::to_vec),
+        });
     }
 
     /// The device unregistered or was unlinked (in its user's partition):

@@ -24,7 +24,7 @@ use courier_protocol::ids;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::{error_frame, ws_frame, Batch, Forward, Pending, Reject, Route, RouterCore};
-use crate::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
+use crate::api::{Class, Delivery, Device, PeerMsg, SessionKey};
 use crate::codec::{DeviceRecord, UserSettings};
 use crate::rate::TokenBucket;
 use crate::store::{self, Part, StoreError, WriteSet};
@@ -792,7 +792,12 @@ impl RouterCore {
                     record.encode(),
                 );
                 self.push_token_removed(b, &device.user, target);
-                self.tell_partitions_unlinked(b, &device.user, target, record.removed_ms);
+                // Fleet mode: every other partition marks its own record.
+                self.tell_other_partitions(b, || PeerMsg::DeviceUnlinked {
+                    user: device.user.clone(),
+                    device: target,
+                    removed_ms: record.removed_ms,
+                });
                 // An unlinked device's keys must not be handed out again.
                 if let Err(e) = self.drop_keys(b, &device.user, target) {
                     tracing::warn!(error = %e, "could not read an unlinked device's keys");
@@ -824,30 +829,6 @@ impl RouterCore {
                 reference,
                 send: false,
             }),
-        }
-    }
-
-    /// Fleet mode, in the user's partition: tells every other partition
-    /// that `device` was unlinked, once this batch commits.
-    fn tell_partitions_unlinked(
-        &mut self,
-        b: &mut Batch,
-        user: &Arc<str>,
-        device: u32,
-        removed_ms: u64,
-    ) {
-        let Some((mine, partitions)) = self.config.partition else {
-            return;
-        };
-        for p in (0..partitions).filter(|p| *p != mine) {
-            b.pending.push(Pending::Peer {
-                partition: p,
-                command: Command::Peer(PeerMsg::DeviceUnlinked {
-                    user: user.clone(),
-                    device,
-                    removed_ms,
-                }),
-            });
         }
     }
 
