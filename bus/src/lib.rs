@@ -26,6 +26,7 @@
 
 pub mod lease;
 pub mod local;
+pub mod metrics;
 pub mod nats;
 pub mod testing;
 

@@ -16,13 +16,14 @@
 //! - [`NatsPubSub`]: core NATS subjects.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::runtime::Runtime;
 
+use crate::metrics::{LinkMetrics, Op};
 use crate::{
     check_name, Appended, BusError, Entry, Kv, Log, Message, PubSub, Record, Subscription,
 };
@@ -36,6 +37,9 @@ pub struct NatsConfig {
     pub name: String,
     /// How long a JetStream request (publish ack, KV write) may take.
     pub request_timeout: Duration,
+    /// Where the link's call times, failures and round trips go
+    /// (`courier_nats_*`); none for a client that exports no metrics.
+    pub metrics: Option<LinkMetrics>,
 }
 
 impl Default for NatsConfig {
@@ -44,6 +48,7 @@ impl Default for NatsConfig {
             servers: vec!["nats://127.0.0.1:4222".into()],
             name: "courier".into(),
             request_timeout: Duration::from_secs(5),
+            metrics: None,
         }
     }
 }
@@ -53,6 +58,9 @@ pub struct Nats {
     runtime: Arc<Runtime>,
     client: async_nats::Client,
     js: jetstream::Context,
+    metrics: Option<LinkMetrics>,
+    /// The round-trip probe, stopped with the connection.
+    _probe: Option<Forwarder>,
 }
 
 impl std::fmt::Debug for Nats {
@@ -108,15 +116,37 @@ impl Nats {
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .build(client.clone());
+        let probe = config.metrics.as_ref().map(|metrics| {
+            metrics.attach(client.clone());
+            Forwarder(runtime.spawn(probe(client.clone(), metrics.clone(), timeout)))
+        });
         Ok(Arc::new(Self {
             runtime: Arc::new(runtime),
             client,
             js,
+            metrics: config.metrics.clone(),
+            _probe: probe,
         }))
     }
 
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.block_on(f)
+    }
+
+    /// Runs one call of kind `op` and records its time. A conflict or an
+    /// existing key is an answer, not a failure of the link.
+    fn timed<T>(
+        &self,
+        op: Op,
+        f: impl std::future::Future<Output = Result<T, BusError>>,
+    ) -> Result<T, BusError> {
+        let start = Instant::now();
+        let result = self.block_on(f);
+        if let Some(m) = &self.metrics {
+            let ok = !matches!(result, Err(BusError::Unavailable(_)));
+            m.observe(op, start.elapsed(), ok);
+        }
+        result
     }
 
     /// The log on stream `name` carrying `subjects` (created if missing,
@@ -197,6 +227,33 @@ impl Nats {
     }
 }
 
+/// Times a request to a subject nobody serves, every
+/// [`crate::metrics::PROBE_INTERVAL`]: the server answers it itself (no
+/// responders), so its time is one round trip through the server.
+async fn probe(client: async_nats::Client, metrics: LinkMetrics, timeout: Duration) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let subject = format!("_courier.rtt.{}.{nanos}", std::process::id());
+    let mut every = tokio::time::interval(crate::metrics::PROBE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if client.connection_state() != async_nats::connection::State::Connected {
+            metrics.probed(None);
+            continue;
+        }
+        let start = Instant::now();
+        let request = client.request(subject.clone(), Bytes::new());
+        let answered = match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.kind() == async_nats::RequestErrorKind::NoResponders,
+            Err(_) => false,
+        };
+        metrics.probed(answered.then(|| start.elapsed()));
+    }
+}
+
 /// A [`Log`] on a JetStream stream.
 pub struct NatsLog {
     nats: Arc<Nats>,
@@ -235,7 +292,7 @@ impl Log for NatsLog {
             publish = publish.expected_last_subject_sequence(last);
         }
         let nats = &self.nats;
-        nats.block_on(async {
+        nats.timed(Op::append, async {
             let ack = nats
                 .js
                 .send_publish(subject.to_owned(), publish)
@@ -257,7 +314,7 @@ impl Log for NatsLog {
 
     fn last(&self, subject: &str) -> Result<u64, BusError> {
         check_name(subject)?;
-        self.nats.block_on(async {
+        self.nats.timed(Op::last, async {
             match self.stream.get_last_raw_message_by_subject(subject).await {
                 Ok(m) => Ok(m.sequence),
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
@@ -268,7 +325,7 @@ impl Log for NatsLog {
 
     fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
         check_name(subject)?;
-        self.nats.block_on(async {
+        self.nats.timed(Op::last, async {
             match self.stream.get_last_raw_message_by_subject(subject).await {
                 Ok(m) => {
                     let ours = m
@@ -294,7 +351,7 @@ impl Log for NatsLog {
             return Ok(after);
         }
         let nats = &self.nats;
-        nats.block_on(async {
+        nats.timed(Op::replay, async {
             let consumer = self
                 .stream
                 .create_consumer(consumer::pull::OrderedConfig {
@@ -350,10 +407,9 @@ impl Kv for NatsKv {
 
     fn get(&self, key: &str) -> Result<Option<Entry>, BusError> {
         check_name(key)?;
-        let entry = self
-            .nats
-            .block_on(self.store.entry(key))
-            .map_err(unavailable)?;
+        let entry = self.nats.timed(Op::kv_get, async {
+            self.store.entry(key).await.map_err(unavailable)
+        })?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| Entry {
@@ -364,47 +420,51 @@ impl Kv for NatsKv {
 
     fn create(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
         check_name(key)?;
-        match self.nats.block_on(self.store.create(key, value)) {
-            Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(BusError::Exists),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.nats.timed(Op::kv_create, async {
+            match self.store.create(key, value).await {
+                Ok(revision) => Ok(revision),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(BusError::Exists),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
     }
 
     fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, BusError> {
         check_name(key)?;
-        match self.nats.block_on(self.store.update(key, value, revision)) {
-            Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Err(BusError::Conflict(e.to_string()))
+        self.nats.timed(Op::kv_update, async {
+            match self.store.update(key, value, revision).await {
+                Ok(revision) => Ok(revision),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    Err(BusError::Conflict(e.to_string()))
+                }
+                Err(e) => Err(unavailable(e)),
             }
-            Err(e) => Err(unavailable(e)),
-        }
+        })
     }
 
     fn put(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
         check_name(key)?;
-        self.nats
-            .block_on(self.store.put(key, value))
-            .map_err(unavailable)
+        self.nats.timed(Op::kv_put, async {
+            self.store.put(key, value).await.map_err(unavailable)
+        })
     }
 
     fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), BusError> {
         check_name(key)?;
-        let result = match revision {
-            Some(r) => self
-                .nats
-                .block_on(self.store.delete_expect_revision(key, Some(r))),
-            None => self.nats.block_on(self.store.delete(key)),
-        };
-        result.map_err(|e| match revision {
-            Some(_) => BusError::Conflict(e.to_string()),
-            None => unavailable(e),
+        self.nats.timed(Op::kv_delete, async {
+            let result = match revision {
+                Some(r) => self.store.delete_expect_revision(key, Some(r)).await,
+                None => self.store.delete(key).await,
+            };
+            result.map_err(|e| match revision {
+                Some(_) => BusError::Conflict(e.to_string()),
+                None => unavailable(e),
+            })
         })
     }
 
     fn keys(&self, prefix: &str) -> Result<Vec<String>, BusError> {
-        self.nats.block_on(async {
+        self.nats.timed(Op::kv_keys, async {
             let mut keys = Vec::new();
             let mut all = self.store.keys().await.map_err(unavailable)?;
             while let Some(key) = all.next().await {
@@ -443,9 +503,13 @@ impl Drop for Forwarder {
 impl PubSub for NatsPubSub {
     fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
         check_name(subject)?;
-        self.nats
-            .block_on(self.nats.client.publish(subject.to_owned(), payload))
-            .map_err(unavailable)
+        let client = &self.nats.client;
+        self.nats.timed(Op::publish, async {
+            client
+                .publish(subject.to_owned(), payload)
+                .await
+                .map_err(unavailable)
+        })
     }
 
     fn subscribe(&self, pattern: &str) -> Result<Subscription, BusError> {

@@ -299,3 +299,103 @@ both!(
     leases_pass_on_when_the_owner_stops,
     pubsub_reaches_matching_subscribers,
 );
+
+/// One value of a scrape, 0 when absent.
+fn scraped(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The NATS link's metrics count each call by kind (a fenced append the
+/// stream refuses is an answer, not a failure), probe the round trip, and
+/// carry the client's counters; a call to a server that is gone counts as
+/// a failure and the probe stops answering.
+#[test]
+fn nats_link_metrics_count_calls_failures_and_round_trips() {
+    use courier_bus::metrics::LinkMetrics;
+    use prometheus_client::registry::Registry;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = NatsServer::start(dir.path()).expect("nats-server");
+    let mut registry = Registry::default();
+    let metrics = LinkMetrics::register(&mut registry);
+    let scrape = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text
+    };
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        request_timeout: Duration::from_secs(1),
+        metrics: Some(metrics),
+        ..Default::default()
+    })
+    .expect("connect");
+    let log = nats
+        .log("TEST", &["t.log.>"], 1, Duration::from_secs(120))
+        .expect("stream");
+    let first = log
+        .append("t.log.a", "a1", b("one"), Some(0))
+        .expect("append");
+    log.append("t.log.a", "a2", b("two"), Some(first.seq))
+        .expect("append");
+    let refused = log.append("t.log.a", "a3", b("three"), Some(first.seq));
+    assert!(matches!(refused, Err(BusError::Conflict(_))), "{refused:?}");
+    nats.pubsub().publish("t.note", b("hi")).expect("publish");
+
+    wait_for(
+        || scraped(&scrape(&registry), "courier_nats_rtt_seconds_count") >= 1.0,
+        "a round trip probed",
+    );
+    let text = scrape(&registry);
+    assert_eq!(
+        scraped(&text, "courier_nats_call_seconds_count{op=\"append\"}"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        scraped(&text, "courier_nats_call_failures_total{op=\"append\"}"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        scraped(&text, "courier_nats_call_seconds_count{op=\"publish\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(scraped(&text, "courier_nats_connected"), 1.0, "{text}");
+    assert_eq!(scraped(&text, "courier_nats_connects_total"), 1.0, "{text}");
+    assert!(
+        scraped(&text, "courier_nats_sent_messages_total") >= 4.0,
+        "{text}"
+    );
+    assert!(
+        scraped(&text, "courier_nats_sent_bytes_total") >= 14.0,
+        "{text}"
+    );
+    // The probe is one trip through a server on loopback.
+    assert!(
+        scraped(&text, "courier_nats_rtt_seconds_sum") < 1.0,
+        "{text}"
+    );
+
+    drop(server);
+    let lost = log.append("t.log.a", "a4", b("four"), None);
+    assert!(matches!(lost, Err(BusError::Unavailable(_))), "{lost:?}");
+    wait_for(
+        || {
+            let text = scrape(&registry);
+            scraped(&text, "courier_nats_connected") == 0.0
+                && scraped(&text, "courier_nats_rtt_probe_failures_total") >= 1.0
+        },
+        "the lost server seen by the gauge and the probe",
+    );
+    let text = scrape(&registry);
+    assert_eq!(
+        scraped(&text, "courier_nats_call_failures_total{op=\"append\"}"),
+        1.0,
+        "{text}"
+    );
+}

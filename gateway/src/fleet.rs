@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use courier_bus::metrics::LinkMetrics;
 use courier_bus::nats::{Nats, NatsConfig};
 use courier_bus::{BusError, Kv, PubSub};
 use courier_protocol::frame::{self, ClientFrame, ServerFrame};
@@ -205,10 +206,12 @@ impl FleetLink {
     pub fn start(
         args: &ServeArgs,
         mailboxes: Vec<Arc<Mailbox<CoreMsg>>>,
+        registry: &mut prometheus_client::registry::Registry,
     ) -> anyhow::Result<Arc<Self>> {
         let nats = Nats::connect(&NatsConfig {
             servers: args.nats.clone(),
             name: format!("courier-gateway-{}", args.node_id),
+            metrics: Some(LinkMetrics::register(registry)),
             ..NatsConfig::default()
         })
         .context("connecting to NATS")?;
@@ -717,6 +720,7 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         "Gateway liveness keys that expired (the gateway died or lost NATS); their sessions were detached",
         gateways_expired.clone(),
     );
+    let link_metrics = LinkMetrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     let partition_metrics = Arc::new(rfleet::PartitionMetrics::new());
     let metrics_addr = crate::metrics::serve_plain(
@@ -731,6 +735,7 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
     let nats = Nats::connect(&NatsConfig {
         servers: args.nats.clone(),
         name: format!("courier-router-{}", args.node_id),
+        metrics: Some(link_metrics),
         ..NatsConfig::default()
     })
     .context("connecting to NATS")?;

@@ -108,7 +108,9 @@ impl Node {
         let mailboxes: Vec<_> = (0..cores).map(|_| Arc::new(Mailbox::new())).collect();
         let mut registry = Registry::default();
         let router = match args.role {
-            Role::Gateway => Upstream::Fleet(FleetLink::start(&args, mailboxes.clone())?),
+            Role::Gateway => {
+                Upstream::Fleet(FleetLink::start(&args, mailboxes.clone(), &mut registry)?)
+            }
             _ => Upstream::Embedded(
                 Router::start(
                     RouterConfig {

@@ -353,6 +353,46 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // Both kinds of process export their NATS link: call times by kind,
+    // the probed round trip, the connection's state and counters.
+    let link = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let started = Instant::now();
+    loop {
+        let routers: Vec<String> = addrs
+            .iter()
+            .map(|&a| common::http_get(a, "/metrics").1)
+            .collect();
+        let gateway = g1.metrics();
+        let appends: f64 = routers
+            .iter()
+            .map(|t| link(t, "courier_nats_call_seconds_count{op=\"append\"}"))
+            .sum();
+        let probed = routers
+            .iter()
+            .chain(std::iter::once(&gateway))
+            .all(|t| link(t, "courier_nats_rtt_seconds_count") >= 1.0);
+        let connected = routers.iter().chain(std::iter::once(&gateway)).all(|t| {
+            link(t, "courier_nats_connected") == 1.0
+                && link(t, "courier_nats_connects_total") >= 1.0
+        });
+        let published = link(&gateway, "courier_nats_call_seconds_count{op=\"publish\"}");
+        let sent = link(&gateway, "courier_nats_sent_messages_total");
+        if appends >= 2.0 && probed && connected && published >= 1.0 && sent >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "link metrics: {appends} appends, probed {probed}, connected {connected}, \
+             {published} publishes, {sent} sent\n{gateway}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // SIGKILL the router serving the direct conversation.
     let victim = fleet.kill_owner_of(partition_of(direct, PARTITIONS));
     let killed = Instant::now();

@@ -2,9 +2,10 @@
 
 * Every courier_ (and process_) metric the Grafana dashboard and the Prometheus alert rules
   query exists on the /metrics of a real node this test starts (histogram
-  queries as their _bucket series), except the few named in ROUTER_ONLY,
-  which only fleet mode's router processes export (gateway/tests/fleet.rs
-  checks them on real routers) and which docs/operations.md must list.
+  queries as their _bucket series), except the few named in FLEET_ONLY,
+  which only fleet mode's processes export (gateway/tests/fleet.rs checks
+  them on real routers and gateways) and which docs/operations.md must list
+  in its fleet sections.
 * The systemd unit passes `systemd-analyze verify` (or, where that tool is
   missing, a structural parse with known sections and keys).
 * The Kubernetes manifests and the alert rules parse as YAML with the fields
@@ -29,11 +30,16 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 GATEWAY = Path(os.environ.get("COURIER_GATEWAY_BIN", ROOT / "target/release/gateway"))
 
-# Series only a fleet's router processes export; a single node has none.
-ROUTER_ONLY = {
+# Series only a fleet's processes export (its routers, or every process
+# with a NATS link); a single node has none.
+FLEET_ONLY = {
     "courier_router_partitions_served",
     "courier_fleet_gateways_live",
     "courier_fleet_gateways_expired_total",
+    "courier_nats_call_seconds_bucket",
+    "courier_nats_call_failures_total",
+    "courier_nats_rtt_seconds_bucket",
+    "courier_nats_connected",
 }
 
 METRIC = re.compile(r"\b(?:courier|process)_[a-z0-9_]+")
@@ -131,8 +137,8 @@ def test_every_metric_the_dashboard_and_alerts_query_exists_on_a_running_node(me
     exported = scrape_series(metrics_text)
     missing = {}
     for name, exprs in sorted(queried.items()):
-        if name in ROUTER_ONLY:
-            assert name not in exported, f"{name} is exported by a single node: drop it from ROUTER_ONLY"
+        if name in FLEET_ONLY:
+            assert name not in exported, f"{name} is exported by a single node: drop it from FLEET_ONLY"
             continue
         if name not in exported:
             missing[name] = exprs[0]
@@ -147,8 +153,9 @@ def test_every_metric_the_dashboard_and_alerts_query_exists_on_a_running_node(me
 def test_router_only_series_are_documented():
     ops = (ROOT / "docs/operations.md").read_text()
     section = ops[ops.index("### Router process (fleet mode)"):ops.index("## The dashboard")]
-    for name in sorted(ROUTER_ONLY):
-        assert f"`{name}`" in section, f"{name} is not in operations.md's router process section"
+    for name in sorted(FLEET_ONLY):
+        family = re.sub(r"_bucket$", "", name)
+        assert f"`{family}`" in section, f"{family} is not in operations.md's fleet sections"
 
 
 def test_every_exported_metric_is_documented(metrics_text):
