@@ -286,6 +286,36 @@ impl Default for StoreLimits {
     }
 }
 
+/// What a partition is created with beyond `base`.
+///
+/// The two partitions that take a record per message, the entries and the
+/// dedupe records' time index, are only ever read by range (catch-up,
+/// history, the sweep), which a bloom filter does not serve; so they have
+/// none, and 16 KiB blocks instead of 4 KiB. Both matter for memory, not
+/// only for disk: fjall keeps every table's bloom filter in memory, at
+/// 24 bits a key in level 0 and 16 in level 1, and the whole block index of
+/// those two levels (an entry a block), so with the defaults both grew
+/// with every stored message: 17 of the 29 bytes a message the node's heap
+/// grew by in a heap profile at 800 messages/s (docs/benchmarks.md, the
+/// soak). The partitions read by key keep their filters: a send's dedupe
+/// lookup misses on almost every call, and the filter answers it without
+/// reading a block.
+///
+/// fjall records these with a partition when it creates it: a store created
+/// before keeps the ones it was created with.
+fn part_options(part: Part, base: &PartitionCreateOptions) -> PartitionCreateOptions {
+    match part {
+        Part::Entries | Part::DedupeByTime => base
+            .clone()
+            .bloom_filter_bits(None)
+            .block_size(RANGE_BLOCK_BYTES),
+        _ => base.clone(),
+    }
+}
+
+/// Block size of the partitions read only by range (see [`part_options`]).
+const RANGE_BLOCK_BYTES: u32 = 16 << 10;
+
 impl Open {
     fn new(path: &Path, limits: StoreLimits) -> Result<Self, fjall::Error> {
         // Batches choose their own durability; fjall never flushes the
@@ -300,7 +330,7 @@ impl Open {
         // it: a store created before keeps its own, and only the total write
         // buffer bound above applies to it.
         let options = PartitionCreateOptions::default().max_memtable_size(limits.memtable_bytes);
-        let open = |part: Part| keyspace.open_partition(part.name(), options.clone());
+        let open = |part: Part| keyspace.open_partition(part.name(), part_options(part, &options));
         // In `Part` order: `part()` indexes this array by discriminant.
         let parts = [
             open(Part::Entries)?,
