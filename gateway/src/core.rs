@@ -166,6 +166,8 @@ struct Core {
     /// Each session's send gate: (tokens a second, burst), twice the
     /// router's per-user rate and burst (see [`SendGate`]).
     send_gate: (u16, u16),
+    /// Each session's typing gate, the same from the router's typing limit.
+    typing_gate: (u16, u16),
     shutting_down: Cell<bool>,
     /// Set by the sweep while the process's outbound queues are over
     /// `max_outbound_total_bytes`: ephemeral frames are dropped.
@@ -319,11 +321,32 @@ impl Core {
     }
 }
 
+/// Which of a session's gates a frame passes.
+#[derive(Clone, Copy)]
+enum Gate {
+    Send,
+    Typing,
+}
+
 /// A session's send gate from the user's limit: twice its rate (at least 1
 /// token a second) and twice its burst, in whole tokens.
 fn send_gate(config: &ServeArgs) -> (u16, u16) {
-    let whole = |x: f64| (2.0 * x).ceil().clamp(1.0, f64::from(u16::MAX)) as u16;
-    (whole(config.send_rate), whole(config.send_burst))
+    (doubled(config.send_rate), doubled(config.send_burst))
+}
+
+/// A session's typing gate, from the router's per-user typing limit as
+/// [`send_gate`] does from its send limit.
+fn typing_gate() -> (u16, u16) {
+    let limit = courier_router::RouterConfig::default();
+    (
+        doubled(limit.typing_rate_per_s),
+        doubled(limit.typing_burst),
+    )
+}
+
+/// Twice `x` in whole tokens, at least 1.
+fn doubled(x: f64) -> u16 {
+    (2.0 * x).ceil().clamp(1.0, f64::from(u16::MAX)) as u16
 }
 
 fn live_slot(slots: &mut Slab<Slot>, key: SessionKey) -> Option<&mut Slot> {
@@ -371,6 +394,7 @@ pub async fn run(id: u16, shared: Arc<Shared>, listener: std::net::TcpListener) 
         origins: RefCell::new(Vec::new()),
         probes: RefCell::new(Probes::default()),
         send_gate: gate,
+        typing_gate: typing_gate(),
         shutting_down: Cell::new(false),
         pressure: Cell::new(false),
         shutdown_asked: Cell::new(false),
@@ -880,6 +904,7 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
         force_end: false,
         counted_ip: ip_guard.map(|g| Box::new(g.hand_over())),
         sends: SendGate::full(core.send_gate.1, core.now_s()),
+        typing: SendGate::full(core.typing_gate.1, core.now_s()),
     });
     let key = SessionKey {
         node: shared.config.node_id,
@@ -1170,10 +1195,16 @@ impl SessionTask {
                     ClientFrame::Send { client_id, .. }
                     | ClientFrame::SendPerDevice { client_id, .. } => {
                         core.shared.metrics.messages_in.inc();
-                        if !self.admit_send(*client_id) {
+                        if !self.admit(Gate::Send, *client_id) {
                             return;
                         }
                         Some(*client_id)
+                    }
+                    ClientFrame::Typing { .. } => {
+                        if !self.admit(Gate::Typing, 0) {
+                            return;
+                        }
+                        None
                     }
                     ClientFrame::Delivered { conversation, seq }
                     | ClientFrame::Read { conversation, seq } => {
@@ -1215,41 +1246,55 @@ impl SessionTask {
         }
     }
 
-    /// Applies the session's send gate; false when the send was refused
-    /// here (answered 429) or the session is being closed for flooding.
-    fn admit_send(&self, client_id: u64) -> bool {
+    /// Applies one of the session's gates to a send (`reference`: its
+    /// client id) or a typing indicator (0); false when it was refused here
+    /// (answered 429) or the session is being closed for flooding.
+    fn admit(&self, gate: Gate, reference: u64) -> bool {
         let core = &self.core;
-        let (rate, burst) = core.send_gate;
         let admit = {
             let mut slots = core.slots.borrow_mut();
             let Some(slot) = live_slot(&mut slots, self.key) else {
                 return false;
             };
-            slot.sends.admit(core.now_s(), rate, burst)
+            let now = core.now_s();
+            match gate {
+                Gate::Send => slot.sends.admit(now, core.send_gate.0, core.send_gate.1),
+                Gate::Typing => slot
+                    .typing
+                    .admit(now, core.typing_gate.0, core.typing_gate.1),
+            }
         };
-        match admit {
-            Admit::Pass => true,
-            Admit::Refuse => {
-                core.shared.metrics.gateway_send_refusals.inc();
-                core.reply(
-                    self.key,
-                    &ServerFrame::Error {
-                        code: ErrorCode::RateLimited as u16,
-                        reference: client_id,
-                        detail: "send rate far over the limit; retry in 1000 ms".into(),
-                    },
-                );
-                false
-            }
-            Admit::Close => {
-                core.shared.metrics.gateway_send_refusals.inc();
-                self.close_gracefully(
-                    close::POLICY_VIOLATION,
-                    "kept sending after 429; reconnect later and respect the send rate",
-                );
-                false
-            }
+        if admit == Admit::Pass {
+            return true;
         }
+        let metrics = &core.shared.metrics;
+        match gate {
+            Gate::Send => metrics.gateway_send_refusals.inc(),
+            Gate::Typing => metrics.gateway_typing_refusals.inc(),
+        };
+        if admit == Admit::Close {
+            let reason = match gate {
+                Gate::Send => "kept sending after 429; reconnect later and respect the send rate",
+                Gate::Typing => {
+                    "kept typing after 429; reconnect later and respect the typing rate"
+                }
+            };
+            self.close_gracefully(close::POLICY_VIOLATION, reason);
+            return false;
+        }
+        let detail = match gate {
+            Gate::Send => "send rate far over the limit; retry in 1000 ms",
+            Gate::Typing => "typing rate far over the limit; retry in 1000 ms",
+        };
+        core.reply(
+            self.key,
+            &ServerFrame::Error {
+                code: ErrorCode::RateLimited as u16,
+                reference,
+                detail: detail.into(),
+            },
+        );
+        false
     }
 
     /// Who this session is, from its slot (the task keeps no copy).

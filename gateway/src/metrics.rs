@@ -104,6 +104,8 @@ pub struct GatewayMetrics {
     pub device_ack_latency: Histogram,
     /// Sends refused by a session's own gate, before the router.
     pub gateway_send_refusals: Counter,
+    /// Typing indicators refused by a session's own gate, before the router.
+    pub gateway_typing_refusals: Counter,
     /// Sessions closed because their outbound queue stayed full.
     pub slow_consumer_closes: Counter,
     /// Typing and presence frames dropped while the process's outbound
@@ -142,6 +144,7 @@ impl GatewayMetrics {
             delivery_latency: Histogram::new(LATENCY_BUCKETS),
             device_ack_latency: Histogram::new(LATENCY_BUCKETS),
             gateway_send_refusals: Counter::default(),
+            gateway_typing_refusals: Counter::default(),
             slow_consumer_closes: Counter::default(),
             ephemeral_shed: Counter::default(),
             outbound_pressure: Gauge::default(),
@@ -208,6 +211,11 @@ impl GatewayMetrics {
             "courier_gateway_send_refusals",
             "Sends refused by the session's own gate (over twice the user's send rate) before reaching the router",
             m.gateway_send_refusals.clone(),
+        );
+        r.register(
+            "courier_gateway_typing_refusals",
+            "Typing indicators refused by the session's own gate (over twice the user's typing rate) before reaching the router",
+            m.gateway_typing_refusals.clone(),
         );
         r.register(
             "courier_outbound_ephemeral_shed",

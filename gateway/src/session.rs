@@ -173,6 +173,8 @@ pub struct Slot {
     /// The session's own send limit, checked before a send reaches the
     /// router; created full with the slot.
     pub sends: SendGate,
+    /// The same for typing indicators.
+    pub typing: SendGate,
 }
 
 impl Slot {

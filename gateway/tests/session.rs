@@ -490,6 +490,60 @@ fn a_session_that_keeps_sending_after_429_is_refused_at_the_gateway_then_closed_
     );
 }
 
+/// Typing has the same gate at twice the user's typing limit (4 a second,
+/// burst 20): a flood of indicators is answered 429 by the core, never
+/// reaches the router past its limit, and the session is closed with 1008
+/// after 256 refusals in a row. Its peer sees at most the indicators the
+/// limits let through.
+#[test]
+fn a_session_that_keeps_typing_after_429_is_refused_at_the_gateway_then_closed_1008() {
+    let node = TestNode::start(&[]);
+    let conv = direct_conversation("alice", "bob");
+    let (mut bob, _) = node.online("bob", 1);
+    let (mut alice, _) = node.online("alice", 1);
+    for i in 0..600u32 {
+        alice.send(&ClientFrame::Typing {
+            conversation: conv.clone(),
+            active: i % 2 == 0,
+        });
+    }
+    let mut limited = 0u64;
+    let (code, reason) = loop {
+        match alice.event(TIMEOUT) {
+            Some(Event::Binary(payload)) => match ServerFrame::decode(&payload) {
+                Ok(ServerFrame::Error {
+                    code: 429,
+                    reference: 0,
+                    ..
+                }) => limited += 1,
+                other => panic!("unexpected {other:?}"),
+            },
+            Some(Event::Close(Some((code, reason)))) => break (code, reason),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, close::POLICY_VIOLATION, "{reason}");
+    assert!(reason.contains("typing"), "{reason}");
+    assert!(limited >= 255, "{limited} refused before the close");
+    let text = node.metrics();
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counter("courier_gateway_typing_refusals_total") >= 256);
+    assert_eq!(counter("courier_gateway_send_refusals_total"), 0);
+    // Bob saw no more than the user's burst of the indicators.
+    let mut shown = 0;
+    while let Some(frame) = bob.try_next(Duration::from_millis(300)) {
+        if matches!(frame, ServerFrame::Typing { .. }) {
+            shown += 1;
+        }
+    }
+    assert!(shown <= 12, "{shown} typing events reached bob");
+}
+
 #[test]
 fn pings_are_answered_at_both_levels() {
     let node = TestNode::start(&[]);
