@@ -11,7 +11,18 @@
 #   send  one user writing sends as fast as one session can, over the send
 #         rate limit (50/s, burst 100);
 #   slow  SLOW_CONNS connections from 127.0.0.98 trickling an upgrade
-#         request one byte a second (slowloris).
+#         request one byte a second (slowloris);
+#   typing one session writing typing indicators as fast as it can, over
+#         the typing rate limit (2/s, burst 10);
+#   devices one user opening DEVICES_RATE sessions a second, devices 1 to
+#         16 in turn, over the device limit (4);
+#   headers HEADERS_RATE upgrade requests a second from 127.0.0.97, each
+#         with 40 KiB of headers (the limit is 8 KiB);
+#   slowread SLOW_READERS group members that never read their sockets,
+#         while the group's creator sends 60 KiB messages to it at 45/s
+#         (the per-session outbound cap is 1 MiB).
+#
+# FLOODS (default: all, in the order above) picks some of them.
 #
 # Prints, per run, the normal clients' SENT-ack and end-to-end p99 and
 # what the flooder got; writes bench-out/flood-*.json and flood.summary.
@@ -23,6 +34,10 @@ RATE=${RATE:-200}
 SECONDS_=${DURATION_S:-30}
 CONN_RATE=${CONN_RATE:-1000}
 SLOW_CONNS=${SLOW_CONNS:-400}
+DEVICES_RATE=${DEVICES_RATE:-20}
+HEADERS_RATE=${HEADERS_RATE:-500}
+SLOW_READERS=${SLOW_READERS:-20}
+FLOODS=${FLOODS:-"conn send slow typing devices headers slowread"}
 MAX_PER_IP=${MAX_PER_IP:-500}
 RATE_PER_IP=${RATE_PER_IP:-100}
 [ "${NO_BUILD:-0}" = 1 ] || build
@@ -59,8 +74,17 @@ flood() { # name command...: runs the flood beside the normal run, from its traf
 }
 
 normal none
-flood conn conn 127.0.0.1 "$PORT" 127.0.0.99 "$((SECONDS_ - 5))" "$CONN_RATE" "$data"
-flood send send "$url" "$((SECONDS_ - 5))" "$(token send-flooder)" "d:send-flooder:send-target"
-flood slow slow 127.0.0.1 "$PORT" 127.0.0.98 "$((SECONDS_ - 5))" "$SLOW_CONNS"
+for f in $FLOODS; do
+    case $f in
+    conn) flood conn conn 127.0.0.1 "$PORT" 127.0.0.99 "$((SECONDS_ - 5))" "$CONN_RATE" "$data" ;;
+    send) flood send send "$url" "$((SECONDS_ - 5))" "$(token send-flooder)" "d:send-flooder:send-target" ;;
+    slow) flood slow slow 127.0.0.1 "$PORT" 127.0.0.98 "$((SECONDS_ - 5))" "$SLOW_CONNS" ;;
+    typing) flood typing typing "$url" "$((SECONDS_ - 5))" "$(token typing-flooder)" "d:typing-flooder:typing-target" ;;
+    devices) flood devices devices "$url" "$((SECONDS_ - 5))" "$DEVICES_RATE" "$data" ;;
+    headers) flood headers headers 127.0.0.1 "$PORT" 127.0.0.97 "$((SECONDS_ - 5))" "$HEADERS_RATE" ;;
+    slowread) flood slowread slowread "$url" 127.0.0.1 "$PORT" "$((SECONDS_ - 5))" "$SLOW_READERS" "$data" ;;
+    *) echo "unknown flood $f" >&2; exit 2 ;;
+    esac
+done
 curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^courier_(handshake_refusals|auth_failures|session_closes)' \
     >"$OUT/flood.metrics" || true
