@@ -20,7 +20,8 @@
 #         with 40 KiB of headers (the limit is 8 KiB);
 #   slowread SLOW_READERS group members that never read their sockets,
 #         while the group's creator sends 60 KiB messages to it at 45/s
-#         (the per-session outbound cap is 1 MiB).
+#         (the per-session outbound cap is 1 MiB; the node's total cap is
+#         set to MAX_OUTBOUND_TOTAL, 8 MiB, so 20 readers meet it too).
 #
 # FLOODS (default: all, in the order above) picks some of them.
 #
@@ -37,6 +38,7 @@ SLOW_CONNS=${SLOW_CONNS:-400}
 DEVICES_RATE=${DEVICES_RATE:-20}
 HEADERS_RATE=${HEADERS_RATE:-500}
 SLOW_READERS=${SLOW_READERS:-20}
+MAX_OUTBOUND_TOTAL=${MAX_OUTBOUND_TOTAL:-8388608}
 FLOODS=${FLOODS:-"conn send slow typing devices headers slowread"}
 MAX_PER_IP=${MAX_PER_IP:-500}
 RATE_PER_IP=${RATE_PER_IP:-100}
@@ -44,10 +46,19 @@ RATE_PER_IP=${RATE_PER_IP:-100}
 
 data=$(mktemp -d)
 trap 'stop_gateway; rm -rf "$data"' EXIT
-start_gateway "$data" --max-connections-per-ip "$MAX_PER_IP" --connect-rate-per-ip "$RATE_PER_IP"
+start_gateway "$data" --max-connections-per-ip "$MAX_PER_IP" --connect-rate-per-ip "$RATE_PER_IP" \
+    --max-outbound-total-bytes "$MAX_OUTBOUND_TOTAL"
 url="ws://127.0.0.1:$PORT/"
 token() { "$GATEWAY" token --user "$1" --data-dir "$data"; }
 : >"$OUT/flood.summary"
+: >"$OUT/flood.metrics"
+
+snapshot() { # name: the node's refusal and close counters after a run, appended to flood.metrics
+    echo "== after $1" >>"$OUT/flood.metrics"
+    curl -s "http://127.0.0.1:$METRICS_PORT/metrics" |
+        grep -E '^courier_(handshake_refusals|auth_failures|session_closes|gateway_(send|typing)_refusals|outbound_ephemeral_shed|slow_consumer)' \
+            >>"$OUT/flood.metrics" || true
+}
 
 normal() { # name: a loadgen run of the normal clients
     "$LOADGEN" --url "$url" --data-dir "$data" --connections "$CONNS" --rate "$RATE" \
@@ -71,9 +82,11 @@ flood() { # name command...: runs the flood beside the normal run, from its traf
     wait "$f" || true
     echo "$name   flooder: $(cat "$OUT/flood-$name.flooder.json")" | tee -a "$OUT/flood.summary"
     sleep 2
+    snapshot "$name"
 }
 
 normal none
+snapshot none
 for f in $FLOODS; do
     case $f in
     conn) flood conn conn 127.0.0.1 "$PORT" 127.0.0.99 "$((SECONDS_ - 5))" "$CONN_RATE" "$data" ;;
@@ -86,5 +99,3 @@ for f in $FLOODS; do
     *) echo "unknown flood $f" >&2; exit 2 ;;
     esac
 done
-curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^courier_(handshake_refusals|auth_failures|session_closes)' \
-    >"$OUT/flood.metrics" || true
