@@ -36,6 +36,7 @@ import base64
 import collections
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import socket
@@ -68,10 +69,35 @@ async def open_from(host, port, source):
     return await asyncio.open_connection(host, port, local_addr=(source, 0))
 
 
+async def open_counted(host, port, source, counts):
+    """A connection from `source`, or None with the failure counted."""
+    try:
+        return await open_from(host, port, source)
+    except OSError as e:
+        counts[f"connect.{e.errno}"] += 1
+        return None
+
+
 async def status_of(reader, timeout):
     line = await asyncio.wait_for(reader.readline(), timeout)
     parts = line.split()
     return parts[1].decode() if len(parts) > 1 else "eof"
+
+
+async def at_rate(end, rate, one):
+    """Starts `one(n)` for n = 0, 1, ... at `rate` a second until `end`
+    (a monotonic time), waits for all of them; returns how many started."""
+    tasks = []
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() < end:
+        delay = started + n / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(n)))
+        n += 1
+    await asyncio.gather(*tasks)
+    return n
 
 
 async def conn_flood(host, port, source, seconds, rate, data_dir):
@@ -81,11 +107,10 @@ async def conn_flood(host, port, source, seconds, rate, data_dir):
     end = time.monotonic() + seconds
 
     async def one(n):
-        try:
-            r, w = await open_from(host, port, source)
-        except OSError as e:
-            counts[f"connect.{e.errno}"] += 1
+        opened = await open_counted(host, port, source, counts)
+        if opened is None:
             return
+        r, w = opened
         try:
             w.write(upgrade_request(host, port, mint(secret, f"conn-flooder-{n}")))
             status = await status_of(r, 5)
@@ -99,30 +124,20 @@ async def conn_flood(host, port, source, seconds, rate, data_dir):
         else:
             w.close()
 
-    tasks = []
-    started = time.monotonic()
-    n = 0
-    while time.monotonic() < end:
-        due = started + n / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(n)))
-        n += 1
-    await asyncio.gather(*tasks)
+    n = await at_rate(end, rate, one)
     for w in held:
         w.close()
     return {"flood": "conn", "attempts": n, "answers": dict(counts), "held_at_end": len(held)}
 
 
-async def send_flood(url, seconds, token, conversation):
-    """One user sending as fast as one session can; a session the gateway
-    closes for it (1008) is replaced at once, as a determined flooder would."""
+async def hammer(url, seconds, token, next_frame, counts):
+    """One session writing `next_frame()` as fast as it can write, 50 at a
+    time; a session the node closes is replaced at once, as a determined
+    flooder would. Counts Sent frames, Error frames by code and how each
+    session ended into `counts`; returns how many frames were written."""
     import courier_client as cc
-    counts = collections.Counter()
     end = time.monotonic() + seconds
     written = 0
-    cid = 1
     while time.monotonic() < end:
         try:
             client = await cc.Client.connect(token, url)
@@ -133,7 +148,7 @@ async def send_flood(url, seconds, token, conversation):
         counts["sessions"] += 1
 
         async def reader():
-            while True:
+            while time.monotonic() < end + 3:
                 try:
                     f = await client.recv(timeout=max(0.1, end + 3 - time.monotonic()))
                 except Exception as e:
@@ -143,27 +158,32 @@ async def send_flood(url, seconds, token, conversation):
                     counts["sent"] += 1
                 elif isinstance(f, cc.Error):
                     counts[f"error.{f.code}"] += 1
-                if time.monotonic() > end + 3:
-                    return
 
         task = asyncio.ensure_future(reader())
         try:
             while time.monotonic() < end and not task.done():
                 for _ in range(50):
-                    await client.put(cc.Send(conversation, cid, b"flood"))
-                    cid += 1
+                    await client.put(next_frame())
                     written += 1
                 await asyncio.sleep(0.005)
         except Exception as e:
             counts[f"write.{type(e).__name__}"] += 1
         await task
-        code = client.ws.close_code
-        if code is not None:
-            counts[f"close.{code}"] += 1
+        if client.ws.close_code is not None:
+            counts[f"close.{client.ws.close_code}"] += 1
         try:
             await client.close()
         except Exception:
             pass
+    return written
+
+
+async def send_flood(url, seconds, token, conversation):
+    """One user sending as fast as one session can."""
+    import courier_client as cc
+    counts = collections.Counter()
+    ids = iter(range(1, 1 << 62))
+    written = await hammer(url, seconds, token, lambda: cc.Send(conversation, next(ids), b"flood"), counts)
     return {"flood": "send", "written": written, "written_per_s": round(written / seconds),
             "answers": dict(counts)}
 
@@ -175,11 +195,10 @@ async def slowloris(host, port, source, seconds, connections):
 
     async def one():
         t0 = time.monotonic()
-        try:
-            r, w = await open_from(host, port, source)
-        except OSError as e:
-            counts[f"connect.{e.errno}"] += 1
+        opened = await open_counted(host, port, source, counts)
+        if opened is None:
             return
+        r, w = opened
         request = upgrade_request(host, port, "x")
         i = 0
         answer = asyncio.ensure_future(status_of(r, seconds + 5))
@@ -210,47 +229,11 @@ async def slowloris(host, port, source, seconds, connections):
 
 
 async def typing_flood(url, seconds, token, conversation):
-    """One session writing typing indicators as fast as it can; a session the
-    node closes is replaced at once."""
+    """One session writing typing indicators (on, off, on...) as fast as it can."""
     import courier_client as cc
     counts = collections.Counter()
-    end = time.monotonic() + seconds
-    written = 0
-    while time.monotonic() < end:
-        try:
-            client = await cc.Client.connect(token, url)
-        except Exception as e:
-            counts[f"connect.{type(e).__name__}"] += 1
-            await asyncio.sleep(0.1)
-            continue
-        counts["sessions"] += 1
-
-        async def reader():
-            while time.monotonic() < end + 3:
-                try:
-                    f = await client.recv(timeout=max(0.1, end + 3 - time.monotonic()))
-                except Exception as e:
-                    counts[f"ended.{type(e).__name__}"] += 1
-                    return
-                if isinstance(f, cc.Error):
-                    counts[f"error.{f.code}"] += 1
-
-        task = asyncio.ensure_future(reader())
-        try:
-            while time.monotonic() < end and not task.done():
-                for i in range(50):
-                    await client.put(cc.Typing(conversation, i % 2 == 0))
-                    written += 1
-                await asyncio.sleep(0.005)
-        except Exception as e:
-            counts[f"write.{type(e).__name__}"] += 1
-        await task
-        if client.ws.close_code is not None:
-            counts[f"close.{client.ws.close_code}"] += 1
-        try:
-            await client.close()
-        except Exception:
-            pass
+    flips = itertools.cycle([True, False])
+    written = await hammer(url, seconds, token, lambda: cc.Typing(conversation, next(flips)), counts)
     return {"flood": "typing", "written": written, "written_per_s": round(written / seconds),
             "answers": dict(counts)}
 
@@ -280,16 +263,7 @@ async def devices_flood(url, seconds, rate, data_dir):
         code = client.ws.close_code
         counts[f"close.{code}" if code is not None else "open_at_end"] += 1
 
-    tasks = []
-    started = time.monotonic()
-    n = 0
-    while time.monotonic() < end:
-        delay = started + n / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(n)))
-        n += 1
-    await asyncio.gather(*tasks)
+    n = await at_rate(end, rate, one)
     for c in held:
         try:
             await c.close()
@@ -305,13 +279,12 @@ async def headers_flood(host, port, source, seconds, rate):
     end = time.monotonic() + seconds
     padding = "".join(f"X-Pad-{i}: {'a' * 1000}\r\n" for i in range(40)).encode()
 
-    async def one():
+    async def one(_n):
         t0 = time.monotonic()
-        try:
-            r, w = await open_from(host, port, source)
-        except OSError as e:
-            counts[f"connect.{e.errno}"] += 1
+        opened = await open_counted(host, port, source, counts)
+        if opened is None:
             return
+        r, w = opened
         request = upgrade_request(host, port, "x")
         try:
             w.write(request[:-2] + padding + b"\r\n")
@@ -325,16 +298,7 @@ async def headers_flood(host, port, source, seconds, rate):
             counts[type(e).__name__] += 1
         w.close()
 
-    tasks = []
-    started = time.monotonic()
-    n = 0
-    while time.monotonic() < end:
-        delay = started + n / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one()))
-        n += 1
-    await asyncio.gather(*tasks)
+    n = await at_rate(end, rate, one)
     answer_ms.sort()
     p99 = answer_ms[int(len(answer_ms) * 0.99)] if answer_ms else None
     return {"flood": "headers", "attempts": n, "answers": dict(counts),

@@ -295,7 +295,7 @@ impl Default for StoreLimits {
 /// only for disk: fjall keeps every table's bloom filter in memory, at
 /// 24 bits a key in level 0 and 16 in level 1, and the whole block index of
 /// those two levels (an entry a block), so with the defaults both grew
-/// with every stored message: 17 of the 29 bytes a message the node's heap
+/// with every stored message: 16.5 of the 29 bytes a message the node's heap
 /// grew by in a heap profile at 800 messages/s (docs/benchmarks.md, the
 /// soak). The partitions read by key keep their filters: a send's dedupe
 /// lookup misses on almost every call, and the filter answers it without
