@@ -21,7 +21,9 @@
 #   slowread SLOW_READERS group members that never read their sockets,
 #         while the group's creator sends 60 KiB messages to it at 45/s
 #         (the per-session outbound cap is 1 MiB; the node's total cap is
-#         set to MAX_OUTBOUND_TOTAL, 8 MiB, so 20 readers meet it too).
+#         set to MAX_OUTBOUND_TOTAL, 8 MiB; MAX_OUTBOUND sets the
+#         per-session cap, so a per-session cap above the total's share
+#         makes the total cap act first).
 #
 # FLOODS (default: all, in the order above) picks some of them.
 #
@@ -39,6 +41,7 @@ DEVICES_RATE=${DEVICES_RATE:-20}
 HEADERS_RATE=${HEADERS_RATE:-500}
 SLOW_READERS=${SLOW_READERS:-20}
 MAX_OUTBOUND_TOTAL=${MAX_OUTBOUND_TOTAL:-8388608}
+MAX_OUTBOUND=${MAX_OUTBOUND:-1048576}
 FLOODS=${FLOODS:-"conn send slow typing devices headers slowread"}
 MAX_PER_IP=${MAX_PER_IP:-500}
 RATE_PER_IP=${RATE_PER_IP:-100}
@@ -47,7 +50,7 @@ RATE_PER_IP=${RATE_PER_IP:-100}
 data=$(mktemp -d)
 trap 'stop_gateway; rm -rf "$data"' EXIT
 start_gateway "$data" --max-connections-per-ip "$MAX_PER_IP" --connect-rate-per-ip "$RATE_PER_IP" \
-    --max-outbound-total-bytes "$MAX_OUTBOUND_TOTAL"
+    --max-outbound-total-bytes "$MAX_OUTBOUND_TOTAL" --max-outbound-bytes "$MAX_OUTBOUND"
 url="ws://127.0.0.1:$PORT/"
 token() { "$GATEWAY" token --user "$1" --data-dir "$data"; }
 : >"$OUT/flood.summary"
@@ -56,7 +59,7 @@ token() { "$GATEWAY" token --user "$1" --data-dir "$data"; }
 snapshot() { # name: the node's refusal and close counters after a run, appended to flood.metrics
     echo "== after $1" >>"$OUT/flood.metrics"
     curl -s "http://127.0.0.1:$METRICS_PORT/metrics" |
-        grep -E '^courier_(handshake_refusals|auth_failures|session_closes|gateway_(send|typing)_refusals|outbound_ephemeral_shed|slow_consumer)' \
+        grep -E '^courier_(handshake_refusals|auth_failures|session_closes|gateway_(send|typing)_refusals|outbound_(ephemeral_shed|cap_closes|pressure)|slow_consumer)' \
             >>"$OUT/flood.metrics" || true
 }
 

@@ -262,13 +262,29 @@ impl Core {
     }
 
     fn slow_consumer(&self, slot: &mut Slot) {
+        self.close_slow(slot, false);
+    }
+
+    /// Closes `slot` as a slow consumer (4003): its own queue is full, or
+    /// (`for_cap`) it is among the largest while the process's queues
+    /// together are over their cap.
+    fn close_slow(&self, slot: &mut Slot, for_cap: bool) {
         if slot.close.is_none() {
-            self.shared.metrics.slow_consumer_closes.inc();
+            let metrics = &self.shared.metrics;
+            metrics.slow_consumer_closes.inc();
+            if for_cap {
+                metrics.outbound_cap_closes.inc();
+            }
             if let Some(held) = self.warn.slow_consumer.admit(Instant::now()) {
+                let why = if for_cap {
+                    "the process's outbound queues are over their cap and its queue is among the largest"
+                } else {
+                    "its outbound queue stayed full"
+                };
                 tracing::warn!(
                     conn.core = self.id,
                     warnings.held = held,
-                    "closing a slow consumer (4003): its outbound queue stayed full"
+                    "closing a slow consumer (4003): {why}"
                 );
             }
         }
@@ -667,7 +683,7 @@ fn relieve_pressure(core: &Core, slots: &mut Slab<Slot>, queued: usize) {
             break;
         }
         if let Some(slot) = slots.get_mut(i) {
-            core.slow_consumer(slot);
+            core.close_slow(slot, true);
             slot.wake();
             to_free = to_free.saturating_sub(bytes);
         }

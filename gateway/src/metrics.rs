@@ -108,6 +108,8 @@ pub struct GatewayMetrics {
     pub gateway_typing_refusals: Counter,
     /// Sessions closed because their outbound queue stayed full.
     pub slow_consumer_closes: Counter,
+    /// Of those, the ones closed for the process-wide outbound cap.
+    pub outbound_cap_closes: Counter,
     /// Typing and presence frames dropped while the process's outbound
     /// queues were over their cap.
     pub ephemeral_shed: Counter,
@@ -146,6 +148,7 @@ impl GatewayMetrics {
             gateway_send_refusals: Counter::default(),
             gateway_typing_refusals: Counter::default(),
             slow_consumer_closes: Counter::default(),
+            outbound_cap_closes: Counter::default(),
             ephemeral_shed: Counter::default(),
             outbound_pressure: Gauge::default(),
             auth_failures: Family::default(),
@@ -229,8 +232,13 @@ impl GatewayMetrics {
         );
         r.register(
             "courier_slow_consumer_closes",
-            "Sessions closed because their outbound queue stayed full",
+            "Sessions closed (4003) because their outbound queue stayed full, or for the process-wide outbound cap",
             m.slow_consumer_closes.clone(),
+        );
+        r.register(
+            "courier_outbound_cap_closes",
+            "Of the slow-consumer closes, those made because the process's outbound queues together were over max_outbound_total_bytes (the largest queues are closed first)",
+            m.outbound_cap_closes.clone(),
         );
         r.register(
             "courier_auth_failures",

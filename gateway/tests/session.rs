@@ -785,6 +785,10 @@ fn the_process_wide_outbound_cap_closes_the_largest_queue_and_sheds_typing() {
         metrics.contains("courier_slow_consumer_closes_total 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("courier_outbound_cap_closes_total 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("courier_outbound_ephemeral_shed_total"));
     // Nothing lost: bob catches up on everything.
     let mut bob = node.connect("bob", 1);
