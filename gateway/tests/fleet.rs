@@ -996,3 +996,98 @@ fn an_unlinked_device_frees_its_place_in_every_partition() {
         }
     }
 }
+
+/// The samples of `name` on `router`'s endpoint, by partition label.
+fn partition_metric(router: &Router, name: &str) -> Vec<(u16, u64)> {
+    let (_, text) = common::http_get(router.metrics_addr(), "/metrics");
+    text.lines()
+        .filter_map(|l| {
+            let labels = l.strip_prefix(name)?.strip_prefix("{partition=\"")?;
+            let (p, rest) = labels.split_once('"')?;
+            let value = rest.rsplit(' ').next()?.trim().parse().ok()?;
+            Some((p.parse().ok()?, value))
+        })
+        .collect()
+}
+
+/// A token copy published while its partition has no owner (its router
+/// was just SIGKILLed, so nothing subscribes to the partition's subject)
+/// is not lost: the user's partition keeps it in its outbox and sends it
+/// again until the partition's new owner has applied it, and that owner
+/// then wakes the device for a message it decides.
+#[test]
+fn a_token_copy_sent_while_its_partition_changes_owner_still_arrives() {
+    let receiver = common::webhook::Receiver::start();
+    let flags_dir = tempfile::tempdir().unwrap();
+    let flags = common::webhook::push_flags(flags_dir.path(), &receiver, "300");
+    let mut fleet = Fleet::start_with(&flags);
+    let node = fleet.gateway("g1", 1);
+    let bob = "handover-bob";
+    let home = partition_of(bob, PARTITIONS);
+
+    // A partition served by the other router than bob's: wait for the
+    // routers to share the partitions out.
+    let started = Instant::now();
+    let (target, survivor) = loop {
+        let now = owners(&*fleet.kv).unwrap();
+        let other = (0..PARTITIONS).find(|p| now[usize::from(*p)] != now[usize::from(home)]);
+        if let Some(p) = other {
+            let survivor = usize::from(now[usize::from(home)] != "router-101");
+            break (p, survivor);
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never shared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let alice = (0..)
+        .map(|i| format!("handover-alice{i}"))
+        .find(|a| partition_of(&direct_conversation(a, bob), PARTITIONS) == target)
+        .unwrap();
+
+    fleet.kill_owner_of(target);
+    let mut phone = node.connect(bob, 1);
+    phone.send(&ClientFrame::PushRegister {
+        request: 1,
+        provider: courier_protocol::frame::PushProvider::Webhook,
+        token: "bob-phone".into(),
+        ciphertext: false,
+    });
+    assert_eq!(phone.next(), ServerFrame::Done { request: 1 });
+    drop(phone);
+
+    // Every copy acknowledged: the lost one too, by the new owner.
+    let router = &fleet.routers[survivor];
+    let started = Instant::now();
+    loop {
+        let waiting = partition_metric(router, "courier_peer_outbox_messages");
+        // Some partition has no owner while its lease runs out.
+        let served = owners(&*fleet.kv).unwrap_or_default();
+        let all_served = served.len() == usize::from(PARTITIONS)
+            && served.iter().all(|o| *o == served[usize::from(home)]);
+        if all_served && waiting.iter().all(|(_, n)| *n == 0) && !waiting.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "copies never acknowledged: {waiting:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let resent: u64 = partition_metric(router, "courier_peer_resent_total")
+        .iter()
+        .filter(|(p, _)| *p == home)
+        .map(|(_, n)| n)
+        .sum();
+    assert!(resent >= 1, "the copy published into the gap was sent again");
+
+    let (mut a, _) = node.online(&alice, 1);
+    send_until_sent(
+        &mut a,
+        &direct_conversation(&alice, bob),
+        1,
+        Duration::from_secs(2),
+    );
+    receiver.wait_for("bob's notification", |h| !h.is_empty());
+    let hits = receiver.accepted();
+    assert_eq!(hits[0]["token"], "bob-phone");
+    assert_eq!(hits[0]["conversation"], direct_conversation(&alice, bob));
+}

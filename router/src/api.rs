@@ -132,6 +132,21 @@ pub enum PeerMsg {
         device: u32,
         removed_ms: u64,
     },
+    /// A message that must arrive (`PushToken`, `PushTokenDead`,
+    /// `DeviceUnlinked`), numbered `seq` in the stream from partition
+    /// `from` to the receiver. The sender keeps it in its store (so in
+    /// its changelog) until the receiver acknowledges it, and sends it
+    /// again until then, also from a new owner after a takeover; the
+    /// receiver applies each number once, in order, and records the last
+    /// one it applied in its own store.
+    Reliable {
+        from: u16,
+        seq: u64,
+        message: Box<PeerMsg>,
+    },
+    /// Partition `from` has applied, durably, every reliable message the
+    /// receiver sent it numbered up to `through`.
+    Applied { from: u16, through: u64 },
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,

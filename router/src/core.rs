@@ -52,6 +52,8 @@ mod social;
 mod views;
 
 pub(crate) use social::UserState;
+#[cfg(test)]
+pub(crate) use peer::PEER_RESEND_MS;
 use views::Query;
 
 /// How often the sweep drops expired dedupe records and idle rate buckets.
@@ -491,6 +493,7 @@ impl RouterCore {
         };
         core.load_key_stock();
         core.load_push_queue();
+        core.load_peer_state();
         Ok(core)
     }
 
@@ -570,6 +573,7 @@ impl RouterCore {
             self.decide(&mut batch, command, now_ms);
         }
         self.write_presence(&mut batch, now_ms);
+        self.answer_peers(&mut batch);
         if batch.issued_ids {
             batch.writes.put(
                 Part::Router,
@@ -831,6 +835,7 @@ impl RouterCore {
     fn after_failed_commit(&mut self, batch: &Batch) {
         self.conversations.clear();
         self.keys_after_failed_commit();
+        self.load_peer_state();
         for key in &batch.flushed_cursors {
             if let Some(c) = self.cursor_cache.get_mut(key).filter(|c| !c.dirty) {
                 c.dirty = true;

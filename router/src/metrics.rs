@@ -83,6 +83,11 @@ pub struct Metrics {
     pub peer_timeouts: Counter,
     /// Fleet mode: sessions detached because their gateway was gone.
     pub gateway_sessions_dropped: Counter,
+    /// Fleet mode: reliable messages to other partitions not acknowledged
+    /// yet (token copies, dead tokens, unlinks).
+    pub peer_outbox: Gauge,
+    /// Fleet mode: reliable messages sent again for want of an answer.
+    pub peer_resent: Counter,
 }
 
 impl Metrics {
@@ -112,6 +117,8 @@ impl Metrics {
             peer_queries: Counter::default(),
             peer_timeouts: Counter::default(),
             gateway_sessions_dropped: Counter::default(),
+            peer_outbox: Gauge::default(),
+            peer_resent: Counter::default(),
         };
         // Units are registered as such: the encoder appends the suffix to
         // the name and writes the OpenMetrics `# UNIT` line.
@@ -234,6 +241,16 @@ impl Metrics {
             "courier_gateway_sessions_dropped",
             "Fleet mode: sessions detached because their gateway's liveness key expired or it restarted",
             m.gateway_sessions_dropped.clone(),
+        );
+        registry.register(
+            "courier_peer_outbox_messages",
+            "Fleet mode: messages to other partitions waiting for their acknowledgement",
+            m.peer_outbox.clone(),
+        );
+        registry.register(
+            "courier_peer_resent",
+            "Fleet mode: messages to other partitions sent again for want of an acknowledgement",
+            m.peer_resent.clone(),
         );
         m
     }

@@ -112,6 +112,85 @@ impl Reader {
             device: self.u32()?,
         })
     }
+    /// A message between partitions whose kind is `tag`; `outer` is false
+    /// inside a `Reliable`, which cannot nest.
+    fn peer(&mut self, tag: u8, outer: bool) -> Result<PeerMsg, Malformed> {
+        Ok(match tag {
+            4 => {
+                let from = self.u16()?;
+                let query = self.u64()?;
+                let n = self.u32()? as usize;
+                let mut users = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    users.push(self.user()?);
+                }
+                PeerMsg::DeviceQuery { from, query, users }
+            }
+            5 => {
+                let query = self.u64()?;
+                let n = self.u32()? as usize;
+                let mut sets = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    let user = self.user()?;
+                    let count = self.u32()? as usize;
+                    let mut devices = Vec::with_capacity(count.min(64));
+                    for _ in 0..count {
+                        devices.push(self.u32()?);
+                    }
+                    sets.push((user, devices));
+                }
+                PeerMsg::DeviceSets { query, sets }
+            }
+            6 => PeerMsg::GatewayGone {
+                node: self.u16()?,
+                last_seen_ms: self.u64()?,
+            },
+            7 => {
+                let user = self.user()?;
+                let device = self.u32()?;
+                let record = match self.u8()? {
+                    0 => None,
+                    1 => Some(self.bytes()?.to_vec()),
+                    _ => return Err(Malformed("push token presence")),
+                };
+                PeerMsg::PushToken {
+                    user,
+                    device,
+                    record,
+                }
+            }
+            8 => {
+                let user = self.user()?;
+                let device = self.u32()?;
+                let token = String::from_utf8(self.bytes()?.to_vec())
+                    .map_err(|_| Malformed("push token utf-8"))?;
+                PeerMsg::PushTokenDead {
+                    user,
+                    device,
+                    token,
+                }
+            }
+            9 => PeerMsg::DeviceUnlinked {
+                user: self.user()?,
+                device: self.u32()?,
+                removed_ms: self.u64()?,
+            },
+            10 if outer => {
+                let from = self.u16()?;
+                let seq = self.u64()?;
+                let tag = self.u8()?;
+                // One level only: a reliable message carries a plain one.
+                let message = Box::new(self.peer(tag, false)?);
+                PeerMsg::Reliable { from, seq, message }
+            }
+            11 => PeerMsg::Applied {
+                from: self.u16()?,
+                through: self.u64()?,
+            },
+            _ => return Err(Malformed("command kind")),
+        })
+    }
+
     fn done(&self) -> Result<(), Malformed> {
         if self.0.has_remaining() {
             Err(Malformed("trailing bytes"))
@@ -132,107 +211,147 @@ pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
         .count();
     out.put_u32(carried as u32);
     for command in commands {
-        match command {
-            Command::Push(_) => {}
-            Command::Attach {
-                session,
-                device,
-                issued_at_s,
-            } => {
-                out.put_u8(1);
-                put_session(&mut out, session);
-                put_device(&mut out, device);
-                out.put_u64(*issued_at_s);
-            }
-            Command::Detach {
-                session,
-                device,
-                last_seen_ms,
-            } => {
-                out.put_u8(2);
-                put_session(&mut out, session);
-                put_device(&mut out, device);
-                out.put_u64(*last_seen_ms);
-            }
-            Command::Frame {
-                session,
-                device,
-                frame,
-                received_at,
-            } => {
-                out.put_u8(3);
-                put_session(&mut out, session);
-                put_device(&mut out, device);
-                out.put_u64(to_wall(*received_at));
-                let mut encoded = Vec::with_capacity(64);
-                frame.encode(&mut encoded);
-                put_bytes(&mut out, &encoded);
-            }
-            Command::Peer(PeerMsg::DeviceQuery { from, query, users }) => {
-                out.put_u8(4);
-                out.put_u16(*from);
-                out.put_u64(*query);
-                out.put_u32(users.len() as u32);
-                for user in users {
-                    put_bytes(&mut out, user.as_bytes());
-                }
-            }
-            Command::Peer(PeerMsg::DeviceSets { query, sets }) => {
-                out.put_u8(5);
-                out.put_u64(*query);
-                out.put_u32(sets.len() as u32);
-                for (user, devices) in sets {
-                    put_bytes(&mut out, user.as_bytes());
-                    out.put_u32(devices.len() as u32);
-                    for d in devices {
-                        out.put_u32(*d);
-                    }
-                }
-            }
-            Command::Peer(PeerMsg::GatewayGone { node, last_seen_ms }) => {
-                out.put_u8(6);
-                out.put_u16(*node);
-                out.put_u64(*last_seen_ms);
-            }
-            Command::Peer(PeerMsg::PushToken {
-                user,
-                device,
-                record,
-            }) => {
-                out.put_u8(7);
-                put_bytes(&mut out, user.as_bytes());
-                out.put_u32(*device);
-                match record {
-                    Some(record) => {
-                        out.put_u8(1);
-                        put_bytes(&mut out, record);
-                    }
-                    None => out.put_u8(0),
-                }
-            }
-            Command::Peer(PeerMsg::PushTokenDead {
-                user,
-                device,
-                token,
-            }) => {
-                out.put_u8(8);
-                put_bytes(&mut out, user.as_bytes());
-                out.put_u32(*device);
-                put_bytes(&mut out, token.as_bytes());
-            }
-            Command::Peer(PeerMsg::DeviceUnlinked {
-                user,
-                device,
-                removed_ms,
-            }) => {
-                out.put_u8(9);
-                put_bytes(&mut out, user.as_bytes());
-                out.put_u32(*device);
-                out.put_u64(*removed_ms);
-            }
-        }
+        put_command(&mut out, command);
     }
     out
+}
+
+/// Appends one command (a `Command::Push` appends nothing).
+fn put_command(out: &mut Vec<u8>, command: &Command) {
+    match command {
+        Command::Push(_) => {}
+        Command::Attach {
+            session,
+            device,
+            issued_at_s,
+        } => {
+            out.put_u8(1);
+            put_session(out, session);
+            put_device(out, device);
+            out.put_u64(*issued_at_s);
+        }
+        Command::Detach {
+            session,
+            device,
+            last_seen_ms,
+        } => {
+            out.put_u8(2);
+            put_session(out, session);
+            put_device(out, device);
+            out.put_u64(*last_seen_ms);
+        }
+        Command::Frame {
+            session,
+            device,
+            frame,
+            received_at,
+        } => {
+            out.put_u8(3);
+            put_session(out, session);
+            put_device(out, device);
+            out.put_u64(to_wall(*received_at));
+            let mut encoded = Vec::with_capacity(64);
+            frame.encode(&mut encoded);
+            put_bytes(out, &encoded);
+        }
+        Command::Peer(message) => put_peer(out, message),
+    }
+}
+
+/// Appends one message between partitions.
+fn put_peer(out: &mut Vec<u8>, message: &PeerMsg) {
+    match message {
+        PeerMsg::DeviceQuery { from, query, users } => {
+            out.put_u8(4);
+            out.put_u16(*from);
+            out.put_u64(*query);
+            out.put_u32(users.len() as u32);
+            for user in users {
+                put_bytes(out, user.as_bytes());
+            }
+        }
+        PeerMsg::DeviceSets { query, sets } => {
+            out.put_u8(5);
+            out.put_u64(*query);
+            out.put_u32(sets.len() as u32);
+            for (user, devices) in sets {
+                put_bytes(out, user.as_bytes());
+                out.put_u32(devices.len() as u32);
+                for d in devices {
+                    out.put_u32(*d);
+                }
+            }
+        }
+        PeerMsg::GatewayGone { node, last_seen_ms } => {
+            out.put_u8(6);
+            out.put_u16(*node);
+            out.put_u64(*last_seen_ms);
+        }
+        PeerMsg::PushToken {
+            user,
+            device,
+            record,
+        } => {
+            out.put_u8(7);
+            put_bytes(out, user.as_bytes());
+            out.put_u32(*device);
+            match record {
+                Some(record) => {
+                    out.put_u8(1);
+                    put_bytes(out, record);
+                }
+                None => out.put_u8(0),
+            }
+        }
+        PeerMsg::PushTokenDead {
+            user,
+            device,
+            token,
+        } => {
+            out.put_u8(8);
+            put_bytes(out, user.as_bytes());
+            out.put_u32(*device);
+            put_bytes(out, token.as_bytes());
+        }
+        PeerMsg::DeviceUnlinked {
+            user,
+            device,
+            removed_ms,
+        } => {
+            out.put_u8(9);
+            put_bytes(out, user.as_bytes());
+            out.put_u32(*device);
+            out.put_u64(*removed_ms);
+        }
+        PeerMsg::Reliable { from, seq, message } => {
+            out.put_u8(10);
+            out.put_u16(*from);
+            out.put_u64(*seq);
+            put_peer(out, message);
+        }
+        PeerMsg::Applied { from, through } => {
+            out.put_u8(11);
+            out.put_u16(*from);
+            out.put_u64(*through);
+        }
+    }
+}
+
+/// One message between partitions on its own, as the sender's outbox
+/// keeps it in its store.
+pub fn encode_peer(message: &PeerMsg) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    put_peer(&mut out, message);
+    out
+}
+
+/// Reads back what [`encode_peer`] wrote (a `Reliable` is refused).
+pub fn decode_peer(raw: &[u8]) -> Result<PeerMsg, Malformed> {
+    let mut r = Reader(Bytes::copy_from_slice(raw));
+    let tag = r.u8()?;
+    let message = r.peer(tag, false)?;
+    r.done()?;
+    Ok(message)
 }
 
 /// Decodes a batch of commands.
@@ -268,66 +387,7 @@ pub fn decode_commands(raw: Bytes) -> Result<Vec<Command>, Malformed> {
                     received_at,
                 }
             }
-            4 => {
-                let from = r.u16()?;
-                let query = r.u64()?;
-                let n = r.u32()? as usize;
-                let mut users = Vec::with_capacity(n.min(1024));
-                for _ in 0..n {
-                    users.push(r.user()?);
-                }
-                Command::Peer(PeerMsg::DeviceQuery { from, query, users })
-            }
-            5 => {
-                let query = r.u64()?;
-                let n = r.u32()? as usize;
-                let mut sets = Vec::with_capacity(n.min(1024));
-                for _ in 0..n {
-                    let user = r.user()?;
-                    let count = r.u32()? as usize;
-                    let mut devices = Vec::with_capacity(count.min(64));
-                    for _ in 0..count {
-                        devices.push(r.u32()?);
-                    }
-                    sets.push((user, devices));
-                }
-                Command::Peer(PeerMsg::DeviceSets { query, sets })
-            }
-            6 => Command::Peer(PeerMsg::GatewayGone {
-                node: r.u16()?,
-                last_seen_ms: r.u64()?,
-            }),
-            7 => {
-                let user = r.user()?;
-                let device = r.u32()?;
-                let record = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.bytes()?.to_vec()),
-                    _ => return Err(Malformed("push token presence")),
-                };
-                Command::Peer(PeerMsg::PushToken {
-                    user,
-                    device,
-                    record,
-                })
-            }
-            8 => {
-                let user = r.user()?;
-                let device = r.u32()?;
-                let token = String::from_utf8(r.bytes()?.to_vec())
-                    .map_err(|_| Malformed("push token utf-8"))?;
-                Command::Peer(PeerMsg::PushTokenDead {
-                    user,
-                    device,
-                    token,
-                })
-            }
-            9 => Command::Peer(PeerMsg::DeviceUnlinked {
-                user: r.user()?,
-                device: r.u32()?,
-                removed_ms: r.u64()?,
-            }),
-            _ => return Err(Malformed("command kind")),
+            tag => Command::Peer(r.peer(tag, true)?),
         };
         out.push(command);
     }
@@ -545,7 +605,28 @@ mod tests {
                 device: 2,
                 removed_ms: 1_700_000_000_000,
             },
+            PeerMsg::Reliable {
+                from: 5,
+                seq: 1 << 33,
+                message: Box::new(PeerMsg::PushToken {
+                    user: Arc::from("carol"),
+                    device: 3,
+                    record: Some(vec![9]),
+                }),
+            },
+            PeerMsg::Applied {
+                from: 2,
+                through: 17,
+            },
         ];
+        for message in &peers {
+            let stored = decode_peer(&encode_peer(message));
+            match message {
+                // What an outbox keeps is never itself a `Reliable`.
+                PeerMsg::Reliable { .. } => assert!(stored.is_err()),
+                _ => assert_eq!(stored.as_ref(), Ok(message)),
+            }
+        }
         let commands: Vec<Command> = peers.iter().cloned().map(Command::Peer).collect();
         let back = decode_commands(Bytes::from(encode_commands(&commands))).expect("decode");
         let back: Vec<PeerMsg> = back
@@ -556,6 +637,24 @@ mod tests {
             })
             .collect();
         assert_eq!(back, peers);
+    }
+
+    #[test]
+    fn a_reliable_message_inside_a_reliable_message_is_refused() {
+        let inner = PeerMsg::Reliable {
+            from: 1,
+            seq: 1,
+            message: Box::new(PeerMsg::Applied {
+                from: 1,
+                through: 1,
+            }),
+        };
+        let nested = Command::Peer(PeerMsg::Reliable {
+            from: 1,
+            seq: 2,
+            message: Box::new(inner),
+        });
+        assert!(decode_commands(Bytes::from(encode_commands(&[nested]))).is_err());
     }
 
     #[test]

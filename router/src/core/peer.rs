@@ -23,6 +23,19 @@
 //!   every other one (`DeviceUnlinked`), which marks its own record of the
 //!   device unlinked, so the device stops counting against the user's
 //!   device limit everywhere (see `social.rs`).
+//! - **Delivery of the copies.** Token copies, dead tokens and unlinks
+//!   must arrive even when their sender or receiver dies or changes owner
+//!   on the way, and in the order they were made (a late copy of an
+//!   older token must never replace a newer one). Each goes through a
+//!   per-receiver outbox: numbered, written in the batch that decided it
+//!   (so in the changelog), sent after that batch commits, sent again
+//!   every [`PEER_RESEND_MS`] until the receiver answers `Applied`, then
+//!   deleted. The receiver applies number n only after n − 1, records the
+//!   last one it applied in the batch that applied it, and answers after
+//!   that batch commits, so a resend of anything already applied is only
+//!   acknowledged again. A new owner on either side resumes from its
+//!   replayed store: the sender resends what was not acknowledged, the
+//!   receiver knows what it applied.
 //! - **Gone gateways.** `GatewayGone` detaches every session a gateway held
 //!   and announces its users offline at once (see `social.rs`).
 //!
@@ -40,11 +53,49 @@ use rustc_hash::FxHashMap;
 use super::{error_frame, Batch, Pending, RouterCore};
 use crate::api::{Command, PeerMsg};
 use crate::fleet::partition_of;
-use crate::store;
+use crate::store::{self, Part};
 
 /// How long a parked per-device send waits for the other partitions'
 /// device lists before it is answered 504 (retry with the same client id).
 pub const PEER_TIMEOUT_MS: u64 = 5_000;
+
+/// How long a reliable message waits for `Applied` before it is sent
+/// again (and how soon a new owner resends what it found in its outbox).
+pub const PEER_RESEND_MS: u64 = 1_000;
+
+/// The most reliable messages sent again to one partition at a time.
+const PEER_RESEND_CHUNK: usize = 256;
+
+/// Keys in the store's `router` partition: the outbox (a message waiting
+/// for `Applied`, by receiver and number), the last number given to each
+/// receiver, and the last number applied from each sender.
+const OUTBOX_PREFIX: &[u8] = b"peer.out.";
+const SENT_PREFIX: &[u8] = b"peer.sent.";
+const APPLIED_PREFIX: &[u8] = b"peer.applied.";
+
+fn outbox_key(to: u16, seq: u64) -> Vec<u8> {
+    let mut key = OUTBOX_PREFIX.to_vec();
+    key.extend_from_slice(&to.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn partition_key(prefix: &[u8], partition: u16) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// The messages for one other partition not acknowledged yet.
+#[derive(Debug, Default)]
+struct Outbound {
+    /// The last number given.
+    last: u64,
+    /// Unacknowledged messages, oldest first.
+    waiting: VecDeque<(u64, PeerMsg)>,
+    /// When the oldest of them is sent again.
+    resend_at: u64,
+}
 
 /// Parked sends and outgoing peer commands.
 #[derive(Debug, Default)]
@@ -61,6 +112,13 @@ pub(super) struct PeerState {
     /// Commands for other partitions, taken by the router thread after
     /// each batch ([`RouterCore::take_peer_commands`]).
     pub out: Vec<(u16, Command)>,
+    /// Reliable messages not acknowledged yet, by receiving partition.
+    outbox: FxHashMap<u16, Outbound>,
+    /// The last reliable message applied from each sending partition.
+    applied: FxHashMap<u16, u64>,
+    /// `Applied` answers this batch owes, by sending partition (the
+    /// highest number; one answer per partition per batch).
+    owed: FxHashMap<u16, u64>,
 }
 
 /// A per-device send waiting for device lists.
@@ -73,6 +131,60 @@ struct Parked {
 }
 
 impl RouterCore {
+    /// Fleet mode: reads the outbox and the applied numbers back from the
+    /// store at open (after a takeover, the replayed changelog's), and
+    /// resends what waits at the first batch. Also after a batch that did
+    /// not commit, whose numbers and outbox records the store never got.
+    pub(super) fn load_peer_state(&mut self) {
+        if self.config.partition.is_none() {
+            return;
+        }
+        self.peer.outbox.clear();
+        self.peer.applied.clear();
+        self.peer.owed.clear();
+        let number = |raw: &[u8]| <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes);
+        let partition = |raw: &[u8]| <[u8; 2]>::try_from(raw).ok().map(u16::from_be_bytes);
+        let scan = |prefix: &[u8]| match self.store.scan_prefix(Part::Router, prefix) {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the partition outbox; its messages wait for the next owner");
+                Vec::new()
+            }
+        };
+        let (sent, applied, outbox) = (scan(SENT_PREFIX), scan(APPLIED_PREFIX), scan(OUTBOX_PREFIX));
+        for (key, value) in sent {
+            if let (Some(p), Some(last)) = (partition(&key[SENT_PREFIX.len()..]), number(&value)) {
+                self.peer.outbox.entry(p).or_default().last = last;
+            }
+        }
+        for (key, value) in applied {
+            if let (Some(p), Some(seq)) = (partition(&key[APPLIED_PREFIX.len()..]), number(&value)) {
+                self.peer.applied.insert(p, seq);
+            }
+        }
+        let mut waiting: i64 = 0;
+        for (key, value) in outbox {
+            let rest = &key[OUTBOX_PREFIX.len()..];
+            let parsed = partition(rest.get(..2).unwrap_or_default())
+                .zip(number(rest.get(2..).unwrap_or_default()))
+                .zip(crate::wire::decode_peer(&value).ok());
+            match parsed {
+                Some(((p, seq), message)) => {
+                    // Keys sort by partition, then number: oldest first.
+                    let q = self.peer.outbox.entry(p).or_default();
+                    q.last = q.last.max(seq);
+                    q.waiting.push_back((seq, message));
+                    waiting += 1;
+                }
+                None => tracing::error!(store.partition = "router", "corrupt outbox record skipped"),
+            }
+        }
+        self.metrics.peer_outbox.set(waiting);
+        if waiting > 0 {
+            tracing::info!(peer.waiting = waiting, "partition outbox restored; resending");
+        }
+    }
+
     /// Commands the last batches made for other partitions' routers.
     pub fn take_peer_commands(&mut self) -> Vec<(u16, Command)> {
         std::mem::take(&mut self.peer.out)
@@ -238,25 +350,134 @@ impl RouterCore {
                 device,
                 removed_ms,
             } => self.peer_device_unlinked(b, &user, device, removed_ms),
+            PeerMsg::Reliable { from, seq, message } => {
+                let applied = self.peer.applied.get(&from).copied().unwrap_or(0);
+                if seq == applied + 1 {
+                    if matches!(*message, PeerMsg::Reliable { .. }) {
+                        return;
+                    }
+                    self.peer.applied.insert(from, seq);
+                    b.writes.put(
+                        Part::Router,
+                        partition_key(APPLIED_PREFIX, from),
+                        seq.to_be_bytes().to_vec(),
+                    );
+                    self.peer_message(b, *message, now_ms);
+                }
+                // A resend of something applied is acknowledged again; a
+                // message past a gap (an earlier one lost) is not applied,
+                // and the answer tells the sender where the gap starts.
+                let through = self.peer.applied.get(&from).copied().unwrap_or(0);
+                if through > 0 {
+                    let owed = self.peer.owed.entry(from).or_default();
+                    *owed = (*owed).max(through);
+                }
+            }
+            PeerMsg::Applied { from, through } => {
+                let Some(q) = self.peer.outbox.get_mut(&from) else {
+                    return;
+                };
+                let mut done: i64 = 0;
+                while let Some(&(seq, _)) = q.waiting.front() {
+                    if seq > through {
+                        break;
+                    }
+                    q.waiting.pop_front();
+                    b.writes.remove(Part::Router, outbox_key(from, seq));
+                    done += 1;
+                }
+                self.metrics.peer_outbox.dec_by(done);
+            }
         }
     }
 
-    /// Fleet mode: sends `message()` to every partition but this one once
-    /// this batch commits. Nothing on a single node.
-    pub(super) fn tell_other_partitions(&self, b: &mut Batch, message: impl Fn() -> PeerMsg) {
-        let Some((mine, partitions)) = self.config.partition else {
+    /// Fleet mode: sends `message` to partition `to` so that it arrives
+    /// once this batch commits, whatever dies meanwhile (see the module
+    /// notes). Nothing on a single node.
+    pub(super) fn tell_reliably(&mut self, b: &mut Batch, to: u16, message: PeerMsg) {
+        let Some((mine, _)) = self.config.partition else {
             return;
         };
-        for p in (0..partitions).filter(|p| *p != mine) {
+        let now_ms = self.batch_now_ms;
+        let q = self.peer.outbox.entry(to).or_default();
+        q.last += 1;
+        let seq = q.last;
+        if q.waiting.is_empty() {
+            q.resend_at = now_ms + PEER_RESEND_MS;
+        }
+        b.writes.put(
+            Part::Router,
+            outbox_key(to, seq),
+            crate::wire::encode_peer(&message),
+        );
+        b.writes.put(
+            Part::Router,
+            partition_key(SENT_PREFIX, to),
+            seq.to_be_bytes().to_vec(),
+        );
+        q.waiting.push_back((seq, message.clone()));
+        self.metrics.peer_outbox.inc();
+        b.pending.push(Pending::Peer {
+            partition: to,
+            command: Command::Peer(PeerMsg::Reliable {
+                from: mine,
+                seq,
+                message: Box::new(message),
+            }),
+        });
+    }
+
+    /// The `Applied` answers this batch owes, sent once it commits.
+    pub(super) fn answer_peers(&mut self, b: &mut Batch) {
+        let Some((mine, _)) = self.config.partition else {
+            return;
+        };
+        for (to, through) in self.peer.owed.drain() {
             b.pending.push(Pending::Peer {
-                partition: p,
-                command: Command::Peer(message()),
+                partition: to,
+                command: Command::Peer(PeerMsg::Applied {
+                    from: mine,
+                    through,
+                }),
             });
         }
     }
 
-    /// Answers parked sends whose device lists did not come in time.
+    /// Fleet mode: sends `message()` reliably to every partition but this
+    /// one. Nothing on a single node.
+    pub(super) fn tell_other_partitions(&mut self, b: &mut Batch, message: impl Fn() -> PeerMsg) {
+        let Some((mine, partitions)) = self.config.partition else {
+            return;
+        };
+        for p in (0..partitions).filter(|p| *p != mine) {
+            self.tell_reliably(b, p, message());
+        }
+    }
+
+    /// Sends again what waited too long for `Applied`, and answers parked
+    /// sends whose device lists did not come in time.
     pub(super) fn peer_timers(&mut self, b: &mut Batch, now_ms: u64) {
+        if let Some((mine, _)) = self.config.partition {
+            let mut resent = 0;
+            for (&to, q) in &mut self.peer.outbox {
+                if q.waiting.is_empty() || now_ms < q.resend_at {
+                    continue;
+                }
+                q.resend_at = now_ms + PEER_RESEND_MS;
+                for (seq, message) in q.waiting.iter().take(PEER_RESEND_CHUNK) {
+                    b.pending.push(Pending::Peer {
+                        partition: to,
+                        command: Command::Peer(PeerMsg::Reliable {
+                            from: mine,
+                            seq: *seq,
+                            message: Box::new(message.clone()),
+                        }),
+                    });
+                    resent += 1;
+                }
+            }
+            self.metrics.peer_resent.inc_by(resent);
+        }
         while let Some(&(at, query)) = self.peer.deadlines.front() {
             if at > now_ms {
                 break;

@@ -11,7 +11,7 @@ use courier_protocol::frame::{PushProvider, ReceiptKind, ServerFrame, MAX_PUSH_T
 use rustc_hash::FxHashMap;
 
 use super::{error_frame, Batch, Pending, Reject, RouterCore};
-use crate::api::{Command, Device, PeerMsg, SessionKey};
+use crate::api::{Device, PeerMsg, SessionKey};
 use crate::codec::{Member, StoredEntry};
 use crate::push::{
     Job, JobSender, Outcome, Payload, PushConfig, PushMetrics, Queue, QueueKey, QueueRecord,
@@ -104,6 +104,17 @@ impl RouterCore {
             self.push.tokens.insert(user.clone(), list);
         }
         Ok(self.push.tokens.get(user).map_or(&[], |l| l.as_slice()))
+    }
+
+    /// Test hook: the token this partition holds for `user`'s `device`
+    /// (its own, or its copy in fleet mode).
+    #[cfg(test)]
+    pub(crate) fn push_token_of(&mut self, user: &str, device: u32) -> Option<String> {
+        let user: Arc<str> = Arc::from(user);
+        let list = self.push_tokens(&user).ok()?;
+        list.iter()
+            .find(|(d, _)| *d == device)
+            .map(|(_, t)| t.token.clone())
     }
 
     fn window_ms(&self) -> u64 {
@@ -513,14 +524,12 @@ impl RouterCore {
                     // A copy: dropped here, and the user's partition told.
                     Some(writer) => {
                         self.push_forget_device(b, &user, device);
-                        b.pending.push(Pending::Peer {
-                            partition: writer,
-                            command: Command::Peer(PeerMsg::PushTokenDead {
-                                user,
-                                device,
-                                token,
-                            }),
-                        });
+                        let dead = PeerMsg::PushTokenDead {
+                            user,
+                            device,
+                            token,
+                        };
+                        self.tell_reliably(b, writer, dead);
                     }
                     None => self.push_token_removed(b, &user, device),
                 }

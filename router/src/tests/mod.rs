@@ -7,6 +7,7 @@ mod failure;
 mod groups;
 mod keys;
 mod push;
+mod peer;
 mod receipts;
 mod send;
 mod social;

@@ -1,0 +1,179 @@
+//! Fleet mode between partitions: token copies, dead tokens and unlinks
+//! arrive once and in order although the plain subject between two
+//! routers loses whatever is published while a partition changes owner.
+//! Two cores, one per partition of two, exchange their peer commands
+//! through the test, which drops, reorders and repeats them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_protocol::frame::{ClientFrame, PushProvider, ServerFrame};
+
+use super::Harness;
+use crate::api::{Command, PeerMsg};
+use crate::core::PEER_RESEND_MS;
+use crate::fleet::partition_of;
+use crate::push::WebhookConfig;
+
+const BOB: &str = "bob";
+
+/// The core of partition `p` of two.
+fn partition(p: u16) -> Harness {
+    Harness::with(|c| {
+        c.partition = Some((p, 2));
+        c.push.delay = Duration::from_millis(2_000);
+        c.push.webhook = Some(WebhookConfig {
+            url: "http://127.0.0.1:9/unused".into(),
+            secret: Arc::from(&b"k"[..]),
+        });
+    })
+}
+
+/// Bob's partition (the writer of his tokens) and the other one.
+fn pair() -> (Harness, Harness) {
+    let home = partition_of(BOB, 2);
+    (partition(home), partition(1 - home))
+}
+
+/// Bob's phone registers `token` with his partition; returns what that
+/// partition sent to the other.
+fn register(home: &mut Harness, token: &str) -> Vec<Command> {
+    let phone = home.client(BOB, 1, 0);
+    home.step(vec![phone.attach()]);
+    let out = home.step(vec![phone.frame(ClientFrame::PushRegister {
+        request: 1,
+        provider: PushProvider::Webhook,
+        token: token.into(),
+        ciphertext: false,
+    })]);
+    assert_eq!(out.frames(&phone), vec![ServerFrame::Done { request: 1 }]);
+    home.step(vec![phone.detach()]);
+    sent(home)
+}
+
+/// What `h` sent to other partitions since the last call.
+fn sent(h: &mut Harness) -> Vec<Command> {
+    h.core()
+        .take_peer_commands()
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect()
+}
+
+/// Only the reliable messages of `commands`.
+fn reliable(commands: Vec<Command>) -> Vec<PeerMsg> {
+    commands
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Peer(m @ PeerMsg::Reliable { .. }) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Hands `messages` to `to` in one batch; returns its answers.
+fn hand(to: &mut Harness, messages: Vec<PeerMsg>) -> Vec<PeerMsg> {
+    to.step(messages.into_iter().map(Command::Peer).collect());
+    sent(to)
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Peer(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn outbox(h: &Harness) -> String {
+    h.metrics_text()
+        .lines()
+        .find(|l| l.starts_with("courier_peer_outbox_messages "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_lost_token_copy_is_sent_again_until_the_other_partition_applies_it() {
+    let (mut home, mut away) = pair();
+    let lost = reliable(register(&mut home, "phone-1"));
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(outbox(&home), "courier_peer_outbox_messages 1");
+    assert_eq!(away.core().push_token_of(BOB, 1), None);
+
+    // Not before its time.
+    home.step(vec![]);
+    assert!(sent(&mut home).is_empty());
+    home.advance(PEER_RESEND_MS);
+    home.step(vec![]);
+    let again = reliable(sent(&mut home));
+    assert_eq!(again, lost, "the same message, same number");
+
+    let answers = hand(&mut away, again);
+    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-1"));
+    assert!(matches!(
+        answers.as_slice(),
+        [PeerMsg::Applied { through: 1, .. }]
+    ));
+    hand(&mut home, answers);
+    assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
+    home.advance(10 * PEER_RESEND_MS);
+    home.step(vec![]);
+    assert!(sent(&mut home).is_empty(), "nothing left to resend");
+}
+
+#[test]
+fn a_sender_killed_before_it_sent_resends_from_its_store_when_it_comes_back() {
+    let (mut home, mut away) = pair();
+    // Committed, then the process dies before publishing.
+    drop(register(&mut home, "phone-1"));
+    home.restart();
+    home.step(vec![]);
+    let resent = reliable(sent(&mut home));
+    assert_eq!(resent.len(), 1, "resent at once by the next owner");
+    hand(&mut away, resent);
+    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-1"));
+}
+
+#[test]
+fn an_older_token_copy_never_replaces_a_newer_one() {
+    let (mut home, mut away) = pair();
+    let first = reliable(register(&mut home, "phone-1"));
+    let second = reliable(register(&mut home, "phone-2"));
+
+    // The second arrives first: past a gap, it waits for the first.
+    let answers = hand(&mut away, second.clone());
+    assert!(answers.is_empty(), "nothing applied yet: {answers:?}");
+    assert_eq!(away.core().push_token_of(BOB, 1), None);
+    hand(&mut away, first.clone());
+    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-1"));
+    hand(&mut away, second);
+    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-2"));
+
+    // A late repeat of the first, before and after the receiver restarts,
+    // is acknowledged and changes nothing.
+    let answers = hand(&mut away, first.clone());
+    assert!(matches!(
+        answers.as_slice(),
+        [PeerMsg::Applied { through: 2, .. }]
+    ));
+    away.restart();
+    hand(&mut away, first);
+    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-2"));
+
+    // Both acknowledged at once by the cumulative answer.
+    hand(&mut home, answers);
+    assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
+}
+
+#[test]
+fn a_single_node_sends_nothing_between_partitions() {
+    let mut h = Harness::with(|c| {
+        c.push.webhook = Some(WebhookConfig {
+            url: "http://127.0.0.1:9/unused".into(),
+            secret: Arc::from(&b"k"[..]),
+        });
+    });
+    assert!(register(&mut h, "phone-1").is_empty());
+    h.advance(PEER_RESEND_MS);
+    h.step(vec![]);
+    assert!(sent(&mut h).is_empty());
+}
