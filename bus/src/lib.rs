@@ -112,6 +112,14 @@ pub trait Log: Send + Sync + Debug {
         after: u64,
         each: &mut dyn FnMut(Record) -> Result<(), BusError>,
     ) -> Result<u64, BusError>;
+
+    /// The last record of `subject`, if it has any.
+    fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError>;
+
+    /// Deletes every record of `subject` below sequence `below`; the
+    /// record at `below` and later ones stay, so the subject's last
+    /// sequence (what appends are fenced on) does not move.
+    fn purge(&self, subject: &str, below: u64) -> Result<(), BusError>;
 }
 
 /// One value of a [`Kv`] bucket and the revision that wrote it.

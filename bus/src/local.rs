@@ -198,6 +198,46 @@ impl Log for LocalLog {
         }
         Ok(seen)
     }
+
+    fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
+        check_name(subject)?;
+        let prefix = Self::subject_prefix(subject);
+        match self.records.prefix(prefix).next_back() {
+            Some(kv) => {
+                let (key, value) = kv.map_err(io)?;
+                Ok(Some(Record {
+                    seq: Self::seq_of(&key),
+                    payload: Bytes::copy_from_slice(&value),
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
+        check_name(subject)?;
+        let _appends = locked(&self.last);
+        let from = Self::record_key(subject, 0);
+        let to = Self::record_key(subject, below);
+        // In slices, so a long subject never makes one huge batch.
+        loop {
+            let mut keys = Vec::with_capacity(1024);
+            for kv in self.records.range(from.clone()..to.clone()).take(1024) {
+                keys.push(kv.map_err(io)?.0);
+            }
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = self.keyspace.batch();
+            for key in keys {
+                batch.remove(&self.records, key);
+            }
+            batch.commit().map_err(io)?;
+        }
+        self.keyspace
+            .persist(PersistMode::SyncData)
+            .map_err(|e| BusError::Unavailable(e.to_string()))
+    }
 }
 
 /// A [`Kv`] bucket in memory.

@@ -51,6 +51,8 @@ pub enum Op {
     last,
     /// Replaying a subject, from the consumer's creation to the last record.
     replay,
+    /// Deleting a subject's records below a sequence (after a snapshot).
+    purge,
     kv_get,
     kv_create,
     kv_update,

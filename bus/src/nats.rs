@@ -340,6 +340,34 @@ impl Log for NatsLog {
         })
     }
 
+    fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
+        check_name(subject)?;
+        self.nats.timed(Op::last, async {
+            match self.stream.get_last_raw_message_by_subject(subject).await {
+                Ok(m) => Ok(Some(Record {
+                    seq: m.sequence,
+                    payload: m.payload,
+                })),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
+        check_name(subject)?;
+        self.nats.timed(Op::purge, async {
+            // JetStream's purge by sequence keeps `below` and later.
+            self.stream
+                .purge()
+                .filter(subject)
+                .sequence(below)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+    }
+
     fn replay(
         &self,
         subject: &str,

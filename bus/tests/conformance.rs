@@ -111,6 +111,37 @@ fn log_fences_a_stale_writer(be: Backend) {
     assert_eq!(replay_all(log, "t.log.f", 0).len(), 2);
 }
 
+/// A purge below a sequence drops only that subject's older records;
+/// the last record stays, so a writer fenced on it can go on appending,
+/// and a replay from before the purge point starts at what is left.
+fn log_purges_a_subject_below_a_sequence(be: Backend) {
+    let log = &*be.log;
+    assert_eq!(log.last_record("t.log.p").expect("empty"), None);
+    let mut last = 0;
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let a = log
+            .append("t.log.p", &format!("p{i}"), b(&format!("r{i}")), Some(last))
+            .expect("append");
+        last = a.seq;
+        seqs.push(a.seq);
+    }
+    let other = log.append("t.log.q", "q0", b("other"), None).expect("q");
+    log.purge("t.log.p", seqs[3]).expect("purge");
+    assert_eq!(
+        replay_all(log, "t.log.p", 0),
+        vec![(seqs[3], b("r3")), (seqs[4], b("r4"))]
+    );
+    assert_eq!(replay_all(log, "t.log.q", 0), vec![(other.seq, b("other"))]);
+    // Everything but the last: the fence still holds.
+    log.purge("t.log.p", last).expect("purge to the last");
+    let kept = log.last_record("t.log.p").expect("last record");
+    assert_eq!(kept.map(|r| (r.seq, r.payload)), Some((last, b("r4"))));
+    assert_eq!(log.last("t.log.p").expect("last"), last);
+    log.append("t.log.p", "p5", b("r5"), Some(last))
+        .expect("append after the purge");
+}
+
 fn log_tells_whether_its_last_record_has_an_id(be: Backend) {
     let log = &*be.log;
     assert_eq!(log.last_if_id("t.log.i", "i1").expect("empty"), None);
@@ -290,6 +321,7 @@ macro_rules! both {
 
 both!(
     log_appends_in_order_and_replays,
+    log_purges_a_subject_below_a_sequence,
     log_dedupes_a_retried_append,
     log_fences_a_stale_writer,
     log_tells_whether_its_last_record_has_an_id,

@@ -319,6 +319,12 @@ pub struct ServeArgs {
     /// Gateways and routers of a fleet must agree.
     #[arg(long, env = "COURIER_GATEWAY_TTL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
     pub gateway_ttl_ms: u64,
+    /// Fleet mode, routers: KiB a partition's changelog grows by before
+    /// its store is snapshotted into the log (or by the last snapshot's
+    /// size, if larger), so a takeover replays at most about that much
+    /// after loading the snapshot.
+    #[arg(long, env = "COURIER_SNAPSHOT_MIN_KIB", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    pub snapshot_min_kib: u64,
 }
 
 impl ServeArgs {

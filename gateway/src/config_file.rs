@@ -109,6 +109,7 @@ pub const KEYS: &[Key] = &[
     key("fleet", "nats_replicas", "nats_replicas"),
     key("fleet", "lease_ttl_ms", "lease_ttl_ms"),
     key("fleet", "gateway_ttl_ms", "gateway_ttl_ms"),
+    key("fleet", "snapshot_min_kib", "snapshot_min_kib"),
 ];
 
 /// Arguments that are about the file itself and have no key.

@@ -767,6 +767,7 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         scan_interval: Duration::from_millis((args.lease_ttl_ms / 6).max(100)),
         data_dir: args.data_dir.join("partitions"),
         subject_prefix: "courier.log".into(),
+        snapshot_min_bytes: args.snapshot_min_kib * 1024,
         router: RouterConfig {
             push: crate::node::push_config(&args)?,
             ..crate::node::router_config(&args)

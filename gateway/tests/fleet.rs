@@ -275,7 +275,8 @@ fn messages_until(c: &mut Client, conversation: &str, seq: u64) -> Vec<u64> {
 
 #[test]
 fn messages_cross_gateways_and_survive_a_router_kill() {
-    let mut fleet = Fleet::start();
+    // A snapshot every KiB of log, so the takeover below loads one.
+    let mut fleet = Fleet::start_with(&["--snapshot-min-kib".into(), "1".into()]);
     let g1 = fleet.gateway("g1", 1);
     let g2 = fleet.gateway("g2", 2);
     let (mut alice, _) = g1.online("alice", 1);
@@ -393,8 +394,33 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The partition about to lose its router has a snapshot in its log
+    // (messages of another conversation of it fill the log until then).
+    let p = partition_of(direct, PARTITIONS);
+    let filler = (0..)
+        .map(|i| direct_conversation("alice", &format!("filler{i}")))
+        .find(|c| partition_of(c, PARTITIONS) == p)
+        .unwrap();
+    let started = Instant::now();
+    for id in 1000.. {
+        let snapshots: u64 = fleet
+            .routers
+            .iter()
+            .flat_map(|r| partition_metric(r, "courier_changelog_snapshots_total"))
+            .filter(|(q, _)| *q == p)
+            .map(|(_, n)| n)
+            .sum();
+        if snapshots >= 1 {
+            break;
+        }
+        assert!(started.elapsed() < TIMEOUT, "no snapshot of partition {p}");
+        alice.send_acked(&filler, id, &[b'x'; 512]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // SIGKILL the router serving the direct conversation.
-    let victim = fleet.kill_owner_of(partition_of(direct, PARTITIONS));
+    let victim = fleet.kill_owner_of(p);
+    let survivor = usize::from(victim == "router-101");
     let killed = Instant::now();
 
     let (sent, took) = send_until_sent(&mut alice, direct, 6, Duration::from_millis(500));
@@ -414,6 +440,17 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
     sorted.dedup();
     assert!(sorted.iter().all(|s| (1..=6).contains(s)));
     assert!(resumed < Duration::from_secs(20));
+    // The survivor took the partition over from its snapshot.
+    let log = std::fs::read_to_string(&fleet.routers[survivor].1).unwrap();
+    let took_over = log
+        .lines()
+        .rfind(|l| l.contains("serving partition") && l.contains(&format!("partition={p} ")))
+        .unwrap_or_else(|| panic!("no takeover of {p} logged:\n{log}"))
+        .to_owned();
+    assert!(
+        !took_over.contains("snapshot_at=0 "),
+        "taken over without its snapshot: {took_over}"
+    );
 
     // Everything is still there for a new device, in order, once each.
     let (_, caught_up) = g2.online("bob", 2);
@@ -1077,7 +1114,10 @@ fn a_token_copy_sent_while_its_partition_changes_owner_still_arrives() {
         .filter(|(p, _)| *p == home)
         .map(|(_, n)| n)
         .sum();
-    assert!(resent >= 1, "the copy published into the gap was sent again");
+    assert!(
+        resent >= 1,
+        "the copy published into the gap was sent again"
+    );
 
     let (mut a, _) = node.online(&alice, 1);
     send_until_sent(

@@ -51,9 +51,9 @@ mod push;
 mod social;
 mod views;
 
-pub(crate) use social::UserState;
 #[cfg(test)]
 pub(crate) use peer::PEER_RESEND_MS;
+pub(crate) use social::UserState;
 use views::Query;
 
 /// How often the sweep drops expired dedupe records and idle rate buckets.
@@ -663,6 +663,12 @@ impl RouterCore {
         }
         self.peer.out.append(&mut out.peers);
         out.into_batches()
+    }
+
+    /// Fleet mode: a view of everything the store holds now, for a
+    /// changelog snapshot written on another thread.
+    pub(crate) fn store_snapshot(&self) -> Result<store::StoreSnapshot, StoreError> {
+        self.store.snapshot()
     }
 
     /// A handle to sync the store from another thread; `None` while the

@@ -52,7 +52,15 @@ pub struct Changelog {
     /// The sequence of the subject's last record when this owner took it
     /// over (what [`replay`] returned).
     pub last: u64,
+    /// The snapshot the store was loaded from, if any ([`restore`]).
+    pub snapshot: Option<crate::snapshot::Taken>,
+    /// A snapshot is written once the changelog has grown by the last
+    /// one's size and at least this many bytes since (`u64::MAX`: never).
+    pub snapshot_min_bytes: u64,
 }
+
+/// The default of [`Changelog::snapshot_min_bytes`]: 64 MiB.
+pub const SNAPSHOT_MIN_BYTES: u64 = 64 << 20;
 
 /// Appends batches for the syncer thread, tracking the fence.
 #[derive(Debug)]
@@ -64,6 +72,11 @@ pub(crate) struct Appender {
 impl Appender {
     pub(crate) fn new(changelog: Changelog) -> Self {
         Self { changelog, next: 0 }
+    }
+
+    /// The sequence of the last record appended (the fence).
+    pub(crate) fn last(&self) -> u64 {
+        self.changelog.last
     }
 
     /// Appends one batch; on success the fence moves past it. A batch
@@ -232,17 +245,82 @@ pub fn replay(
     subject: &str,
     after: u64,
 ) -> Result<u64, crate::RouterError> {
+    let mut store = open_store(data_dir, limits)?;
+    let (last, _) = apply_changelog(data_dir, &mut store, log, subject, after)?;
+    Ok(last)
+}
+
+/// What [`restore`] rebuilt a partition's store from.
+#[derive(Clone, Copy, Debug)]
+pub struct Restored {
+    /// The sequence of the changelog's last record: the new owner's fence.
+    pub last: u64,
+    /// The snapshot loaded first, if the log had one.
+    pub snapshot: Option<crate::snapshot::Taken>,
+    /// Changelog records applied after it.
+    pub replayed: u64,
+}
+
+/// Rebuilds a partition's store under `data_dir` (a fresh directory) as a
+/// new owner does: the latest complete snapshot of `subject`, then the
+/// changelog after it ([`crate::snapshot`]).
+pub fn restore(
+    data_dir: &Path,
+    limits: crate::StoreLimits,
+    log: &dyn Log,
+    subject: &str,
+) -> Result<Restored, crate::RouterError> {
+    let store_error =
+        |source: Box<dyn std::error::Error + Send + Sync>| crate::RouterError::Store {
+            path: data_dir.to_owned(),
+            source,
+        };
+    let mut store = open_store(data_dir, limits)?;
+    let snapshot = crate::snapshot::latest(log, subject).map_err(|e| store_error(Box::new(e)))?;
+    if let Some(taken) = &snapshot {
+        crate::snapshot::load(log, subject, taken, &mut store)
+            .map_err(|e| store_error(Box::new(e)))?;
+    }
+    let after = snapshot.map_or(0, |t| t.at);
+    let (last, replayed) = apply_changelog(data_dir, &mut store, log, subject, after)?;
+    Ok(Restored {
+        last,
+        snapshot,
+        replayed,
+    })
+}
+
+fn open_store(data_dir: &Path, limits: crate::StoreLimits) -> Result<Store, crate::RouterError> {
     let store_error =
         |source: Box<dyn std::error::Error + Send + Sync>| crate::RouterError::Store {
             path: data_dir.to_owned(),
             source,
         };
     std::fs::create_dir_all(data_dir).map_err(|e| store_error(Box::new(e)))?;
-    let mut store = Store::open_with(data_dir, limits).map_err(|e| store_error(Box::new(e)))?;
+    Store::open_with(data_dir, limits).map_err(|e| store_error(Box::new(e)))
+}
+
+/// Applies every record of `subject` after `after` to `store`, flushes
+/// it, and returns the last sequence applied (or `after`) and how many
+/// records there were.
+fn apply_changelog(
+    data_dir: &Path,
+    store: &mut Store,
+    log: &dyn Log,
+    subject: &str,
+    after: u64,
+) -> Result<(u64, u64), crate::RouterError> {
+    let store_error =
+        |source: Box<dyn std::error::Error + Send + Sync>| crate::RouterError::Store {
+            path: data_dir.to_owned(),
+            source,
+        };
     let mut failure: Option<StoreError> = None;
     let mut pieces = Reassembly::default();
+    let mut records = 0;
     let last = log
         .replay(subject, after, &mut |record| {
+            records += 1;
             let corrupt = |failure: &mut Option<StoreError>, what: &'static str| {
                 *failure = Some(StoreError::CorruptRecord {
                     seq: record.seq,
@@ -267,7 +345,7 @@ pub fn replay(
             None => store_error(Box::new(e)),
         })?;
     store.flush().map_err(|e| store_error(Box::new(e)))?;
-    Ok(last)
+    Ok((last, records))
 }
 
 /// How a router process takes its share of the partitions.
@@ -286,6 +364,8 @@ pub struct OwnerConfig {
     pub data_dir: PathBuf,
     /// The changelog subject of partition `p` is `{subject_prefix}.{p}`.
     pub subject_prefix: String,
+    /// See [`Changelog::snapshot_min_bytes`].
+    pub snapshot_min_bytes: u64,
     /// The router settings every partition runs with (`data_dir` and
     /// `changelog` are set per partition).
     pub router: RouterConfig,
@@ -651,8 +731,8 @@ impl Supervisor {
         let dir = self.config.data_dir.join(format!("partition-{p}"));
         let _ = std::fs::remove_dir_all(&dir);
         let subject = format!("{}.{p}", self.config.subject_prefix);
-        let last = match replay(&dir, self.config.router.store, &*self.log, &subject, 0) {
-            Ok(last) => last,
+        let restored = match restore(&dir, self.config.router.store, &*self.log, &subject) {
+            Ok(restored) => restored,
             Err(e) => {
                 tracing::error!(partition = p, error = %e, "replaying the changelog failed; releasing the partition");
                 let _ = lease.release();
@@ -669,7 +749,9 @@ impl Supervisor {
                 log: self.log.clone(),
                 subject,
                 writer: format!("{}.{}", self.config.router_id, lease_epoch(&lease)),
-                last,
+                last: restored.last,
+                snapshot: restored.snapshot,
+                snapshot_min_bytes: self.config.snapshot_min_bytes,
             }),
             partition: Some((p, self.config.partitions)),
             ..self.config.router.clone()
@@ -683,7 +765,10 @@ impl Supervisor {
                 }
                 tracing::info!(
                     partition = p,
-                    replayed_to = last,
+                    replayed_to = restored.last,
+                    snapshot_at = restored.snapshot.map_or(0, |t| t.at),
+                    snapshot_records = restored.snapshot.map_or(0, |t| t.records),
+                    changelog_records = restored.replayed,
                     took_ms = started.elapsed().as_millis() as u64,
                     "serving partition"
                 );
@@ -820,6 +905,14 @@ mod tests {
         ) -> Result<u64, BusError> {
             self.inner.replay(subject, after, each)
         }
+
+        fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
+            self.inner.last_record(subject)
+        }
+
+        fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
+            self.inner.purge(subject, below)
+        }
     }
 
     fn appender(log: Arc<dyn Log>, writer: &str) -> Appender {
@@ -829,6 +922,8 @@ mod tests {
             subject: "t.log.0".into(),
             writer: writer.into(),
             last,
+            snapshot: None,
+            snapshot_min_bytes: u64::MAX,
         })
     }
 

@@ -48,6 +48,7 @@ mod partition_metrics;
 pub mod push;
 mod rate;
 mod server_id;
+pub mod snapshot;
 mod store;
 pub mod wire;
 
@@ -55,7 +56,7 @@ pub mod wire;
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -469,7 +470,17 @@ impl Worker {
         let queue_depth = self.core.metrics().queue_depth.clone();
         let changelog = self.changelog.clone();
         let fleet = changelog.is_some();
-        let syncer = match Syncer::spawn(changelog) {
+        // The changelog sequence of the last batch appended, kept by the
+        // syncer thread.
+        let appended = Arc::new(AtomicU64::new(changelog.as_ref().map_or(0, |c| c.last)));
+        let mut snapshots = changelog
+            .as_ref()
+            .filter(|c| c.snapshot_min_bytes != u64::MAX)
+            .map(|c| {
+                let metrics = self.core.metrics().snapshots.clone();
+                snapshot::Snapshots::new(c, c.snapshot_min_bytes, metrics)
+            });
+        let syncer = match Syncer::spawn(changelog, appended.clone()) {
             Ok(s) => s,
             Err(e) if !fleet => {
                 tracing::error!(error = %e, "router syncer thread failed to start; syncing inline");
@@ -494,11 +505,23 @@ impl Worker {
             // router's timers (typing expiry, presence debounce, written-
             // behind records) run even when no command arrives.
             let tick = batch.is_empty() && in_flight.is_none() && !stopping;
+            // Fleet mode: the store holds exactly the batches prepared so
+            // far, so a view of it taken before the next one is written is
+            // the state as of the batch in flight (or, with none, the last
+            // one appended): once that append is answered, its sequence
+            // names the view.
+            let due = !poisoned && !stopping && snapshots.as_mut().is_some_and(|s| s.due());
+            let view = due.then(|| self.core.store_snapshot().ok()).flatten();
             let next = (!batch.is_empty() || tick).then(|| self.core.prepare(batch, now_ms()));
             if let Some(written) = in_flight.take() {
                 let synced = syncer.wait();
                 poisoned |= fleet && synced.is_err();
                 self.deliver(written, synced);
+            }
+            if let (Some(view), Some(s)) = (view, snapshots.as_mut()) {
+                if !poisoned {
+                    s.start(view, appended.load(Ordering::Acquire));
+                }
             }
             match next {
                 Some(written) if poisoned => {
@@ -508,6 +531,9 @@ impl Worker {
                 Some(mut written) if written.needs_sync() && fleet => {
                     match written.take_encoded() {
                         Some(bytes) => {
+                            if let Some(s) = snapshots.as_mut() {
+                                s.appended(bytes.len());
+                            }
                             syncer.start(Job::Append(bytes));
                             in_flight = Some(written);
                         }
@@ -633,7 +659,12 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn spawn(changelog: Option<fleet::Changelog>) -> std::io::Result<Self> {
+    /// `appended` is set to the changelog's last sequence after each
+    /// append.
+    fn spawn(
+        changelog: Option<fleet::Changelog>,
+        appended: Arc<AtomicU64>,
+    ) -> std::io::Result<Self> {
         let (requests, jobs) = crossbeam_channel::bounded::<Job>(1);
         let (done, results) = crossbeam_channel::bounded(1);
         let mut appender = changelog.map(fleet::Appender::new);
@@ -645,7 +676,11 @@ impl Syncer {
                     let result = match job {
                         Job::Fsync(handle) => handle.sync(),
                         Job::Append(bytes) => match appender.as_mut() {
-                            Some(appender) => appender.append(bytes),
+                            Some(appender) => {
+                                let result = appender.append(bytes);
+                                appended.store(appender.last(), Ordering::Release);
+                                result
+                            }
                             None => Err(store::StoreError::Changelog("no changelog".into())),
                         },
                     };

@@ -88,6 +88,19 @@ pub struct Metrics {
     pub peer_outbox: Gauge,
     /// Fleet mode: reliable messages sent again for want of an answer.
     pub peer_resent: Counter,
+    /// Fleet mode: changelog snapshots.
+    pub snapshots: SnapshotMetrics,
+}
+
+/// Fleet mode: the partition's changelog snapshots.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotMetrics {
+    /// Snapshots completed.
+    pub taken: Counter,
+    /// Snapshots that failed (the log refused or was unreachable).
+    pub failures: Counter,
+    /// The size of the last complete snapshot.
+    pub bytes: Gauge,
 }
 
 impl Metrics {
@@ -119,6 +132,7 @@ impl Metrics {
             gateway_sessions_dropped: Counter::default(),
             peer_outbox: Gauge::default(),
             peer_resent: Counter::default(),
+            snapshots: SnapshotMetrics::default(),
         };
         // Units are registered as such: the encoder appends the suffix to
         // the name and writes the OpenMetrics `# UNIT` line.
@@ -251,6 +265,22 @@ impl Metrics {
             "courier_peer_resent",
             "Fleet mode: messages to other partitions sent again for want of an acknowledgement",
             m.peer_resent.clone(),
+        );
+        registry.register(
+            "courier_changelog_snapshots",
+            "Fleet mode: snapshots of the partition's store written to its changelog",
+            m.snapshots.taken.clone(),
+        );
+        registry.register(
+            "courier_changelog_snapshot_failures",
+            "Fleet mode: changelog snapshots that could not be written",
+            m.snapshots.failures.clone(),
+        );
+        registry.register_with_unit(
+            "courier_changelog_snapshot_size",
+            "Fleet mode: size of the partition's last complete changelog snapshot",
+            prometheus_client::registry::Unit::Bytes,
+            m.snapshots.bytes.clone(),
         );
         m
     }

@@ -356,6 +356,47 @@ impl Open {
     }
 }
 
+/// A point-in-time view of the whole store, read on another thread while
+/// the router goes on (fleet mode: a changelog snapshot). fjall keeps the
+/// versions it sees until it is dropped.
+pub struct StoreSnapshot(Vec<(Part, fjall::Snapshot)>);
+
+impl std::fmt::Debug for StoreSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSnapshot").finish_non_exhaustive()
+    }
+}
+
+impl StoreSnapshot {
+    /// Every record of the view, as write sets holding about `chunk_bytes`
+    /// of keys and values each, in partition then key order; returns how
+    /// many records there were. An error from `each` stops the walk.
+    pub fn chunks(
+        &self,
+        chunk_bytes: usize,
+        each: &mut dyn FnMut(WriteSet) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut set = WriteSet::default();
+        let (mut size, mut records) = (0, 0);
+        for (part, snapshot) in &self.0 {
+            for item in snapshot.iter() {
+                let (key, value) = item.map_err(fjall::Error::from)?;
+                size += key.len() + value.len();
+                records += 1;
+                set.put(*part, key.to_vec(), value.to_vec());
+                if size >= chunk_bytes {
+                    each(std::mem::take(&mut set))?;
+                    size = 0;
+                }
+            }
+        }
+        if !set.is_empty() {
+            each(set)?;
+        }
+        Ok(records)
+    }
+}
+
 /// The store. Owned by the router thread; reads see only committed data.
 pub struct Store {
     path: PathBuf,
@@ -487,6 +528,19 @@ impl Store {
 
     fn part(&self, part: Part) -> Result<&PartitionHandle, StoreError> {
         Ok(self.open.as_ref().ok_or(StoreError::Closed)?.part(part))
+    }
+
+    /// Everything committed so far, as one consistent view over every
+    /// partition (later commits are not in it).
+    pub fn snapshot(&self) -> Result<StoreSnapshot, StoreError> {
+        let open = self.open.as_ref().ok_or(StoreError::Closed)?;
+        let instant = open.keyspace.instant();
+        Ok(StoreSnapshot(
+            Part::ALL
+                .iter()
+                .map(|p| (*p, open.part(*p).snapshot_at(instant)))
+                .collect(),
+        ))
     }
 
     fn get(&self, part: Part, key: &[u8]) -> Result<Option<Slice>, StoreError> {

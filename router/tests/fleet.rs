@@ -45,21 +45,38 @@ fn start_owner_lingering(
     writer: &str,
     linger: Duration,
 ) -> (RouterHandle, Rx, Arc<ChannelOutlet>) {
-    let last = fleet::replay(dir, Default::default(), &**log, SUBJECT, 0).unwrap();
+    start_owner_with(log, dir, writer, linger, u64::MAX).0
+}
+
+/// Restores the partition into `dir` as a new owner does (snapshot, then
+/// the changelog after it) and starts an owner that snapshots every
+/// `snapshot_min_bytes` of log; also returns what the restore found.
+fn start_owner_with(
+    log: &Arc<dyn Log>,
+    dir: &Path,
+    writer: &str,
+    linger: Duration,
+    snapshot_min_bytes: u64,
+) -> ((RouterHandle, Rx, Arc<ChannelOutlet>), fleet::Restored) {
+    let restored = fleet::restore(dir, Default::default(), &**log, SUBJECT).unwrap();
     let config = RouterConfig {
         data_dir: dir.to_owned(),
         changelog: Some(Changelog {
             log: log.clone(),
             subject: SUBJECT.into(),
             writer: writer.into(),
-            last,
+            last: restored.last,
+            snapshot: restored.snapshot,
+            snapshot_min_bytes,
         }),
         batch_linger: linger,
+        // Bursts of sends from one user in these tests.
+        send_burst: 1_000.0,
         ..RouterConfig::default()
     };
     let (out, rx) = outlet();
     let router = Router::start(config, out.clone(), &mut Registry::default()).unwrap();
-    (router, rx, out)
+    ((router, rx, out), restored)
 }
 
 fn attach_and_sync(router: &RouterHandle, rx: &Rx, s: SessionKey, user: &str) -> Vec<ServerFrame> {
@@ -255,6 +272,133 @@ fn a_batch_larger_than_a_record_is_replayed_whole(log: Arc<dyn Log>) {
     b.shutdown();
 }
 
+/// The changelog's records, in order.
+fn changelog_seqs(log: &dyn Log) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    log.replay(SUBJECT, 0, &mut |r| {
+        seqs.push(r.seq);
+        Ok(())
+    })
+    .unwrap();
+    seqs
+}
+
+/// With snapshots every few KiB of log, an owner's store goes into the
+/// log as snapshots and the log is purged behind them; the next owner
+/// loads the latest snapshot, replays only the records after it, and
+/// resumes exactly (catch-up, a retried send's original answer, the next
+/// sequence), also when a snapshot was left half written at the tail.
+fn snapshots_bound_what_a_takeover_replays(log: Arc<dyn Log>) {
+    let dirs = tempfile::tempdir().unwrap();
+    let alice = session(0, 1);
+    let ((a, a_rx, _a_out), first) = start_owner_with(
+        &log,
+        &dirs.path().join("a"),
+        "router-a.1",
+        Duration::ZERO,
+        4096,
+    );
+    assert!(first.snapshot.is_none());
+    attach_and_sync(&a, &a_rx, alice, "alice");
+    let mut answers = Vec::new();
+    for id in 1..=60 {
+        let answer = send_and_answer(&a, &a_rx, alice, id);
+        assert!(
+            matches!(answer, ServerFrame::Sent { seq, .. } if seq == id),
+            "{answer:?}"
+        );
+        answers.push(answer);
+    }
+    // Then 140 more at once, so batches are decided while others are
+    // being appended, and snapshots are taken between them.
+    for id in 61..=200 {
+        a.submit(frame(alice, "alice", send("d:alice:bob", id)))
+            .unwrap();
+    }
+    let acked = |got: &[(SessionKey, ServerFrame)]| {
+        got.iter()
+            .filter(|(s, f)| *s == alice && matches!(f, ServerFrame::Sent { .. }))
+            .count()
+    };
+    let burst = collect(&a_rx, |got| acked(got) == 140);
+    assert_eq!(acked(&burst), 140);
+    // Snapshots are written behind the router: wait until one exists
+    // and the log before the one preceding it is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let taken = loop {
+        let latest = courier_router::snapshot::latest(&*log, SUBJECT).unwrap();
+        let seqs = changelog_seqs(&*log);
+        if let Some(t) = latest.filter(|_| seqs.first().is_some_and(|s| *s > 1)) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot and purge: {latest:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(taken.records > 0 && taken.chunks > 0, "{taken:?}");
+    a.shutdown();
+    let left = changelog_seqs(&*log);
+    let appended = log.last(SUBJECT).unwrap();
+
+    // A snapshot whose writer stopped half way, at the subject's tail.
+    let mut stray = vec![0xC1];
+    stray.extend_from_slice(&(appended + 1000).to_be_bytes());
+    stray.extend_from_slice(&0u32.to_be_bytes());
+    stray.extend_from_slice(b"not a write set");
+    log.append(
+        &courier_router::snapshot::subject(SUBJECT),
+        "stray.0",
+        Bytes::from(stray),
+        None,
+    )
+    .unwrap();
+
+    let ((b, b_rx, _b_out), restored) = start_owner_with(
+        &log,
+        &dirs.path().join("b"),
+        "router-b.2",
+        Duration::ZERO,
+        4096,
+    );
+    let loaded = restored.snapshot.expect("a snapshot was loaded");
+    assert!(loaded.at >= taken.at);
+    assert!(
+        restored.replayed < left.len() as u64 && (left.len() as u64) < 200,
+        "replayed {} of {} records left (200 sends)",
+        restored.replayed,
+        left.len()
+    );
+    assert_eq!(
+        restored.last, appended,
+        "the fence is the log's last record"
+    );
+    let caught_up = attach_and_sync(&b, &b_rx, session(1, 1), "bob");
+    let seqs: Vec<u64> = caught_up
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+    attach_and_sync(&b, &b_rx, alice, "alice");
+    assert_eq!(send_and_answer(&b, &b_rx, alice, 1), answers[0]);
+    assert_eq!(send_and_answer(&b, &b_rx, alice, 60), answers[59]);
+    let again = send_and_answer(&b, &b_rx, alice, 200);
+    assert!(
+        matches!(again, ServerFrame::Sent { seq: 200, .. }),
+        "{again:?}"
+    );
+    let next = send_and_answer(&b, &b_rx, alice, 201);
+    assert!(
+        matches!(next, ServerFrame::Sent { seq: 201, .. }),
+        "{next:?}"
+    );
+    b.shutdown();
+}
+
 /// The embedded changelog under `dir`.
 fn embedded_log(dir: &Path) -> Arc<dyn Log> {
     Arc::new(LocalLog::open(dir, Duration::from_secs(120)).unwrap())
@@ -309,4 +453,17 @@ fn jetstream_takeover_resumes_exactly_and_fences_the_old_owner() {
     let dir = tempfile::tempdir().unwrap();
     let js = jetstream_log(dir.path());
     takeover_resumes_exactly_and_fences_the_old_owner(js.log.clone());
+}
+
+#[test]
+fn embedded_log_snapshots_bound_what_a_takeover_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshots_bound_what_a_takeover_replays(embedded_log(dir.path()));
+}
+
+#[test]
+fn jetstream_snapshots_bound_what_a_takeover_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream_log(dir.path());
+    snapshots_bound_what_a_takeover_replays(js.log.clone());
 }

@@ -41,6 +41,7 @@ fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) 
         scan_interval: Duration::from_millis(200),
         data_dir: dir.join(id),
         subject_prefix: "t.log".into(),
+        snapshot_min_bytes: courier_router::fleet::SNAPSHOT_MIN_BYTES,
         router: RouterConfig::default(),
         intake: None,
         gateways: None,
@@ -197,6 +198,17 @@ impl Log for SlowReplay {
         std::thread::sleep(self.1);
         self.0.replay(subject, after, each)
     }
+
+    fn last_record(
+        &self,
+        subject: &str,
+    ) -> Result<Option<courier_bus::Record>, courier_bus::BusError> {
+        self.0.last_record(subject)
+    }
+
+    fn purge(&self, subject: &str, below: u64) -> Result<(), courier_bus::BusError> {
+        self.0.purge(subject, below)
+    }
 }
 
 /// Taking many partitions one replay after another used to renew nothing
@@ -220,6 +232,7 @@ fn leases_held_stay_renewed_while_more_partitions_are_taken() {
         scan_interval: Duration::from_millis(200),
         data_dir: dir.path().join("router-a"),
         subject_prefix: "t.log".into(),
+        snapshot_min_bytes: courier_router::fleet::SNAPSHOT_MIN_BYTES,
         router: RouterConfig::default(),
         intake: None,
         gateways: None,

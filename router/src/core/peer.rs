@@ -151,14 +151,16 @@ impl RouterCore {
                 Vec::new()
             }
         };
-        let (sent, applied, outbox) = (scan(SENT_PREFIX), scan(APPLIED_PREFIX), scan(OUTBOX_PREFIX));
+        let (sent, applied, outbox) =
+            (scan(SENT_PREFIX), scan(APPLIED_PREFIX), scan(OUTBOX_PREFIX));
         for (key, value) in sent {
             if let (Some(p), Some(last)) = (partition(&key[SENT_PREFIX.len()..]), number(&value)) {
                 self.peer.outbox.entry(p).or_default().last = last;
             }
         }
         for (key, value) in applied {
-            if let (Some(p), Some(seq)) = (partition(&key[APPLIED_PREFIX.len()..]), number(&value)) {
+            if let (Some(p), Some(seq)) = (partition(&key[APPLIED_PREFIX.len()..]), number(&value))
+            {
                 self.peer.applied.insert(p, seq);
             }
         }
@@ -176,12 +178,17 @@ impl RouterCore {
                     q.waiting.push_back((seq, message));
                     waiting += 1;
                 }
-                None => tracing::error!(store.partition = "router", "corrupt outbox record skipped"),
+                None => {
+                    tracing::error!(store.partition = "router", "corrupt outbox record skipped")
+                }
             }
         }
         self.metrics.peer_outbox.set(waiting);
         if waiting > 0 {
-            tracing::info!(peer.waiting = waiting, "partition outbox restored; resending");
+            tracing::info!(
+                peer.waiting = waiting,
+                "partition outbox restored; resending"
+            );
         }
     }
 

@@ -108,7 +108,10 @@ fn a_lost_token_copy_is_sent_again_until_the_other_partition_applies_it() {
     assert_eq!(again, lost, "the same message, same number");
 
     let answers = hand(&mut away, again);
-    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-1"));
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-1")
+    );
     assert!(matches!(
         answers.as_slice(),
         [PeerMsg::Applied { through: 1, .. }]
@@ -130,7 +133,10 @@ fn a_sender_killed_before_it_sent_resends_from_its_store_when_it_comes_back() {
     let resent = reliable(sent(&mut home));
     assert_eq!(resent.len(), 1, "resent at once by the next owner");
     hand(&mut away, resent);
-    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-1"));
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-1")
+    );
 }
 
 #[test]
@@ -144,9 +150,15 @@ fn an_older_token_copy_never_replaces_a_newer_one() {
     assert!(answers.is_empty(), "nothing applied yet: {answers:?}");
     assert_eq!(away.core().push_token_of(BOB, 1), None);
     hand(&mut away, first.clone());
-    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-1"));
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-1")
+    );
     hand(&mut away, second);
-    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-2"));
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-2")
+    );
 
     // A late repeat of the first, before and after the receiver restarts,
     // is acknowledged and changes nothing.
@@ -157,7 +169,10 @@ fn an_older_token_copy_never_replaces_a_newer_one() {
     ));
     away.restart();
     hand(&mut away, first);
-    assert_eq!(away.core().push_token_of(BOB, 1).as_deref(), Some("phone-2"));
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-2")
+    );
 
     // Both acknowledged at once by the cumulative answer.
     hand(&mut home, answers);

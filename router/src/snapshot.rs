@@ -1,0 +1,362 @@
+//! Fleet mode: snapshots of a partition's store, so that a takeover
+//! replays a bounded log instead of the partition's whole history.
+//!
+//! A new owner rebuilds the store from the changelog ([`crate::fleet`]).
+//! Without more, the changelog grows forever and so does every takeover.
+//! So every so often the owner writes its whole store to the log as a
+//! snapshot, on the subject `<changelog>.snap`: the records of a
+//! consistent view of the store as of changelog sequence `at` (the last
+//! record of a batch), in chunks, then a record saying the snapshot is
+//! complete. A takeover loads the latest complete snapshot and replays
+//! only the changelog after its `at`.
+//!
+//! The view is taken on the router thread between two batches (fjall's
+//! cross-partition snapshot, free to take) and written by a thread of its
+//! own while the router goes on. A snapshot is started once the changelog
+//! has grown by as much as the last snapshot's size (and at least
+//! [`crate::RouterConfig::snapshot_min_bytes`]) since the last one, so
+//! snapshots never write more than the changelog itself did, and a
+//! takeover reads at most about twice the store.
+//!
+//! After snapshot k is complete, everything older than snapshot k−1 is
+//! purged: the changelog below k−1's `at` (the record at `at` itself stays,
+//! so the subject's last sequence, which appends are fenced on, never
+//! moves) and the snapshot subject below k−1's first chunk. Keeping one
+//! generation behind means a new owner that is reading snapshot k−1 or
+//! the changelog after it when snapshot k completes finds it all still
+//! there.
+//!
+//! Record formats (integers big-endian):
+//! - chunk: `0xC1`, `at` (u64), index (u32, from 0), a write set
+//!   (`WriteSet::encode`);
+//! - done: `0xC2`, `at` (u64), the first chunk's sequence (u64), chunks
+//!   (u32), records (u64), bytes (u64).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use courier_bus::{BusError, Log};
+
+use crate::store::{Store, StoreError, StoreSnapshot, WriteSet};
+
+const CHUNK: u8 = 0xC1;
+const DONE: u8 = 0xC2;
+
+/// Raw keys and values per chunk; with its encoding, well under a
+/// changelog record's [`crate::fleet::RECORD_BYTES`] (a value is at most
+/// about 64 KiB).
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// The subject of `changelog`'s snapshots.
+pub fn subject(changelog: &str) -> String {
+    format!("{changelog}.snap")
+}
+
+/// A complete snapshot in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// The changelog sequence it covers: replay resumes after it.
+    pub at: u64,
+    /// The sequence of its first chunk on the snapshot subject.
+    pub first: u64,
+    /// The sequence of its done record.
+    pub done: u64,
+    pub chunks: u32,
+    pub records: u64,
+    /// Its encoded size (chunks' payloads).
+    pub bytes: u64,
+}
+
+impl Taken {
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(37);
+        out.push(DONE);
+        out.extend_from_slice(&self.at.to_be_bytes());
+        out.extend_from_slice(&self.first.to_be_bytes());
+        out.extend_from_slice(&self.chunks.to_be_bytes());
+        out.extend_from_slice(&self.records.to_be_bytes());
+        out.extend_from_slice(&self.bytes.to_be_bytes());
+        Bytes::from(out)
+    }
+
+    /// Reads a done record at sequence `seq`; `None` for anything else.
+    fn decode(seq: u64, raw: &[u8]) -> Option<Self> {
+        if raw.len() != 37 || raw[0] != DONE {
+            return None;
+        }
+        let u64_at = |i: usize| raw[i..i + 8].try_into().ok().map(u64::from_be_bytes);
+        Some(Self {
+            at: u64_at(1)?,
+            first: u64_at(9)?,
+            chunks: raw[17..21].try_into().ok().map(u32::from_be_bytes)?,
+            records: u64_at(21)?,
+            bytes: u64_at(29)?,
+            done: seq,
+        })
+    }
+}
+
+/// Writes `view` (the store as of changelog sequence `at`) to the log as
+/// a snapshot named by `writer`, then purges what `previous` (the last
+/// complete snapshot before it) makes unnecessary.
+pub fn write(
+    log: &dyn Log,
+    changelog: &str,
+    writer: &str,
+    view: &StoreSnapshot,
+    at: u64,
+    previous: Option<Taken>,
+) -> Result<Taken, StoreError> {
+    let snap = subject(changelog);
+    let failed = |e: BusError| StoreError::Changelog(format!("snapshot: {e}"));
+    let mut first = None;
+    let mut chunks: u32 = 0;
+    let mut bytes: u64 = 0;
+    let records = view.chunks(CHUNK_BYTES, &mut |set: WriteSet| {
+        let encoded = set.encode();
+        let mut payload = Vec::with_capacity(13 + encoded.len());
+        payload.push(CHUNK);
+        payload.extend_from_slice(&at.to_be_bytes());
+        payload.extend_from_slice(&chunks.to_be_bytes());
+        payload.extend_from_slice(&encoded);
+        bytes += payload.len() as u64;
+        let id = format!("{writer}.snap.{at}.{chunks}");
+        let appended = log
+            .append(&snap, &id, Bytes::from(payload), None)
+            .map_err(failed)?;
+        first.get_or_insert(appended.seq);
+        chunks += 1;
+        Ok(())
+    })?;
+    let mut taken = Taken {
+        at,
+        first: first.unwrap_or(0),
+        done: 0,
+        chunks,
+        records,
+        bytes,
+    };
+    let id = format!("{writer}.snap.{at}.done");
+    let done = log
+        .append(&snap, &id, taken.encode(), None)
+        .map_err(failed)?;
+    taken.done = done.seq;
+    if taken.first == 0 {
+        // An empty store: the done record is the whole snapshot.
+        taken.first = done.seq;
+    }
+    if let Some(previous) = previous {
+        log.purge(changelog, previous.at).map_err(failed)?;
+        log.purge(&snap, previous.first).map_err(failed)?;
+    }
+    Ok(taken)
+}
+
+/// Finds the latest complete snapshot of `changelog`, if any.
+pub fn latest(log: &dyn Log, changelog: &str) -> Result<Option<Taken>, BusError> {
+    let snap = subject(changelog);
+    let Some(last) = log.last_record(&snap)? else {
+        return Ok(None);
+    };
+    if let Some(taken) = Taken::decode(last.seq, &last.payload) {
+        return Ok(Some(taken));
+    }
+    // A snapshot was being written when its writer stopped: the complete
+    // one before it is still on the subject (one generation is kept).
+    let mut found = None;
+    log.replay(&snap, 0, &mut |record| {
+        if let Some(taken) = Taken::decode(record.seq, &record.payload) {
+            found = Some(taken);
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// Loads snapshot `taken` of `changelog` into `store` (a fresh one).
+pub fn load(
+    log: &dyn Log,
+    changelog: &str,
+    taken: &Taken,
+    store: &mut Store,
+) -> Result<(), StoreError> {
+    let mut next: u32 = 0;
+    let mut failure: Option<StoreError> = None;
+    let corrupt = |seq: u64, what: &'static str| StoreError::CorruptRecord { seq, what };
+    log.replay(&subject(changelog), taken.first - 1, &mut |record| {
+        if record.seq >= taken.done {
+            return Ok(());
+        }
+        let raw = &record.payload[..];
+        let header = raw.get(..13).filter(|h| h[0] == CHUNK);
+        let Some(header) = header else {
+            return Ok(());
+        };
+        let at = header[1..9].try_into().map_or(0, u64::from_be_bytes);
+        let index = header[9..13]
+            .try_into()
+            .map_or(u32::MAX, u32::from_be_bytes);
+        // Another writer's chunks of the same point (a deposed owner
+        // writing at once) hold the same records; one copy is enough.
+        if at != taken.at || index != next {
+            return Ok(());
+        }
+        let writes = match WriteSet::decode(&raw[13..]) {
+            Ok(w) => w,
+            Err(c) => {
+                failure = Some(corrupt(record.seq, c.0));
+                return Err(BusError::Invalid(c.0.into()));
+            }
+        };
+        if let Err(e) = store.commit(writes, false) {
+            let shown = e.to_string();
+            failure = Some(e);
+            return Err(BusError::Unavailable(shown));
+        }
+        next += 1;
+        Ok(())
+    })
+    .map_err(|e| match failure.take() {
+        Some(f) => f,
+        None => StoreError::Changelog(format!("snapshot: {e}")),
+    })?;
+    if next != taken.chunks {
+        return Err(corrupt(taken.done, "snapshot chunks missing"));
+    }
+    Ok(())
+}
+
+/// The router thread's side: when to snapshot, and the one snapshot
+/// being written.
+pub(crate) struct Snapshots {
+    log: Arc<dyn Log>,
+    changelog: String,
+    writer: String,
+    min_bytes: u64,
+    /// Changelog bytes appended since the last snapshot was started.
+    since: u64,
+    /// The last complete snapshot (loaded at takeover, or written since).
+    last: Option<Taken>,
+    running: Option<std::thread::JoinHandle<Result<Taken, StoreError>>>,
+    metrics: crate::metrics::SnapshotMetrics,
+}
+
+impl Snapshots {
+    pub(crate) fn new(
+        changelog: &crate::fleet::Changelog,
+        min_bytes: u64,
+        metrics: crate::metrics::SnapshotMetrics,
+    ) -> Self {
+        if let Some(t) = &changelog.snapshot {
+            metrics
+                .bytes
+                .set(i64::try_from(t.bytes).unwrap_or(i64::MAX));
+        }
+        Self {
+            log: changelog.log.clone(),
+            changelog: changelog.subject.clone(),
+            writer: changelog.writer.clone(),
+            min_bytes,
+            since: 0,
+            last: changelog.snapshot,
+            running: None,
+            metrics,
+        }
+    }
+
+    /// Counts a batch appended to the changelog.
+    pub(crate) fn appended(&mut self, bytes: usize) {
+        self.since += bytes as u64;
+    }
+
+    /// True when a snapshot should be started now: the log has grown by
+    /// the last snapshot's size, and none is being written.
+    pub(crate) fn due(&mut self) -> bool {
+        self.reap();
+        let threshold = self.last.map_or(0, |t| t.bytes).max(self.min_bytes);
+        self.running.is_none() && self.since >= threshold
+    }
+
+    /// Starts writing `view`, the store as of changelog sequence `at`.
+    pub(crate) fn start(&mut self, view: StoreSnapshot, at: u64) {
+        self.since = 0;
+        let (log, changelog, writer, previous) = (
+            self.log.clone(),
+            self.changelog.clone(),
+            self.writer.clone(),
+            self.last,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("courier-snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let taken = write(&*log, &changelog, &writer, &view, at, previous);
+                if let Ok(t) = &taken {
+                    tracing::info!(
+                        changelog = %changelog,
+                        at = t.at,
+                        records = t.records,
+                        bytes = t.bytes,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "changelog snapshot written"
+                    );
+                }
+                taken
+            });
+        match spawned {
+            Ok(handle) => self.running = Some(handle),
+            Err(e) => tracing::warn!(error = %e, "snapshot thread failed to start"),
+        }
+    }
+
+    /// Collects a finished snapshot's outcome.
+    fn reap(&mut self) {
+        if !self.running.as_ref().is_some_and(|h| h.is_finished()) {
+            return;
+        }
+        let Some(handle) = self.running.take() else {
+            return;
+        };
+        match handle.join() {
+            Ok(Ok(taken)) => {
+                self.metrics.taken.inc();
+                self.metrics
+                    .bytes
+                    .set(i64::try_from(taken.bytes).unwrap_or(i64::MAX));
+                self.last = Some(taken);
+            }
+            Ok(Err(e)) => {
+                self.metrics.failures.inc();
+                tracing::warn!(error = %e, "changelog snapshot failed; the next one is tried after as much log again");
+            }
+            Err(_) => {
+                self.metrics.failures.inc();
+                tracing::error!("changelog snapshot thread panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_done_record_reads_back_and_nothing_else_passes_for_one() {
+        let taken = Taken {
+            at: 1 << 40,
+            first: 7,
+            done: 99,
+            chunks: 3,
+            records: 1234,
+            bytes: 5 << 20,
+        };
+        assert_eq!(Taken::decode(99, &taken.encode()), Some(taken));
+        let mut chunk = taken.encode().to_vec();
+        chunk[0] = CHUNK;
+        assert_eq!(Taken::decode(99, &chunk), None);
+        assert_eq!(Taken::decode(99, &taken.encode()[..36]), None);
+        assert_eq!(Taken::decode(99, b""), None);
+    }
+}
