@@ -254,6 +254,17 @@ async fn probe(client: async_nats::Client, metrics: LinkMetrics, timeout: Durati
     }
 }
 
+/// How long a replay waits for its next record before it reads on with a
+/// new consumer, and how long it may go without any record before it
+/// fails.
+const REPLAY_IDLE: Duration = Duration::from_secs(2);
+
+/// What a replay's consumer pulls at a time.
+const REPLAY_BATCH: usize = 256;
+const REPLAY_BATCH_BYTES: usize = 16 << 20;
+const REPLAY_HEARTBEAT: Duration = Duration::from_millis(500);
+const REPLAY_STALL: Duration = Duration::from_secs(30);
+
 /// A [`Log`] on a JetStream stream.
 pub struct NatsLog {
     nats: Arc<Nats>,
@@ -380,33 +391,71 @@ impl Log for NatsLog {
         }
         let nats = &self.nats;
         nats.timed(Op::replay, async {
-            let consumer = self
-                .stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: subject.to_owned(),
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: after + 1,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?;
-            let mut messages = consumer.messages().await.map_err(unavailable)?;
             let mut seen = after;
-            while seen < until {
-                let message = match messages.next().await {
-                    Some(m) => m.map_err(unavailable)?,
-                    None => return Err(BusError::Unavailable("replay ended early".into())),
-                };
-                let seq = message.info().map_err(unavailable)?.stream_sequence;
-                if seq <= seen {
-                    continue;
+            let mut progress_at = Instant::now();
+            'consumers: while seen < until {
+                // An ephemeral pull consumer without acks, from the first
+                // record not seen yet, pulling a bounded number of bytes
+                // at a time (records are up to 512 KiB).
+                let consumer = self
+                    .stream
+                    .create_consumer(consumer::pull::Config {
+                        filter_subject: subject.to_owned(),
+                        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: seen + 1,
+                        },
+                        ack_policy: consumer::AckPolicy::None,
+                        inactive_threshold: Duration::from_secs(30),
+                        memory_storage: true,
+                        num_replicas: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(unavailable)?;
+                let mut messages = consumer
+                    .stream()
+                    .max_messages_per_batch(REPLAY_BATCH)
+                    .max_bytes_per_batch(REPLAY_BATCH_BYTES)
+                    .heartbeat(REPLAY_HEARTBEAT)
+                    .messages()
+                    .await
+                    .map_err(unavailable)?;
+                while seen < until {
+                    let next = tokio::time::timeout(REPLAY_IDLE, messages.next()).await;
+                    let message = match next {
+                        Ok(Some(m)) => m.map_err(unavailable)?,
+                        Ok(None) => continue 'consumers,
+                        // Records that exist stopped arriving (seen when
+                        // the stream is purged while a consumer reads):
+                        // a new consumer takes up from the last one seen,
+                        // and a replay that makes no progress at all for
+                        // REPLAY_STALL fails rather than hang a takeover.
+                        Err(_) if progress_at.elapsed() < REPLAY_STALL => {
+                            tracing::debug!(
+                                subject,
+                                seen,
+                                until,
+                                "replay idle; a new consumer takes over"
+                            );
+                            continue 'consumers;
+                        }
+                        Err(_) => {
+                            return Err(BusError::Unavailable(format!(
+                                "replay of {subject} stalled at {seen} of {until}"
+                            )))
+                        }
+                    };
+                    let seq = message.info().map_err(unavailable)?.stream_sequence;
+                    if seq <= seen {
+                        continue;
+                    }
+                    seen = seq;
+                    progress_at = Instant::now();
+                    each(Record {
+                        seq,
+                        payload: message.payload.clone(),
+                    })?;
                 }
-                seen = seq;
-                each(Record {
-                    seq,
-                    payload: message.payload.clone(),
-                })?;
             }
             Ok(seen)
         })

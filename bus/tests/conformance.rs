@@ -167,6 +167,33 @@ fn log_tells_whether_its_last_record_has_an_id(be: Backend) {
     );
 }
 
+/// A replay of large records (snapshot chunks, split batches) more than
+/// a client may have in flight at once (NATS's default `max_pending` is
+/// 64 MiB) arrives whole, slowly consumed.
+fn log_replays_large_records_consumed_slowly(be: Backend) {
+    let log = &*be.log;
+    let record = Bytes::from(vec![7u8; 256 * 1024]);
+    let mut last = 0;
+    for i in 0..320 {
+        last = log
+            .append("t.log.big", &format!("big{i}"), record.clone(), None)
+            .expect("append")
+            .seq;
+    }
+    let mut n = 0;
+    let seen = log
+        .replay("t.log.big", 0, &mut |r| {
+            assert_eq!(r.payload.len(), record.len());
+            n += 1;
+            if n % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        })
+        .expect("replay");
+    assert_eq!((n, seen), (320, last));
+}
+
 fn log_replays_many_records(be: Backend) {
     let log = &*be.log;
     let mut last = 0;
@@ -326,6 +353,7 @@ both!(
     log_fences_a_stale_writer,
     log_tells_whether_its_last_record_has_an_id,
     log_replays_many_records,
+    log_replays_large_records_consumed_slowly,
     kv_compare_and_set,
     kv_entries_expire_after_their_last_write,
     leases_pass_on_when_the_owner_stops,

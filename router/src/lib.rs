@@ -558,8 +558,12 @@ impl Worker {
                 tracing::error!(
                     "changelog append failed; this router stops serving the partition and its next owner replays the log"
                 );
+                drop(snapshots);
                 return;
             }
+        }
+        if let Some(s) = snapshots.as_mut() {
+            s.abandon();
         }
         if let Some(bytes) = self.core.close() {
             syncer.start(Job::Append(bytes));

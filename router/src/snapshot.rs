@@ -32,6 +32,7 @@
 //! - done: `0xC2`, `at` (u64), the first chunk's sequence (u64), chunks
 //!   (u32), records (u64), bytes (u64).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -108,12 +109,36 @@ pub fn write(
     at: u64,
     previous: Option<Taken>,
 ) -> Result<Taken, StoreError> {
+    write_unless(
+        log,
+        changelog,
+        writer,
+        view,
+        at,
+        previous,
+        &AtomicBool::new(false),
+    )
+}
+
+/// [`write`], given up between two chunks once `stop` is set.
+fn write_unless(
+    log: &dyn Log,
+    changelog: &str,
+    writer: &str,
+    view: &StoreSnapshot,
+    at: u64,
+    previous: Option<Taken>,
+    stop: &AtomicBool,
+) -> Result<Taken, StoreError> {
     let snap = subject(changelog);
     let failed = |e: BusError| StoreError::Changelog(format!("snapshot: {e}"));
     let mut first = None;
     let mut chunks: u32 = 0;
     let mut bytes: u64 = 0;
     let records = view.chunks(CHUNK_BYTES, &mut |set: WriteSet| {
+        if stop.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
         let encoded = set.encode();
         let mut payload = Vec::with_capacity(13 + encoded.len());
         payload.push(CHUNK);
@@ -239,6 +264,8 @@ pub(crate) struct Snapshots {
     /// The last complete snapshot (loaded at takeover, or written since).
     last: Option<Taken>,
     running: Option<std::thread::JoinHandle<Result<Taken, StoreError>>>,
+    /// Set to give the running snapshot up (the router is stopping).
+    stop: Arc<AtomicBool>,
     metrics: crate::metrics::SnapshotMetrics,
 }
 
@@ -261,6 +288,7 @@ impl Snapshots {
             since: 0,
             last: changelog.snapshot,
             running: None,
+            stop: Arc::new(AtomicBool::new(false)),
             metrics,
         }
     }
@@ -281,17 +309,18 @@ impl Snapshots {
     /// Starts writing `view`, the store as of changelog sequence `at`.
     pub(crate) fn start(&mut self, view: StoreSnapshot, at: u64) {
         self.since = 0;
-        let (log, changelog, writer, previous) = (
+        let (log, changelog, writer, previous, stop) = (
             self.log.clone(),
             self.changelog.clone(),
             self.writer.clone(),
             self.last,
+            self.stop.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("courier-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                let taken = write(&*log, &changelog, &writer, &view, at, previous);
+                let taken = write_unless(&*log, &changelog, &writer, &view, at, previous, &stop);
                 if let Ok(t) = &taken {
                     tracing::info!(
                         changelog = %changelog,
@@ -335,6 +364,24 @@ impl Snapshots {
                 tracing::error!("changelog snapshot thread panicked");
             }
         }
+    }
+}
+
+impl Snapshots {
+    /// Gives up a snapshot being written and waits for its thread (at
+    /// most one chunk's append), so it never reads a store being closed.
+    /// The next owner loads the last complete snapshot instead.
+    pub(crate) fn abandon(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(handle) = self.running.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Snapshots {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 
