@@ -938,6 +938,19 @@ fn metric(router: &Router, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `user`'s device 1 registers a webhook `token` with its partition and
+/// goes away.
+fn register_webhook_token(node: &TestNode, user: &str, token: &str) {
+    let mut phone = node.connect(user, 1);
+    phone.send(&ClientFrame::PushRegister {
+        request: 1,
+        provider: courier_protocol::frame::PushProvider::Webhook,
+        token: token.into(),
+        ciphertext: false,
+    });
+    assert_eq!(phone.next(), ServerFrame::Done { request: 1 });
+}
+
 /// Push in a fleet: bob registers his token with his own partition, and
 /// the messages for him are decided by the partitions of their
 /// conversations, which wake his phone from their copies of the token.
@@ -958,15 +971,7 @@ fn offline_devices_are_woken_by_their_conversations_partitions() {
     let mut senders = (0..).map(|i| format!("push-sender{i}")).filter(|s| away(s));
     let (alice, carol) = (senders.next().unwrap(), senders.next().unwrap());
 
-    let mut phone = node.connect(bob, 1);
-    phone.send(&ClientFrame::PushRegister {
-        request: 1,
-        provider: courier_protocol::frame::PushProvider::Webhook,
-        token: "bob-phone".into(),
-        ciphertext: false,
-    });
-    assert_eq!(phone.next(), ServerFrame::Done { request: 1 });
-    drop(phone);
+    register_webhook_token(&node, bob, "bob-phone");
     // The detach and the token's copies reach every partition.
     std::thread::sleep(Duration::from_millis(500));
 
@@ -1081,15 +1086,7 @@ fn a_token_copy_sent_while_its_partition_changes_owner_still_arrives() {
         .unwrap();
 
     fleet.kill_owner_of(target);
-    let mut phone = node.connect(bob, 1);
-    phone.send(&ClientFrame::PushRegister {
-        request: 1,
-        provider: courier_protocol::frame::PushProvider::Webhook,
-        token: "bob-phone".into(),
-        ciphertext: false,
-    });
-    assert_eq!(phone.next(), ServerFrame::Done { request: 1 });
-    drop(phone);
+    register_webhook_token(&node, bob, "bob-phone");
 
     // Every copy acknowledged: the lost one too, by the new owner.
     let router = &fleet.routers[survivor];

@@ -745,10 +745,13 @@ fn per_ip_connect_rate_refuses_a_burst_with_429() {
 
 #[test]
 fn the_process_wide_outbound_cap_closes_the_largest_queue_and_sheds_typing() {
-    // Per session 4 MiB would allow it; the process cap of 256 KiB does not.
+    // Per session 64 MiB would allow it; the process cap of 256 KiB does
+    // not. (The cap is checked once a second: with a per-session cap of
+    // 4 MiB, bob's queue could pass that first between two checks on a
+    // busy machine, and be closed for its own cap instead.)
     let node = TestNode::start(&[
         "--max-outbound-bytes",
-        "4194304",
+        "67108864",
         "--max-outbound-total-bytes",
         "262144",
         "--send-rate",

@@ -100,28 +100,9 @@ impl Taken {
 
 /// Writes `view` (the store as of changelog sequence `at`) to the log as
 /// a snapshot named by `writer`, then purges what `previous` (the last
-/// complete snapshot before it) makes unnecessary.
+/// complete snapshot before it) makes unnecessary. Given up between two
+/// chunks once `stop` is set.
 pub fn write(
-    log: &dyn Log,
-    changelog: &str,
-    writer: &str,
-    view: &StoreSnapshot,
-    at: u64,
-    previous: Option<Taken>,
-) -> Result<Taken, StoreError> {
-    write_unless(
-        log,
-        changelog,
-        writer,
-        view,
-        at,
-        previous,
-        &AtomicBool::new(false),
-    )
-}
-
-/// [`write`], given up between two chunks once `stop` is set.
-fn write_unless(
     log: &dyn Log,
     changelog: &str,
     writer: &str,
@@ -320,7 +301,7 @@ impl Snapshots {
             .name("courier-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                let taken = write_unless(&*log, &changelog, &writer, &view, at, previous, &stop);
+                let taken = write(&*log, &changelog, &writer, &view, at, previous, &stop);
                 if let Ok(t) = &taken {
                     tracing::info!(
                         changelog = %changelog,
