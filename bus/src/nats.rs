@@ -367,6 +367,11 @@ impl Log for NatsLog {
 
     fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
         check_name(subject)?;
+        // Nothing is below 1; and JetStream reads a sequence of 0 as none
+        // given, which would purge the whole subject.
+        if below <= 1 {
+            return Ok(());
+        }
         self.nats.timed(Op::purge, async {
             // JetStream's purge by sequence keeps `below` and later.
             self.stream
@@ -423,23 +428,31 @@ impl Log for NatsLog {
                 while seen < until {
                     let next = tokio::time::timeout(REPLAY_IDLE, messages.next()).await;
                     let message = match next {
-                        Ok(Some(m)) => m.map_err(unavailable)?,
-                        Ok(None) => continue 'consumers,
+                        Ok(Some(Ok(m))) => m,
                         // Records that exist stopped arriving (seen when
-                        // the stream is purged while a consumer reads):
-                        // a new consumer takes up from the last one seen,
+                        // the stream is purged while a consumer reads),
+                        // the stream ended, or it reported an error (a
+                        // missed heartbeat while the caller was slow): a
+                        // new consumer takes up from the last record seen,
                         // and a replay that makes no progress at all for
                         // REPLAY_STALL fails rather than hang a takeover.
-                        Err(_) if progress_at.elapsed() < REPLAY_STALL => {
+                        failed if progress_at.elapsed() < REPLAY_STALL => {
+                            let why = match failed {
+                                Ok(Some(Err(e))) => e.to_string(),
+                                Ok(None) => "stream ended".to_owned(),
+                                _ => "idle".to_owned(),
+                            };
                             tracing::debug!(
                                 subject,
                                 seen,
                                 until,
-                                "replay idle; a new consumer takes over"
+                                why,
+                                "replay restarted with a new consumer"
                             );
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                             continue 'consumers;
                         }
-                        Err(_) => {
+                        _ => {
                             return Err(BusError::Unavailable(format!(
                                 "replay of {subject} stalled at {seen} of {until}"
                             )))

@@ -370,6 +370,9 @@ struct Batch {
     /// in the store until it commits), and the ones it uploaded.
     taken_prekeys: FxHashSet<Vec<u8>>,
     added_prekeys: FxHashSet<Vec<u8>>,
+    /// Fleet mode: how this batch moved the numbers of messages between
+    /// partitions, undone if it does not commit.
+    peer_undo: Vec<peer::PeerUndo>,
 }
 
 /// Deliveries of one batch, grouped per core in the order they were made.
@@ -621,7 +624,7 @@ impl RouterCore {
     ) -> Vec<(u16, Vec<Delivery>)> {
         let Written {
             id,
-            batch,
+            mut batch,
             now_ms,
             wrote,
             write_failed,
@@ -648,7 +651,7 @@ impl RouterCore {
                 .store_write_buffer
                 .set(i64::try_from(buffered).unwrap_or(i64::MAX));
         } else {
-            self.after_failed_commit(&batch);
+            self.after_failed_commit(&mut batch);
         }
 
         let mut out = Outbox::default();
@@ -838,10 +841,10 @@ impl RouterCore {
     /// (fjall refuses all writes after a failed sync), and spent rate
     /// tokens are given back. Server ids are not reused: a gap in them is
     /// harmless.
-    fn after_failed_commit(&mut self, batch: &Batch) {
+    fn after_failed_commit(&mut self, batch: &mut Batch) {
         self.conversations.clear();
         self.keys_after_failed_commit();
-        self.load_peer_state();
+        self.undo_peer(std::mem::take(&mut batch.peer_undo));
         for key in &batch.flushed_cursors {
             if let Some(c) = self.cursor_cache.get_mut(key).filter(|c| !c.dirty) {
                 c.dirty = true;

@@ -50,7 +50,7 @@ pub struct Changelog {
     /// are never taken for retries of each other.
     pub writer: String,
     /// The sequence of the subject's last record when this owner took it
-    /// over (what [`replay`] returned).
+    /// over (what [`restore`] returned).
     pub last: u64,
     /// The snapshot the store was loaded from, if any ([`restore`]).
     pub snapshot: Option<crate::snapshot::Taken>,

@@ -505,11 +505,12 @@ impl Worker {
             // router's timers (typing expiry, presence debounce, written-
             // behind records) run even when no command arrives.
             let tick = batch.is_empty() && in_flight.is_none() && !stopping;
-            // Fleet mode: the store holds exactly the batches prepared so
-            // far, so a view of it taken before the next one is written is
-            // the state as of the batch in flight (or, with none, the last
-            // one appended): once that append is answered, its sequence
-            // names the view.
+            // Fleet mode: the store holds the batches prepared so far (and
+            // the sweeps' deletions of expired records, which the log
+            // never carries), so a view of it taken before the next batch
+            // is written is the state as of the batch in flight (or, with
+            // none, the last one appended): once that append is answered,
+            // its sequence names the view.
             let due = !poisoned && !stopping && snapshots.as_mut().is_some_and(|s| s.due());
             let view = due.then(|| self.core.store_snapshot().ok()).flatten();
             let next = (!batch.is_empty() || tick).then(|| self.core.prepare(batch, now_ms()));

@@ -14,7 +14,7 @@
 //! cross-partition snapshot, free to take) and written by a thread of its
 //! own while the router goes on. A snapshot is started once the changelog
 //! has grown by as much as the last snapshot's size (and at least
-//! [`crate::RouterConfig::snapshot_min_bytes`]) since the last one, so
+//! [`crate::fleet::Changelog::snapshot_min_bytes`]) since the last one, so
 //! snapshots never write more than the changelog itself did, and a
 //! takeover reads at most about twice the store.
 //!
@@ -44,9 +44,11 @@ use crate::store::{Store, StoreError, StoreSnapshot, WriteSet};
 const CHUNK: u8 = 0xC1;
 const DONE: u8 = 0xC2;
 
-/// Raw keys and values per chunk; with its encoding, well under a
-/// changelog record's [`crate::fleet::RECORD_BYTES`] (a value is at most
-/// about 64 KiB).
+/// Raw keys and values per chunk; with its encoding, under a changelog
+/// record's [`crate::fleet::RECORD_BYTES`] as long as no value passes
+/// 256 KiB (bodies and archives are at most 64 KiB by default). A larger
+/// value makes the chunk too large for the log: the snapshot fails and is
+/// counted, and takeovers replay the changelog as before.
 const CHUNK_BYTES: usize = 256 * 1024;
 
 /// The subject of `changelog`'s snapshots.
@@ -87,14 +89,16 @@ impl Taken {
             return None;
         }
         let u64_at = |i: usize| raw[i..i + 8].try_into().ok().map(u64::from_be_bytes);
-        Some(Self {
+        let taken = Self {
             at: u64_at(1)?,
             first: u64_at(9)?,
             chunks: raw[17..21].try_into().ok().map(u32::from_be_bytes)?,
             records: u64_at(21)?,
             bytes: u64_at(29)?,
             done: seq,
-        })
+        };
+        // Its chunks come before it on the subject.
+        (1..=seq).contains(&taken.first).then_some(taken)
     }
 }
 
@@ -113,6 +117,10 @@ pub fn write(
 ) -> Result<Taken, StoreError> {
     let snap = subject(changelog);
     let failed = |e: BusError| StoreError::Changelog(format!("snapshot: {e}"));
+    // Each record is fenced on the one before it, so a deposed owner still
+    // writing an older snapshot is refused once a newer owner has written
+    // anything here, and never gets to its done record or its purge.
+    let mut expect = log.last(&snap).map_err(failed)?;
     let mut first = None;
     let mut chunks: u32 = 0;
     let mut bytes: u64 = 0;
@@ -129,8 +137,9 @@ pub fn write(
         bytes += payload.len() as u64;
         let id = format!("{writer}.snap.{at}.{chunks}");
         let appended = log
-            .append(&snap, &id, Bytes::from(payload), None)
+            .append(&snap, &id, Bytes::from(payload), Some(expect))
             .map_err(failed)?;
+        expect = appended.seq;
         first.get_or_insert(appended.seq);
         chunks += 1;
         Ok(())
@@ -144,17 +153,24 @@ pub fn write(
         bytes,
     };
     let id = format!("{writer}.snap.{at}.done");
+    if taken.first == 0 {
+        // An empty store: the done record is the whole snapshot (its own
+        // sequence is the fence's next one at the earliest).
+        taken.first = expect + 1;
+    }
     let done = log
-        .append(&snap, &id, taken.encode(), None)
+        .append(&snap, &id, taken.encode(), Some(expect))
         .map_err(failed)?;
     taken.done = done.seq;
-    if taken.first == 0 {
-        // An empty store: the done record is the whole snapshot.
-        taken.first = done.seq;
-    }
     if let Some(previous) = previous {
-        log.purge(changelog, previous.at).map_err(failed)?;
-        log.purge(&snap, previous.first).map_err(failed)?;
+        // The snapshot is complete whatever happens here; a purge that
+        // fails is made by the next one (purges are "below a sequence").
+        let purged = log
+            .purge(changelog, previous.at)
+            .and_then(|()| log.purge(&snap, previous.first));
+        if let Err(e) = purged {
+            tracing::warn!(error = %e, changelog, "purging the log behind a snapshot failed; the next snapshot purges it");
+        }
     }
     Ok(taken)
 }
@@ -190,39 +206,43 @@ pub fn load(
     let mut next: u32 = 0;
     let mut failure: Option<StoreError> = None;
     let corrupt = |seq: u64, what: &'static str| StoreError::CorruptRecord { seq, what };
-    log.replay(&subject(changelog), taken.first - 1, &mut |record| {
-        if record.seq >= taken.done {
-            return Ok(());
-        }
-        let raw = &record.payload[..];
-        let header = raw.get(..13).filter(|h| h[0] == CHUNK);
-        let Some(header) = header else {
-            return Ok(());
-        };
-        let at = header[1..9].try_into().map_or(0, u64::from_be_bytes);
-        let index = header[9..13]
-            .try_into()
-            .map_or(u32::MAX, u32::from_be_bytes);
-        // Another writer's chunks of the same point (a deposed owner
-        // writing at once) hold the same records; one copy is enough.
-        if at != taken.at || index != next {
-            return Ok(());
-        }
-        let writes = match WriteSet::decode(&raw[13..]) {
-            Ok(w) => w,
-            Err(c) => {
-                failure = Some(corrupt(record.seq, c.0));
-                return Err(BusError::Invalid(c.0.into()));
+    log.replay(
+        &subject(changelog),
+        taken.first.saturating_sub(1),
+        &mut |record| {
+            if record.seq >= taken.done {
+                return Ok(());
             }
-        };
-        if let Err(e) = store.commit(writes, false) {
-            let shown = e.to_string();
-            failure = Some(e);
-            return Err(BusError::Unavailable(shown));
-        }
-        next += 1;
-        Ok(())
-    })
+            let raw = &record.payload[..];
+            let header = raw.get(..13).filter(|h| h[0] == CHUNK);
+            let Some(header) = header else {
+                return Ok(());
+            };
+            let at = header[1..9].try_into().map_or(0, u64::from_be_bytes);
+            let index = header[9..13]
+                .try_into()
+                .map_or(u32::MAX, u32::from_be_bytes);
+            // Another writer's chunks of the same point (a deposed owner
+            // writing at once) hold the same records; one copy is enough.
+            if at != taken.at || index != next {
+                return Ok(());
+            }
+            let writes = match WriteSet::decode(&raw[13..]) {
+                Ok(w) => w,
+                Err(c) => {
+                    failure = Some(corrupt(record.seq, c.0));
+                    return Err(BusError::Invalid(c.0.into()));
+                }
+            };
+            if let Err(e) = store.commit(writes, false) {
+                let shown = e.to_string();
+                failure = Some(e);
+                return Err(BusError::Unavailable(shown));
+            }
+            next += 1;
+            Ok(())
+        },
+    )
     .map_err(|e| match failure.take() {
         Some(f) => f,
         None => StoreError::Changelog(format!("snapshot: {e}")),
@@ -369,6 +389,93 @@ impl Drop for Snapshots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Part;
+    use courier_bus::local::LocalLog;
+    use courier_bus::{Appended, Record};
+    use std::sync::Mutex;
+
+    /// A log where another writer appends to the snapshot subject right
+    /// after this writer's first record, as a new owner would while a
+    /// deposed one is still writing.
+    #[derive(Debug)]
+    struct Interloper {
+        inner: LocalLog,
+        done: Mutex<bool>,
+    }
+
+    impl Log for Interloper {
+        fn append(
+            &self,
+            subject: &str,
+            id: &str,
+            payload: Bytes,
+            expect_last: Option<u64>,
+        ) -> Result<Appended, BusError> {
+            let appended = self.inner.append(subject, id, payload, expect_last)?;
+            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            if !*done && subject.ends_with(".snap") {
+                *done = true;
+                self.inner
+                    .append(subject, "newer.snap.0", Bytes::from_static(b"x"), None)?;
+            }
+            Ok(appended)
+        }
+        fn last(&self, subject: &str) -> Result<u64, BusError> {
+            self.inner.last(subject)
+        }
+        fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
+            self.inner.last_if_id(subject, id)
+        }
+        fn replay(
+            &self,
+            subject: &str,
+            after: u64,
+            each: &mut dyn FnMut(Record) -> Result<(), BusError>,
+        ) -> Result<u64, BusError> {
+            self.inner.replay(subject, after, each)
+        }
+        fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
+            self.inner.last_record(subject)
+        }
+        fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
+            self.inner.purge(subject, below)
+        }
+    }
+
+    /// A snapshot whose writer is overtaken on the snapshot subject stops
+    /// at its next record: no done record, no purge.
+    #[test]
+    fn a_writer_overtaken_on_the_subject_is_refused_before_its_done_record() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut store = Store::open(&dir.path().join("store")).unwrap_or_else(|e| panic!("{e}"));
+        let mut writes = WriteSet::default();
+        for i in 0u32..40 {
+            writes.put(
+                Part::Entries,
+                i.to_be_bytes().to_vec(),
+                vec![b'v'; 16 << 10],
+            );
+        }
+        store
+            .commit(writes, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = Interloper {
+            inner: LocalLog::open(&dir.path().join("log"), std::time::Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{e}")),
+            done: Mutex::new(false),
+        };
+        let view = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+        let stop = AtomicBool::new(false);
+        let written = write(&log, "t.log.0", "old", &view, 5, None, &stop);
+        assert!(
+            matches!(written, Err(StoreError::Changelog(_))),
+            "{written:?}"
+        );
+        assert_eq!(
+            latest(&log, "t.log.0").unwrap_or_else(|e| panic!("{e}")),
+            None
+        );
+    }
 
     #[test]
     fn a_done_record_reads_back_and_nothing_else_passes_for_one() {

@@ -113,8 +113,13 @@ impl Reader {
         })
     }
     /// A message between partitions whose kind is `tag`; `outer` is false
-    /// inside a `Reliable`, which cannot nest.
+    /// inside a `Reliable`, which carries only token copies, dead tokens
+    /// and unlinks.
     fn peer(&mut self, tag: u8, outer: bool) -> Result<PeerMsg, Malformed> {
+        // Inside a `Reliable`, only the kinds sent reliably.
+        if !outer && !(7..=9).contains(&tag) {
+            return Err(Malformed("kind inside a reliable message"));
+        }
         Ok(match tag {
             4 => {
                 let from = self.u16()?;
@@ -175,7 +180,7 @@ impl Reader {
                 device: self.u32()?,
                 removed_ms: self.u64()?,
             },
-            10 if outer => {
+            10 => {
                 let from = self.u16()?;
                 let seq = self.u64()?;
                 let tag = self.u8()?;
@@ -622,9 +627,11 @@ mod tests {
         for message in &peers {
             let stored = decode_peer(&encode_peer(message));
             match message {
-                // What an outbox keeps is never itself a `Reliable`.
-                PeerMsg::Reliable { .. } => assert!(stored.is_err()),
-                _ => assert_eq!(stored.as_ref(), Ok(message)),
+                // What an outbox keeps: the kinds sent reliably.
+                PeerMsg::PushToken { .. }
+                | PeerMsg::PushTokenDead { .. }
+                | PeerMsg::DeviceUnlinked { .. } => assert_eq!(stored.as_ref(), Ok(message)),
+                _ => assert!(stored.is_err(), "{message:?}"),
             }
         }
         let commands: Vec<Command> = peers.iter().cloned().map(Command::Peer).collect();
@@ -640,7 +647,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reliable_message_inside_a_reliable_message_is_refused() {
+    fn a_reliable_message_carries_only_the_kinds_sent_reliably() {
         let inner = PeerMsg::Reliable {
             from: 1,
             seq: 1,
@@ -655,6 +662,17 @@ mod tests {
             message: Box::new(inner),
         });
         assert!(decode_commands(Bytes::from(encode_commands(&[nested]))).is_err());
+        // Nor an answer or a query, which would act on the receiver's
+        // own outbox or parked sends.
+        let answer = Command::Peer(PeerMsg::Reliable {
+            from: 1,
+            seq: 2,
+            message: Box::new(PeerMsg::Applied {
+                from: 3,
+                through: 99,
+            }),
+        });
+        assert!(decode_commands(Bytes::from(encode_commands(&[answer]))).is_err());
     }
 
     #[test]

@@ -97,6 +97,22 @@ struct Outbound {
     resend_at: u64,
 }
 
+/// What a batch changed in the numbering, so that a batch that does not
+/// commit can be undone in memory (its store writes never happened, and
+/// the store may be closed, so it cannot be read back).
+#[derive(Debug)]
+pub(super) enum PeerUndo {
+    /// A message to `to` was numbered and queued.
+    Numbered { to: u16 },
+    /// `Applied` from `from` removed these, oldest first.
+    Acknowledged {
+        from: u16,
+        removed: Vec<(u64, PeerMsg)>,
+    },
+    /// A message from `from` was applied; `previous` was the last before.
+    Applied { from: u16, previous: u64 },
+}
+
 /// Parked sends and outgoing peer commands.
 #[derive(Debug, Default)]
 pub(super) struct PeerState {
@@ -133,21 +149,17 @@ struct Parked {
 impl RouterCore {
     /// Fleet mode: reads the outbox and the applied numbers back from the
     /// store at open (after a takeover, the replayed changelog's), and
-    /// resends what waits at the first batch. Also after a batch that did
-    /// not commit, whose numbers and outbox records the store never got.
+    /// resends what waits at the first batch.
     pub(super) fn load_peer_state(&mut self) {
         if self.config.partition.is_none() {
             return;
         }
-        self.peer.outbox.clear();
-        self.peer.applied.clear();
-        self.peer.owed.clear();
         let number = |raw: &[u8]| <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes);
         let partition = |raw: &[u8]| <[u8; 2]>::try_from(raw).ok().map(u16::from_be_bytes);
         let scan = |prefix: &[u8]| match self.store.scan_prefix(Part::Router, prefix) {
             Ok(records) => records,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the partition outbox; its messages wait for the next owner");
+                tracing::error!(error = %e, "cannot read the partition outbox at open");
                 Vec::new()
             }
         };
@@ -360,16 +372,26 @@ impl RouterCore {
             PeerMsg::Reliable { from, seq, message } => {
                 let applied = self.peer.applied.get(&from).copied().unwrap_or(0);
                 if seq == applied + 1 {
-                    if matches!(*message, PeerMsg::Reliable { .. }) {
-                        return;
-                    }
                     self.peer.applied.insert(from, seq);
+                    b.peer_undo.push(PeerUndo::Applied {
+                        from,
+                        previous: applied,
+                    });
                     b.writes.put(
                         Part::Router,
                         partition_key(APPLIED_PREFIX, from),
                         seq.to_be_bytes().to_vec(),
                     );
-                    self.peer_message(b, *message, now_ms);
+                    match *message {
+                        m @ (PeerMsg::PushToken { .. }
+                        | PeerMsg::PushTokenDead { .. }
+                        | PeerMsg::DeviceUnlinked { .. }) => self.peer_message(b, m, now_ms),
+                        // The decoder refuses other kinds inside; one that
+                        // got here is skipped, not left to block the stream.
+                        other => {
+                            tracing::warn!(message = ?other, "unexpected message kind sent reliably; skipped")
+                        }
+                    }
                 }
                 // A resend of something applied is acknowledged again; a
                 // message past a gap (an earlier one lost) is not applied,
@@ -384,16 +406,27 @@ impl RouterCore {
                 let Some(q) = self.peer.outbox.get_mut(&from) else {
                     return;
                 };
-                let mut done: i64 = 0;
+                let mut removed = Vec::new();
                 while let Some(&(seq, _)) = q.waiting.front() {
                     if seq > through {
                         break;
                     }
-                    q.waiting.pop_front();
+                    if let Some(entry) = q.waiting.pop_front() {
+                        removed.push(entry);
+                    }
                     b.writes.remove(Part::Router, outbox_key(from, seq));
-                    done += 1;
                 }
-                self.metrics.peer_outbox.dec_by(done);
+                if removed.is_empty() {
+                    return;
+                }
+                // The receiver is taking them: what still waits goes out
+                // at the next batch instead of a resend period later, so
+                // a backlog drains at the pace of the answers.
+                if !q.waiting.is_empty() {
+                    q.resend_at = 0;
+                }
+                self.metrics.peer_outbox.dec_by(removed.len() as i64);
+                b.peer_undo.push(PeerUndo::Acknowledged { from, removed });
             }
         }
     }
@@ -423,6 +456,7 @@ impl RouterCore {
             seq.to_be_bytes().to_vec(),
         );
         q.waiting.push_back((seq, message.clone()));
+        b.peer_undo.push(PeerUndo::Numbered { to });
         self.metrics.peer_outbox.inc();
         b.pending.push(Pending::Peer {
             partition: to,
@@ -432,6 +466,36 @@ impl RouterCore {
                 message: Box::new(message),
             }),
         });
+    }
+
+    /// Puts the numbering back as it was before a batch that did not
+    /// commit (latest change first). Its messages were never published
+    /// and its answers never sent; what it applied is applied again when
+    /// the sender resends (every handler is idempotent).
+    pub(super) fn undo_peer(&mut self, undo: Vec<PeerUndo>) {
+        for change in undo.into_iter().rev() {
+            match change {
+                PeerUndo::Numbered { to } => {
+                    if let Some(q) = self.peer.outbox.get_mut(&to) {
+                        q.last = q.last.saturating_sub(1);
+                        if q.waiting.pop_back().is_some() {
+                            self.metrics.peer_outbox.dec();
+                        }
+                    }
+                }
+                PeerUndo::Acknowledged { from, removed } => {
+                    let q = self.peer.outbox.entry(from).or_default();
+                    self.metrics.peer_outbox.inc_by(removed.len() as i64);
+                    for entry in removed.into_iter().rev() {
+                        q.waiting.push_front(entry);
+                    }
+                }
+                PeerUndo::Applied { from, previous } => {
+                    self.peer.applied.insert(from, previous);
+                }
+            }
+        }
+        self.peer.owed.clear();
     }
 
     /// The `Applied` answers this batch owes, sent once it commits.

@@ -192,3 +192,74 @@ fn a_single_node_sends_nothing_between_partitions() {
     h.step(vec![]);
     assert!(sent(&mut h).is_empty());
 }
+
+/// Bob's phone registers `token` in one batch, which fails to commit.
+fn register_failing(home: &mut Harness, token: &str) {
+    let phone = home.client(BOB, 1, 0);
+    home.step(vec![phone.attach()]);
+    home.core().fail_next_commits(1);
+    let out = home.step(vec![phone.frame(ClientFrame::PushRegister {
+        request: 1,
+        provider: PushProvider::Webhook,
+        token: token.into(),
+        ciphertext: false,
+    })]);
+    assert!(
+        matches!(out.frames(&phone).as_slice(), [ServerFrame::Error { .. }]),
+        "refused: {:?}",
+        out.frames(&phone)
+    );
+}
+
+/// A batch that does not commit (a full disk) leaves the numbering as it
+/// was, on both sides: the sender numbers its next message as if the
+/// failed one never was, and a receiver whose apply failed applies the
+/// resend, although the store may be closed and cannot be read back.
+#[test]
+fn a_batch_that_does_not_commit_leaves_the_numbering_as_it_was() {
+    let (mut home, mut away) = pair();
+    register_failing(&mut home, "phone-0");
+    assert!(sent(&mut home).is_empty(), "nothing published");
+    assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
+    // Past the store's reopening interval.
+    home.advance(2_000);
+    let first = reliable(register(&mut home, "phone-1"));
+    assert!(
+        matches!(first.as_slice(), [PeerMsg::Reliable { seq: 1, .. }]),
+        "{first:?}"
+    );
+    let answers = hand(&mut away, first);
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-1")
+    );
+    hand(&mut home, answers);
+
+    // The receiver fails to apply the next one: no answer, and the
+    // resend is applied.
+    let second = reliable(register(&mut home, "phone-2"));
+    away.core().fail_next_commits(1);
+    assert!(
+        hand(&mut away, second).is_empty(),
+        "no answer for a failed apply"
+    );
+    away.advance(2_000);
+    home.advance(PEER_RESEND_MS);
+    home.step(vec![]);
+    let resent = reliable(sent(&mut home));
+    assert!(
+        matches!(resent.as_slice(), [PeerMsg::Reliable { seq: 2, .. }]),
+        "{resent:?}"
+    );
+    let answers = hand(&mut away, resent);
+    assert!(
+        matches!(answers.as_slice(), [PeerMsg::Applied { through: 2, .. }]),
+        "{answers:?}"
+    );
+    assert_eq!(
+        away.core().push_token_of(BOB, 1).as_deref(),
+        Some("phone-2")
+    );
+    hand(&mut home, answers);
+    assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
+}
