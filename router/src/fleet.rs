@@ -169,7 +169,7 @@ const PIECE: u8 = 0xB0;
 /// One batch's encoded writes as changelog records: itself when it fits
 /// one, else pieces of at most [`RECORD_BYTES`] of it, each `PIECE`, its
 /// index (u32, big-endian), 1 on the last and 0 before, then its bytes.
-fn split(bytes: Vec<u8>) -> Vec<Bytes> {
+pub(crate) fn split(bytes: Vec<u8>) -> Vec<Bytes> {
     if bytes.len() <= RECORD_BYTES {
         return vec![Bytes::from(bytes)];
     }
@@ -193,14 +193,14 @@ fn split(bytes: Vec<u8>) -> Vec<Bytes> {
 /// left a batch it never answered, whose pieces are dropped when the next
 /// owner's first record (a whole batch, or a first piece) follows them.
 #[derive(Debug, Default)]
-struct Reassembly {
+pub(crate) struct Reassembly {
     pending: Vec<u8>,
     next: u32,
 }
 
 impl Reassembly {
     /// Takes one record; returns a batch's encoded writes once complete.
-    fn take<'a>(&'a mut self, record: &'a [u8]) -> Result<Option<&'a [u8]>, Corrupt> {
+    pub(crate) fn take<'a>(&'a mut self, record: &'a [u8]) -> Result<Option<&'a [u8]>, Corrupt> {
         if record.first() != Some(&PIECE) {
             self.pending.clear();
             self.next = 0;

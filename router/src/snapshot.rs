@@ -28,7 +28,8 @@
 //!
 //! Record formats (integers big-endian):
 //! - chunk: `0xC1`, `at` (u64), index (u32, from 0), a write set
-//!   (`WriteSet::encode`);
+//!   (`WriteSet::encode`); a chunk over a record's size goes as pieces
+//!   (`fleet::split`);
 //! - done: `0xC2`, `at` (u64), the first chunk's sequence (u64), chunks
 //!   (u32), records (u64), bytes (u64).
 
@@ -44,11 +45,9 @@ use crate::store::{Store, StoreError, StoreSnapshot, WriteSet};
 const CHUNK: u8 = 0xC1;
 const DONE: u8 = 0xC2;
 
-/// Raw keys and values per chunk; with its encoding, under a changelog
-/// record's [`crate::fleet::RECORD_BYTES`] as long as no value passes
-/// 256 KiB (bodies and archives are at most 64 KiB by default). A larger
-/// value makes the chunk too large for the log: the snapshot fails and is
-/// counted, and takeovers replay the changelog as before.
+/// Raw keys and values per chunk. A chunk over a changelog record's
+/// [`crate::fleet::RECORD_BYTES`] (a value larger than the default body
+/// and archive limits) goes as pieces, like a large batch.
 const CHUNK_BYTES: usize = 256 * 1024;
 
 /// The subject of `changelog`'s snapshots.
@@ -135,12 +134,16 @@ pub fn write(
         payload.extend_from_slice(&chunks.to_be_bytes());
         payload.extend_from_slice(&encoded);
         bytes += payload.len() as u64;
-        let id = format!("{writer}.snap.{at}.{chunks}");
-        let appended = log
-            .append(&snap, &id, Bytes::from(payload), Some(expect))
-            .map_err(failed)?;
-        expect = appended.seq;
-        first.get_or_insert(appended.seq);
+        // A chunk holding a value too large for one record goes as
+        // pieces, as a large batch does in the changelog.
+        for (i, piece) in crate::fleet::split(payload).into_iter().enumerate() {
+            let id = format!("{writer}.snap.{at}.{chunks}.{i}");
+            let appended = log
+                .append(&snap, &id, piece, Some(expect))
+                .map_err(failed)?;
+            expect = appended.seq;
+            first.get_or_insert(appended.seq);
+        }
         chunks += 1;
         Ok(())
     })?;
@@ -205,44 +208,48 @@ pub fn load(
 ) -> Result<(), StoreError> {
     let mut next: u32 = 0;
     let mut failure: Option<StoreError> = None;
+    let mut pieces = crate::fleet::Reassembly::default();
     let corrupt = |seq: u64, what: &'static str| StoreError::CorruptRecord { seq, what };
-    log.replay(
-        &subject(changelog),
-        taken.first.saturating_sub(1),
-        &mut |record| {
-            if record.seq >= taken.done {
-                return Ok(());
+    let after = taken.first.saturating_sub(1);
+    log.replay(&subject(changelog), after, &mut |record| {
+        if record.seq >= taken.done {
+            return Ok(());
+        }
+        let raw = match pieces.take(&record.payload) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => return Ok(()),
+            Err(c) => {
+                failure = Some(corrupt(record.seq, c.0));
+                return Err(BusError::Invalid(c.0.into()));
             }
-            let raw = &record.payload[..];
-            let header = raw.get(..13).filter(|h| h[0] == CHUNK);
-            let Some(header) = header else {
-                return Ok(());
-            };
-            let at = header[1..9].try_into().map_or(0, u64::from_be_bytes);
-            let index = header[9..13]
-                .try_into()
-                .map_or(u32::MAX, u32::from_be_bytes);
-            // Another writer's chunks of the same point (a deposed owner
-            // writing at once) hold the same records; one copy is enough.
-            if at != taken.at || index != next {
-                return Ok(());
+        };
+        let Some(header) = raw.get(..13).filter(|h| h[0] == CHUNK) else {
+            return Ok(());
+        };
+        let at = header[1..9].try_into().map_or(0, u64::from_be_bytes);
+        let index = header[9..13]
+            .try_into()
+            .map_or(u32::MAX, u32::from_be_bytes);
+        // Only this snapshot's chunks, in order (records are fenced one on
+        // another, so nothing else lies between its first and its done).
+        if at != taken.at || index != next {
+            return Ok(());
+        }
+        let writes = match WriteSet::decode(&raw[13..]) {
+            Ok(w) => w,
+            Err(c) => {
+                failure = Some(corrupt(record.seq, c.0));
+                return Err(BusError::Invalid(c.0.into()));
             }
-            let writes = match WriteSet::decode(&raw[13..]) {
-                Ok(w) => w,
-                Err(c) => {
-                    failure = Some(corrupt(record.seq, c.0));
-                    return Err(BusError::Invalid(c.0.into()));
-                }
-            };
-            if let Err(e) = store.commit(writes, false) {
-                let shown = e.to_string();
-                failure = Some(e);
-                return Err(BusError::Unavailable(shown));
-            }
-            next += 1;
-            Ok(())
-        },
-    )
+        };
+        if let Err(e) = store.commit(writes, false) {
+            let shown = e.to_string();
+            failure = Some(e);
+            return Err(BusError::Unavailable(shown));
+        }
+        next += 1;
+        Ok(())
+    })
     .map_err(|e| match failure.take() {
         Some(f) => f,
         None => StoreError::Changelog(format!("snapshot: {e}")),
@@ -440,6 +447,50 @@ mod tests {
         fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
             self.inner.purge(subject, below)
         }
+    }
+
+    /// A value too large for one record (a raised body limit) goes into
+    /// the snapshot as pieces and comes back whole.
+    #[test]
+    fn a_value_larger_than_a_record_is_snapshotted_in_pieces() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut store = Store::open(&dir.path().join("a")).unwrap_or_else(|e| panic!("{e}"));
+        let big = vec![b'b'; 1_300_000];
+        let mut writes = WriteSet::default();
+        writes.put(Part::Entries, b"big".to_vec(), big.clone());
+        writes.put(Part::Entries, b"small".to_vec(), b"s".to_vec());
+        store
+            .commit(writes, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = LocalLog::open(&dir.path().join("log"), std::time::Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let view = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+        let stop = AtomicBool::new(false);
+        let taken =
+            write(&log, "t.log.0", "w", &view, 9, None, &stop).unwrap_or_else(|e| panic!("{e}"));
+        // The big value fills a chunk of its own; the small one follows.
+        assert_eq!((taken.records, taken.chunks), (2, 2));
+        let mut records = 0;
+        log.replay(&subject("t.log.0"), 0, &mut |r| {
+            assert!(r.payload.len() <= crate::fleet::RECORD_BYTES + 16);
+            records += 1;
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            records >= 4,
+            "{records} records: 3 pieces and the done record"
+        );
+
+        let found = latest(&log, "t.log.0").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found, Some(taken));
+        let mut copy = Store::open(&dir.path().join("b")).unwrap_or_else(|e| panic!("{e}"));
+        load(&log, "t.log.0", &taken, &mut copy).unwrap_or_else(|e| panic!("{e}"));
+        let back = copy
+            .scan_prefix(Part::Entries, b"big")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.len(), 1);
+        assert_eq!(&back[0].1[..], &big[..]);
     }
 
     /// A snapshot whose writer is overtaken on the snapshot subject stops
