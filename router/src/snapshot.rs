@@ -398,55 +398,23 @@ mod tests {
     use super::*;
     use crate::store::Part;
     use courier_bus::local::LocalLog;
-    use courier_bus::{Appended, Record};
-    use std::sync::Mutex;
+    use courier_bus::testing::HookedLog;
 
     /// A log where another writer appends to the snapshot subject right
     /// after this writer's first record, as a new owner would while a
     /// deposed one is still writing.
-    #[derive(Debug)]
-    struct Interloper {
-        inner: LocalLog,
-        done: Mutex<bool>,
-    }
-
-    impl Log for Interloper {
-        fn append(
-            &self,
-            subject: &str,
-            id: &str,
-            payload: Bytes,
-            expect_last: Option<u64>,
-        ) -> Result<Appended, BusError> {
-            let appended = self.inner.append(subject, id, payload, expect_last)?;
-            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            if !*done && subject.ends_with(".snap") {
-                *done = true;
-                self.inner
-                    .append(subject, "newer.snap.0", Bytes::from_static(b"x"), None)?;
-            }
-            Ok(appended)
-        }
-        fn last(&self, subject: &str) -> Result<u64, BusError> {
-            self.inner.last(subject)
-        }
-        fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, BusError> {
-            self.inner.last_if_id(subject, id)
-        }
-        fn replay(
-            &self,
-            subject: &str,
-            after: u64,
-            each: &mut dyn FnMut(Record) -> Result<(), BusError>,
-        ) -> Result<u64, BusError> {
-            self.inner.replay(subject, after, each)
-        }
-        fn last_record(&self, subject: &str) -> Result<Option<Record>, BusError> {
-            self.inner.last_record(subject)
-        }
-        fn purge(&self, subject: &str, below: u64) -> Result<(), BusError> {
-            self.inner.purge(subject, below)
-        }
+    fn interloper(inner: LocalLog) -> HookedLog {
+        let done = AtomicBool::new(false);
+        HookedLog::appends(
+            Arc::new(inner),
+            Box::new(move |log, subject, id, payload, expect_last| {
+                let appended = log.append(subject, id, payload, expect_last)?;
+                if subject.ends_with(".snap") && !done.swap(true, Ordering::SeqCst) {
+                    log.append(subject, "newer.snap.0", Bytes::from_static(b"x"), None)?;
+                }
+                Ok(appended)
+            }),
+        )
     }
 
     /// A value too large for one record (a raised body limit) goes into
@@ -510,11 +478,10 @@ mod tests {
         store
             .commit(writes, false)
             .unwrap_or_else(|e| panic!("{e}"));
-        let log = Interloper {
-            inner: LocalLog::open(&dir.path().join("log"), std::time::Duration::from_secs(60))
+        let log = interloper(
+            LocalLog::open(&dir.path().join("log"), std::time::Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("{e}")),
-            done: Mutex::new(false),
-        };
+        );
         let view = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
         let stop = AtomicBool::new(false);
         let written = write(&log, "t.log.0", "old", &view, 5, None, &stop);

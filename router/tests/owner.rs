@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::{collect, device, frame, outlet, session, sync_done};
 use courier_bus::local::{LocalKv, LocalLog};
 use courier_bus::nats::{Nats, NatsConfig};
-use courier_bus::testing::NatsServer;
+use courier_bus::testing::{HookedLog, NatsServer};
 use courier_bus::{Kv, Log};
 use courier_protocol::frame::{ClientFrame, ServerFrame};
 use courier_router::api::{Command, Delivery, Outlet, SessionKey};
@@ -166,51 +166,6 @@ fn jetstream_a_dead_routers_partitions_move_to_the_survivor() {
     a_dead_routers_partitions_move_to_the_survivor(log, kv);
 }
 
-/// A changelog whose replays are slow, as a long log's are.
-#[derive(Debug)]
-struct SlowReplay(Arc<dyn Log>, Duration);
-
-impl Log for SlowReplay {
-    fn append(
-        &self,
-        subject: &str,
-        id: &str,
-        payload: Bytes,
-        expect_last: Option<u64>,
-    ) -> Result<courier_bus::Appended, courier_bus::BusError> {
-        self.0.append(subject, id, payload, expect_last)
-    }
-
-    fn last(&self, subject: &str) -> Result<u64, courier_bus::BusError> {
-        self.0.last(subject)
-    }
-
-    fn last_if_id(&self, subject: &str, id: &str) -> Result<Option<u64>, courier_bus::BusError> {
-        self.0.last_if_id(subject, id)
-    }
-
-    fn replay(
-        &self,
-        subject: &str,
-        after: u64,
-        each: &mut dyn FnMut(courier_bus::Record) -> Result<(), courier_bus::BusError>,
-    ) -> Result<u64, courier_bus::BusError> {
-        std::thread::sleep(self.1);
-        self.0.replay(subject, after, each)
-    }
-
-    fn last_record(
-        &self,
-        subject: &str,
-    ) -> Result<Option<courier_bus::Record>, courier_bus::BusError> {
-        self.0.last_record(subject)
-    }
-
-    fn purge(&self, subject: &str, below: u64) -> Result<(), courier_bus::BusError> {
-        self.0.purge(subject, below)
-    }
-}
-
 /// Taking many partitions one replay after another used to renew nothing
 /// until the last was taken: with replays longer than the TTL in total,
 /// the first leases ran out while their partitions were still served, and
@@ -221,7 +176,8 @@ fn leases_held_stay_renewed_while_more_partitions_are_taken() {
     let dir = tempfile::tempdir().unwrap();
     let inner: Arc<dyn Log> =
         Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
-    let log: Arc<dyn Log> = Arc::new(SlowReplay(inner, Duration::from_millis(300)));
+    // Slow replays, as a long log's are.
+    let log: Arc<dyn Log> = Arc::new(HookedLog::slow_replays(inner, Duration::from_millis(300)));
     let ttl = Duration::from_millis(1000);
     let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(ttl)));
     let (factory, _rx) = outlets();
