@@ -132,8 +132,15 @@ pub enum PeerMsg {
         device: u32,
         removed_ms: u64,
     },
+    /// The user's partition changed the user's privacy settings to
+    /// `flags` (`courier_protocol::frame::settings`). The user's partition
+    /// writes settings; every other partition keeps a copy, because a
+    /// read receipt is decided by the partition of its conversation,
+    /// which must know whether the reader or the sender turned read
+    /// receipts off.
+    Settings { user: Arc<str>, flags: u8 },
     /// A message that must arrive (`PushToken`, `PushTokenDead`,
-    /// `DeviceUnlinked`), numbered `seq` in the stream from partition
+    /// `DeviceUnlinked`, `Settings`), numbered `seq` in the stream from partition
     /// `from` to the receiver. The sender keeps it in its store (so in
     /// its changelog) until the receiver acknowledges it, and sends it
     /// again until then, also from a new owner after a takeover; the

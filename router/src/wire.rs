@@ -113,11 +113,11 @@ impl Reader {
         })
     }
     /// A message between partitions whose kind is `tag`; `outer` is false
-    /// inside a `Reliable`, which carries only token copies, dead tokens
-    /// and unlinks.
+    /// inside a `Reliable`, which carries only token copies, dead tokens,
+    /// unlinks and settings.
     fn peer(&mut self, tag: u8, outer: bool) -> Result<PeerMsg, Malformed> {
         // Inside a `Reliable`, only the kinds sent reliably.
-        if !outer && !(7..=9).contains(&tag) {
+        if !outer && !matches!(tag, 7..=9 | 12) {
             return Err(Malformed("kind inside a reliable message"));
         }
         Ok(match tag {
@@ -191,6 +191,10 @@ impl Reader {
             11 => PeerMsg::Applied {
                 from: self.u16()?,
                 through: self.u64()?,
+            },
+            12 => PeerMsg::Settings {
+                user: self.user()?,
+                flags: self.u8()?,
             },
             _ => return Err(Malformed("command kind")),
         })
@@ -338,6 +342,11 @@ fn put_peer(out: &mut Vec<u8>, message: &PeerMsg) {
             out.put_u8(11);
             out.put_u16(*from);
             out.put_u64(*through);
+        }
+        PeerMsg::Settings { user, flags } => {
+            out.put_u8(12);
+            put_bytes(out, user.as_bytes());
+            out.put_u8(*flags);
         }
     }
 }
@@ -623,6 +632,10 @@ mod tests {
                 from: 2,
                 through: 17,
             },
+            PeerMsg::Settings {
+                user: Arc::from("frank"),
+                flags: 0b11,
+            },
         ];
         for message in &peers {
             let stored = decode_peer(&encode_peer(message));
@@ -630,7 +643,8 @@ mod tests {
                 // What an outbox keeps: the kinds sent reliably.
                 PeerMsg::PushToken { .. }
                 | PeerMsg::PushTokenDead { .. }
-                | PeerMsg::DeviceUnlinked { .. } => assert_eq!(stored.as_ref(), Ok(message)),
+                | PeerMsg::DeviceUnlinked { .. }
+                | PeerMsg::Settings { .. } => assert_eq!(stored.as_ref(), Ok(message)),
                 _ => assert!(stored.is_err(), "{message:?}"),
             }
         }

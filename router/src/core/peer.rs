@@ -23,8 +23,8 @@
 //!   every other one (`DeviceUnlinked`), which marks its own record of the
 //!   device unlinked, so the device stops counting against the user's
 //!   device limit everywhere (see `social.rs`).
-//! - **Delivery of the copies.** Token copies, dead tokens and unlinks
-//!   must arrive even when their sender or receiver dies or changes owner
+//! - **Delivery of the copies.** Token copies, dead tokens, unlinks and
+//!   settings must arrive even when their sender or receiver dies or changes owner
 //!   on the way, and in the order they were made (a late copy of an
 //!   older token must never replace a newer one). Each goes through a
 //!   per-receiver outbox: numbered, written in the batch that decided it
@@ -36,6 +36,10 @@
 //!   acknowledged again. A new owner on either side resumes from its
 //!   replayed store: the sender resends what was not acknowledged, the
 //!   receiver knows what it applied.
+//! - **Settings.** Copied from the user's partition to every other one
+//!   (`Settings`), because a read receipt is decided by the partition of
+//!   its conversation, which must know whether either user turned read
+//!   receipts off (see `social.rs`).
 //! - **Gone gateways.** `GatewayGone` detaches every session a gateway held
 //!   and announces its users offline at once (see `social.rs`).
 //!
@@ -369,6 +373,7 @@ impl RouterCore {
                 device,
                 removed_ms,
             } => self.peer_device_unlinked(b, &user, device, removed_ms),
+            PeerMsg::Settings { user, flags } => self.peer_settings(b, &user, flags),
             PeerMsg::Reliable { from, seq, message } => {
                 let applied = self.peer.applied.get(&from).copied().unwrap_or(0);
                 if seq == applied + 1 {
@@ -385,7 +390,8 @@ impl RouterCore {
                     match *message {
                         m @ (PeerMsg::PushToken { .. }
                         | PeerMsg::PushTokenDead { .. }
-                        | PeerMsg::DeviceUnlinked { .. }) => self.peer_message(b, m, now_ms),
+                        | PeerMsg::DeviceUnlinked { .. }
+                        | PeerMsg::Settings { .. }) => self.peer_message(b, m, now_ms),
                         // The decoder refuses other kinds inside; one that
                         // got here is skipped, not left to block the stream.
                         other => {

@@ -697,6 +697,12 @@ impl RouterCore {
                         store::settings_key(&device.user),
                         UserSettings { flags: new }.encode(),
                     );
+                    // Fleet mode: the other partitions decide the read
+                    // receipts of their conversations with their copy.
+                    self.tell_other_partitions(b, || PeerMsg::Settings {
+                        user: device.user.clone(),
+                        flags: new,
+                    });
                     b.pending.push(Pending::Notify(vec![Forward {
                         user: device.user.clone(),
                         except_device: Some(device.device),
@@ -830,6 +836,30 @@ impl RouterCore {
                 send: false,
             }),
         }
+    }
+
+    /// Fleet mode: the user's partition changed the user's settings to
+    /// `flags`. This partition's copy is replaced (written, so a replay
+    /// keeps it). Copies arrive in the order the user's partition made
+    /// them, so the last one applied is the newest.
+    pub(super) fn peer_settings(&mut self, b: &mut Batch, user: &Arc<str>, flags: u8) {
+        if self
+            .config
+            .partition
+            .is_none_or(|(mine, n)| crate::fleet::partition_of(user, n) == mine)
+        {
+            // The user's partition holds the original; an echo changes nothing.
+            return;
+        }
+        let flags = flags & settings::ALL;
+        if let Some(state) = self.users.get_mut(user) {
+            state.settings = flags;
+        }
+        b.writes.put(
+            Part::Settings,
+            store::settings_key(user),
+            UserSettings { flags }.encode(),
+        );
     }
 
     /// Fleet mode: the user's partition unlinked `device`. This

@@ -263,3 +263,76 @@ fn a_batch_that_does_not_commit_leaves_the_numbering_as_it_was() {
     hand(&mut home, answers);
     assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
 }
+
+/// A user and a 1:1 conversation with `peer` that lives in the other
+/// partition of two than the user's own.
+fn away_conversation(peer: &str) -> (String, String) {
+    (0..)
+        .map(|i| format!("reader{i}"))
+        .map(|user| {
+            let conversation = courier_protocol::ids::direct_conversation(&user, peer);
+            (user, conversation)
+        })
+        .find(|(user, c)| partition_of(user, 2) != partition_of(c, 2))
+        .expect("some name hashes apart")
+}
+
+#[test]
+fn read_receipts_off_reaches_the_partition_of_the_users_conversations() {
+    let (reader, conversation) = away_conversation("writer");
+    let mut home = partition(partition_of(&reader, 2));
+    let mut away = partition(partition_of(&conversation, 2));
+    let writer = away.client("writer", 1, 0);
+    let in_away = away.client(&reader, 1, 0);
+    away.connect(&writer);
+    away.connect(&in_away);
+    let read = |seq| {
+        in_away.frame(ClientFrame::Read {
+            conversation: conversation.clone(),
+            seq,
+        })
+    };
+    let reads_seen = |out: &super::Out| {
+        out.frames(&writer)
+            .into_iter()
+            .filter(|f| {
+                matches!(f, ServerFrame::Receipt { kind, .. } if *kind == courier_protocol::frame::ReceiptKind::Read)
+            })
+            .count()
+    };
+
+    // Before: the reader's READ reaches the writer.
+    away.step(vec![writer.send(&conversation, 1, b"one")]);
+    let out = away.step(vec![read(1)]);
+    assert_eq!(reads_seen(&out), 1);
+
+    // The reader turns read receipts off at the user's partition.
+    let phone = home.client(&reader, 1, 0);
+    home.connect(&phone);
+    home.step(vec![phone.frame(ClientFrame::Settings {
+        request: 1,
+        mask: courier_protocol::frame::settings::READ_RECEIPTS_OFF,
+        flags: courier_protocol::frame::settings::READ_RECEIPTS_OFF,
+    })]);
+    let copies = reliable(sent(&mut home));
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let answers = hand(&mut away, copies);
+    assert!(matches!(
+        answers.as_slice(),
+        [PeerMsg::Applied { through: 1, .. }]
+    ));
+    hand(&mut home, answers);
+    assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
+
+    // After, and after the conversation's router restarts (the copy was
+    // written): no READ reaches the writer.
+    away.step(vec![writer.send(&conversation, 2, b"two")]);
+    let out = away.step(vec![read(2)]);
+    assert_eq!(reads_seen(&out), 0);
+    away.restart();
+    away.connect(&writer);
+    away.connect(&in_away);
+    away.step(vec![writer.send(&conversation, 3, b"three")]);
+    let out = away.step(vec![read(3)]);
+    assert_eq!(reads_seen(&out), 0);
+}
