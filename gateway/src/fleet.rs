@@ -14,35 +14,40 @@
 //! Where a command goes:
 //! - frames about one conversation (send, receipts, typing, history,
 //!   group changes, receipt queries): that conversation's partition;
-//! - attach, detach and catch-up (`Sync`): every partition, since a user's
-//!   conversations are spread over all of them. The link merges the
-//!   partitions' `SyncDone`s into the one the client expects (`more` if any
-//!   partition has more);
-//! - what belongs to the user (group creation, chat list, presence,
-//!   settings, devices, keys, archives): the user's own partition
-//!   (`BundleFetch`: the fetched user's).
+//! - attach, detach, catch-up (`Sync`) and the chat list: every partition,
+//!   since a user's conversations are spread over all of them. The link
+//!   merges the partitions' `SyncDone`s into the one the client expects
+//!   (`more` if any partition has more), and their `Chats` pages into one
+//!   page (`merge_chat_pages`); a chat list that some partition leaves
+//!   unanswered for 5 s is answered 504;
+//! - what belongs to the user (group creation, presence, settings,
+//!   devices, keys, archives): the user's own partition (`BundleFetch`:
+//!   the fetched user's).
 //!
 //! When a router starts serving a partition (after a takeover) it says so
 //! on `courier.owner.<p>`; the link attaches every session it holds there
 //! again and runs a catch-up for it, so the new owner delivers live at once
 //! and anything the old owner acknowledged but did not fan out arrives
 //! (clients dedupe by sequence). That catch-up's `SyncDone` is not passed on.
+//! Chat lists still waiting for `p`'s page are sent there again.
 //!
 //! Liveness: the gateway keeps `gateway.<node>` alive in the
 //! `courier_gateways` KV bucket (`Liveness`); routers detach the sessions
 //! of a gateway whose key expired, so a crashed gateway's users go offline
 //! by themselves.
 
+use std::cmp::Ordering as Order;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use courier_bus::metrics::LinkMetrics;
 use courier_bus::nats::{Nats, NatsConfig};
 use courier_bus::{BusError, Kv, PubSub};
-use courier_protocol::frame::{self, ClientFrame, ServerFrame};
+use courier_protocol::error::ErrorCode;
+use courier_protocol::frame::{self, Chat, ClientFrame, ServerFrame};
 use courier_router::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
 use courier_router::fleet::{self as rfleet, partition_of};
 use courier_router::{Overloaded, RouterConfig, RouterHandle};
@@ -118,10 +123,234 @@ impl SyncMerge {
     }
 }
 
+/// How long a chat list waits for every partition's page before the
+/// client is answered 504 (as long as a parked per-device send waits for
+/// device lists): a partition changing owner may never answer.
+const CHAT_LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the receiver looks for chat lists past their deadline.
+const CHAT_LIST_SWEEP: Duration = Duration::from_millis(100);
+
+/// Most chat lists one session may have waiting for the partitions. Each
+/// holds the pages already in until the last comes, so without a bound a
+/// client asking in a loop while a partition has no owner would have the
+/// gateway hold 5 s worth of its requests' pages; one more is refused
+/// (429).
+const CHAT_LISTS_PER_SESSION: usize = 8;
+
+/// One chat list gathered from every partition.
+#[derive(Debug)]
+struct ChatMerge {
+    request: u32,
+    /// The page size the client asked for (0: the server's default).
+    asked: u16,
+    /// What was sent, to send again to a partition that changes owner
+    /// before it answers.
+    device: Device,
+    frame: ClientFrame,
+    /// Each partition's page (index: partition), `None` until it answers;
+    /// an error counts as an empty page.
+    pages: Vec<Option<ChatPage>>,
+    /// The client has its answer already (the first error); the other
+    /// partitions' answers are dropped as they come.
+    answered: bool,
+    /// Over the session's limit: never sent, answered 429 at the next
+    /// sweep (`pages` is empty, so no partition owes it).
+    refused: bool,
+    deadline: Instant,
+}
+
+impl ChatMerge {
+    fn owes(&self, p: u16) -> bool {
+        self.pages.get(usize::from(p)).is_some_and(Option::is_none)
+    }
+}
+
+/// One partition's page of a chat list.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct ChatPage {
+    more: bool,
+    chats: Vec<Chat>,
+}
+
+/// What became of a partition's answer to a chat list.
+#[derive(Debug)]
+enum Gathered {
+    /// No chat list of the session waits for this partition's answer to
+    /// this request.
+    Unclaimed,
+    /// Kept for the merge, or dropped because the client has its answer.
+    Held,
+    /// The answer goes to the client as it is (the first error).
+    Pass,
+    /// The merged page, for the client.
+    Merged(Delivery),
+}
+
 #[derive(Debug, Default)]
 struct LinkState {
     sessions: FxHashMap<SessionKey, Attached>,
     syncs: FxHashMap<SessionKey, SyncMerge>,
+    chat_lists: ChatLists,
+}
+
+/// Chat lists waiting for the partitions' pages, by session, oldest first
+/// (a partition answers in the order it was asked).
+///
+/// A chat list is added by `handle_sent` as its `ChatList` leaves for the
+/// partitions, and removed when the last partition answers
+/// (`handle_answer`), at its deadline (`poll_expired`, which answers the
+/// client 504) or at the session's detach (`forget`).
+#[derive(Debug, Default)]
+struct ChatLists(FxHashMap<SessionKey, Vec<ChatMerge>>);
+
+impl ChatLists {
+    /// `frame` (a `ChatList`) is leaving for every one of `partitions`;
+    /// false when the session has too many waiting already, and it is to
+    /// stay here (answered 429 by `poll_expired`).
+    fn handle_sent(
+        &mut self,
+        session: SessionKey,
+        device: &Device,
+        frame: &ClientFrame,
+        partitions: u16,
+        now: Instant,
+    ) -> bool {
+        let ClientFrame::ChatList { request, limit, .. } = frame else {
+            return true;
+        };
+        let lists = self.0.entry(session).or_default();
+        let refused = lists.iter().filter(|m| !m.refused).count() >= CHAT_LISTS_PER_SESSION;
+        let (pages, deadline) = if refused {
+            (Vec::new(), now)
+        } else {
+            (vec![None; usize::from(partitions)], now + CHAT_LIST_WAIT)
+        };
+        lists.push(ChatMerge {
+            request: *request,
+            asked: *limit,
+            device: device.clone(),
+            frame: frame.clone(),
+            pages,
+            answered: false,
+            refused,
+            deadline,
+        });
+        !refused
+    }
+
+    /// Takes partition `p`'s answer to chat list `request` of `session`:
+    /// its page, or `None` for an error. The first error goes to the client
+    /// at once; once every partition has answered, their pages merged.
+    ///
+    /// Errors share their `reference` with sends' client ids, and 0 with
+    /// frames that have no id, so an error is taken for a chat list's only
+    /// when that partition still owes that request a page; a client that
+    /// reuses an id while the chat list is out cannot tell them apart
+    /// either.
+    fn handle_answer(
+        &mut self,
+        session: SessionKey,
+        p: u16,
+        request: u32,
+        page: Option<ChatPage>,
+    ) -> Gathered {
+        let Some(lists) = self.0.get_mut(&session) else {
+            return Gathered::Unclaimed;
+        };
+        let Some(i) = lists.iter().position(|m| m.request == request && m.owes(p)) else {
+            return Gathered::Unclaimed;
+        };
+        let merge = &mut lists[i];
+        let first_error = page.is_none() && !merge.answered;
+        merge.answered |= first_error;
+        merge.pages[usize::from(p)] = Some(page.unwrap_or_default());
+        if merge.pages.iter().any(Option::is_none) {
+            return if first_error {
+                Gathered::Pass
+            } else {
+                Gathered::Held
+            };
+        }
+        let merge = lists.remove(i);
+        if lists.is_empty() {
+            self.0.remove(&session);
+        }
+        if first_error {
+            return Gathered::Pass;
+        }
+        if merge.answered {
+            return Gathered::Held;
+        }
+        let pages = merge.pages.into_iter().flatten().collect();
+        let ChatPage { more, chats } = merge_chat_pages(merge.asked, pages);
+        let chats = ServerFrame::Chats {
+            request,
+            more,
+            chats,
+        };
+        Gathered::Merged(reply(session, &chats))
+    }
+
+    /// The session ended: its chat lists are answered nowhere.
+    fn forget(&mut self, session: SessionKey) {
+        self.0.remove(&session);
+    }
+
+    /// Forgets every chat list past its deadline, with a 504 for each
+    /// client still waiting (429 for those refused).
+    fn poll_expired(&mut self, now: Instant) -> Vec<Delivery> {
+        let mut expired = Vec::new();
+        self.0.retain(|session, lists| {
+            lists.retain(|merge| {
+                if merge.deadline > now {
+                    return true;
+                }
+                let reference = u64::from(merge.request);
+                if merge.refused {
+                    let refusal = ServerFrame::Error {
+                        code: ErrorCode::RateLimited as u16,
+                        reference,
+                        detail: "too many chat lists waiting; retry in 1000 ms".into(),
+                    };
+                    expired.push(reply(*session, &refusal));
+                } else if !merge.answered {
+                    let missing: Vec<usize> = (0..merge.pages.len())
+                        .filter(|p| merge.pages[*p].is_none())
+                        .collect();
+                    tracing::debug!(
+                        partitions = ?missing,
+                        "a chat list's partitions did not all answer; answered 504"
+                    );
+                    let timeout = ServerFrame::Error {
+                        code: ErrorCode::Unavailable as u16,
+                        reference,
+                        detail: "not every partition answered the chat list in time; retry".into(),
+                    };
+                    expired.push(reply(*session, &timeout));
+                }
+                false
+            });
+            !lists.is_empty()
+        });
+        expired
+    }
+
+    /// The `ChatList`s still waiting for partition `p`, to send there again.
+    fn owed_by(&self, p: u16) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for (session, lists) in &self.0 {
+            for merge in lists.iter().filter(|m| !m.answered && m.owes(p)) {
+                commands.push(Command::Frame {
+                    session: *session,
+                    device: merge.device.clone(),
+                    frame: merge.frame.clone(),
+                    received_at: Instant::now(),
+                });
+            }
+        }
+        commands
+    }
 }
 
 /// The gateway's side of fleet mode.
@@ -194,7 +423,7 @@ fn target(cmd: &Command, partitions: u16) -> Target {
         | ClientFrame::Typing {
             conversation: c, ..
         } => conversation(c),
-        ClientFrame::Sync { .. } => Target::All,
+        ClientFrame::Sync { .. } | ClientFrame::ChatList { .. } => Target::All,
         ClientFrame::BundleFetch { user, .. } => Target::One(partition_of(user, partitions)),
         _ => Target::One(partition_of(&device.user, partitions)),
     }
@@ -295,8 +524,9 @@ impl FleetLink {
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(cmd) = next.take() {
-                self.note(&cmd);
+                let publish = self.note(&cmd);
                 match target(&cmd, self.partitions) {
+                    _ if !publish => {}
                     Target::One(p) => batches[usize::from(p)].push(cmd),
                     Target::All => {
                         for batch in batches.iter_mut().skip(1) {
@@ -325,8 +555,10 @@ impl FleetLink {
         }
     }
 
-    /// Keeps the session list and the catch-up merges up to date.
-    fn note(&self, cmd: &Command) {
+    /// Keeps the session list and the catch-up and chat list merges up to
+    /// date; false when `cmd` is not to be sent (a chat list over the
+    /// session's limit, answered by the receiver).
+    fn note(&self, cmd: &Command) -> bool {
         let mut state = lock(&self.state);
         match cmd {
             Command::Attach {
@@ -345,6 +577,7 @@ impl FleetLink {
             Command::Detach { session, .. } => {
                 state.sessions.remove(session);
                 state.syncs.remove(session);
+                state.chat_lists.forget(*session);
             }
             Command::Frame {
                 session,
@@ -357,8 +590,20 @@ impl FleetLink {
                 }
                 merge.client_waiting = true;
             }
+            Command::Frame {
+                session,
+                device,
+                frame: frame @ ClientFrame::ChatList { .. },
+                ..
+            } => {
+                let now = Instant::now();
+                return state
+                    .chat_lists
+                    .handle_sent(*session, device, frame, self.partitions, now);
+            }
             Command::Frame { .. } | Command::Push(_) | Command::Peer(_) => {}
         }
+        true
     }
 
     fn receive_loop(
@@ -368,6 +613,7 @@ impl FleetLink {
         mailboxes: Vec<Arc<Mailbox<CoreMsg>>>,
     ) {
         let mut per_core: Vec<Vec<Delivery>> = (0..mailboxes.len()).map(|_| Vec::new()).collect();
+        let mut swept = Instant::now();
         loop {
             crossbeam_channel::select! {
                 recv(deliveries.receiver()) -> m => {
@@ -377,11 +623,6 @@ impl FleetLink {
                     while let Ok(m) = deliveries.receiver().try_recv() {
                         self.sort_message(m, &mut per_core);
                     }
-                    for (core, batch) in per_core.iter_mut().enumerate() {
-                        if !batch.is_empty() {
-                            mailboxes[core].push(CoreMsg::Deliveries(std::mem::take(batch)));
-                        }
-                    }
                 }
                 recv(owners.receiver()) -> m => {
                     let Ok(m) = m else { return };
@@ -389,6 +630,22 @@ impl FleetLink {
                     if let Some(p) = partition.filter(|p| *p < self.partitions) {
                         self.reattach(p);
                     }
+                }
+                default(CHAT_LIST_SWEEP) => {}
+            }
+            let now = Instant::now();
+            if now.duration_since(swept) >= CHAT_LIST_SWEEP {
+                swept = now;
+                let expired = lock(&self.state).chat_lists.poll_expired(now);
+                for delivery in expired {
+                    if let Some(batch) = per_core.get_mut(usize::from(delivery.session().core)) {
+                        batch.push(delivery);
+                    }
+                }
+            }
+            for (core, batch) in per_core.iter_mut().enumerate() {
+                if !batch.is_empty() {
+                    mailboxes[core].push(CoreMsg::Deliveries(std::mem::take(batch)));
                 }
             }
             if self.closed.load(Ordering::Acquire) {
@@ -416,21 +673,56 @@ impl FleetLink {
     }
 
     /// Sorts partition `p`'s deliveries by core, merging the partitions'
-    /// `SyncDone`s.
+    /// `SyncDone`s and chat list pages.
     fn sort(&self, p: u16, batch: Vec<Delivery>, per_core: &mut [Vec<Delivery>]) {
         for delivery in batch {
-            let delivery = match &delivery {
-                Delivery::Frame { session, frame, .. } => match sync_done(frame) {
-                    Some(more) => match self.merge_sync_done(*session, p, more) {
-                        Some(done) => done,
-                        None => continue,
-                    },
-                    None => delivery,
-                },
-                Delivery::Close { .. } => delivery,
+            let Some(delivery) = self.gather(p, delivery) else {
+                continue;
             };
             if let Some(batch) = per_core.get_mut(usize::from(delivery.session().core)) {
                 batch.push(delivery);
+            }
+        }
+    }
+
+    /// What the client gets of partition `p`'s `delivery`: the delivery
+    /// itself, an answer merged from every partition's, or nothing (yet).
+    fn gather(&self, p: u16, delivery: Delivery) -> Option<Delivery> {
+        let Delivery::Frame { session, frame, .. } = &delivery else {
+            return Some(delivery);
+        };
+        let session = *session;
+        let Some(answer) = answer_of(frame) else {
+            return Some(delivery);
+        };
+        match answer {
+            Answer::SyncDone { more } => self.merge_sync_done(session, p, more),
+            Answer::Chats { request, page } => {
+                let mut state = lock(&self.state);
+                match state
+                    .chat_lists
+                    .handle_answer(session, p, request, Some(page))
+                {
+                    Gathered::Merged(merged) => Some(merged),
+                    Gathered::Held | Gathered::Pass => None,
+                    Gathered::Unclaimed => {
+                        // Late: the client was answered 504 already, or
+                        // two owners of `p` answered.
+                        tracing::debug!(partition = p, "dropped an unclaimed chat list page");
+                        None
+                    }
+                }
+            }
+            Answer::Error { reference } => {
+                let Ok(request) = u32::try_from(reference) else {
+                    return Some(delivery);
+                };
+                let mut state = lock(&self.state);
+                match state.chat_lists.handle_answer(session, p, request, None) {
+                    Gathered::Unclaimed | Gathered::Pass => Some(delivery),
+                    Gathered::Held => None,
+                    Gathered::Merged(merged) => Some(merged),
+                }
             }
         }
     }
@@ -454,21 +746,7 @@ impl FleetLink {
         }
         let more = merge.more;
         state.syncs.remove(&session);
-        let mut payload = Vec::with_capacity(4);
-        ServerFrame::SyncDone { more }.encode(&mut payload);
-        let mut out = Vec::with_capacity(payload.len() + 2);
-        courier_protocol::ws::encode_frame(
-            &mut out,
-            courier_protocol::ws::Opcode::Binary,
-            &payload,
-            None,
-        );
-        Some(Delivery::Frame {
-            session,
-            class: Class::Reply,
-            frame: Bytes::from(out),
-            origin: None,
-        })
+        Some(reply(session, &ServerFrame::SyncDone { more }))
     }
 
     /// Attaches every session again at partition `p`'s new owner, with a
@@ -478,6 +756,7 @@ impl FleetLink {
     /// otherwise.
     fn reattach(&self, p: u16) {
         let mut commands = Vec::new();
+        let chat_lists;
         {
             let mut state = lock(&self.state);
             let sessions: Vec<(SessionKey, Device, u64)> = state
@@ -506,10 +785,17 @@ impl FleetLink {
                     merge.owe(p, self.partitions);
                 }
             }
+            // After the attaches: chat lists still waiting for `p`, which
+            // the old owner may never have answered. An answer from both
+            // is taken once; the second is unclaimed and dropped.
+            let owed = state.chat_lists.owed_by(p);
+            chat_lists = owed.len();
+            commands.extend(owed);
         }
         tracing::info!(
             partition = p,
-            sessions = commands.len() / 2,
+            sessions = (commands.len() - chat_lists) / 2,
+            chat_lists,
             "partition has a new owner; attaching again"
         );
         for chunk in commands.chunks(2048) {
@@ -618,23 +904,145 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `Some(more)` when `ws` (a complete WebSocket frame from a router) is a
-/// `SyncDone`.
-fn sync_done(ws: &[u8]) -> Option<bool> {
+/// An answer from a partition that the link gathers before the client
+/// sees it.
+#[derive(Debug)]
+enum Answer {
+    SyncDone {
+        more: bool,
+    },
+    Chats {
+        request: u32,
+        page: ChatPage,
+    },
+    /// Any error: it may answer a chat list (`reference`: its request).
+    Error {
+        reference: u64,
+    },
+}
+
+/// What `ws` (a complete WebSocket frame from a router) is, when it is an
+/// answer the link gathers; `None` for everything else, undecoded.
+fn answer_of(ws: &Bytes) -> Option<Answer> {
     let len7 = *ws.get(1)? & 0x7f;
     let start = match len7 {
         126 => 4,
         127 => 10,
         _ => 2,
     };
-    let payload = ws.get(start..)?;
-    if payload.first() != Some(&frame::ty::SYNC_DONE) {
+    let ty = *ws.get(start)?;
+    if ![frame::ty::SYNC_DONE, frame::ty::CHATS, frame::ty::ERROR].contains(&ty) {
         return None;
     }
-    match ServerFrame::decode(&Bytes::copy_from_slice(payload)) {
-        Ok(ServerFrame::SyncDone { more }) => Some(more),
+    match ServerFrame::decode(&ws.slice(start..)) {
+        Ok(ServerFrame::SyncDone { more }) => Some(Answer::SyncDone { more }),
+        Ok(ServerFrame::Chats {
+            request,
+            more,
+            chats,
+        }) => Some(Answer::Chats {
+            request,
+            page: ChatPage { more, chats },
+        }),
+        Ok(ServerFrame::Error { reference, .. }) => Some(Answer::Error { reference }),
         _ => None,
     }
+}
+
+/// `frame` for `session` as one WebSocket binary frame.
+fn reply(session: SessionKey, frame: &ServerFrame) -> Delivery {
+    let mut payload = Vec::with_capacity(64);
+    frame.encode(&mut payload);
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    courier_protocol::ws::encode_frame(
+        &mut out,
+        courier_protocol::ws::Opcode::Binary,
+        &payload,
+        None,
+    );
+    Delivery::Frame {
+        session,
+        class: Class::Reply,
+        frame: Bytes::from(out),
+        origin: None,
+    }
+}
+
+/// The chat list's page size when the client asks 0, as docs/protocol.md
+/// gives it.
+const CHAT_PAGE_DEFAULT: usize = 50;
+
+/// The largest chat list page, as docs/protocol.md gives it (the routers'
+/// default `history_page`).
+const CHAT_PAGE_MAX: usize = 200;
+
+/// The chat list's order: newest last entry first, ties by conversation id.
+fn chat_order(a: &Chat, b: &Chat) -> Order {
+    b.last_ms
+        .cmp(&a.last_ms)
+        .then_with(|| a.conversation.cmp(&b.conversation))
+}
+
+/// One page of the chat list from every partition's page, each asked with
+/// the same cursor and page size `asked`.
+///
+/// Each partition answered the first rows of its own conversations after
+/// the cursor, in [`chat_order`], at most its page limit, with `more` when
+/// it had to leave some out. The merged page has to be the first rows of
+/// the whole list after the cursor, or the client's next cursor (its last
+/// row) would skip what was left out:
+/// - A partition that left rows out may hold some just after its last row,
+///   so nothing after the earliest such last row is known to be next:
+///   rows past it are cut.
+/// - At most one page limit of rows. The routers apply theirs to `asked`
+///   (0: a default; capped by their configuration, which the gateway does
+///   not know); a partition that left rows out shows it, since it cut at
+///   its limit, so the limit is its row count (the largest, if routers
+///   disagree). When none did, the limit as documented (`asked`, 0 meaning
+///   50, at most 200), or the longest page if a router allowed more.
+/// - `more` if any partition had more or the merge cut rows. So a row is
+///   never left out without `more`; and a page is never empty while rows
+///   remain, since the partition with the earliest last row has all its
+///   rows on it.
+fn merge_chat_pages(asked: u16, pages: Vec<ChatPage>) -> ChatPage {
+    let longest = pages.iter().map(|p| p.chats.len()).max().unwrap_or(0);
+    let limit = pages
+        .iter()
+        .filter(|p| p.more)
+        .map(|p| p.chats.len())
+        .max()
+        .unwrap_or_else(|| {
+            let documented = match usize::from(asked) {
+                0 => CHAT_PAGE_DEFAULT,
+                n => n.min(CHAT_PAGE_MAX),
+            };
+            documented.max(longest)
+        });
+    // Nothing after the earliest last row of a partition that left rows
+    // out is certain (nothing at all if such a partition sent none).
+    let cut: Vec<Option<&Chat>> = pages
+        .iter()
+        .filter(|p| p.more)
+        .map(|p| p.chats.last())
+        .collect();
+    let mut more = !cut.is_empty();
+    let certain = match cut.into_iter().collect::<Option<Vec<&Chat>>>() {
+        None => 0,
+        Some(lasts) => match lasts.into_iter().min_by(|a, b| chat_order(a, b)) {
+            None => usize::MAX,
+            Some(horizon) => pages
+                .iter()
+                .flat_map(|p| &p.chats)
+                .filter(|c| chat_order(c, horizon) != Order::Greater)
+                .count(),
+        },
+    };
+    let mut chats: Vec<Chat> = pages.into_iter().flat_map(|p| p.chats).collect();
+    chats.sort_unstable_by(chat_order);
+    let keep = certain.min(limit).min(chats.len());
+    more |= keep < chats.len();
+    chats.truncate(keep);
+    ChatPage { more, chats }
 }
 
 /// A copy of `cmd` for another partition (`None` for the push worker's
@@ -821,4 +1229,404 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("router stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(conversation: &str, last_ms: u64) -> Chat {
+        Chat {
+            conversation: conversation.into(),
+            last_seq: 1,
+            last_ms,
+            last_sender: "alice".into(),
+            read_seq: 0,
+            unread: 1,
+        }
+    }
+
+    fn page(more: bool, rows: &[(&str, u64)]) -> ChatPage {
+        ChatPage {
+            more,
+            chats: rows.iter().map(|(c, ms)| chat(c, *ms)).collect(),
+        }
+    }
+
+    fn names(page: &ChatPage) -> Vec<&str> {
+        page.chats.iter().map(|c| c.conversation.as_str()).collect()
+    }
+
+    /// What a router answers (`chat_list` in router/src/core/views.rs):
+    /// its rows after the cursor, in order, cut at `limit`.
+    fn router_page(rows: &[Chat], cursor: Option<&Chat>, limit: usize) -> ChatPage {
+        let mut chats: Vec<Chat> = rows
+            .iter()
+            .filter(|c| cursor.is_none_or(|k| chat_order(c, k) == Order::Greater))
+            .cloned()
+            .collect();
+        chats.sort_unstable_by(chat_order);
+        let more = chats.len() > limit;
+        chats.truncate(limit);
+        ChatPage { more, chats }
+    }
+
+    #[test]
+    fn a_merged_page_is_the_first_rows_of_all_partitions() {
+        let pages = vec![
+            page(true, &[("d:a:b", 90), ("d:a:c", 50)]),
+            page(true, &[("d:a:d", 95), ("d:a:e", 60)]),
+            page(false, &[("d:a:f", 70)]),
+        ];
+        let merged = merge_chat_pages(2, pages);
+        assert_eq!(names(&merged), ["d:a:d", "d:a:b"]);
+        assert!(merged.more);
+    }
+
+    #[test]
+    fn ties_are_ordered_by_conversation_id() {
+        let pages = vec![
+            page(false, &[("d:a:c", 10)]),
+            page(false, &[("d:a:b", 10), ("d:a:d", 5)]),
+        ];
+        let merged = merge_chat_pages(0, pages);
+        assert_eq!(names(&merged), ["d:a:b", "d:a:c", "d:a:d"]);
+        assert!(!merged.more);
+    }
+
+    #[test]
+    fn without_more_anywhere_the_page_is_cut_at_the_limit_asked_with_more() {
+        let pages = vec![
+            page(false, &[("d:a:b", 90), ("d:a:c", 50)]),
+            page(false, &[("d:a:d", 95), ("d:a:e", 60)]),
+        ];
+        let merged = merge_chat_pages(3, pages.clone());
+        assert_eq!(names(&merged), ["d:a:d", "d:a:b", "d:a:e"]);
+        assert!(merged.more);
+        let merged = merge_chat_pages(4, pages.clone());
+        assert_eq!(merged.chats.len(), 4);
+        assert!(!merged.more);
+        // 0 asks for the default page, 50 rows.
+        assert!(!merge_chat_pages(0, pages).more);
+    }
+
+    #[test]
+    fn without_more_anywhere_the_page_is_at_most_the_documented_maximum() {
+        // 225 rows, none left out: 45 a partition, under the default page.
+        let pages: Vec<ChatPage> = (0..5)
+            .map(|p| ChatPage {
+                more: false,
+                chats: (0..45).map(|i| chat(&format!("d:{p}:{i}"), i)).collect(),
+            })
+            .collect();
+        let merged = merge_chat_pages(1000, pages.clone());
+        assert_eq!(merged.chats.len(), CHAT_PAGE_MAX);
+        assert!(merged.more);
+        let merged = merge_chat_pages(0, pages);
+        assert_eq!(merged.chats.len(), CHAT_PAGE_DEFAULT);
+        assert!(merged.more);
+    }
+
+    /// Routers with different page limits: nothing after the earliest last
+    /// row of a partition that left rows out is certain, even when the page
+    /// has room for it.
+    #[test]
+    fn rows_past_a_cut_partitions_last_row_wait_for_the_next_page() {
+        let pages = vec![
+            // Limit 2: may hold a row between 90 and 85.
+            page(true, &[("d:a:b", 100), ("d:a:c", 90)]),
+            // Limit 4.
+            page(
+                true,
+                &[("d:a:d", 95), ("d:a:e", 85), ("d:a:f", 80), ("d:a:g", 70)],
+            ),
+        ];
+        let merged = merge_chat_pages(4, pages);
+        assert_eq!(names(&merged), ["d:a:b", "d:a:d", "d:a:c"]);
+        assert!(merged.more);
+    }
+
+    #[test]
+    fn a_partition_with_more_and_no_rows_makes_nothing_certain() {
+        let pages = vec![page(true, &[]), page(false, &[("d:a:b", 10)])];
+        let merged = merge_chat_pages(5, pages);
+        assert!(merged.chats.is_empty());
+        assert!(merged.more);
+    }
+
+    /// Paging through the merged pages with the client's cursor gives the
+    /// whole chat list, each conversation once, in order, with `more` on
+    /// every page but the last; for page limits equal on every router and
+    /// for routers that disagree.
+    #[test]
+    fn paging_through_merged_pages_lists_every_conversation_once_in_order() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..200 {
+            let partitions = 1 + next(6) as usize;
+            // Few distinct times, so ties across partitions are common.
+            let rows: Vec<Chat> = (0..next(40))
+                .map(|i| chat(&format!("d:u:{i:03}"), next(12)))
+                .collect();
+            let mut held: Vec<Vec<Chat>> = vec![Vec::new(); partitions];
+            for row in &rows {
+                held[next(partitions as u64) as usize].push(row.clone());
+            }
+            let asked = 1 + next(6) as u16;
+            let limits: Vec<usize> = (0..partitions)
+                .map(|_| match round % 2 {
+                    0 => usize::from(asked),
+                    _ => 1 + next(usize::from(asked) as u64) as usize,
+                })
+                .collect();
+
+            let mut listed: Vec<Chat> = Vec::new();
+            let mut cursor: Option<Chat> = None;
+            for _ in 0..=rows.len() {
+                let pages = held
+                    .iter()
+                    .zip(&limits)
+                    .map(|(rows, limit)| router_page(rows, cursor.as_ref(), *limit))
+                    .collect();
+                let merged = merge_chat_pages(asked, pages);
+                assert!(merged.chats.len() <= usize::from(asked));
+                listed.extend(merged.chats.iter().cloned());
+                if !merged.more {
+                    break;
+                }
+                assert!(
+                    !merged.chats.is_empty(),
+                    "round {round}: an empty page with more"
+                );
+                cursor = merged.chats.last().cloned();
+            }
+            let mut expected = rows.clone();
+            expected.sort_unstable_by(chat_order);
+            assert_eq!(listed, expected, "round {round}");
+        }
+    }
+
+    fn session(slot: u32) -> SessionKey {
+        SessionKey {
+            node: 1,
+            core: 0,
+            slot,
+            generation: 1,
+        }
+    }
+
+    fn asked(lists: &mut ChatLists, session: SessionKey, request: u32, now: Instant) {
+        let device = Device {
+            user: "alice".into(),
+            device: 1,
+        };
+        let frame = ClientFrame::ChatList {
+            request,
+            before_ms: 0,
+            before_conversation: String::new(),
+            limit: 2,
+        };
+        assert!(lists.handle_sent(session, &device, &frame, 3, now));
+    }
+
+    fn merged(gathered: Option<Gathered>) -> Delivery {
+        match gathered {
+            Some(Gathered::Merged(delivery)) => delivery,
+            other => panic!("not merged: {other:?}"),
+        }
+    }
+
+    /// The server frame a delivery carries.
+    fn frame_of(delivery: &Delivery) -> ServerFrame {
+        let Delivery::Frame { frame, .. } = delivery else {
+            panic!("not a frame: {delivery:?}");
+        };
+        let start = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        ServerFrame::decode(&frame.slice(start..)).unwrap()
+    }
+
+    #[test]
+    fn the_last_partitions_page_answers_with_the_merged_page() {
+        let mut lists = ChatLists::default();
+        let now = Instant::now();
+        asked(&mut lists, session(1), 7, now);
+        let a = lists.handle_answer(session(1), 0, 7, Some(page(false, &[("d:a:b", 5)])));
+        assert!(matches!(a, Gathered::Held));
+        let b = lists.handle_answer(session(1), 2, 7, Some(page(false, &[])));
+        assert!(matches!(b, Gathered::Held));
+        // A second page from the same partition is not this chat list's.
+        let again = lists.handle_answer(session(1), 2, 7, Some(page(false, &[])));
+        assert!(matches!(again, Gathered::Unclaimed));
+        let c = lists.handle_answer(
+            session(1),
+            1,
+            7,
+            Some(page(true, &[("d:a:c", 9), ("d:a:d", 1)])),
+        );
+        assert_eq!(
+            frame_of(&merged(Some(c))),
+            ServerFrame::Chats {
+                request: 7,
+                more: true,
+                chats: vec![chat("d:a:c", 9), chat("d:a:b", 5)],
+            }
+        );
+        assert!(lists.0.is_empty());
+        assert!(lists.poll_expired(now + CHAT_LIST_WAIT).is_empty());
+    }
+
+    #[test]
+    fn the_first_error_goes_to_the_client_and_the_other_answers_are_dropped() {
+        let mut lists = ChatLists::default();
+        let now = Instant::now();
+        asked(&mut lists, session(1), 7, now);
+        // An error for another request is not the chat list's.
+        assert!(matches!(
+            lists.handle_answer(session(1), 0, 8, None),
+            Gathered::Unclaimed
+        ));
+        assert!(matches!(
+            lists.handle_answer(session(1), 0, 7, None),
+            Gathered::Pass
+        ));
+        assert!(matches!(
+            lists.handle_answer(session(1), 1, 7, None),
+            Gathered::Held
+        ));
+        assert!(lists.owed_by(2).is_empty(), "answered: not sent again");
+        assert!(matches!(
+            lists.handle_answer(session(1), 2, 7, Some(page(false, &[]))),
+            Gathered::Held
+        ));
+        assert!(lists.0.is_empty());
+    }
+
+    #[test]
+    fn a_chat_list_unanswered_by_its_deadline_is_answered_504_once() {
+        let mut lists = ChatLists::default();
+        let now = Instant::now();
+        asked(&mut lists, session(1), 7, now);
+        lists.handle_answer(session(1), 0, 7, Some(page(false, &[])));
+        assert_eq!(lists.owed_by(1).len(), 1);
+        assert_eq!(lists.owed_by(0).len(), 0);
+        assert!(lists.poll_expired(now + CHAT_LIST_WAIT / 2).is_empty());
+        let expired = lists.poll_expired(now + CHAT_LIST_WAIT);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].session(), session(1));
+        let ServerFrame::Error {
+            code, reference, ..
+        } = frame_of(&expired[0])
+        else {
+            panic!("{expired:?}");
+        };
+        assert_eq!((code, reference), (ErrorCode::Unavailable as u16, 7));
+        assert!(lists.0.is_empty());
+        // A late page has nobody waiting for it.
+        assert!(matches!(
+            lists.handle_answer(session(1), 1, 7, Some(page(false, &[]))),
+            Gathered::Unclaimed
+        ));
+    }
+
+    #[test]
+    fn a_detached_sessions_chat_lists_are_forgotten() {
+        let mut lists = ChatLists::default();
+        let now = Instant::now();
+        asked(&mut lists, session(1), 7, now);
+        asked(&mut lists, session(2), 7, now);
+        lists.forget(session(1));
+        let expired = lists.poll_expired(now + CHAT_LIST_WAIT);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].session(), session(2));
+        assert!(lists.0.is_empty());
+    }
+
+    #[test]
+    fn a_session_with_too_many_chat_lists_waiting_is_refused_429() {
+        let mut lists = ChatLists::default();
+        let now = Instant::now();
+        for request in 1..=CHAT_LISTS_PER_SESSION as u32 {
+            asked(&mut lists, session(1), request, now);
+        }
+        let device = Device {
+            user: "alice".into(),
+            device: 1,
+        };
+        let frame = ClientFrame::ChatList {
+            request: 100,
+            before_ms: 0,
+            before_conversation: String::new(),
+            limit: 0,
+        };
+        assert!(!lists.handle_sent(session(1), &device, &frame, 3, now));
+        assert!(lists.handle_sent(session(2), &device, &frame, 3, now));
+        assert!(lists.owed_by(0).iter().all(|c| match c {
+            Command::Frame {
+                session: s, frame, ..
+            } => {
+                *s != session(1) || !matches!(frame, ClientFrame::ChatList { request: 100, .. })
+            }
+            _ => false,
+        }));
+        let refused = lists.poll_expired(now);
+        assert_eq!(refused.len(), 1);
+        let ServerFrame::Error {
+            code, reference, ..
+        } = frame_of(&refused[0])
+        else {
+            panic!("{refused:?}");
+        };
+        assert_eq!((code, reference), (ErrorCode::RateLimited as u16, 100));
+        // The others still wait for their pages.
+        assert!(matches!(
+            lists.handle_answer(session(1), 0, 1, Some(page(false, &[]))),
+            Gathered::Held
+        ));
+    }
+
+    /// Two chat lists out under one request id are answered in the order
+    /// they were asked, each from its own pages.
+    #[test]
+    fn chat_lists_sharing_a_request_id_are_answered_in_order() {
+        let mut lists = ChatLists::default();
+        let now = Instant::now();
+        asked(&mut lists, session(1), 7, now);
+        asked(&mut lists, session(1), 7, now);
+        let mut last = None;
+        for p in 0..3 {
+            let first = match p {
+                0 => page(false, &[("d:a:first", 2)]),
+                _ => page(false, &[]),
+            };
+            last = Some(lists.handle_answer(session(1), p, 7, Some(first)));
+        }
+        assert_eq!(
+            frame_of(&merged(last.take())),
+            ServerFrame::Chats {
+                request: 7,
+                more: false,
+                chats: vec![chat("d:a:first", 2)],
+            }
+        );
+        for p in 0..3 {
+            last = Some(lists.handle_answer(session(1), p, 7, Some(page(false, &[]))));
+        }
+        assert_eq!(
+            frame_of(&merged(last)),
+            ServerFrame::Chats {
+                request: 7,
+                more: false,
+                chats: Vec::new(),
+            }
+        );
+    }
 }
