@@ -17,6 +17,9 @@
 //! - Push: a token registered with the user's partition wakes the device
 //!   for messages decided by other partitions, and unregistering it stops
 //!   every partition.
+//! - The chat list gathers every partition's conversations: paged with the
+//!   cursor, each once and in order; asked while a partition changes owner,
+//!   it is still answered.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -35,7 +38,7 @@ use courier_bus::testing::NatsServer;
 use courier_bus::{Kv, PubSub};
 use courier_e2ee::Device as E2eeDevice;
 use courier_protocol::frame::{
-    ClientFrame, DeviceAddress, DeviceBundle, E2eeFrame, Incoming, PrekeyKind, ServerFrame,
+    Chat, ClientFrame, DeviceAddress, DeviceBundle, E2eeFrame, Incoming, PrekeyKind, ServerFrame,
 };
 use courier_protocol::ids::direct_conversation;
 use courier_protocol::token;
@@ -1127,4 +1130,170 @@ fn a_token_copy_sent_while_its_partition_changes_owner_still_arrives() {
     let hits = receiver.accepted();
     assert_eq!(hits[0]["token"], "bob-phone");
     assert_eq!(hits[0]["conversation"], direct_conversation(&alice, bob));
+}
+
+/// Asks for one page of the chat list; returns the answer (`Chats` or
+/// `Error`) and how long it took.
+fn chat_page(
+    c: &mut Client,
+    request: u32,
+    cursor: (u64, &str),
+    limit: u16,
+) -> (ServerFrame, Duration) {
+    let started = Instant::now();
+    c.send(&ClientFrame::ChatList {
+        request,
+        before_ms: cursor.0,
+        before_conversation: cursor.1.into(),
+        limit,
+    });
+    let deadline = started + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match c.try_next(deadline.saturating_duration_since(Instant::now())) {
+            Some(f @ ServerFrame::Chats { request: r, .. }) if r == request => {
+                return (f, started.elapsed())
+            }
+            Some(f @ ServerFrame::Error { reference, .. }) if reference == u64::from(request) => {
+                return (f, started.elapsed())
+            }
+            _ => {}
+        }
+    }
+    panic!("chat list {request} never answered");
+}
+
+/// Pages through the whole chat list `limit` rows at a time; returns the
+/// pages' rows and their `more` flags.
+fn chat_pages(c: &mut Client, first_request: u32, limit: u16) -> Vec<(Vec<Chat>, bool)> {
+    let mut pages = Vec::new();
+    let mut cursor = (0, String::new());
+    for request in first_request.. {
+        let (page, _) = chat_page(c, request, (cursor.0, &cursor.1), limit);
+        let ServerFrame::Chats { more, chats, .. } = page else {
+            panic!("chat list page {request}: {page:?}");
+        };
+        if let Some(last) = chats.last() {
+            cursor = (last.last_ms, last.conversation.clone());
+        }
+        pages.push((chats, more));
+        if !more {
+            return pages;
+        }
+        assert!(pages.len() < 100, "the chat list never ends");
+    }
+    unreachable!()
+}
+
+/// A user's conversations are held by the partitions of their ids, so the
+/// gateway asks every partition for its page and merges them: paging with
+/// the cursor lists every conversation once, newest first, with `more` on
+/// every page but the last. Asked while a partition has no owner (its
+/// router just SIGKILLed), the chat list is still answered: complete once
+/// the new owner has it again, or 504 when that takes over 5 s.
+#[test]
+fn the_chat_list_pages_through_every_partitions_conversations() {
+    let mut fleet = Fleet::start();
+    let node = fleet.gateway("g1", 1);
+    let user = "list-alice";
+    // Two direct conversations on each partition.
+    let mut held = [0; PARTITIONS as usize];
+    let peers: Vec<String> = (0..)
+        .map(|i| format!("list-peer{i}"))
+        .filter(|peer| {
+            let p = usize::from(partition_of(&direct_conversation(user, peer), PARTITIONS));
+            held[p] += 1;
+            held[p] <= 2
+        })
+        .take(2 * usize::from(PARTITIONS))
+        .collect();
+    let conversations: Vec<String> = peers
+        .iter()
+        .map(|peer| direct_conversation(user, peer))
+        .collect();
+
+    // One message in each, then another in two of them, so the newest
+    // first order is not the partitions' order nor the first sends'.
+    let (mut alice, _) = node.online(user, 1);
+    let mut last_ms = std::collections::BTreeMap::new();
+    let again = [&conversations[5], &conversations[2]];
+    for (id, conversation) in (1..).zip(conversations.iter().chain(again)) {
+        let (sent, _) = send_until_sent(&mut alice, conversation, id, Duration::from_secs(2));
+        let ServerFrame::Sent { timestamp_ms, .. } = sent else {
+            unreachable!()
+        };
+        last_ms.insert(conversation.clone(), timestamp_ms);
+    }
+    let mut expected: Vec<(u64, String)> = last_ms.iter().map(|(c, ms)| (*ms, c.clone())).collect();
+    expected.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let expected: Vec<String> = expected.into_iter().map(|(_, c)| c).collect();
+
+    // Three a page: 3, 3 and 2 rows.
+    let pages = chat_pages(&mut alice, 10, 3);
+    let shape: Vec<(usize, bool)> = pages.iter().map(|(c, more)| (c.len(), *more)).collect();
+    assert_eq!(shape, [(3, true), (3, true), (2, false)]);
+    let listed: Vec<&Chat> = pages.iter().flat_map(|(c, _)| c).collect();
+    let names: Vec<&str> = listed.iter().map(|c| c.conversation.as_str()).collect();
+    assert_eq!(names, expected);
+    for chat in &listed {
+        assert_eq!(chat.last_ms, last_ms[&chat.conversation], "{chat:?}");
+        assert_eq!(chat.last_sender, user);
+        let seqs = if again.contains(&&chat.conversation) {
+            2
+        } else {
+            1
+        };
+        assert_eq!((chat.last_seq, chat.read_seq, chat.unread), (seqs, seqs, 0));
+    }
+    // The default page holds them all; one row a page, each in turn.
+    let pages = chat_pages(&mut alice, 20, 0);
+    assert_eq!(pages.len(), 1);
+    let names: Vec<&str> = pages[0].0.iter().map(|c| c.conversation.as_str()).collect();
+    assert_eq!(names, expected);
+    let pages = chat_pages(&mut alice, 30, 1);
+    assert_eq!(pages.len(), expected.len());
+    let names: Vec<&str> = pages
+        .iter()
+        .map(|(c, _)| c[0].conversation.as_str())
+        .collect();
+    assert_eq!(names, expected);
+    // A peer sees only its own conversation, unread.
+    let (mut bob, _) = node.online(&peers[0], 1);
+    let pages = chat_pages(&mut bob, 1, 0);
+    let rows: Vec<(&str, u64)> = pages[0]
+        .0
+        .iter()
+        .map(|c| (c.conversation.as_str(), c.unread))
+        .collect();
+    assert_eq!(rows, [(conversations[0].as_str(), 1)]);
+
+    // One router dies: its partitions have no owner until the other takes
+    // them over. The chat list asked now is answered all the same.
+    let victim = fleet.kill_owner_of(partition_of(&conversations[0], PARTITIONS));
+    let (answer, took) = chat_page(&mut alice, 40, (0, ""), 0);
+    eprintln!("router {victim} killed; chat list answered after {took:?}: {answer:?}");
+    match answer {
+        ServerFrame::Chats { more, chats, .. } => {
+            let names: Vec<&str> = chats.iter().map(|c| c.conversation.as_str()).collect();
+            assert_eq!(names, expected);
+            assert!(!more);
+        }
+        ServerFrame::Error { code, .. } => {
+            assert_eq!(code, courier_protocol::error::ErrorCode::Unavailable as u16);
+            assert!(took >= Duration::from_secs(5), "{took:?}");
+        }
+        other => unreachable!("{other:?}"),
+    }
+    assert!(took < Duration::from_secs(7), "{took:?}");
+    // Once the partitions are served again, everything is there.
+    let started = Instant::now();
+    for request in 50.. {
+        match chat_page(&mut alice, request, (0, ""), 0).0 {
+            ServerFrame::Chats { chats, .. } => {
+                let names: Vec<&str> = chats.iter().map(|c| c.conversation.as_str()).collect();
+                assert_eq!(names, expected);
+                break;
+            }
+            other => assert!(started.elapsed() < Duration::from_secs(30), "{other:?}"),
+        }
+    }
 }
