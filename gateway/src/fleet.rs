@@ -20,16 +20,19 @@
 //!   (`more` if any partition has more), and their `Chats` pages into one
 //!   page (`merge_chat_pages`); a chat list that some partition leaves
 //!   unanswered for 5 s is answered 504;
-//! - what belongs to the user (group creation, presence, settings,
-//!   devices, keys, archives): the user's own partition (`BundleFetch`:
-//!   the fetched user's).
+//! - presence: the named users' partitions, which alone keep their
+//!   presence, the answers merged into one (`presence.rs`);
+//! - what belongs to the user (group creation, settings, devices, keys,
+//!   archives): the user's own partition (`BundleFetch`: the fetched
+//!   user's).
 //!
 //! When a router starts serving a partition (after a takeover) it says so
 //! on `courier.owner.<p>`; the link attaches every session it holds there
 //! again and runs a catch-up for it, so the new owner delivers live at once
 //! and anything the old owner acknowledged but did not fan out arrives
 //! (clients dedupe by sequence). That catch-up's `SyncDone` is not passed on.
-//! Chat lists still waiting for `p`'s page are sent there again.
+//! Chat lists and presence requests still waiting for `p`'s answer are
+//! sent there again, and every session's presence subscriptions there.
 //!
 //! Liveness: the gateway keeps `gateway.<node>` alive in the
 //! `courier_gateways` KV bucket (`Liveness`); routers detach the sessions
@@ -55,8 +58,11 @@ use crossbeam_channel::{Receiver, Sender};
 use rustc_hash::FxHashMap;
 
 use crate::config::ServeArgs;
+
+mod presence;
 use crate::core::CoreMsg;
 use crate::mailbox::Mailbox;
+use presence::PresenceSplits;
 
 /// Where a gateway's commands go.
 #[derive(Debug)]
@@ -192,6 +198,7 @@ struct LinkState {
     sessions: FxHashMap<SessionKey, Attached>,
     syncs: FxHashMap<SessionKey, SyncMerge>,
     chat_lists: ChatLists,
+    presence: PresenceSplits,
 }
 
 /// Chat lists waiting for the partitions' pages, by session, oldest first
@@ -525,6 +532,16 @@ impl FleetLink {
             let mut taken = 0;
             while let Some(cmd) = next.take() {
                 let publish = self.note(&cmd);
+                if let Some(shares) = self.split_presence(&cmd) {
+                    for (p, command) in shares {
+                        batches[usize::from(p)].push(command);
+                    }
+                    taken += 1;
+                    if taken < 4096 {
+                        next = rx.try_recv().ok();
+                    }
+                    continue;
+                }
                 match target(&cmd, self.partitions) {
                     _ if !publish => {}
                     Target::One(p) => batches[usize::from(p)].push(cmd),
@@ -555,6 +572,42 @@ impl FleetLink {
         }
     }
 
+    /// A presence request's shares, one command per partition (see
+    /// `presence.rs`); `None` for any other command.
+    fn split_presence(&self, cmd: &Command) -> Option<Vec<(u16, Command)>> {
+        let Command::Frame {
+            session,
+            device,
+            frame:
+                frame @ (ClientFrame::PresenceQuery { .. } | ClientFrame::PresenceSubscribe { .. }),
+            received_at,
+        } = cmd
+        else {
+            return None;
+        };
+        let shares = lock(&self.state).presence.split(
+            *session,
+            device,
+            frame,
+            self.partitions,
+            Instant::now(),
+        );
+        Some(
+            shares
+                .into_iter()
+                .map(|(p, frame)| {
+                    let command = Command::Frame {
+                        session: *session,
+                        device: device.clone(),
+                        frame,
+                        received_at: *received_at,
+                    };
+                    (p, command)
+                })
+                .collect(),
+        )
+    }
+
     /// Keeps the session list and the catch-up and chat list merges up to
     /// date; false when `cmd` is not to be sent (a chat list over the
     /// session's limit, answered by the receiver).
@@ -578,6 +631,7 @@ impl FleetLink {
                 state.sessions.remove(session);
                 state.syncs.remove(session);
                 state.chat_lists.forget(*session);
+                state.presence.forget(*session);
             }
             Command::Frame {
                 session,
@@ -636,7 +690,12 @@ impl FleetLink {
             let now = Instant::now();
             if now.duration_since(swept) >= CHAT_LIST_SWEEP {
                 swept = now;
-                let expired = lock(&self.state).chat_lists.poll_expired(now);
+                let expired = {
+                    let mut state = lock(&self.state);
+                    let mut expired = state.chat_lists.poll_expired(now);
+                    expired.extend(state.presence.poll_expired(now));
+                    expired
+                };
                 for delivery in expired {
                     if let Some(batch) = per_core.get_mut(usize::from(delivery.session().core)) {
                         batch.push(delivery);
@@ -718,7 +777,20 @@ impl FleetLink {
                     return Some(delivery);
                 };
                 let mut state = lock(&self.state);
-                match state.chat_lists.handle_answer(session, p, request, None) {
+                let gathered = match state.chat_lists.handle_answer(session, p, request, None) {
+                    Gathered::Unclaimed => state.presence.answer(session, p, request, None),
+                    other => other,
+                };
+                match gathered {
+                    Gathered::Unclaimed | Gathered::Pass => Some(delivery),
+                    Gathered::Held => None,
+                    Gathered::Merged(merged) => Some(merged),
+                }
+            }
+            Answer::Presence { request, entries } => {
+                let mut state = lock(&self.state);
+                match state.presence.answer(session, p, request, Some(entries)) {
+                    // Pushes, and answers to requests not split.
                     Gathered::Unclaimed | Gathered::Pass => Some(delivery),
                     Gathered::Held => None,
                     Gathered::Merged(merged) => Some(merged),
@@ -757,6 +829,7 @@ impl FleetLink {
     fn reattach(&self, p: u16) {
         let mut commands = Vec::new();
         let chat_lists;
+        let presence;
         {
             let mut state = lock(&self.state);
             let sessions: Vec<(SessionKey, Device, u64)> = state
@@ -791,11 +864,17 @@ impl FleetLink {
             let owed = state.chat_lists.owed_by(p);
             chat_lists = owed.len();
             commands.extend(owed);
+            // And presence: requests it owes, and the subscriptions its
+            // new owner does not have.
+            let owed = state.presence.owed_by(p, self.partitions);
+            presence = owed.len();
+            commands.extend(owed);
         }
         tracing::info!(
             partition = p,
-            sessions = (commands.len() - chat_lists) / 2,
+            sessions = (commands.len() - chat_lists - presence) / 2,
             chat_lists,
+            presence,
             "partition has a new owner; attaching again"
         );
         for chunk in commands.chunks(2048) {
@@ -915,9 +994,15 @@ enum Answer {
         request: u32,
         page: ChatPage,
     },
-    /// Any error: it may answer a chat list (`reference`: its request).
+    /// Any error: it may answer a chat list or a presence request
+    /// (`reference`: its request).
     Error {
         reference: u64,
+    },
+    /// Presence: an answer, or a push (`request` 0).
+    Presence {
+        request: u32,
+        entries: Vec<frame::PresenceEntry>,
     },
 }
 
@@ -931,7 +1016,14 @@ fn answer_of(ws: &Bytes) -> Option<Answer> {
         _ => 2,
     };
     let ty = *ws.get(start)?;
-    if ![frame::ty::SYNC_DONE, frame::ty::CHATS, frame::ty::ERROR].contains(&ty) {
+    if ![
+        frame::ty::SYNC_DONE,
+        frame::ty::CHATS,
+        frame::ty::ERROR,
+        frame::ty::PRESENCE,
+    ]
+    .contains(&ty)
+    {
         return None;
     }
     match ServerFrame::decode(&ws.slice(start..)) {
@@ -945,6 +1037,9 @@ fn answer_of(ws: &Bytes) -> Option<Answer> {
             page: ChatPage { more, chats },
         }),
         Ok(ServerFrame::Error { reference, .. }) => Some(Answer::Error { reference }),
+        Ok(ServerFrame::Presence { request, entries }) => {
+            Some(Answer::Presence { request, entries })
+        }
         _ => None,
     }
 }
