@@ -1297,3 +1297,123 @@ fn the_chat_list_pages_through_every_partitions_conversations() {
         }
     }
 }
+
+/// Names `(watched, watcher, other)`: three users of three different
+/// partitions, the direct conversation of the first two in a fourth.
+fn apart() -> (String, String, String) {
+    let p = |name: &str| partition_of(name, PARTITIONS);
+    let names: Vec<String> = (0..2000).map(|i| format!("apart{i}")).collect();
+    for a in &names {
+        for w in names.iter().filter(|w| p(w) != p(a)) {
+            let conversation = direct_conversation(a, w);
+            let c = p(&conversation);
+            if c == p(a) || c == p(w) {
+                continue;
+            }
+            if let Some(o) = names.iter().find(|o| ![p(a), p(w), c].contains(&p(o))) {
+                return (a.clone(), w.clone(), o.clone());
+            }
+        }
+    }
+    panic!("no names hash apart")
+}
+
+/// Waits for the next `Presence` answer or push; returns its request and
+/// entries.
+fn next_presence(c: &mut Client) -> (u32, Vec<(String, bool)>) {
+    wait_any(c, |f| match f {
+        Incoming::Frame(ServerFrame::Presence { request, entries }) => Some((
+            *request,
+            entries.iter().map(|e| (e.user.clone(), e.online)).collect(),
+        )),
+        _ => None,
+    })
+}
+
+#[test]
+fn presence_and_settings_belong_to_the_users_partition_across_the_fleet() {
+    let mut fleet = Fleet::start_with(&["--presence-debounce-ms".into(), "300".into()]);
+    let g1 = fleet.gateway("g1", 1);
+    let g2 = fleet.gateway("g2", 2);
+    let (alice, bob, carol) = apart();
+    let (mut watcher, _) = g2.online(&bob, 1);
+
+    // One subscription over two other partitions, answered once, in the
+    // order named.
+    watcher.send(&ClientFrame::PresenceSubscribe {
+        request: 1,
+        users: vec![carol.clone(), alice.clone()],
+    });
+    assert_eq!(
+        next_presence(&mut watcher),
+        (1, vec![(carol.clone(), false), (alice.clone(), false)])
+    );
+    let (mut reader, _) = g1.online(&alice, 1);
+    assert_eq!(
+        next_presence(&mut watcher),
+        (0, vec![(alice.clone(), true)])
+    );
+
+    // Read receipts off, set at alice's partition, hold in a conversation
+    // of another one: bob sees DELIVERED, never READ.
+    reader.send(&ClientFrame::Settings {
+        request: 2,
+        mask: courier_protocol::frame::settings::READ_RECEIPTS_OFF,
+        flags: courier_protocol::frame::settings::READ_RECEIPTS_OFF,
+    });
+    wait_any(&mut reader, |f| {
+        matches!(f, Incoming::Frame(ServerFrame::Settings { request: 2, .. })).then_some(())
+    });
+    let direct = direct_conversation(&alice, &bob);
+    let mut receipts = Vec::new();
+    for id in 1..=3u64 {
+        let seq = watcher.send_acked(&direct, id, b"read me");
+        messages_until(&mut reader, &direct, seq);
+        reader.send(&ClientFrame::Read {
+            conversation: direct.clone(),
+            seq,
+        });
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if let Some(ServerFrame::Receipt { seq, kind, .. }) =
+                watcher.try_next(Duration::from_millis(50))
+            {
+                receipts.push((seq, kind));
+            }
+        }
+    }
+    assert!(
+        receipts
+            .iter()
+            .all(|(_, kind)| *kind == courier_protocol::frame::ReceiptKind::Delivered),
+        "{receipts:?}"
+    );
+    assert!(!receipts.is_empty(), "DELIVERED still flows");
+
+    // The subscription outlives a takeover of alice's partition: the new
+    // owner is told it (its answer reaches bob as a push) and announces
+    // her going.
+    let killed = fleet.kill_owner_of(partition_of(&alice, PARTITIONS));
+    eprintln!("killed {killed}, the owner of {alice}'s partition");
+    let started = Instant::now();
+    loop {
+        let (request, entries) = next_presence(&mut watcher);
+        if request == 0 && entries == vec![(alice.clone(), true)] {
+            break;
+        }
+        assert!(started.elapsed() < TIMEOUT, "{entries:?}");
+    }
+    drop(reader);
+    let started = Instant::now();
+    loop {
+        let (_, entries) = next_presence(&mut watcher);
+        if entries == vec![(alice.clone(), false)] {
+            break;
+        }
+        assert!(started.elapsed() < TIMEOUT, "{entries:?}");
+    }
+    eprintln!(
+        "alice's going announced {:?} after her partition's takeover began",
+        started.elapsed()
+    );
+}

@@ -516,6 +516,16 @@ impl RouterCore {
         self.store.fail_commits = n;
     }
 
+    /// Test hook: the device record the store holds (not the cache).
+    #[cfg(test)]
+    pub(crate) fn stored_device(
+        &self,
+        user: &str,
+        device: u32,
+    ) -> Option<crate::codec::DeviceRecord> {
+        self.store.device(user, device).unwrap()
+    }
+
     /// Test hook: the cursor record the store holds (not the cache).
     #[cfg(test)]
     pub(crate) fn stored_cursor(&self, user: &str, device: u32, conversation: &str) -> Cursors {
@@ -1039,6 +1049,12 @@ impl RouterCore {
                     summary,
                     cursors,
                 } => {
+                    if !self.is_routed(&device, session) {
+                        // Refused at its attach (unlinked, over the limit)
+                        // or replaced since: it is being closed, and gets
+                        // nothing to catch up on.
+                        return;
+                    }
                     self.set_live(&device, session, false);
                     self.push_synced(b, &device);
                     b.syncs.push(SyncRequest {
@@ -1232,6 +1248,15 @@ impl RouterCore {
                 send: true,
             }),
         }
+    }
+
+    /// True when `session` is `device`'s attached session here.
+    fn is_routed(&self, device: &Device, session: SessionKey) -> bool {
+        self.routes.get(&device.user).is_some_and(|routes| {
+            routes
+                .iter()
+                .any(|r| r.device == device.device && r.session == session)
+        })
     }
 
     fn set_live(&mut self, device: &Device, session: SessionKey, live: bool) {

@@ -642,6 +642,13 @@ impl Store {
         self.per_device(Part::Devices, user, DeviceRecord::decode)
     }
 
+    /// The record of one of `user`'s devices, if there is one (a corrupt
+    /// record is logged and taken as none).
+    pub fn device(&self, user: &str, device: u32) -> Result<Option<DeviceRecord>, StoreError> {
+        let raw = self.get(Part::Devices, &device_key(user, device))?;
+        Ok(raw.and_then(|raw| skip_corrupt(Part::Devices, DeviceRecord::decode(&raw))))
+    }
+
     /// The records of `part` keyed by (user, device), by device number; a
     /// malformed key or a corrupt record is logged and skipped.
     fn per_device<T>(

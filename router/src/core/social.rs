@@ -103,6 +103,16 @@ impl RouterCore {
         Ok(self.users.entry(user.clone()).or_default())
     }
 
+    /// True when this partition is `user`'s own (always on a single node):
+    /// the one that links the user's devices, keeps their records and
+    /// answers for the user's presence. Elsewhere a session of the user is
+    /// a visitor, known only by its route.
+    pub(super) fn is_home(&self, user: &str) -> bool {
+        self.config
+            .partition
+            .is_none_or(|(mine, n)| crate::fleet::partition_of(user, n) == mine)
+    }
+
     /// False when `user` turned read receipts off.
     pub(super) fn read_receipts_on(&mut self, user: &Arc<str>) -> Result<bool, StoreError> {
         Ok(self.user_state(user)?.settings & settings::READ_RECEIPTS_OFF == 0)
@@ -118,7 +128,13 @@ impl RouterCore {
         issued_at_s: u64,
         now_ms: u64,
     ) {
-        if let Err(code) = self.link(b, &device, issued_at_s, now_ms) {
+        let home = self.is_home(&device.user);
+        let allowed = if home {
+            self.link(b, &device, issued_at_s, now_ms)
+        } else {
+            self.visit(&device, issued_at_s)
+        };
+        if let Err(code) = allowed {
             let reason = match code {
                 close::DEVICE_REMOVED => "this device was unlinked; sign in again",
                 _ => "too many linked devices; unlink one first",
@@ -155,12 +171,44 @@ impl RouterCore {
                 self.metrics.routes_online.inc();
             }
         }
+        if !home {
+            // Presence, the device's record and its keys are the user's
+            // partition's; a visitor's session is only routed here.
+            return;
+        }
         // Back within the debounce window: subscribers never saw it leave.
         if was_offline && self.social.going_offline.remove(&device.user).is_none() {
             self.push_presence(b, &device.user);
         }
         // A device that was away while its prekeys ran low hears it now.
         self.remind_low_prekeys(b, &device);
+    }
+
+    /// Fleet mode: checks a session of another partition's user. The
+    /// user's partition links devices and enforces the device limit (it
+    /// closes a session over it itself); here only an unlinked device is
+    /// refused, by the record its unlinking left (`DeviceUnlinked`), so it
+    /// catches up on nothing. Nothing is written or kept but the route:
+    /// every partition sees every connect, and a visitor's connect that
+    /// cost more than a route made the fleet's cost per connect grow with
+    /// the partition count.
+    fn visit(&mut self, device: &Device, issued_at_s: u64) -> Result<(), u16> {
+        let record = match self.users.get_mut(&device.user) {
+            Some(state) => state.device(device.device).copied(),
+            None => match self.store.device(&device.user, device.device) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(error = %e, "device records unavailable; visiting session not checked");
+                    None
+                }
+            },
+        };
+        match record {
+            Some(r) if r.removed_ms > 0 && issued_at_s.saturating_mul(1000) <= r.removed_ms => {
+                Err(close::DEVICE_REMOVED)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks that the device may have a session, linking it if it is new.
@@ -227,9 +275,15 @@ impl RouterCore {
         if routes.len() == before {
             return;
         }
+        let gone = routes.is_empty();
         self.metrics.routes_online.dec();
-        if routes.is_empty() {
+        if gone {
             self.routes.remove(&device.user);
+        }
+        if !self.is_home(&device.user) {
+            return;
+        }
+        if gone {
             let at = now_ms + self.config.presence_debounce.as_millis() as u64;
             self.social.going_offline.insert(device.user.clone(), at);
             self.social
@@ -312,6 +366,17 @@ impl RouterCore {
     /// Records that the device finished a catch-up (its next summary
     /// reports receipts made after this).
     pub(super) fn synced(&mut self, device: &Device, now_ms: u64) {
+        if !self.is_home(&device.user) {
+            // A visitor's catch-up time is kept only where it had
+            // something to catch up on (its state was loaded to plan it):
+            // the next summary here reports what changed since.
+            let Some(state) = self.users.get_mut(&device.user) else {
+                return;
+            };
+            if state.device(device.device).is_none() {
+                state.devices.push((device.device, DeviceRecord::default()));
+            }
+        }
         if let Ok(state) = self.user_state(&device.user) {
             if let Some(r) = state.device(device.device) {
                 r.last_sync_ms = now_ms;
@@ -882,14 +947,23 @@ impl RouterCore {
             // Only the user's partition unlinks; an echo changes nothing.
             return;
         }
+        // Visitors' sessions are not recorded here, so the record is made
+        // if there is none: it is what refuses the device's old tokens
+        // here (`visit`). A later unlinking (after a relink) moves it on.
+        let removed_ms = removed_ms.max(1);
         let record = match self.user_state(user) {
-            Ok(state) => match state.device(device) {
-                Some(r) if r.removed_ms == 0 => {
-                    r.removed_ms = removed_ms.max(1);
-                    Some(*r)
+            Ok(state) => {
+                if state.device(device).is_none() {
+                    state.devices.push((device, DeviceRecord::default()));
                 }
-                _ => None,
-            },
+                match state.device(device) {
+                    Some(r) if r.removed_ms < removed_ms => {
+                        r.removed_ms = removed_ms;
+                        Some(*r)
+                    }
+                    _ => None,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read a user's devices to unlink one");
                 None

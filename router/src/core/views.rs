@@ -397,6 +397,11 @@ impl RouterCore {
         sync: &SyncRequest,
         plans: &[Plan],
     ) -> Result<Vec<ConversationSummary>, StoreError> {
+        if plans.is_empty() {
+            // Nothing to sum up (in a fleet, a partition holding none of
+            // the user's conversations): no reason to load the user.
+            return Ok(Vec::new());
+        }
         let user = sync.device.user.clone();
         let last_sync = self.last_sync_ms(&sync.device);
         let my_reads = self.read_receipts_on(&user)?;

@@ -336,3 +336,112 @@ fn read_receipts_off_reaches_the_partition_of_the_users_conversations() {
     let out = away.step(vec![read(3)]);
     assert_eq!(reads_seen(&out), 0);
 }
+
+#[test]
+fn a_visiting_session_is_only_routed_and_its_partition_writes_nothing() {
+    // Device limit 1 in both: the second device is over it.
+    let limited = |p: u16| {
+        Harness::with(|c| {
+            c.partition = Some((p, 2));
+            c.max_devices = 1;
+        })
+    };
+    let (mut home, mut away) = (
+        limited(partition_of(BOB, 2)),
+        limited(1 - partition_of(BOB, 2)),
+    );
+    let phone = away.client(BOB, 1, 0);
+    let tablet = away.client(BOB, 2, 0);
+    let out = away.step(vec![phone.attach(), phone.sync(vec![]), tablet.attach()]);
+    assert!(
+        out.closes().is_empty(),
+        "the user's partition enforces the limit"
+    );
+    away.step(vec![]);
+    assert_eq!(
+        away.core().stored_device(BOB, 1),
+        None,
+        "no record of a visitor"
+    );
+    assert!(sent(&mut away).is_empty());
+
+    // A visitor's presence is the user's partition's to announce: a
+    // watcher here hears nothing when Bob comes and goes.
+    let watcher = away.client("watcher", 1, 1);
+    away.connect(&watcher);
+    away.step(vec![watcher.frame(ClientFrame::PresenceSubscribe {
+        request: 1,
+        users: vec![BOB.into()],
+    })]);
+    let laptop = away.client(BOB, 3, 0);
+    let out = away.step(vec![phone.detach(), tablet.detach(), laptop.attach()]);
+    assert!(
+        out.frames(&watcher).is_empty(),
+        "{:?}",
+        out.frames(&watcher)
+    );
+
+    // At home the same connects link, and the second device is refused.
+    let phone_home = home.client(BOB, 1, 0);
+    let tablet_home = home.client(BOB, 2, 0);
+    let out = home.step(vec![phone_home.attach(), tablet_home.attach()]);
+    assert_eq!(
+        out.closes(),
+        vec![(tablet_home.session, courier_protocol::close::DEVICE_LIMIT)]
+    );
+    assert!(home.core().stored_device(BOB, 1).is_some());
+}
+
+#[test]
+fn a_device_unlinked_at_home_is_refused_where_it_never_attached() {
+    let (mut home, mut away) = pair();
+    let phone = home.client(BOB, 1, 0);
+    let tablet = home.client(BOB, 2, 0);
+    home.step(vec![phone.attach(), tablet.attach()]);
+    home.step(vec![phone.frame(ClientFrame::DeviceRemove {
+        request: 1,
+        device: 2,
+    })]);
+    // The token's removal and the unlinking, in that order.
+    let unlinked = reliable(sent(&mut home));
+    assert!(
+        matches!(&unlinked[..], [_, PeerMsg::Reliable { message, .. }]
+            if matches!(**message, PeerMsg::DeviceUnlinked { device: 2, .. })),
+        "{unlinked:?}"
+    );
+
+    // Before the unlink arrives the tablet's old token still gets a
+    // route there; after, its old tokens are refused.
+    let old_token = away.client(BOB, 2, 0);
+    let out = away.step(vec![old_token.attach()]);
+    assert!(out.closes().is_empty());
+    away.step(vec![old_token.detach()]);
+    hand(&mut away, unlinked);
+    let again = away.client(BOB, 2, 0);
+    let out = away.step(vec![again.attach(), again.sync(vec![])]);
+    assert_eq!(
+        out.closes(),
+        vec![(again.session, courier_protocol::close::DEVICE_REMOVED)]
+    );
+    assert!(
+        !out.frames(&again)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::SyncDone { .. })),
+        "no catch-up for a refused session"
+    );
+
+    // A token issued after the unlinking (the device signed in again) is
+    // let in, here as at home; and the refusal survives a restart.
+    away.restart();
+    let refused = away.client(BOB, 2, 0);
+    let out = away.step(vec![refused.attach()]);
+    assert_eq!(out.closes().len(), 1);
+    let relinked = away.client(BOB, 2, 0);
+    let issued_at_s = away.now_ms / 1000 + 60;
+    let out = away.step(vec![Command::Attach {
+        session: relinked.session,
+        device: relinked.device.clone(),
+        issued_at_s,
+    }]);
+    assert!(out.closes().is_empty());
+}
