@@ -10,14 +10,15 @@
 # group of 3 to 200, mean 20; a 0.3 share marked read).
 #
 # Beside loadgen a sampler reads, every 2 s, the CPU time of each kind of
-# process from /proc (gateways, routers, NATS servers) and the gateways'
-# messages written to clients. Per rate it writes
+# process from /proc (gateways, routers, NATS servers), the routers'
+# resident memory and the gateways' messages written to clients. Per rate it writes
 # bench-out/capacity-fleet-<rate>.{json,html,cpu.tsv} and prints loadgen's
 # summary, then the CPU of each kind per million deliveries over the
 # traffic phase, less what the same processes spent per second while idle.
 #
 #   benches/scripts/capacity_fleet.sh                       # 200,000 connections, 250 500 1000 msg/s
 #   CONNS=20000 GW_PROCS=2 RATES=200 benches/scripts/capacity_fleet.sh   # scaled down
+#   KEEP_FLEET=1 ...                                         # keep the fleet's logs and state
 source "$(dirname "$0")/common.sh"
 CONNS=${CONNS:-200000}
 GW_PROCS=${GW_PROCS:-12}
@@ -42,7 +43,7 @@ sampler=
 cleanup() {
     [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true
     "$fleet" down >/dev/null 2>&1 || true
-    rm -rf "$FLEET_DIR"
+    if [ "${KEEP_FLEET:-0}" = 1 ]; then echo "fleet state kept under $FLEET_DIR"; else rm -rf "$FLEET_DIR"; fi
 }
 trap cleanup EXIT
 "$fleet" up
@@ -62,6 +63,13 @@ cpu_s() { # pids...: their user + system CPU seconds
         t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) ))
     done
     echo "scale=2; $t / $tick" | bc
+}
+rss_mib() { # pids...: their resident memory summed, MiB
+    local p t=0
+    for p in "$@"; do
+        t=$(( t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0) ))
+    done
+    echo $(( t / 1024 ))
 }
 gateway_metrics() { # every gateway's metrics, one after the other
     local i
@@ -121,12 +129,12 @@ read_share = 0.3
 TOML
     # The sampler starts with loadgen, so its seconds are loadgen's.
     (
-        printf 'at_s\tgateways_cpu_s\trouters_cpu_s\tnats_cpu_s\tmessages_out\tdelivery_buckets\n'
+        printf 'at_s\tgateways_cpu_s\trouters_cpu_s\tnats_cpu_s\tmessages_out\tdelivery_buckets\trouters_rss_mib\n'
         start=$(date +%s)
         while :; do
             # shellcheck disable=SC2086
-            printf '%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(cpu_s $gateways)" \
-                "$(cpu_s $routers)" "$(cpu_s $natss)" "$(gateway_sample)"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(cpu_s $gateways)" \
+                "$(cpu_s $routers)" "$(cpu_s $natss)" "$(gateway_sample)" "$(rss_mib $routers)"
             sleep 2
         done
     ) >"$OUT/$name.cpu.tsv" &
@@ -178,6 +186,9 @@ if h0 and h1 and h1[-1] > h0[-1]:
         return next(le for le, c in zip(bounds, grown) if c >= q * grown[-1])
     print(f"  gateways' delivery latency over the window (bucket bounds): p50 <= {bound(0.5) * 1e3:g} ms, "
           f"p90 <= {bound(0.9) * 1e3:g} ms, p99 <= {bound(0.99) * 1e3:g} ms ({grown[-1]:.0f} deliveries)")
+rss = [float(r[6]) for r in lines if len(r) > 6 and r[6]]
+if rss:
+    print(f"  routers' resident memory, summed: {rss[-1]:.0f} MiB at the end, {max(rss):.0f} MiB at most")
 for k, kind in ((1, "gateways"), (2, "routers"), (3, "nats servers")):
     idle_rate = (at(t0, k) - at(i0, k)) / (t0 - i0)
     used = at(t1, k) - at(t0, k) - idle_rate * (t1 - t0)
