@@ -193,6 +193,23 @@ enum Gathered {
     Merged(Delivery),
 }
 
+impl Gathered {
+    /// What becomes of a partition's answer to a request gathered from
+    /// several, once recorded: the first error goes to the client at once;
+    /// other answers wait until every partition has answered, and are
+    /// dropped if the client had an error. `None`: the answers are all in
+    /// and the merged one is due.
+    fn fate(first_error: bool, answered: bool, complete: bool) -> Option<Self> {
+        if first_error {
+            Some(Self::Pass)
+        } else if !complete || answered {
+            Some(Self::Held)
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct LinkState {
     sessions: FxHashMap<SessionKey, Attached>,
@@ -272,22 +289,17 @@ impl ChatLists {
         let first_error = page.is_none() && !merge.answered;
         merge.answered |= first_error;
         merge.pages[usize::from(p)] = Some(page.unwrap_or_default());
-        if merge.pages.iter().any(Option::is_none) {
-            return if first_error {
-                Gathered::Pass
-            } else {
-                Gathered::Held
-            };
+        let complete = merge.pages.iter().all(Option::is_some);
+        let fate = Gathered::fate(first_error, merge.answered, complete);
+        if !complete {
+            return fate.unwrap_or(Gathered::Held);
         }
         let merge = lists.remove(i);
         if lists.is_empty() {
             self.0.remove(&session);
         }
-        if first_error {
-            return Gathered::Pass;
-        }
-        if merge.answered {
-            return Gathered::Held;
+        if let Some(fate) = fate {
+            return fate;
         }
         let pages = merge.pages.into_iter().flatten().collect();
         let ChatPage { more, chats } = merge_chat_pages(merge.asked, pages);

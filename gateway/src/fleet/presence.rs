@@ -181,22 +181,17 @@ impl PresenceSplits {
         let first_error = entries.is_none() && !merge.answered;
         merge.answered |= first_error;
         merge.entries.extend(entries.unwrap_or_default());
-        if merge.owed.iter().any(Option::is_some) {
-            return if first_error {
-                Gathered::Pass
-            } else {
-                Gathered::Held
-            };
+        let complete = merge.owed.iter().all(Option::is_none);
+        let fate = Gathered::fate(first_error, merge.answered, complete);
+        if !complete {
+            return fate.unwrap_or(Gathered::Held);
         }
         let merge = list.remove(i);
         if list.is_empty() {
             self.waiting.remove(&session);
         }
-        if first_error {
-            return Gathered::Pass;
-        }
-        if merge.answered {
-            return Gathered::Held;
+        if let Some(fate) = fate {
+            return fate;
         }
         let mut by_user: FxHashMap<String, PresenceEntry> = merge
             .entries
