@@ -1235,6 +1235,18 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         "Gateway liveness keys that expired (the gateway died or lost NATS); their sessions were detached",
         gateways_expired.clone(),
     );
+    let leases_retaken = prometheus_client::metrics::counter::Counter::<u64>::default();
+    registry.register(
+        "courier_router_leases_retaken",
+        "Partition leases that expired before a renewal got through, nobody took, and this router took back without a takeover",
+        leases_retaken.clone(),
+    );
+    let leases_lost = prometheus_client::metrics::counter::Counter::<u64>::default();
+    registry.register(
+        "courier_router_leases_lost",
+        "Partition leases this router lost to a conflict: the partition was given up",
+        leases_lost.clone(),
+    );
     let link_metrics = LinkMetrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     let partition_metrics = Arc::new(rfleet::PartitionMetrics::new());
@@ -1314,6 +1326,9 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
                     let (live, expired) = owner.gateways();
                     gateways_live.set(live as i64);
                     gateways_expired.inc_by(expired.saturating_sub(gateways_expired.get()));
+                    let (retaken, lost) = owner.leases();
+                    leases_retaken.inc_by(retaken.saturating_sub(leases_retaken.get()));
+                    leases_lost.inc_by(lost.saturating_sub(leases_lost.get()));
                     std::thread::sleep(Duration::from_millis(500));
                 }
             })?

@@ -325,9 +325,15 @@ impl Router {
                 })?;
             core.set_push(jobs, push_metrics);
         }
+        // The changelog sequence of the last batch appended, kept by the
+        // syncer thread.
+        let appended = Arc::new(AtomicU64::new(
+            config.changelog.as_ref().map_or(0, |c| c.last),
+        ));
         let worker = Worker {
             core,
             changelog: config.changelog.clone(),
+            appended: appended.clone(),
             rx,
             outlet,
             depth: depth.clone(),
@@ -353,6 +359,7 @@ impl Router {
                 closed: AtomicBool::new(false),
                 thread: Mutex::new(Some(thread)),
                 thread_id,
+                appended,
             }),
         })
     }
@@ -375,6 +382,9 @@ struct Shared {
     /// Taken and joined by the first `shutdown`.
     thread: Mutex<Option<JoinHandle<()>>>,
     thread_id: std::thread::ThreadId,
+    /// Fleet mode: the sequence of the changelog's last record as this
+    /// router wrote it (the fence of its next append).
+    appended: Arc<AtomicU64>,
 }
 
 impl RouterHandle {
@@ -402,6 +412,14 @@ impl RouterHandle {
             shared.depth.fetch_sub(1, Ordering::Relaxed);
             Overloaded
         })
+    }
+
+    /// Fleet mode: the sequence of the last changelog record this router
+    /// appended, or the log's last when it took the partition over and
+    /// has not appended since. An append in flight is not counted until
+    /// it is answered.
+    pub fn changelog_last(&self) -> u64 {
+        self.shared.appended.load(Ordering::Acquire)
     }
 
     /// True once the router thread has ended: after [`Self::shutdown`], or
@@ -452,6 +470,7 @@ enum Msg {
 struct Worker {
     core: RouterCore,
     changelog: Option<fleet::Changelog>,
+    appended: Arc<AtomicU64>,
     rx: Receiver<Msg>,
     outlet: Arc<dyn api::Outlet>,
     depth: Arc<AtomicUsize>,
@@ -470,9 +489,7 @@ impl Worker {
         let queue_depth = self.core.metrics().queue_depth.clone();
         let changelog = self.changelog.clone();
         let fleet = changelog.is_some();
-        // The changelog sequence of the last batch appended, kept by the
-        // syncer thread.
-        let appended = Arc::new(AtomicU64::new(changelog.as_ref().map_or(0, |c| c.last)));
+        let appended = self.appended.clone();
         let mut snapshots = changelog
             .as_ref()
             .filter(|c| c.snapshot_min_bytes != u64::MAX)

@@ -218,3 +218,97 @@ fn leases_held_stay_renewed_while_more_partitions_are_taken() {
     );
     a.stop();
 }
+
+/// A lease whose key vanished before a renewal got through (it expired
+/// during a stall longer than the TTL) and that nobody took meanwhile is
+/// taken back by its owner, which goes on serving the partition with the
+/// same router: no replay, no new owner announced, sequences continuing.
+fn a_lapsed_lease_nobody_took_is_kept_without_a_takeover(log: Arc<dyn Log>, kv: Arc<dyn Kv>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_rx) = owner("router-a", dir.path(), &log, &kv);
+    wait_until("a takes every partition", Duration::from_secs(30), || {
+        a.owned().len() == usize::from(PARTITIONS)
+    });
+    let p0 = a.handle(0).unwrap();
+    let alice = session(0, 1);
+    attach(&p0, &a_rx, alice);
+    send_and_answer(&p0, &a_rx, alice, 1);
+
+    kv.delete("partition.0", None).unwrap();
+    wait_until("the lease is taken back", Duration::from_secs(10), || {
+        a.leases().0 >= 1
+    });
+    assert_eq!(a.leases().1, 0, "no lease counted lost");
+    assert_eq!(
+        kv.get("partition.0").unwrap().map(|e| e.value),
+        Some(Bytes::from_static(b"router-a"))
+    );
+    assert!(!p0.is_stopped(), "the partition's router was not replaced");
+    let second = send_and_answer(&p0, &a_rx, alice, 2);
+    assert!(
+        matches!(second, ServerFrame::Sent { seq: 2, .. }),
+        "{second:?}"
+    );
+    a.stop();
+}
+
+#[test]
+fn embedded_bus_a_lapsed_lease_nobody_took_is_kept_without_a_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
+    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(TTL)));
+    a_lapsed_lease_nobody_took_is_kept_without_a_takeover(log, kv);
+}
+
+#[test]
+fn jetstream_a_lapsed_lease_nobody_took_is_kept_without_a_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path()).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let log: Arc<dyn Log> = Arc::new(
+        nats.log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
+            .unwrap(),
+    );
+    let kv: Arc<dyn Kv> = Arc::new(nats.kv("test_leases", Some(TTL), 1).unwrap());
+    a_lapsed_lease_nobody_took_is_kept_without_a_takeover(log, kv);
+}
+
+/// A replay longer than the lease TTL (a long changelog, a slow server)
+/// used to end with the key expired, the partition given up and taken
+/// again, and replayed again, for ever. Nobody else wanted it, so the key
+/// is now taken back after the replay and the partition served.
+#[test]
+fn a_replay_longer_than_the_lease_ttl_still_ends_in_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner: Arc<dyn Log> =
+        Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
+    let ttl = Duration::from_millis(600);
+    let log: Arc<dyn Log> = Arc::new(HookedLog::slow_replays(inner, ttl * 2));
+    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(ttl)));
+    let (factory, _rx) = outlets();
+    let config = OwnerConfig {
+        router_id: "router-a".into(),
+        partitions: 1,
+        scan_interval: Duration::from_millis(100),
+        data_dir: dir.path().join("router-a"),
+        subject_prefix: "t.log".into(),
+        snapshot_min_bytes: courier_router::fleet::SNAPSHOT_MIN_BYTES,
+        router: RouterConfig::default(),
+        intake: None,
+        gateways: None,
+        metrics: None,
+    };
+    let a = Owner::start(config, log, kv.clone(), factory).unwrap();
+    wait_until("the partition is served", Duration::from_secs(15), || {
+        a.owned() == [0]
+    });
+    assert_eq!(
+        kv.get("partition.0").unwrap().map(|e| e.value),
+        Some(Bytes::from_static(b"router-a"))
+    );
+    a.stop();
+}
