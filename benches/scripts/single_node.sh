@@ -5,7 +5,8 @@
 # PORT and METRICS_PORT move the node off the default ports; NO_BUILD=1
 # runs the binaries already built (GATEWAY, LOADGEN); LOADGEN_CPUS pins
 # loadgen to those CPUs with taskset (e.g. LOADGEN_CPUS=1), leaving the
-# node unpinned; LOADGEN_THREADS sets loadgen's --threads (default 1).
+# node unpinned; LOADGEN_THREADS sets loadgen's --threads (default 1);
+# GATEWAY_FLAGS adds flags to the node (e.g. GATEWAY_FLAGS="--cores 1").
 source "$(dirname "$0")/common.sh"
 RATE=${RATE:-5000}
 DURATION=${DURATION:-60s}
@@ -13,7 +14,8 @@ DURATION=${DURATION:-60s}
 pin=()
 [ -z "${LOADGEN_CPUS:-}" ] || pin=(taskset -c "$LOADGEN_CPUS")
 data=$(mktemp -d)
-start_gateway "$data"
+# shellcheck disable=SC2086 # GATEWAY_FLAGS is a list of flags
+start_gateway "$data" ${GATEWAY_FLAGS:-}
 "${pin[@]}" "$LOADGEN" --url "ws://127.0.0.1:$PORT/" --data-dir "$data" --connections 10000 \
     --rate "$RATE" --duration "$DURATION" --ramp 5000 --threads "${LOADGEN_THREADS:-1}" \
     --report "$OUT/single_node.json" --quiet ||
