@@ -332,7 +332,10 @@ fn messages_cross_gateways_and_survive_a_router_kill() {
                 .expect("the served-partitions gauge");
             assert!(text.contains("courier_fleet_gateways_live "), "{text}");
             assert!(text.contains("courier_router_leases_lost_total "), "{text}");
-            assert!(text.contains("courier_router_leases_retaken_total "), "{text}");
+            assert!(
+                text.contains("courier_router_leases_retaken_total "),
+                "{text}"
+            );
             for line in text.lines() {
                 let partition = |name: &str| {
                     let rest = line.strip_prefix(name)?.strip_prefix("{partition=\"")?;

@@ -468,6 +468,7 @@ impl Owner {
             served: FxHashMap::default(),
             member: None,
             renewed_at: Instant::now(),
+            stalled: false,
             gateways_seen: FxHashSet::default(),
         };
         let thread = std::thread::Builder::new()
@@ -559,6 +560,15 @@ struct Supervisor {
     /// each) renews in between once a scan interval has passed, so a long
     /// run of takes never lets the leases already held run out.
     renewed_at: Instant,
+    /// The last round of renewals took over a third of the TTL, or found
+    /// a lease lapsed: JetStream is stalling for this router. A router in
+    /// a stall takes no partition and hands none back: the other routers
+    /// are most likely in the same stall, their keys lapsing too, and a
+    /// partition taken from one of them is a takeover nobody needed (a
+    /// replay, every session attached again) that its owner would have
+    /// ridden out by taking its key back. A router that really died is
+    /// taken over by one whose renewals go through, as soon as they do.
+    stalled: bool,
     /// Gateways whose liveness key the last scan found.
     gateways_seen: FxHashSet<u16>,
     /// Free partitions are not taken before this: routers started together
@@ -577,7 +587,12 @@ impl Supervisor {
             }
             self.renew();
             self.watch_gateways();
-            if Instant::now() >= self.settle_until {
+            if self.stalled {
+                tracing::info!(
+                    served = self.served.len(),
+                    "lease renewals are stalling; no partition taken or handed back this scan"
+                );
+            } else if Instant::now() >= self.settle_until {
                 self.balance();
             }
             std::thread::sleep(self.config.scan_interval);
@@ -592,6 +607,8 @@ impl Supervisor {
     /// router stopped (fenced, or its changelog failed).
     fn renew(&mut self) {
         self.renewed_at = Instant::now();
+        let lapsed_before = self.shared.leases_retaken.load(Ordering::Relaxed)
+            + self.shared.leases_lost.load(Ordering::Relaxed);
         let member_key = format!("router.{}", self.config.router_id);
         match self.member.as_mut().map(Lease::renew) {
             Some(Ok(())) => {}
@@ -645,6 +662,14 @@ impl Supervisor {
         for (p, release) in dropped {
             self.give_up(p, release);
         }
+        let lapsed = self.shared.leases_retaken.load(Ordering::Relaxed)
+            + self.shared.leases_lost.load(Ordering::Relaxed)
+            > lapsed_before;
+        let slow = self
+            .leases
+            .ttl()
+            .is_some_and(|ttl| self.renewed_at.elapsed() > ttl / 3);
+        self.stalled = lapsed || slow;
     }
 
     /// Lists the gateways' liveness keys; tells every served partition
@@ -735,7 +760,7 @@ impl Supervisor {
             // as between scans.
             if self.renewed_at.elapsed() >= self.config.scan_interval {
                 self.renew();
-                if self.served.len() >= share {
+                if self.served.len() >= share || self.stalled {
                     break;
                 }
             }

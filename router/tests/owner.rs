@@ -312,3 +312,92 @@ fn a_replay_longer_than_the_lease_ttl_still_ends_in_serving() {
     );
     a.stop();
 }
+
+/// A bucket whose every call first waits `delay_ms`: one router's view of
+/// a stalling JetStream.
+#[derive(Debug)]
+struct SlowKv {
+    inner: Arc<dyn Kv>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowKv {
+    fn wait(&self) {
+        let ms = self.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+impl Kv for SlowKv {
+    fn ttl(&self) -> Option<Duration> {
+        self.inner.ttl()
+    }
+    fn get(&self, key: &str) -> Result<Option<courier_bus::Entry>, courier_bus::BusError> {
+        self.wait();
+        self.inner.get(key)
+    }
+    fn create(&self, key: &str, value: Bytes) -> Result<u64, courier_bus::BusError> {
+        self.wait();
+        self.inner.create(key, value)
+    }
+    fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, courier_bus::BusError> {
+        self.wait();
+        self.inner.update(key, value, revision)
+    }
+    fn put(&self, key: &str, value: Bytes) -> Result<u64, courier_bus::BusError> {
+        self.wait();
+        self.inner.put(key, value)
+    }
+    fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), courier_bus::BusError> {
+        self.wait();
+        self.inner.delete(key, revision)
+    }
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, courier_bus::BusError> {
+        self.wait();
+        self.inner.keys(prefix)
+    }
+}
+
+/// A router whose own renewals are stalling takes no partition: in a
+/// JetStream stall the other routers' keys lapse too, and their owners
+/// take them back once their renewals get through. Once its renewals are
+/// quick again it takes a dead router's partitions as before.
+#[test]
+fn a_router_whose_renewals_stall_takes_no_partition_until_they_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
+    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(TTL)));
+    let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let slow: Arc<dyn Kv> = Arc::new(SlowKv {
+        inner: kv.clone(),
+        delay_ms: delay_ms.clone(),
+    });
+    let (a, _a_rx) = owner("router-a", dir.path(), &log, &kv);
+    wait_until("a takes every partition", Duration::from_secs(30), || {
+        a.owned().len() == usize::from(PARTITIONS)
+    });
+    let (b, _b_rx) = owner("router-b", dir.path(), &log, &slow);
+    wait_until("the partitions are split", Duration::from_secs(30), || {
+        a.owned().len() == 2 && b.owned().len() == 2
+    });
+
+    // b's calls now take 400 ms: a round of three renewals (its
+    // membership, two partitions) takes over a third of the 2 s TTL, and
+    // still renews each lease well within it.
+    delay_ms.store(400, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1500));
+    a.abandon();
+    let stalled = Instant::now();
+    while stalled.elapsed() < TTL * 3 {
+        assert_eq!(b.owned().len(), 2, "a stalled router took a partition");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.leases(), (0, 0), "b's own leases held through the stall");
+
+    delay_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+    let took = wait_until("b takes every partition", Duration::from_secs(30), || {
+        b.owned().len() == usize::from(PARTITIONS)
+    });
+    eprintln!("taken over {took:?} after b's renewals recovered");
+    b.stop();
+}
