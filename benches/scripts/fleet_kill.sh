@@ -12,7 +12,7 @@ CONNS=${CONNS:-2000}
 RATE=${RATE:-500}
 KILL_AT=${KILL_AT:-20}
 RESTART_AFTER=${RESTART_AFTER:-5}
-build
+[ "${NO_BUILD:-0}" = 1 ] || build
 export FLEET_DIR=${FLEET_DIR:-$(mktemp -d)}
 export COURIER_BIN=$GATEWAY
 fleet="$ROOT/deploy/local-fleet.sh"
