@@ -7,6 +7,7 @@
 # would). loadgen must report 0 lost and 0 reordered among SENT-acked
 # messages; the per-second progress lines show when acks and deliveries
 # resumed after each kill. Writes bench-out/fleet-kill.{json,log,events}.
+# NO_BUILD=1 runs the binaries already built.
 source "$(dirname "$0")/common.sh"
 CONNS=${CONNS:-2000}
 RATE=${RATE:-500}

@@ -122,6 +122,7 @@ where
         return Ok(rt.block_on(make("legacy")));
     }
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(ring_builder())
         .with_entries(ENTRIES)
         .enable_timer()
         .build()?;
@@ -130,6 +131,21 @@ where
         monoio::FusionRuntime::Legacy(_) => "legacy",
     };
     Ok(rt.block_on(make(driver)))
+}
+
+/// The ring's setup: completions run cooperatively where the kernel can
+/// (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19), at the thread's next entry
+/// into the kernel instead of by interrupt; the same choice as the
+/// gateway's cores (`courier_gateway::node::ring_builder`). Without it,
+/// a tenth of a worker's CPU at 5,000 messages/s went to those
+/// interrupts (docs/benchmarks.md).
+fn ring_builder() -> io_uring::Builder {
+    let mut urb = io_uring::IoUring::builder();
+    let mut probe = io_uring::IoUring::<io_uring::squeue::Entry>::builder();
+    if probe.setup_coop_taskrun().build(1).is_ok() {
+        urb.setup_coop_taskrun();
+    }
+    urb
 }
 
 /// A worker's state. Created on its thread, dropped when the run ends.
