@@ -253,6 +253,11 @@ pub struct ServeArgs {
     /// join its batch (fewer fsyncs and wake-ups, at most this much latency).
     #[arg(long, env = "COURIER_BATCH_LINGER_US", default_value_t = 0)]
     pub batch_linger_us: u64,
+    /// fsync each batch on a thread of its own while the router decides
+    /// the next, instead of in the router thread (single node; for disks
+    /// whose fsync is slow next to deciding a batch).
+    #[arg(long, env = "COURIER_SYNC_THREAD")]
+    pub sync_thread: bool,
     /// MiB of the store's block cache (recently read blocks).
     #[arg(long, env = "COURIER_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub store_cache_mib: u64,

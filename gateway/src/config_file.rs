@@ -77,6 +77,7 @@ pub const KEYS: &[Key] = &[
     key("store", "node_id", "node_id"),
     key("store", "dedupe_hours", "dedupe_hours"),
     key("store", "batch_linger_us", "batch_linger_us"),
+    key("store", "sync_thread", "sync_thread"),
     key("store", "cache_mib", "store_cache_mib"),
     key("store", "write_buffer_mib", "store_write_buffer_mib"),
     key("store", "memtable_mib", "store_memtable_mib"),

@@ -346,6 +346,7 @@ pub fn router_config(args: &ServeArgs) -> RouterConfig {
         send_burst: args.send_burst,
         dedupe_window: Duration::from_secs(args.dedupe_hours * 3600),
         batch_linger: Duration::from_micros(args.batch_linger_us),
+        sync_thread: args.sync_thread,
         max_devices: usize::from(args.max_devices),
         typing_ttl: Duration::from_millis(args.typing_ttl_ms),
         presence_debounce: Duration::from_millis(args.presence_debounce_ms),

@@ -808,10 +808,12 @@ impl Supervisor {
                             partition = p,
                             "lease expired during the replay; taken back"
                         );
+                        self.shared.leases_retaken.fetch_add(1, Ordering::Relaxed);
                         lease = taken;
                     }
                     Err(reason) => {
                         tracing::warn!(partition = p, reason, "lease lost during the replay");
+                        self.shared.leases_lost.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
                 }

@@ -102,6 +102,14 @@ pub struct RouterConfig {
     /// join its batch. Fewer, larger batches mean fewer fsyncs and fewer
     /// thread wake-ups per message, for at most this much added latency.
     pub batch_linger: Duration,
+    /// Single node: fsync each batch on a thread of its own while the
+    /// router thread decides the next (a pipeline one batch deep) instead
+    /// of in the router thread between batches. The pipeline overlaps
+    /// deciding with a slow fsync; it costs two thread hand-offs per
+    /// batch, which on a machine of few busy CPUs cost more than a fast
+    /// fsync (docs/benchmarks.md). Fleet mode always appends to its
+    /// changelog on a thread of its own: an append is a network round.
+    pub sync_thread: bool,
     /// Most linked devices a user may have.
     pub max_devices: usize,
     /// How long a typing indicator lasts unless renewed.
@@ -159,6 +167,7 @@ impl Default for RouterConfig {
             max_batch: 4096,
             max_inflight: 100_000,
             batch_linger: Duration::ZERO,
+            sync_thread: false,
             max_devices: 4,
             typing_ttl: Duration::from_secs(6),
             typing_rate_per_s: 2.0,
@@ -339,6 +348,7 @@ impl Router {
             depth: depth.clone(),
             max_batch: config.max_batch,
             linger: config.batch_linger,
+            sync_thread: config.sync_thread,
         };
         let thread = std::thread::Builder::new()
             .name("courier-router".into())
@@ -476,6 +486,7 @@ struct Worker {
     depth: Arc<AtomicUsize>,
     max_batch: usize,
     linger: Duration,
+    sync_thread: bool,
 }
 
 impl Worker {
@@ -490,6 +501,9 @@ impl Worker {
         let changelog = self.changelog.clone();
         let fleet = changelog.is_some();
         let appended = self.appended.clone();
+        if !fleet && !self.sync_thread {
+            return self.run_inline();
+        }
         let mut snapshots = changelog
             .as_ref()
             .filter(|c| c.snapshot_min_bytes != u64::MAX)
@@ -594,9 +608,11 @@ impl Worker {
 
     /// The loop without a syncer thread: decide, sync, answer, in turn.
     fn run_inline(mut self) {
+        let queue_depth = self.core.metrics().queue_depth.clone();
         let mut stopping = false;
         while !stopping {
             let batch = self.take_batch(true, &mut stopping);
+            queue_depth.set(self.depth.load(Ordering::Relaxed) as i64);
             if !stopping {
                 for (core, deliveries) in self.core.handle_batch(batch, now_ms()) {
                     self.outlet.deliver(core, deliveries);

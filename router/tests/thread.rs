@@ -14,9 +14,20 @@ use prometheus_client::registry::Registry;
 
 #[test]
 fn messages_flow_through_the_router_thread_and_survive_a_restart() {
+    flow_and_restart(false);
+}
+
+/// The same with the fsync on a syncer thread (`--sync-thread`).
+#[test]
+fn messages_flow_through_the_sync_pipeline_and_survive_a_restart() {
+    flow_and_restart(true);
+}
+
+fn flow_and_restart(sync_thread: bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = RouterConfig {
         data_dir: dir.path().to_owned(),
+        sync_thread,
         ..RouterConfig::default()
     };
     let (out, rx) = outlet();
