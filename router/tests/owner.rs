@@ -33,12 +33,12 @@ fn outlets() -> (OutletFactory, Rx) {
     (Arc::new(move |_| out.clone()), rx)
 }
 
-fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) -> (Owner, Rx) {
-    let (factory, rx) = outlets();
-    let config = OwnerConfig {
+/// Router `id` of `partitions`, its data under `dir`, scanning every `scan`.
+fn owner_config(id: &str, dir: &std::path::Path, partitions: u16, scan: Duration) -> OwnerConfig {
+    OwnerConfig {
         router_id: id.into(),
-        partitions: PARTITIONS,
-        scan_interval: Duration::from_millis(200),
+        partitions,
+        scan_interval: scan,
         data_dir: dir.join(id),
         subject_prefix: "t.log".into(),
         snapshot_min_bytes: courier_router::fleet::SNAPSHOT_MIN_BYTES,
@@ -46,11 +46,38 @@ fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) 
         intake: None,
         gateways: None,
         metrics: None,
-    };
+    }
+}
+
+fn owner(id: &str, dir: &std::path::Path, log: &Arc<dyn Log>, kv: &Arc<dyn Kv>) -> (Owner, Rx) {
+    let (factory, rx) = outlets();
+    let config = owner_config(id, dir, PARTITIONS, Duration::from_millis(200));
     (
         Owner::start(config, log.clone(), kv.clone(), factory).unwrap(),
         rx,
     )
+}
+
+/// The embedded bus: a changelog in `dir` and a lease bucket with [`TTL`].
+fn embedded(dir: &std::path::Path) -> (Arc<dyn Log>, Arc<dyn Kv>) {
+    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir, Duration::from_secs(120)).unwrap());
+    (log, Arc::new(LocalKv::new(Some(TTL))))
+}
+
+/// JetStream on a nats-server of its own (kept alive by the caller).
+fn jetstream(dir: &std::path::Path) -> (NatsServer, Arc<dyn Log>, Arc<dyn Kv>) {
+    let server = NatsServer::start(dir).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let log: Arc<dyn Log> = Arc::new(
+        nats.log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
+            .unwrap(),
+    );
+    let kv: Arc<dyn Kv> = Arc::new(nats.kv("test_leases", Some(TTL), 1).unwrap());
+    (server, log, kv)
 }
 
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
@@ -144,25 +171,14 @@ fn a_dead_routers_partitions_move_to_the_survivor(log: Arc<dyn Log>, kv: Arc<dyn
 #[test]
 fn embedded_bus_a_dead_routers_partitions_move_to_the_survivor() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
-    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(TTL)));
+    let (log, kv) = embedded(dir.path());
     a_dead_routers_partitions_move_to_the_survivor(log, kv);
 }
 
 #[test]
 fn jetstream_a_dead_routers_partitions_move_to_the_survivor() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path()).unwrap();
-    let nats = Nats::connect(&NatsConfig {
-        servers: vec![server.url()],
-        ..Default::default()
-    })
-    .unwrap();
-    let log: Arc<dyn Log> = Arc::new(
-        nats.log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
-            .unwrap(),
-    );
-    let kv: Arc<dyn Kv> = Arc::new(nats.kv("test_leases", Some(TTL), 1).unwrap());
+    let (_server, log, kv) = jetstream(dir.path());
     a_dead_routers_partitions_move_to_the_survivor(log, kv);
 }
 
@@ -182,18 +198,12 @@ fn leases_held_stay_renewed_while_more_partitions_are_taken() {
     let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(ttl)));
     let (factory, _rx) = outlets();
     let partitions = 8;
-    let config = OwnerConfig {
-        router_id: "router-a".into(),
+    let config = owner_config(
+        "router-a",
+        dir.path(),
         partitions,
-        scan_interval: Duration::from_millis(200),
-        data_dir: dir.path().join("router-a"),
-        subject_prefix: "t.log".into(),
-        snapshot_min_bytes: courier_router::fleet::SNAPSHOT_MIN_BYTES,
-        router: RouterConfig::default(),
-        intake: None,
-        gateways: None,
-        metrics: None,
-    };
+        Duration::from_millis(200),
+    );
     let a = Owner::start(config, log, kv.clone(), factory).unwrap();
     // 8 replays of 300 ms: about 2.4 s of taking, more than twice the TTL.
     let started = Instant::now();
@@ -255,25 +265,14 @@ fn a_lapsed_lease_nobody_took_is_kept_without_a_takeover(log: Arc<dyn Log>, kv: 
 #[test]
 fn embedded_bus_a_lapsed_lease_nobody_took_is_kept_without_a_takeover() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
-    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(TTL)));
+    let (log, kv) = embedded(dir.path());
     a_lapsed_lease_nobody_took_is_kept_without_a_takeover(log, kv);
 }
 
 #[test]
 fn jetstream_a_lapsed_lease_nobody_took_is_kept_without_a_takeover() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path()).unwrap();
-    let nats = Nats::connect(&NatsConfig {
-        servers: vec![server.url()],
-        ..Default::default()
-    })
-    .unwrap();
-    let log: Arc<dyn Log> = Arc::new(
-        nats.log("COURIER_TEST", &["t.log.>"], 1, Duration::from_secs(120))
-            .unwrap(),
-    );
-    let kv: Arc<dyn Kv> = Arc::new(nats.kv("test_leases", Some(TTL), 1).unwrap());
+    let (_server, log, kv) = jetstream(dir.path());
     a_lapsed_lease_nobody_took_is_kept_without_a_takeover(log, kv);
 }
 
@@ -290,18 +289,7 @@ fn a_replay_longer_than_the_lease_ttl_still_ends_in_serving() {
     let log: Arc<dyn Log> = Arc::new(HookedLog::slow_replays(inner, ttl * 2));
     let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(ttl)));
     let (factory, _rx) = outlets();
-    let config = OwnerConfig {
-        router_id: "router-a".into(),
-        partitions: 1,
-        scan_interval: Duration::from_millis(100),
-        data_dir: dir.path().join("router-a"),
-        subject_prefix: "t.log".into(),
-        snapshot_min_bytes: courier_router::fleet::SNAPSHOT_MIN_BYTES,
-        router: RouterConfig::default(),
-        intake: None,
-        gateways: None,
-        metrics: None,
-    };
+    let config = owner_config("router-a", dir.path(), 1, Duration::from_millis(100));
     let a = Owner::start(config, log, kv.clone(), factory).unwrap();
     wait_until("the partition is served", Duration::from_secs(15), || {
         a.owned() == [0]
@@ -365,8 +353,7 @@ impl Kv for SlowKv {
 #[test]
 fn a_router_whose_renewals_stall_takes_no_partition_until_they_recover() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> = Arc::new(LocalLog::open(dir.path(), Duration::from_secs(120)).unwrap());
-    let kv: Arc<dyn Kv> = Arc::new(LocalKv::new(Some(TTL)));
+    let (log, kv) = embedded(dir.path());
     let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let slow: Arc<dyn Kv> = Arc::new(SlowKv {
         inner: kv.clone(),
