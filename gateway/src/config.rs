@@ -269,6 +269,11 @@ pub struct ServeArgs {
     /// for each part of the store when the store is created.
     #[arg(long, env = "COURIER_STORE_MEMTABLE_MIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub store_memtable_mib: u32,
+    /// Niceness of the store's flush and compaction threads (0 to 19; 0:
+    /// the same priority as the rest of the process). They run at a lower
+    /// priority so their bursts of CPU do not delay live messages.
+    #[arg(long, env = "COURIER_STORE_BACKGROUND_NICE", default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub store_background_nice: u8,
     /// Browser origins allowed to open a session, comma-separated (for
     /// example `https://chat.example,https://web.chat.example`). Empty:
     /// every origin. A request without an `Origin` header (native apps send

@@ -338,6 +338,7 @@ pub fn router_config(args: &ServeArgs) -> RouterConfig {
             cache_bytes: args.store_cache_mib << 20,
             write_buffer_bytes: args.store_write_buffer_mib << 20,
             memtable_bytes: args.store_memtable_mib << 20,
+            background_nice: i32::from(args.store_background_nice),
         },
         node_id: args.node_id,
         max_body: args.max_body,

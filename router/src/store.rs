@@ -274,6 +274,13 @@ pub struct StoreLimits {
     /// One partition's memtable; past it the memtable is flushed. Fixed
     /// when a partition is created.
     pub memtable_bytes: u32,
+    /// Niceness of the store's own threads (memtable flushes, compactions,
+    /// the journal monitor), 1 to 19; 0 leaves them at the niceness of the
+    /// thread that opens the store. A flush or a compaction is a burst of
+    /// CPU that nothing waits for, and on a node with few cores it delays
+    /// the router and the gateway cores that a message is waiting on; at a
+    /// lower priority it runs in the time they leave.
+    pub background_nice: i32,
 }
 
 impl Default for StoreLimits {
@@ -282,6 +289,7 @@ impl Default for StoreLimits {
             cache_bytes: 16 << 20,
             write_buffer_bytes: 16 << 20,
             memtable_bytes: 4 << 20,
+            background_nice: 19,
         }
     }
 }
@@ -320,12 +328,12 @@ impl Open {
     fn new(path: &Path, limits: StoreLimits) -> Result<Self, fjall::Error> {
         // Batches choose their own durability; fjall never flushes the
         // journal on its own schedule.
-        let keyspace = Config::new(path)
+        let config = Config::new(path)
             .manual_journal_persist(true)
             .fsync_ms(None)
             .cache_size(limits.cache_bytes)
-            .max_write_buffer_size(limits.write_buffer_bytes.max(1 << 20))
-            .open()?;
+            .max_write_buffer_size(limits.write_buffer_bytes.max(1 << 20));
+        let keyspace = open_keyspace(config, limits.background_nice)?;
         // fjall records the memtable size with a partition when it creates
         // it: a store created before keeps its own, and only the total write
         // buffer bound above applies to it.
@@ -353,6 +361,46 @@ impl Open {
 
     fn part(&self, part: Part) -> &PartitionHandle {
         &self.parts[part as usize]
+    }
+}
+
+/// Opens the keyspace with its background threads at niceness `nice`.
+///
+/// fjall starts those threads inside `open`, and a Linux thread starts with
+/// the niceness of the thread that created it; so the keyspace is opened
+/// from a short-lived thread that first lowers its own priority. Raising
+/// niceness needs no privilege, and no other thread of the process changes.
+fn open_keyspace(config: Config, nice: i32) -> Result<Keyspace, fjall::Error> {
+    if nice <= 0 {
+        return config.open();
+    }
+    std::thread::scope(|scope| {
+        let opener = std::thread::Builder::new()
+            .name("store-open".into())
+            .spawn_scoped(scope, || {
+                lower_thread_priority(nice);
+                config.open()
+            });
+        match opener {
+            Ok(opener) => opener
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(e) => Err(fjall::Error::Io(e)),
+        }
+    })
+}
+
+/// Sets the calling thread's niceness (Linux keeps it per thread, so the
+/// thread's own id names this thread alone).
+fn lower_thread_priority(nice: i32) {
+    let this_thread = rustix::thread::gettid();
+    let rc = rustix::process::setpriority_process(Some(this_thread), nice.min(19));
+    if let Err(e) = rc {
+        tracing::warn!(
+            error = %e,
+            nice,
+            "could not lower the store threads' priority; they run at normal priority"
+        );
     }
 }
 
@@ -1041,6 +1089,41 @@ pub fn dedupe_time_key(stored_at_ms: u64, dedupe_key: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// Niceness of each of this process's threads named `name`.
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("tasks").flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the command's closing parenthesis: state is the
+            // 3rd field of the line, niceness the 19th.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+            if let Some(nice) = rest.split_whitespace().nth(16) {
+                out.push(nice.parse().expect("niceness"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_store_threads_run_at_the_configured_niceness_and_nothing_else_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let before = nice_of_threads("flusher").len();
+        let store = Store::open_with(dir.path(), StoreLimits::default()).expect("open");
+        let flushers = nice_of_threads("flusher");
+        let compactors = nice_of_threads("compactor");
+        assert!(flushers.len() > before && !compactors.is_empty());
+        assert!(flushers.iter().chain(&compactors).all(|n| *n == 19));
+        // The opening thread keeps its own.
+        let rest = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let mine = rest.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        assert_eq!(mine.split_whitespace().nth(16), Some("0"));
+        drop(store);
+    }
+
     #[test]
     fn one_id_is_never_a_prefix_of_another() {
         assert!(!entry_key("d:a:bc", 1).starts_with(&entries_prefix("d:a:b")));
@@ -1088,6 +1171,7 @@ mod tests {
             cache_bytes: 1 << 20,
             write_buffer_bytes: 1 << 20,
             memtable_bytes: 256 << 10,
+            ..StoreLimits::default()
         };
         let mut store = Store::open_with(dir.path(), limits).expect("open");
         // 8 MiB of entries, eight times the limit.
