@@ -1092,7 +1092,10 @@ mod tests {
     /// Niceness of each of this process's threads named `name`.
     fn nice_of_threads(name: &str) -> Vec<i64> {
         let mut out = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").expect("tasks").flatten() {
+        for task in std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .flatten()
+        {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
             if comm.trim_end() != name {
                 continue;
