@@ -1089,41 +1089,42 @@ pub fn dedupe_time_key(stored_at_ms: u64, dedupe_key: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// The niceness in a `/proc/.../stat` line: its 19th field, the 17th
+    /// after the command's closing parenthesis.
+    fn niceness_in_stat(stat: &str) -> Option<i64> {
+        let rest = stat.rsplit_once(')')?.1;
+        rest.split_whitespace().nth(16)?.parse().ok()
+    }
+
     /// Niceness of each of this process's threads named `name`.
     fn nice_of_threads(name: &str) -> Vec<i64> {
-        let mut out = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task")
-            .expect("tasks")
+        let tasks = std::fs::read_dir("/proc/self/task").expect("tasks");
+        tasks
             .flatten()
-        {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.trim_end() != name {
-                continue;
-            }
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            // Fields after the command's closing parenthesis: state is the
-            // 3rd field of the line, niceness the 19th.
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-            if let Some(nice) = rest.split_whitespace().nth(16) {
-                out.push(nice.parse().expect("niceness"));
-            }
-        }
-        out
+            .filter(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                comm.trim_end() == name
+            })
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                niceness_in_stat(&stat)
+            })
+            .collect()
     }
 
     #[test]
     fn the_store_threads_run_at_the_configured_niceness_and_nothing_else_does() {
+        let this_thread =
+            || niceness_in_stat(&std::fs::read_to_string("/proc/thread-self/stat").expect("stat"));
         let dir = tempfile::tempdir().expect("tempdir");
-        let before = nice_of_threads("flusher").len();
+        let (before, mine) = (nice_of_threads("flusher").len(), this_thread());
         let store = Store::open_with(dir.path(), StoreLimits::default()).expect("open");
         let flushers = nice_of_threads("flusher");
         let compactors = nice_of_threads("compactor");
         assert!(flushers.len() > before && !compactors.is_empty());
         assert!(flushers.iter().chain(&compactors).all(|n| *n == 19));
         // The opening thread keeps its own.
-        let rest = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-        let mine = rest.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        assert_eq!(mine.split_whitespace().nth(16), Some("0"));
+        assert_eq!(this_thread(), mine);
         drop(store);
     }
 
