@@ -4,11 +4,10 @@
 # and of loadgen every SAMPLE_S seconds. Passes when loadgen reports 0 lost
 # and 0 reordered and the node's RSS at the end is within BOUND_PCT percent
 # of its RSS at WARM_S seconds. The warm-up is what the store takes to fill
-# its bounded caches at this load: its memtables (sealed from 32 MiB in
-# all, half the single node's write buffer) fill in minutes, its block
-# cache (16 MiB) in about a quarter of an hour, as reads of older messages
-# come from disk; so 45 minutes: 15 of warm-up and 30 measured. Writes
-# bench-out/soak.{json,rss.tsv,toml}.
+# its bounded caches at this load: its memtables (16 MiB in all) fill in
+# minutes, its block cache (16 MiB) in about a quarter of an hour, as reads
+# of older messages come from disk; so 45 minutes: 15 of warm-up and 30
+# measured. Writes bench-out/soak.{json,rss.tsv,toml}.
 #
 #   benches/scripts/soak.sh                      # 45 min, 2,000 connections, 200 msg/s
 #   DURATION=5m WARM_S=60 benches/scripts/soak.sh

@@ -262,15 +262,13 @@ pub struct ServeArgs {
     #[arg(long, env = "COURIER_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub store_cache_mib: u64,
     /// MiB all of the store's memtables may hold before the largest are
-    /// flushed to disk [default: 64 on a single node; 16 for each
-    /// partition a fleet router owns].
-    #[arg(long, env = "COURIER_STORE_WRITE_BUFFER_MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
-    pub store_write_buffer_mib: Option<u64>,
+    /// flushed to disk.
+    #[arg(long, env = "COURIER_STORE_WRITE_BUFFER_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub store_write_buffer_mib: u64,
     /// MiB one memtable of the store may hold before it is flushed. Fixed
-    /// for each part of the store when the store is created [default: 16
-    /// on a single node; 4 for each partition a fleet router owns].
-    #[arg(long, env = "COURIER_STORE_MEMTABLE_MIB", value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub store_memtable_mib: Option<u32>,
+    /// for each part of the store when the store is created.
+    #[arg(long, env = "COURIER_STORE_MEMTABLE_MIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub store_memtable_mib: u32,
     /// Niceness of the store's flush and compaction threads (0 to 19; 0:
     /// the same priority as the rest of the process). They run at a lower
     /// priority so their bursts of CPU do not delay live messages.

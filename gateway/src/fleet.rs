@@ -1297,7 +1297,6 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         snapshot_min_bytes: args.snapshot_min_kib * 1024,
         router: RouterConfig {
             push: crate::node::push_config(&args)?,
-            store: crate::node::store_limits(&args, crate::node::FLEET_PARTITION_STORE_MIB),
             ..crate::node::router_config(&args)
         },
         intake: Some(bus),

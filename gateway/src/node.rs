@@ -330,32 +330,16 @@ fn bind_listeners(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<std::net
     Ok(out)
 }
 
-/// The store's write buffer and memtable defaults, MiB, on a single node:
-/// its one store takes every message, and fjall rotates its journal, with
-/// three fsyncs under the journal lock, each time a memtable is sealed; so
-/// the fewer seals the fewer stalled batches (docs/benchmarks.md).
-pub const SINGLE_NODE_STORE_MIB: (u64, u32) = (64, 16);
-
-/// The same for each partition a fleet router owns: one store per
-/// partition, up to all of them in one router.
-pub const FLEET_PARTITION_STORE_MIB: (u64, u32) = (16, 4);
-
-/// The store's limits from the flags, with `defaults` (write buffer and
-/// memtable MiB) for what they leave unset.
-pub fn store_limits(args: &ServeArgs, defaults: (u64, u32)) -> courier_router::StoreLimits {
-    courier_router::StoreLimits {
-        cache_bytes: args.store_cache_mib << 20,
-        write_buffer_bytes: args.store_write_buffer_mib.unwrap_or(defaults.0) << 20,
-        memtable_bytes: args.store_memtable_mib.unwrap_or(defaults.1) << 20,
-        background_nice: i32::from(args.store_background_nice),
-    }
-}
-
 /// The router settings the flags ask for.
 pub fn router_config(args: &ServeArgs) -> RouterConfig {
     RouterConfig {
         data_dir: args.data_dir.join("store"),
-        store: store_limits(args, SINGLE_NODE_STORE_MIB),
+        store: courier_router::StoreLimits {
+            cache_bytes: args.store_cache_mib << 20,
+            write_buffer_bytes: args.store_write_buffer_mib << 20,
+            memtable_bytes: args.store_memtable_mib << 20,
+            background_nice: i32::from(args.store_background_nice),
+        },
         node_id: args.node_id,
         max_body: args.max_body,
         max_group_members: args.max_group_members,
