@@ -25,6 +25,7 @@ fn every_latency_histogram_shares_bounds_past_one_second() {
     for other in [
         "courier_sent_ack_duration_seconds",
         "courier_store_commit_duration_seconds",
+        "courier_store_write_duration_seconds",
     ] {
         assert_eq!(bounds(&text, other), delivery, "{other}");
     }

@@ -692,6 +692,7 @@ fn metrics_endpoint_serves_the_operator_view() {
         "courier_delivery_duration_seconds_bucket",
         "courier_sent_ack_duration_seconds_bucket",
         "courier_store_commit_duration_seconds_bucket",
+        "courier_store_write_duration_seconds_bucket",
         "courier_outbound_queue_bytes{core=",
         "courier_slow_consumer_closes_total",
     ] {

@@ -603,7 +603,14 @@ impl RouterCore {
         let wrote = !writes.is_empty();
         let first_entries = writes.first_entries();
         let encoded = (wrote && self.config.changelog.is_some()).then(|| writes.encode());
-        let write_failed = match self.store.commit(writes, false) {
+        let writing = Instant::now();
+        let committed = self.store.commit(writes, false);
+        if wrote {
+            self.metrics
+                .write_duration
+                .observe(writing.elapsed().as_secs_f64());
+        }
+        let write_failed = match committed {
             Ok(()) => false,
             Err(e) => {
                 self.commit_failed(&e, now_ms);

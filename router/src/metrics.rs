@@ -37,6 +37,10 @@ pub struct KindLabel {
 pub struct Metrics {
     /// One observation per durable commit (one fdatasync).
     pub commit_duration: Histogram,
+    /// One observation per batch written to the store before its sync:
+    /// the memtable inserts, and when a memtable fills, its seal and the
+    /// journal rotation that comes with it.
+    pub write_duration: Histogram,
     /// Commands per batch.
     pub batch_commands: Histogram,
     /// Bytes in the store's memtables after the last commit.
@@ -108,6 +112,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             commit_duration: Histogram::new(LATENCY_BUCKETS),
+            write_duration: Histogram::new(LATENCY_BUCKETS),
             batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             store_write_buffer: Gauge::default(),
             sent_ack_duration: Histogram::new(LATENCY_BUCKETS),
@@ -138,9 +143,15 @@ impl Metrics {
         // the name and writes the OpenMetrics `# UNIT` line.
         registry.register_with_unit(
             "courier_store_commit_duration",
-            "Time to commit one batch to the store, fdatasync included",
+            "Time to make one batch durable: its fdatasync (fleet mode: its changelog append)",
             Unit::Seconds,
             m.commit_duration.clone(),
+        );
+        registry.register_with_unit(
+            "courier_store_write_duration",
+            "Time to write one batch into the store before its sync (a memtable seal and journal rotation included)",
+            Unit::Seconds,
+            m.write_duration.clone(),
         );
         registry.register_with_unit(
             "courier_store_write_buffer",
