@@ -50,12 +50,17 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (port, metrics) = (free_port(), free_port());
         let child = Command::new(gateway_bin())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
             .args(["--cores", "1", "--data-dir", dir.path().to_str().unwrap()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -232,6 +237,37 @@ fn two_worker_processes_over_four_source_addresses_lose_nothing() {
     ] {
         assert_eq!(sized["result"][k], r["sizing"]["result"][k], "{k}");
     }
+}
+
+/// Loadgen's own heartbeats keep idle connections open: the gateway never
+/// pings first here, and closes a session silent for 4 s, so each of
+/// loadgen's connections must write a ping within that, though a worker
+/// checks only a twentieth of its connections per tick.
+#[test]
+fn idle_connections_outlive_a_short_idle_timeout_on_loadgens_pings() {
+    let gw = Gateway::start_with(&["--idle-timeout", "4", "--ping-interval", "3600"]);
+    let out = tempfile::tempdir().unwrap();
+    let report = out.path().join("idle.json");
+    let o = loadgen(&[
+        "--url",
+        &gw.url(),
+        "--data-dir",
+        gw.dir.path().to_str().unwrap(),
+        "--connections",
+        "200",
+        "--rate",
+        "0",
+        "--duration",
+        "10s",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["connections"], 200, "{r}");
+    assert_eq!(r["connections_at_end"], 200, "{r}");
+    assert_eq!(r["disconnects"], 0, "{r}");
+    assert_eq!(r["reconnects"], 0, "{r}");
 }
 
 #[test]
