@@ -470,6 +470,7 @@ impl Owner {
             renewed_at: Instant::now(),
             stalled: false,
             gateways_seen: FxHashSet::default(),
+            gateways_absent: FxHashSet::default(),
         };
         let thread = std::thread::Builder::new()
             .name("courier-leases".into())
@@ -571,6 +572,9 @@ struct Supervisor {
     stalled: bool,
     /// Gateways whose liveness key the last scan found.
     gateways_seen: FxHashSet<u16>,
+    /// Gateways whose key the last scan found absent (listed and read);
+    /// gone if the next scan finds it absent again.
+    gateways_absent: FxHashSet<u16>,
     /// Free partitions are not taken before this: routers started together
     /// first see each other's membership, so each takes only its share
     /// instead of the first taking everything and handing half back.
@@ -677,6 +681,16 @@ impl Supervisor {
     /// now. A gateway first seen by this scan is only remembered, so one
     /// that started between the listing and its first attach is never
     /// taken for dead. An unreachable bucket decides nothing.
+    ///
+    /// A key missing from the listing is read back before its gateway is
+    /// taken for dead: JetStream lists keys through a consumer, and a key
+    /// rewritten while that consumer runs can be left out (seen at 200,000
+    /// connections, during a stall, with the gateway alive and refreshing;
+    /// its sessions were detached and live deliveries to them stopped).
+    /// Only a key absent from two scans in a row, listed and read, means
+    /// the gateway is gone (a read may be answered by a replica that lags);
+    /// a read that fails keeps the gateway for the next scan. A dead
+    /// gateway is so noticed one scan later.
     fn watch_gateways(&mut self) {
         let Some(kv) = &self.config.gateways else {
             return;
@@ -688,17 +702,40 @@ impl Supervisor {
                 return;
             }
         };
-        let live: Vec<u16> = keys
+        let mut live: Vec<u16> = keys
             .iter()
             .filter_map(|k| k.strip_prefix(GATEWAY_KEY_PREFIX)?.parse().ok())
             .collect();
-        let gone: Vec<u16> = self
+        let missing: Vec<u16> = self
             .gateways_seen
             .iter()
             .filter(|node| !live.contains(node))
             .copied()
             .collect();
+        let mut gone = Vec::new();
+        let mut absent = FxHashSet::default();
+        for node in missing {
+            match kv.get(&format!("{GATEWAY_KEY_PREFIX}{node}")) {
+                Ok(None) if self.gateways_absent.contains(&node) => gone.push(node),
+                Ok(None) => {
+                    absent.insert(node);
+                    live.push(node);
+                }
+                Ok(Some(_)) => {
+                    tracing::debug!(
+                        gateway = node,
+                        "liveness key missing from the listing but present"
+                    );
+                    live.push(node);
+                }
+                Err(e) => {
+                    tracing::debug!(gateway = node, error = %e, "liveness key unreadable; decided at the next scan");
+                    live.push(node);
+                }
+            }
+        }
         self.gateways_seen = live.into_iter().collect();
+        self.gateways_absent = absent;
         self.shared
             .gateways_live
             .store(self.gateways_seen.len(), Ordering::Relaxed);

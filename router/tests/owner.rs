@@ -388,3 +388,73 @@ fn a_router_whose_renewals_stall_takes_no_partition_until_they_recover() {
     eprintln!("taken over {took:?} after b's renewals recovered");
     b.stop();
 }
+
+/// A liveness bucket whose listing leaves out the keys named in `hidden`,
+/// as a JetStream listing can leave out a key rewritten while it runs;
+/// reading the key still finds it.
+#[derive(Debug)]
+struct ListingMisses {
+    inner: LocalKv,
+    hidden: std::sync::Mutex<Vec<String>>,
+}
+
+impl Kv for ListingMisses {
+    fn ttl(&self) -> Option<Duration> {
+        self.inner.ttl()
+    }
+    fn get(&self, key: &str) -> Result<Option<courier_bus::Entry>, courier_bus::BusError> {
+        self.inner.get(key)
+    }
+    fn create(&self, key: &str, value: Bytes) -> Result<u64, courier_bus::BusError> {
+        self.inner.create(key, value)
+    }
+    fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, courier_bus::BusError> {
+        self.inner.update(key, value, revision)
+    }
+    fn put(&self, key: &str, value: Bytes) -> Result<u64, courier_bus::BusError> {
+        self.inner.put(key, value)
+    }
+    fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), courier_bus::BusError> {
+        self.inner.delete(key, revision)
+    }
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, courier_bus::BusError> {
+        let hidden = self.hidden.lock().unwrap().clone();
+        let keys = self.inner.keys(prefix)?;
+        Ok(keys.into_iter().filter(|k| !hidden.contains(k)).collect())
+    }
+}
+
+#[test]
+fn a_gateway_left_out_of_one_listing_is_not_taken_for_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, leases) = embedded(dir.path());
+    let gateways = Arc::new(ListingMisses {
+        inner: LocalKv::new(Some(Duration::from_secs(60))),
+        hidden: std::sync::Mutex::new(Vec::new()),
+    });
+    gateways
+        .put("gateway.7", Bytes::from_static(b"alive"))
+        .unwrap();
+    gateways
+        .put("gateway.8", Bytes::from_static(b"alive"))
+        .unwrap();
+    let (factory, _rx) = outlets();
+    let mut config = owner_config("r1", dir.path(), PARTITIONS, Duration::from_millis(100));
+    config.gateways = Some(gateways.clone());
+    let owner = Owner::start(config, log, leases, factory).unwrap();
+    wait_until("both gateways seen", Duration::from_secs(10), || {
+        owner.gateways().0 == 2
+    });
+
+    // The listing leaves gateway 7 out for many scans; its key is there.
+    *gateways.hidden.lock().unwrap() = vec!["gateway.7".into()];
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(owner.gateways(), (2, 0), "a key left out of the listing");
+
+    // Gateway 8's key really goes: that one is gone.
+    gateways.delete("gateway.8", None).unwrap();
+    wait_until("gateway 8 taken for gone", Duration::from_secs(10), || {
+        owner.gateways() == (1, 1)
+    });
+    owner.stop();
+}
