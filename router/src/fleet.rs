@@ -742,10 +742,11 @@ impl Supervisor {
         self.shared
             .gateways_expired
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
-        // The key expired since the last scan, so it was last written one
-        // TTL before some moment since then: now less the TTL is at most a
-        // scan after the gateway's last refresh, and the gateway died
-        // after that refresh. Its sessions' last seen is that moment.
+        // The key expired since the scan before last, so it was last
+        // written one TTL before some moment since then: now less the TTL
+        // is at most two scans after the gateway's last refresh, and the
+        // gateway died after that refresh. Its sessions' last seen is that
+        // moment.
         let last_seen_ms =
             wall_ms().saturating_sub(kv.ttl().unwrap_or_default().as_millis() as u64);
         for node in gone {
