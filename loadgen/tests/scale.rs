@@ -76,6 +76,16 @@ impl Gateway {
     fn url(&self) -> String {
         format!("ws://127.0.0.1:{}/", self.port)
     }
+
+    /// Runs loadgen against this gateway (its URL and data directory for
+    /// the token secret) with `args` after them.
+    fn loadgen(&self, args: &[&str]) -> Output {
+        let url = self.url();
+        let dir = self.dir.path().to_str().unwrap();
+        let mut all = vec!["--url", url.as_str(), "--data-dir", dir];
+        all.extend_from_slice(args);
+        loadgen(&all)
+    }
 }
 
 impl Drop for Gateway {
@@ -147,11 +157,7 @@ fn two_worker_processes_over_four_source_addresses_lose_nothing() {
     std::fs::write(&scenario, SCENARIO).unwrap();
     let report = out.path().join("run.json");
     let pid = gw.child.id().to_string();
-    let o = loadgen(&[
-        "--url",
-        &gw.url(),
-        "--data-dir",
-        gw.dir.path().to_str().unwrap(),
+    let o = gw.loadgen(&[
         "--scenario",
         scenario.to_str().unwrap(),
         "--gateway-pid",
@@ -248,11 +254,7 @@ fn idle_connections_outlive_a_short_idle_timeout_on_loadgens_pings() {
     let gw = Gateway::start_with(&["--idle-timeout", "4", "--ping-interval", "3600"]);
     let out = tempfile::tempdir().unwrap();
     let report = out.path().join("idle.json");
-    let o = loadgen(&[
-        "--url",
-        &gw.url(),
-        "--data-dir",
-        gw.dir.path().to_str().unwrap(),
+    let o = gw.loadgen(&[
         "--connections",
         "200",
         "--rate",
@@ -273,11 +275,7 @@ fn idle_connections_outlive_a_short_idle_timeout_on_loadgens_pings() {
 #[test]
 fn a_broken_threshold_exits_3_and_names_it() {
     let gw = Gateway::start();
-    let o = loadgen(&[
-        "--url",
-        &gw.url(),
-        "--data-dir",
-        gw.dir.path().to_str().unwrap(),
+    let o = gw.loadgen(&[
         "--connections",
         "20",
         "--rate",
