@@ -37,7 +37,13 @@
 //! Liveness: the gateway keeps `gateway.<node>` alive in the
 //! `courier_gateways` KV bucket (`Liveness`); routers detach the sessions
 //! of a gateway whose key expired, so a crashed gateway's users go offline
-//! by themselves.
+//! by themselves. A partition that detaches this gateway's sessions (the
+//! key was found gone, or a restart's announcement) says so on
+//! `courier.detached.<node>.<p>`; if this gateway is alive all the same
+//! (the verdict was wrong: a listing that left the key out, a replica that
+//! lagged), it attaches every session to `p` again with a catch-up, as for
+//! a new owner, instead of leaving its clients without live deliveries
+//! from `p` until they reconnect.
 
 use std::cmp::Ordering as Order;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -380,6 +386,12 @@ pub struct FleetLink {
     max_inflight: usize,
     state: Arc<Mutex<LinkState>>,
     closed: AtomicBool,
+    /// The last seen this gateway's start announced (`GatewayGone` for
+    /// its node id): a detach notice echoing it is about an earlier
+    /// process's sessions, not ours.
+    started_ms: u64,
+    /// Detach notices acted on (`courier_fleet_detach_notices_total`).
+    detach_notices: prometheus_client::metrics::counter::Counter,
     _nats: Arc<Nats>,
 }
 
@@ -470,6 +482,16 @@ impl FleetLink {
         let owners = bus
             .subscribe("courier.owner.*")
             .context("subscribing to partition owner changes")?;
+        // Before the start announcement, whose detaches it may tell of.
+        let detached = bus
+            .subscribe(&rfleet::detached_subjects(args.node_id))
+            .context("subscribing to detach notices")?;
+        let detach_notices = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "courier_fleet_detach_notices",
+            "Partitions that detached this gateway's sessions while it lived (its liveness key was taken for gone) and had them attached again",
+            detach_notices.clone(),
+        );
         let liveness = Liveness::start(&nats, args)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let link = Arc::new(Self {
@@ -479,6 +501,8 @@ impl FleetLink {
             max_inflight: 100_000,
             state: Arc::new(Mutex::new(LinkState::default())),
             closed: AtomicBool::new(false),
+            started_ms: liveness.started_ms,
+            detach_notices,
             _nats: nats,
         });
         let sender = link.clone();
@@ -489,7 +513,7 @@ impl FleetLink {
         let receiver = link.clone();
         std::thread::Builder::new()
             .name("courier-bus-in".into())
-            .spawn(move || receiver.receive_loop(deliveries, owners, mailboxes))
+            .spawn(move || receiver.receive_loop(deliveries, owners, detached, mailboxes))
             .context("spawning the bus receiver")?;
         let refresher = link.clone();
         std::thread::Builder::new()
@@ -676,6 +700,7 @@ impl FleetLink {
         &self,
         deliveries: courier_bus::Subscription,
         owners: courier_bus::Subscription,
+        detached: courier_bus::Subscription,
         mailboxes: Vec<Arc<Mailbox<CoreMsg>>>,
     ) {
         let mut per_core: Vec<Vec<Delivery>> = (0..mailboxes.len()).map(|_| Vec::new()).collect();
@@ -694,8 +719,12 @@ impl FleetLink {
                     let Ok(m) = m else { return };
                     let partition = m.subject.rsplit('.').next().and_then(|p| p.parse::<u16>().ok());
                     if let Some(p) = partition.filter(|p| *p < self.partitions) {
-                        self.reattach(p);
+                        self.reattach(p, "new owner");
                     }
+                }
+                recv(detached.receiver()) -> m => {
+                    let Ok(m) = m else { return };
+                    self.detach_notice(&m);
                 }
                 default(CHAT_LIST_SWEEP) => {}
             }
@@ -723,6 +752,32 @@ impl FleetLink {
                 return;
             }
         }
+    }
+
+    /// Partition `p` detached this gateway's sessions (`courier.detached.<node>.<p>`):
+    /// unless it did so on this process's own start announcement, attach
+    /// them all there again, with a catch-up for what they missed.
+    fn detach_notice(&self, m: &courier_bus::Message) {
+        let partition = m
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|p| *p < self.partitions);
+        let (Some(p), Some(last_seen_ms)) = (partition, rfleet::decode_detached(&m.payload)) else {
+            tracing::warn!(subject = %m.subject, "dropped a malformed detach notice");
+            return;
+        };
+        if last_seen_ms == self.started_ms {
+            return;
+        }
+        self.detach_notices.inc();
+        tracing::warn!(
+            partition = p,
+            last_seen_ms,
+            "a partition detached this live gateway's sessions; attaching them again"
+        );
+        self.reattach(p, "detached");
     }
 
     /// Decodes one partition's delivery batch (`courier.gw.<node>.<p>`)
@@ -838,7 +893,7 @@ impl FleetLink {
     /// for `p` (whose request the old owner may never have answered, or
     /// that reached `p` while it had no owner), and is swallowed
     /// otherwise.
-    fn reattach(&self, p: u16) {
+    fn reattach(&self, p: u16, why: &'static str) {
         let mut commands = Vec::new();
         let chat_lists;
         let presence;
@@ -887,7 +942,8 @@ impl FleetLink {
             sessions = (commands.len() - chat_lists - presence) / 2,
             chat_lists,
             presence,
-            "partition has a new owner; attaching again"
+            why,
+            "attaching every session to the partition again"
         );
         for chunk in commands.chunks(2048) {
             let payload = Bytes::from(courier_router::wire::encode_commands(chunk));
@@ -909,6 +965,9 @@ impl FleetLink {
 /// the key is written again and every session attached again everywhere,
 /// with a catch-up for what it missed. Deleted at a clean stop.
 struct Liveness {
+    /// When this process started: the last seen its start announcement
+    /// gave its node id's earlier sessions.
+    started_ms: u64,
     kv: Arc<dyn Kv>,
     key: String,
     value: Bytes,
@@ -944,6 +1003,7 @@ impl Liveness {
             kv.put(&key, value.clone())
         })?;
         Ok(Self {
+            started_ms,
             kv,
             key,
             value,
@@ -975,7 +1035,7 @@ impl Liveness {
                             "liveness key had expired; attaching every session again"
                         );
                         for p in 0..link.partitions {
-                            link.reattach(p);
+                            link.reattach(p, "liveness key expired");
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot write the liveness key"),

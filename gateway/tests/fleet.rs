@@ -14,6 +14,9 @@
 //!   devices), and each device receives only its own ciphertext.
 //! - A SIGKILLed gateway's users go offline once its liveness key expires,
 //!   and what was sent to them meanwhile arrives in their catch-up.
+//! - A live gateway whose sessions a partition detached (taken for dead)
+//!   is told and attaches them again; a restarted gateway ignores the
+//!   notices its own start announcement caused.
 //! - Push: a token registered with the user's partition wakes the device
 //!   for messages decided by other partitions, and unregistering it stops
 //!   every partition.
@@ -1420,5 +1423,112 @@ fn presence_and_settings_belong_to_the_users_partition_across_the_fleet() {
     eprintln!(
         "alice's going announced {:?} after her partition's takeover began",
         started.elapsed()
+    );
+}
+
+/// A router that takes a live gateway for dead detaches its sessions in
+/// the partitions it serves (seen at 200,000 connections, when a liveness
+/// listing left a refreshed key out). Each such partition tells the
+/// gateway, which attaches its sessions there again with a catch-up: its
+/// clients go on receiving without reconnecting. The test hands every
+/// partition the verdict a router's scan would.
+#[test]
+fn a_live_gateway_taken_for_dead_attaches_its_sessions_again() {
+    use courier_router::api::{Command as RouterCommand, PeerMsg};
+    use courier_router::fleet::{command_subject, decode_detached, detached_subjects};
+
+    let fleet = Fleet::start();
+    let node = fleet.gateway("g1", 1);
+    let (mut alice, _) = node.online("wrongly-gone-alice", 1);
+    let (mut bob, _) = node.online("wrongly-gone-bob", 1);
+    let direct = direct_conversation("wrongly-gone-alice", "wrongly-gone-bob");
+    send_until_sent(&mut alice, &direct, 1, Duration::from_secs(2));
+    messages_until(&mut bob, &direct, 1);
+
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![fleet.url.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let bus = nats.pubsub();
+    let notices = bus.subscribe(&detached_subjects(1)).unwrap();
+    let last_seen_ms = now_s() * 1000;
+    let gone = [RouterCommand::Peer(PeerMsg::GatewayGone {
+        node: 1,
+        last_seen_ms,
+    })];
+    let payload = Bytes::from(courier_router::wire::encode_commands(&gone));
+    for p in 0..PARTITIONS {
+        bus.publish(&command_subject(p), payload.clone()).unwrap();
+    }
+    // Every partition held a session of the gateway (attach goes to all),
+    // so every one tells it.
+    let mut told = BTreeSet::new();
+    while told.len() < usize::from(PARTITIONS) {
+        let m = notices
+            .recv_timeout(TIMEOUT)
+            .expect("every partition tells the gateway");
+        assert_eq!(decode_detached(&m.payload), Some(last_seen_ms));
+        told.insert(m.subject);
+    }
+
+    // Sent after the detach: bob has it live (or from the catch-up the
+    // gateway ran when it attached again), on the same connection.
+    send_until_sent(&mut alice, &direct, 2, Duration::from_secs(2));
+    messages_until(&mut bob, &direct, 2);
+    let started = Instant::now();
+    loop {
+        let acted = detach_notices(&node);
+        if acted == u64::from(PARTITIONS) {
+            break;
+        }
+        assert!(started.elapsed() < TIMEOUT, "{acted} notices counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The number a gateway's metrics give `courier_fleet_detach_notices_total`.
+fn detach_notices(node: &TestNode) -> u64 {
+    node.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("courier_fleet_detach_notices_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A gateway restarted under the same node id detaches, by its start
+/// announcement, what its killed predecessor left attached. The
+/// partitions say so, and the new process, whose own sessions were not
+/// touched, does not attach everything again for it.
+#[test]
+fn a_restarted_gateway_does_not_act_on_the_detach_its_own_start_caused() {
+    use courier_router::fleet::{decode_detached, detached_subjects};
+
+    let fleet = Fleet::start();
+    let mut old = GatewayProcess::start(&fleet, "g1", 1);
+    let (_alice, _) = old.online("restarted-alice", 1);
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![fleet.url.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let notices = nats.pubsub().subscribe(&detached_subjects(1)).unwrap();
+    old.kill();
+    let new = fleet.gateway("g1-again", 1);
+    let mut told = BTreeSet::new();
+    let mut last_seen = BTreeSet::new();
+    while told.len() < usize::from(PARTITIONS) {
+        let m = notices
+            .recv_timeout(TIMEOUT)
+            .expect("every partition detaches the old session and says so");
+        last_seen.extend(decode_detached(&m.payload));
+        told.insert(m.subject);
+    }
+    assert_eq!(last_seen.len(), 1, "one announcement: {last_seen:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        detach_notices(&new),
+        0,
+        "its own start's notices are not acted on"
     );
 }

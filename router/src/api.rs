@@ -212,4 +212,13 @@ pub trait Outlet: Send + Sync + 'static {
     fn to_partition(&self, partition: u16, commands: Vec<Command>) {
         let _ = (partition, commands);
     }
+
+    /// Tells gateway `node` that this partition detached its sessions on a
+    /// `PeerMsg::GatewayGone` carrying `last_seen_ms` (fleet mode), so that
+    /// a gateway taken for dead while alive attaches them again. Called
+    /// from the router thread after the batch that detached them; must not
+    /// block. A single node never calls it.
+    fn gateway_detached(&self, node: u16, last_seen_ms: u64) {
+        let _ = (node, last_seen_ms);
+    }
 }

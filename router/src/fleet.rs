@@ -1262,6 +1262,25 @@ pub fn gateway_subjects(node: u16) -> String {
     format!("courier.gw.{node}.*")
 }
 
+/// The subject partition `p`'s router tells gateway `node` on that it
+/// detached the gateway's sessions. The payload is the last seen of the
+/// `GatewayGone` that did it (8 bytes, big-endian milliseconds): a gateway
+/// that is alive attaches its sessions to `p` again, unless that last
+/// seen is its own start announcement's.
+pub fn detached_subject(node: u16, p: u16) -> String {
+    format!("courier.detached.{node}.{p}")
+}
+
+/// What gateway `node` subscribes to: every partition's detach notices.
+pub fn detached_subjects(node: u16) -> String {
+    format!("courier.detached.{node}.*")
+}
+
+/// Reads a detach notice's payload ([`detached_subject`]).
+pub fn decode_detached(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(payload.try_into().ok()?))
+}
+
 /// Subscribes partition `p`'s router to its command subject (a thread that
 /// submits each batch's commands in order, until the router stops) and
 /// announces the new owner, so gateways attach their sessions again.
@@ -1330,6 +1349,14 @@ impl crate::api::Outlet for BusOutlet {
         let encode = |c: &[crate::api::Command]| crate::wire::encode_commands(c);
         if let Err(e) = publish_split(&*self.0, &subject, &commands, &encode) {
             tracing::warn!(partition, error = %e, "publishing to another partition failed; the waiting send times out and is retried");
+        }
+    }
+
+    fn gateway_detached(&self, node: u16, last_seen_ms: u64) {
+        let subject = detached_subject(node, self.1);
+        let payload = Bytes::copy_from_slice(&last_seen_ms.to_be_bytes());
+        if let Err(e) = self.0.publish(&subject, payload) {
+            tracing::warn!(gateway = node, error = %e, "telling a gateway its sessions were detached failed");
         }
     }
 

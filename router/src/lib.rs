@@ -663,8 +663,12 @@ impl Worker {
     }
 
     /// Fleet mode: hands what the batches made for other partitions to the
-    /// outlet, one batch per partition.
+    /// outlet, one batch per partition, after telling the gateways whose
+    /// sessions they detached.
     fn send_peer_commands(&mut self) {
+        for (node, last_seen_ms) in self.core.take_detached_gateways() {
+            self.outlet.gateway_detached(node, last_seen_ms);
+        }
         let commands = self.core.take_peer_commands();
         if commands.is_empty() {
             return;

@@ -132,6 +132,9 @@ pub(super) struct PeerState {
     /// Commands for other partitions, taken by the router thread after
     /// each batch ([`RouterCore::take_peer_commands`]).
     pub out: Vec<(u16, Command)>,
+    /// Gateways whose sessions a `GatewayGone` detached, with its last
+    /// seen, to be told ([`RouterCore::take_detached_gateways`]).
+    pub detached: Vec<(u16, u64)>,
     /// Reliable messages not acknowledged yet, by receiving partition.
     outbox: FxHashMap<u16, Outbound>,
     /// The last reliable message applied from each sending partition.
@@ -211,6 +214,12 @@ impl RouterCore {
     /// Commands the last batches made for other partitions' routers.
     pub fn take_peer_commands(&mut self) -> Vec<(u16, Command)> {
         std::mem::take(&mut self.peer.out)
+    }
+
+    /// Gateways whose sessions the last batches detached, each with the
+    /// last seen of the `GatewayGone` that did it.
+    pub fn take_detached_gateways(&mut self) -> Vec<(u16, u64)> {
+        std::mem::take(&mut self.peer.detached)
     }
 
     /// Parks `command` if it is a per-device send naming members of other

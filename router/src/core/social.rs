@@ -353,6 +353,10 @@ impl RouterCore {
                 sessions = gone.len(),
                 "gateway gone; its sessions are detached"
             );
+            // If the gateway lives after all (a wrong verdict, or a restart
+            // whose first attaches came before the verdict), it learns
+            // that its sessions get nothing live here any more.
+            self.peer.detached.push((node, last_seen_ms));
         }
     }
 

@@ -445,3 +445,46 @@ fn a_device_unlinked_at_home_is_refused_where_it_never_attached() {
     }]);
     assert!(out.closes().is_empty());
 }
+
+/// A partition that detaches a gateway's sessions says so, once, with the
+/// `GatewayGone`'s last seen: a gateway taken for dead while alive learns
+/// that this partition no longer delivers to its sessions. A partition
+/// that held none of them says nothing.
+#[test]
+fn detaching_a_gateways_sessions_is_told_to_that_gateway() {
+    let (mut home, _) = pair();
+    let phone = home.client(BOB, 1, 0);
+    home.connect(&phone);
+    let gone = |node, last_seen_ms| Command::Peer(PeerMsg::GatewayGone { node, last_seen_ms });
+
+    home.step(vec![gone(7, 500)]);
+    assert!(
+        home.core().take_detached_gateways().is_empty(),
+        "gateway 7 held no session here"
+    );
+    home.step(vec![gone(phone.session.node, 1_234)]);
+    assert_eq!(
+        home.core().take_detached_gateways(),
+        vec![(phone.session.node, 1_234)]
+    );
+    home.step(vec![gone(phone.session.node, 1_300)]);
+    assert!(
+        home.core().take_detached_gateways().is_empty(),
+        "nothing was left to detach"
+    );
+
+    // What the gateway does on the notice: attach again and catch up.
+    // The session is routed again.
+    let sender = home.client("alice", 1, 1);
+    home.connect(&sender);
+    home.connect(&phone);
+    let direct = courier_protocol::ids::direct_conversation("alice", BOB);
+    let out = home.step(vec![sender.send(&direct, 1, b"hi")]);
+    assert!(
+        out.frames(&phone)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Message { seq: 1, .. })),
+        "delivered live after attaching again: {:?}",
+        out.frames(&phone)
+    );
+}
