@@ -31,11 +31,36 @@ for victim in gateway-1/pid router-1/pid nats-0/nats.pid; do
     sleep "$KILL_AT"
     pid=$(cat "$FLEET_DIR/$victim")
     kill -KILL "$pid"
-    echo "$(echo "$(date +%s.%N) - $start" | bc) killed ${victim%%/*} (pid $pid)" | tee -a "$events"
+    at=$(date +%s.%N)
+    echo "$(echo "$at - $start" | bc) killed ${victim%%/*} (pid $pid) at $at" | tee -a "$events"
+    [ "${victim%%/*}" = router-1 ] && router_killed_at=$at
     sleep "$RESTART_AFTER"
     "$fleet" up >/dev/null
     echo "$(echo "$(date +%s.%N) - $start" | bc) restarted ${victim%%/*}" | tee -a "$events"
 done
 wait "$lg" || status=$?
-tail -n 16 "$OUT/fleet-kill.log"
+tail -n 20 "$OUT/fleet-kill.log"
+# When the killed router's partitions were served again: router-2 logs
+# "serving partition" (UTC) once each one's replay is done and it takes
+# commands, which is when deliveries in those conversations resume.
+python3 - "$router_killed_at" "$FLEET_DIR/router-2/log" <<'PY'
+import re, sys
+from datetime import datetime, timezone
+killed = float(sys.argv[1])
+after = []
+for line in open(sys.argv[2], errors="replace"):
+    m = re.match(r"(\S+)Z\s+INFO .*serving partition partition=(\d+).* took_ms=(\d+)", line)
+    if not m:
+        continue
+    at = datetime.fromisoformat(m[1]).replace(tzinfo=timezone.utc).timestamp()
+    if at > killed:
+        after.append((at - killed, int(m[2]), int(m[3])))
+if after:
+    ds = sorted(d for d, _, _ in after)
+    replay = max(t for _, _, t in after)
+    print(f"router-1 killed: {len(after)} partitions served again by router-2 "
+          f"{ds[0]:.2f} to {ds[-1]:.2f} s after the kill (longest replay {replay} ms)")
+else:
+    print("router-1 killed: router-2 logged no takeover after it")
+PY
 exit "${status:-0}"

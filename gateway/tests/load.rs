@@ -96,6 +96,15 @@ fn sigkill_mid_run_loses_no_acked_message() {
     gateway.kill().ok();
     gateway.wait().ok();
     assert!(report.reconnects > 0, "the clients reconnected");
+    // Each device cut off was timed from its drop to its catch-up on the
+    // restarted node: at least the half second the node was down.
+    let back = &report.latency_ms.reconnect;
+    assert!(
+        back.count > 0 && back.count <= report.disconnects,
+        "{back:?}, {} disconnects",
+        report.disconnects
+    );
+    assert!(back.p50 >= 500.0 && back.max < 8_000.0, "{back:?}");
     assert!(report.passed, "{:?}", report.failures);
     assert_eq!(report.lost, 0, "nothing SENT-acked is lost");
     assert_eq!(report.reordered, 0);

@@ -112,6 +112,9 @@ pub(crate) struct ConnState {
     page_max: Vec<(u32, u64)>,
     /// When the catch-up in progress was asked for.
     pub catchup_since: Option<Instant>,
+    /// When a session of this device ended unasked, until a later one has
+    /// caught up (the `reconnect` histogram).
+    dropped_at: Option<Instant>,
     /// Receipts this device's own direct messages are waiting for, per
     /// conversation; lives across sessions.
     receipts: FxHashMap<u32, ReceiptBook>,
@@ -214,6 +217,7 @@ impl Conn {
             ever_ready: false,
             catchup_base: Vec::new(),
             catchup_since: None,
+            dropped_at: None,
             page_max: Vec::new(),
             receipts: FxHashMap::default(),
         };
@@ -262,6 +266,11 @@ pub(crate) async fn run(w: Rc<Worker>, c: Rc<Conn>, delay: Duration) {
                     let mut stats = w.stats.borrow_mut();
                     stats.counters.disconnects += 1;
                     stats.error(&end.kind());
+                    // The first drop of a streak: failed attempts after it
+                    // count toward the same outage.
+                    c.st.borrow_mut()
+                        .dropped_at
+                        .get_or_insert_with(Instant::now);
                 }
                 if !w.config.reconnect {
                     break;
@@ -774,7 +783,12 @@ fn on_sync_done(w: &Worker, c: &Conn, more: bool) {
     st.ever_ready = true;
     st.catchup_base.clear();
     st.page_max.clear();
-    w.stats.borrow_mut().counters.connections_up += 1;
+    let mut stats = w.stats.borrow_mut();
+    stats.counters.connections_up += 1;
+    if let Some(dropped) = st.dropped_at.take() {
+        stats.reconnect(dropped.elapsed().as_nanos() as u64);
+    }
+    drop(stats);
     // Resend everything not acked, oldest first, with its original client id.
     let ids: Vec<u64> = st.pending.keys().copied().collect();
     for id in ids {

@@ -80,6 +80,10 @@ pub fn render(report: &Report) -> String {
         ("schedule lag", &report.latency_ms.schedule_lag),
         ("delivered tick", &report.latency_ms.receipt_delivered),
         ("read tick", &report.latency_ms.receipt_read),
+        // Timed from a session's unasked end, not from a send, and in
+        // seconds rather than milliseconds: in the table, not on the plot,
+        // whose shared axis it would flatten.
+        ("back after drop", &report.latency_ms.reconnect),
     ] {
         summary_row(&mut s, name, l);
     }

@@ -31,6 +31,10 @@ pub struct Latencies {
     /// Intended send to the sender receiving the `Receipt` that says it
     /// was read.
     pub receipt_read: Histogram<u64>,
+    /// A session that ended unasked (the server closed it, died or went
+    /// silent) to the device's next session finishing its catch-up: how
+    /// long a device was cut off. Churn and the run's end are not counted.
+    pub reconnect: Histogram<u64>,
 }
 
 impl Default for Latencies {
@@ -48,6 +52,7 @@ impl Latencies {
             schedule_lag: histogram(),
             receipt_delivered: histogram(),
             receipt_read: histogram(),
+            reconnect: histogram(),
         }
     }
 
@@ -58,6 +63,7 @@ impl Latencies {
         add(&mut self.schedule_lag, &other.schedule_lag);
         add(&mut self.receipt_delivered, &other.receipt_delivered);
         add(&mut self.receipt_read, &other.receipt_read);
+        add(&mut self.reconnect, &other.reconnect);
     }
 
     /// Empties every histogram, keeping their allocations.
@@ -67,6 +73,7 @@ impl Latencies {
         self.schedule_lag.reset();
         self.receipt_delivered.reset();
         self.receipt_read.reset();
+        self.reconnect.reset();
     }
 
     /// True when nothing was recorded.
@@ -76,6 +83,7 @@ impl Latencies {
             && self.schedule_lag.is_empty()
             && self.receipt_delivered.is_empty()
             && self.receipt_read.is_empty()
+            && self.reconnect.is_empty()
     }
 }
 
@@ -97,6 +105,9 @@ pub struct Encoded {
     /// `receipt_read`.
     #[serde(default)]
     pub receipt_read: String,
+    /// `reconnect`.
+    #[serde(default)]
+    pub reconnect: String,
 }
 
 impl Latencies {
@@ -108,6 +119,7 @@ impl Latencies {
             schedule_lag: encode(&self.schedule_lag),
             receipt_delivered: encode(&self.receipt_delivered),
             receipt_read: encode(&self.receipt_read),
+            reconnect: encode(&self.reconnect),
         }
     }
 
@@ -119,6 +131,7 @@ impl Latencies {
             schedule_lag: decode(&e.schedule_lag)?,
             receipt_delivered: decode_or_empty(&e.receipt_delivered)?,
             receipt_read: decode_or_empty(&e.receipt_read)?,
+            reconnect: decode_or_empty(&e.reconnect)?,
         })
     }
 }

@@ -193,6 +193,8 @@ pub struct LatencyReport {
     /// delivered, and read.
     pub receipt_delivered: Summary,
     pub receipt_read: Summary,
+    /// A session ended unasked to the device caught up on its next one.
+    pub reconnect: Summary,
 }
 
 /// Average rates over the traffic phase.
@@ -288,6 +290,7 @@ impl Report {
                 schedule_lag: Summary::of(&outcome.latencies.schedule_lag),
                 receipt_delivered: Summary::of(&outcome.latencies.receipt_delivered),
                 receipt_read: Summary::of(&outcome.latencies.receipt_read),
+                reconnect: Summary::of(&outcome.latencies.reconnect),
             },
             rates: Rates {
                 sent_per_s: c.sent as f64 / traffic,
@@ -449,6 +452,7 @@ impl Report {
             ("schedule lag", &self.latency_ms.schedule_lag),
             ("delivered tick", &self.latency_ms.receipt_delivered),
             ("read tick", &self.latency_ms.receipt_read),
+            ("back after drop", &self.latency_ms.reconnect),
         ] {
             let _ = writeln!(
                 s,

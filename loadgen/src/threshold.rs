@@ -27,6 +27,8 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("lag_p99_ms", "latency_ms.schedule_lag.p99"),
     ("receipt_p99_ms", "latency_ms.receipt_delivered.p99"),
     ("read_receipt_p99_ms", "latency_ms.receipt_read.p99"),
+    ("reconnect_p99_ms", "latency_ms.reconnect.p99"),
+    ("reconnect_max_ms", "latency_ms.reconnect.max"),
     ("sent_per_s", "rates.sent_per_s"),
     ("acked_per_s", "rates.acked_per_s"),
     ("delivered_per_s", "rates.delivered_per_s"),

@@ -236,6 +236,10 @@ impl Stats {
         record_ns(h, ns);
     }
 
+    pub fn reconnect(&mut self, ns: u64) {
+        record_ns(&mut self.latencies.reconnect, ns);
+    }
+
     fn schedule_lag(&mut self, ns: u64) {
         record_ns(&mut self.latencies.schedule_lag, ns);
         record_ns(&mut self.interval.schedule_lag, ns);
