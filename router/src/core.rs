@@ -452,12 +452,25 @@ impl RouterCore {
     /// metrics in `registry`. The config must be valid
     /// ([`RouterConfig::validate`]).
     pub fn open(config: RouterConfig, registry: &mut Registry) -> Result<Self, RouterError> {
+        Self::open_on(config, None, registry)
+    }
+
+    /// Like [`RouterCore::open`], on `store` when given: the store already
+    /// open under `config.data_dir` (a fleet takeover restores it and hands
+    /// it over, since closing a store and opening it again costs a quarter
+    /// of a second: fjall's drop waits out its monitor thread's tick).
+    pub(crate) fn open_on(
+        config: RouterConfig,
+        store: Option<Store>,
+        registry: &mut Registry,
+    ) -> Result<Self, RouterError> {
         config.validate()?;
-        Self::with_metrics(config, Metrics::register(registry))
+        Self::with_metrics(config, store, Metrics::register(registry))
     }
 
     pub(crate) fn with_metrics(
         config: RouterConfig,
+        store: Option<Store>,
         metrics: Metrics,
     ) -> Result<Self, RouterError> {
         let path = config.data_dir.clone();
@@ -465,9 +478,14 @@ impl RouterCore {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| store_error(Box::new(e)))?;
-        let store = Store::open_with(&config.data_dir, config.store)
-            .map_err(|e| store_error(Box::new(e)))?;
+        let store = match store {
+            Some(store) => store,
+            None => {
+                std::fs::create_dir_all(&config.data_dir).map_err(|e| store_error(Box::new(e)))?;
+                Store::open_with(&config.data_dir, config.store)
+                    .map_err(|e| store_error(Box::new(e)))?
+            }
+        };
         let high = store
             .server_id_high()
             .map_err(|e| store_error(Box::new(e)))?;

@@ -311,7 +311,18 @@ impl Router {
         outlet: Arc<dyn api::Outlet>,
         registry: &mut Registry,
     ) -> Result<RouterHandle, RouterError> {
-        let mut core = RouterCore::open(config.clone(), registry)?;
+        Self::start_on(config, None, outlet, registry)
+    }
+
+    /// Like [`Router::start`], on `store` when given (already open under
+    /// `config.data_dir`: a fleet takeover's restored store).
+    pub(crate) fn start_on(
+        config: RouterConfig,
+        store: Option<store::Store>,
+        outlet: Arc<dyn api::Outlet>,
+        registry: &mut Registry,
+    ) -> Result<RouterHandle, RouterError> {
+        let mut core = RouterCore::open_on(config.clone(), store, registry)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let depth = Arc::new(AtomicUsize::new(0));
         let push_metrics = push::PushMetrics::register(registry);
