@@ -717,8 +717,7 @@ impl FleetLink {
                 }
                 recv(owners.receiver()) -> m => {
                     let Ok(m) = m else { return };
-                    let partition = m.subject.rsplit('.').next().and_then(|p| p.parse::<u16>().ok());
-                    if let Some(p) = partition.filter(|p| *p < self.partitions) {
+                    if let Some(p) = self.partition_of_subject(&m.subject) {
                         self.reattach(p, "new owner");
                     }
                 }
@@ -754,16 +753,22 @@ impl FleetLink {
         }
     }
 
+    /// The partition a subject ends with (`courier.owner.<p>`,
+    /// `courier.gw.<node>.<p>`, `courier.detached.<node>.<p>`), if it is
+    /// one of this fleet's.
+    fn partition_of_subject(&self, subject: &str) -> Option<u16> {
+        subject
+            .rsplit('.')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|p| *p < self.partitions)
+    }
+
     /// Partition `p` detached this gateway's sessions (`courier.detached.<node>.<p>`):
     /// unless it did so on this process's own start announcement, attach
     /// them all there again, with a catch-up for what they missed.
     fn detach_notice(&self, m: &courier_bus::Message) {
-        let partition = m
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-            .filter(|p| *p < self.partitions);
+        let partition = self.partition_of_subject(&m.subject);
         let (Some(p), Some(last_seen_ms)) = (partition, rfleet::decode_detached(&m.payload)) else {
             tracing::warn!(subject = %m.subject, "dropped a malformed detach notice");
             return;
@@ -783,12 +788,7 @@ impl FleetLink {
     /// Decodes one partition's delivery batch (`courier.gw.<node>.<p>`)
     /// and sorts it by core.
     fn sort_message(&self, m: courier_bus::Message, per_core: &mut [Vec<Delivery>]) {
-        let partition = m
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok());
-        let Some(p) = partition.filter(|p| *p < self.partitions) else {
+        let Some(p) = self.partition_of_subject(&m.subject) else {
             tracing::warn!(subject = %m.subject, "dropped deliveries from an unknown partition");
             return;
         };

@@ -465,14 +465,7 @@ impl RouterCore {
         registry: &mut Registry,
     ) -> Result<Self, RouterError> {
         config.validate()?;
-        Self::with_metrics(config, store, Metrics::register(registry))
-    }
-
-    pub(crate) fn with_metrics(
-        config: RouterConfig,
-        store: Option<Store>,
-        metrics: Metrics,
-    ) -> Result<Self, RouterError> {
+        let metrics = Metrics::register(registry);
         let path = config.data_dir.clone();
         let store_error = |source: Box<dyn std::error::Error + Send + Sync>| RouterError::Store {
             path: path.clone(),
