@@ -103,7 +103,66 @@ impl Upstream {
 struct Attached {
     device: Device,
     issued_at_s: u64,
+    /// A catch-up of the client's finished: the user's partition let the
+    /// session in, so a new owner of another partition may serve it one
+    /// directly.
+    synced: bool,
 }
+
+/// Where a session's catch-up stands with one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Caught up: live messages from the partition pass.
+    Live,
+    /// Catching up: its live messages wait for its `SyncDone`.
+    Syncing,
+    /// Its catch-up ended with more to come: its live messages are
+    /// dropped (the next catch-up brings them, in order) until then.
+    Behind,
+}
+
+/// Live messages of one session held back while some partition's
+/// catch-up for it is not done.
+///
+/// A partition's messages reach a session through the session's user's
+/// partition, which relays them, while its catch-up comes straight from
+/// it: a message stored after the partition read the catch-up can arrive
+/// before the catch-up does, and would be seen out of order. So from the
+/// moment a catch-up is asked until that partition's `SyncDone`, its live
+/// messages wait here, and go to the client after its catch-up.
+#[derive(Debug, Default)]
+struct Hold {
+    /// By partition; created at the partition count on first use.
+    stages: Vec<Stage>,
+    held: Vec<(u16, Delivery)>,
+}
+
+impl Hold {
+    fn stage(&self, p: u16) -> Stage {
+        self.stages
+            .get(usize::from(p))
+            .copied()
+            .unwrap_or(Stage::Live)
+    }
+
+    fn set(&mut self, p: u16, stage: Stage, partitions: u16) {
+        if self.stages.is_empty() {
+            self.stages = vec![Stage::Live; usize::from(partitions)];
+        }
+        if let Some(s) = self.stages.get_mut(usize::from(p)) {
+            *s = stage;
+        }
+    }
+
+    fn all_live(&self) -> bool {
+        self.stages.iter().all(|s| *s == Stage::Live)
+    }
+}
+
+/// Most live messages one session may have held for catch-ups still
+/// running; one more closes it as a slow consumer (4003), and its next
+/// catch-up brings them.
+const MAX_HELD: usize = 4096;
 
 /// Catch-up merging for one session.
 #[derive(Debug, Default)]
@@ -220,8 +279,89 @@ impl Gathered {
 struct LinkState {
     sessions: FxHashMap<SessionKey, Attached>,
     syncs: FxHashMap<SessionKey, SyncMerge>,
+    /// Sessions with a partition not caught up (see [`Hold`]).
+    holds: FxHashMap<SessionKey, Hold>,
     chat_lists: ChatLists,
     presence: PresenceSplits,
+}
+
+impl LinkState {
+    /// A live message from partition `p`: passed on, or held while `p`'s
+    /// catch-up for the session runs, or dropped if that catch-up ended
+    /// with more to come. A session holding too many is closed.
+    fn hold(&mut self, p: u16, session: SessionKey, delivery: Delivery) -> Option<Delivery> {
+        let Some(hold) = self.holds.get_mut(&session) else {
+            return Some(delivery);
+        };
+        match hold.stage(p) {
+            Stage::Live => Some(delivery),
+            Stage::Behind => None,
+            Stage::Syncing if hold.held.len() < MAX_HELD => {
+                hold.held.push((p, delivery));
+                None
+            }
+            Stage::Syncing => {
+                self.holds.remove(&session);
+                tracing::debug!(
+                    partition = p,
+                    "closing a session holding too many messages for a catch-up"
+                );
+                Some(Delivery::Close {
+                    session,
+                    code: courier_protocol::close::SLOW_CONSUMER,
+                    reason: "too many messages waiting for a catch-up",
+                })
+            }
+        }
+    }
+
+    /// Partition `p`'s catch-up for `session` is done: the live messages
+    /// held for it follow it, or, if it ended with more to come, are
+    /// dropped (the client's next catch-up brings them in order).
+    fn release(
+        &mut self,
+        session: SessionKey,
+        p: u16,
+        more: bool,
+        partitions: u16,
+    ) -> Vec<Delivery> {
+        let Some(hold) = self.holds.get_mut(&session) else {
+            return Vec::new();
+        };
+        if hold.stage(p) != Stage::Syncing {
+            return Vec::new();
+        }
+        let stage = if more { Stage::Behind } else { Stage::Live };
+        hold.set(p, stage, partitions);
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut hold.held)
+            .into_iter()
+            .partition(|(from, _)| *from == p);
+        hold.held = rest;
+        if hold.all_live() {
+            self.holds.remove(&session);
+        }
+        if more {
+            return Vec::new();
+        }
+        mine.into_iter().map(|(_, d)| d).collect()
+    }
+
+    /// The session's catch-up was asked of `partitions` (all of `of`):
+    /// their live messages wait for their `SyncDone`s.
+    fn syncing(&mut self, session: SessionKey, asked: impl Iterator<Item = u16>, of: u16) {
+        let hold = self.holds.entry(session).or_default();
+        for p in asked {
+            hold.set(p, Stage::Syncing, of);
+        }
+    }
+
+    /// A new session: nothing live before its client asks for a catch-up.
+    fn attached(&mut self, session: SessionKey, partitions: u16) {
+        let hold = self.holds.entry(session).or_default();
+        for p in 0..partitions {
+            hold.set(p, Stage::Behind, partitions);
+        }
+    }
 }
 
 /// Chat lists waiting for the partitions' pages, by session, oldest first
@@ -415,7 +555,12 @@ enum Target {
 
 fn target(cmd: &Command, partitions: u16) -> Target {
     let (device, frame) = match cmd {
-        Command::Attach { .. } | Command::Detach { .. } => return Target::All,
+        // Only the user's partition routes the user's sessions.
+        Command::Attach { device, .. } => {
+            return Target::One(partition_of(&device.user, partitions))
+        }
+        // Every partition may hold presence subscriptions of the session.
+        Command::Detach { .. } => return Target::All,
         // The push worker's reports stay in their router; no core sends one.
         Command::Push(_) => return Target::One(0),
         // A gateway sends only its own `GatewayGone` (at start), to all.
@@ -454,7 +599,9 @@ fn target(cmd: &Command, partitions: u16) -> Target {
         | ClientFrame::Typing {
             conversation: c, ..
         } => conversation(c),
-        ClientFrame::Sync { .. } | ClientFrame::ChatList { .. } => Target::All,
+        // The user's partition hands a catch-up to every other partition,
+        // once the session's route is there.
+        ClientFrame::ChatList { .. } => Target::All,
         ClientFrame::BundleFetch { user, .. } => Target::One(partition_of(user, partitions)),
         _ => Target::One(partition_of(&device.user, partitions)),
     }
@@ -660,12 +807,17 @@ impl FleetLink {
                     Attached {
                         device: device.clone(),
                         issued_at_s: *issued_at_s,
+                        synced: false,
                     },
                 );
+                // Nothing live before the client's catch-up, as on a
+                // single node: relayed messages are dropped until it asks.
+                state.attached(*session, self.partitions);
             }
             Command::Detach { session, .. } => {
                 state.sessions.remove(session);
                 state.syncs.remove(session);
+                state.holds.remove(session);
                 state.chat_lists.forget(*session);
                 state.presence.forget(*session);
             }
@@ -679,6 +831,7 @@ impl FleetLink {
                     merge.owe(p, self.partitions);
                 }
                 merge.client_waiting = true;
+                state.syncing(*session, 0..self.partitions, self.partitions);
             }
             Command::Frame {
                 session,
@@ -718,7 +871,7 @@ impl FleetLink {
                 recv(owners.receiver()) -> m => {
                     let Ok(m) = m else { return };
                     if let Some(p) = self.partition_of_subject(&m.subject) {
-                        self.reattach(p, "new owner");
+                        self.reattach(p, Reattach::NewOwner);
                     }
                 }
                 recv(detached.receiver()) -> m => {
@@ -782,7 +935,7 @@ impl FleetLink {
             last_seen_ms,
             "a partition detached this live gateway's sessions; attaching them again"
         );
-        self.reattach(p, "detached");
+        self.reattach(p, Reattach::Detached);
     }
 
     /// Decodes one partition's delivery batch (`courier.gw.<node>.<p>`)
@@ -799,30 +952,74 @@ impl FleetLink {
     }
 
     /// Sorts partition `p`'s deliveries by core, merging the partitions'
-    /// `SyncDone`s and chat list pages.
+    /// `SyncDone`s and chat list pages and holding live messages that
+    /// came ahead of `p`'s catch-up.
     fn sort(&self, p: u16, batch: Vec<Delivery>, per_core: &mut [Vec<Delivery>]) {
+        let mut out = Vec::with_capacity(batch.len());
         for delivery in batch {
-            let Some(delivery) = self.gather(p, delivery) else {
-                continue;
-            };
+            self.gather(p, delivery, &mut out);
+        }
+        for delivery in out {
             if let Some(batch) = per_core.get_mut(usize::from(delivery.session().core)) {
                 batch.push(delivery);
             }
         }
     }
 
-    /// What the client gets of partition `p`'s `delivery`: the delivery
-    /// itself, an answer merged from every partition's, or nothing (yet).
-    fn gather(&self, p: u16, delivery: Delivery) -> Option<Delivery> {
-        let Delivery::Frame { session, frame, .. } = &delivery else {
-            return Some(delivery);
+    /// Adds to `out` what the client gets of partition `p`'s `delivery`:
+    /// the delivery itself, an answer merged from every partition's, live
+    /// messages it held for `p`'s catch-up, or nothing (yet).
+    fn gather(&self, p: u16, delivery: Delivery, out: &mut Vec<Delivery>) {
+        let (session, live_message, answer) = match &delivery {
+            Delivery::Frame {
+                session,
+                class,
+                frame,
+                origin,
+            } => {
+                let live = *class == Class::Message && origin.is_some();
+                let answer = if live { None } else { answer_of(frame) };
+                (*session, live, answer)
+            }
+            Delivery::Close { .. } => {
+                out.push(delivery);
+                return;
+            }
         };
-        let session = *session;
-        let Some(answer) = answer_of(frame) else {
-            return Some(delivery);
+        if live_message {
+            out.extend(self.hold(p, session, delivery));
+            return;
+        }
+        let Some(answer) = answer else {
+            out.push(delivery);
+            return;
         };
+        if let Answer::SyncDone { more } = answer {
+            out.extend(self.merge_sync_done(session, p, more));
+            out.extend(self.release(session, p, more));
+            return;
+        }
+        out.extend(self.gather_answer(p, session, delivery, answer));
+    }
+
+    fn hold(&self, p: u16, session: SessionKey, delivery: Delivery) -> Option<Delivery> {
+        lock(&self.state).hold(p, session, delivery)
+    }
+
+    fn release(&self, session: SessionKey, p: u16, more: bool) -> Vec<Delivery> {
+        lock(&self.state).release(session, p, more, self.partitions)
+    }
+
+    /// An answer of partition `p` other than a `SyncDone`.
+    fn gather_answer(
+        &self,
+        p: u16,
+        session: SessionKey,
+        delivery: Delivery,
+        answer: Answer,
+    ) -> Option<Delivery> {
         match answer {
-            Answer::SyncDone { more } => self.merge_sync_done(session, p, more),
+            Answer::SyncDone { .. } => Some(delivery),
             Answer::Chats { request, page } => {
                 let mut state = lock(&self.state);
                 match state
@@ -885,31 +1082,53 @@ impl FleetLink {
         }
         let more = merge.more;
         state.syncs.remove(&session);
+        if let Some(attached) = state.sessions.get_mut(&session) {
+            attached.synced = true;
+        }
         Some(reply(session, &ServerFrame::SyncDone { more }))
     }
 
-    /// Attaches every session again at partition `p`'s new owner, with a
-    /// catch-up. Its `SyncDone` answers a client's catch-up still waiting
-    /// for `p` (whose request the old owner may never have answered, or
-    /// that reached `p` while it had no owner), and is swallowed
-    /// otherwise.
-    fn reattach(&self, p: u16, why: &'static str) {
+    /// Repairs what partition `p` lost of this gateway's sessions: `why`
+    /// is [`Reattach::NewOwner`] when `p` has a new owner, which has no
+    /// routes and may have stored messages its predecessor never relayed;
+    /// otherwise `p` dropped its routes of this gateway (a wrong "gateway
+    /// gone", or the liveness key lapsed).
+    ///
+    /// The sessions of `p`'s users are attached there again with a
+    /// catch-up, which `p` hands every other partition: while `p` had no
+    /// routes they dropped what they relayed for them. With a new owner,
+    /// every other session that finished a catch-up is also served one by
+    /// `p` directly, for what `p` stored but did not relay. Each
+    /// `SyncDone` answers a client's catch-up still waiting for that
+    /// partition, and is swallowed otherwise.
+    fn reattach(&self, p: u16, why: Reattach) {
         let mut commands = Vec::new();
         let chat_lists;
         let presence;
+        let (mut attached, mut resynced) = (0usize, 0usize);
         {
             let mut state = lock(&self.state);
-            let sessions: Vec<(SessionKey, Device, u64)> = state
+            let sessions: Vec<(SessionKey, Device, u64, bool)> = state
                 .sessions
                 .iter()
-                .map(|(k, a)| (*k, a.device.clone(), a.issued_at_s))
+                .map(|(k, a)| (*k, a.device.clone(), a.issued_at_s, a.synced))
                 .collect();
-            for (session, device, issued_at_s) in sessions {
-                commands.push(Command::Attach {
-                    session,
-                    device: device.clone(),
-                    issued_at_s,
-                });
+            for (session, device, issued_at_s, synced) in sessions {
+                let home = partition_of(&device.user, self.partitions) == p;
+                let resync = why == Reattach::NewOwner && synced;
+                if !(home || resync) {
+                    continue;
+                }
+                if home {
+                    attached += 1;
+                    commands.push(Command::Attach {
+                        session,
+                        device: device.clone(),
+                        issued_at_s,
+                    });
+                } else {
+                    resynced += 1;
+                }
                 commands.push(Command::Frame {
                     session,
                     device,
@@ -920,10 +1139,18 @@ impl FleetLink {
                     },
                     received_at: std::time::Instant::now(),
                 });
+                let asked: Vec<u16> = if home {
+                    (0..self.partitions).collect()
+                } else {
+                    vec![p]
+                };
                 let merge = state.syncs.entry(session).or_default();
-                if !(merge.client_waiting && merge.owes(p)) {
-                    merge.owe(p, self.partitions);
+                for &q in &asked {
+                    if !(merge.client_waiting && merge.owes(q)) {
+                        merge.owe(q, self.partitions);
+                    }
                 }
+                state.syncing(session, asked.into_iter(), self.partitions);
             }
             // After the attaches: chat lists still waiting for `p`, which
             // the old owner may never have answered. An answer from both
@@ -939,17 +1166,39 @@ impl FleetLink {
         }
         tracing::info!(
             partition = p,
-            sessions = (commands.len() - chat_lists - presence) / 2,
+            attached,
+            resynced,
             chat_lists,
             presence,
-            why,
-            "attaching every session to the partition again"
+            why = why.as_str(),
+            "attaching the partition's sessions again"
         );
         for chunk in commands.chunks(2048) {
             let payload = Bytes::from(courier_router::wire::encode_commands(chunk));
             if let Err(e) = self.bus.publish(&rfleet::command_subject(p), payload) {
                 tracing::warn!(partition = p, error = %e, "re-attaching failed");
             }
+        }
+    }
+}
+
+/// Why a gateway repairs what a partition holds of its sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reattach {
+    /// The partition has a new owner.
+    NewOwner,
+    /// The partition detached this gateway's sessions, taking it for gone.
+    Detached,
+    /// This gateway's liveness key expired while it lived.
+    LivenessExpired,
+}
+
+impl Reattach {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::NewOwner => "new owner",
+            Self::Detached => "detached",
+            Self::LivenessExpired => "liveness key expired",
         }
     }
 }
@@ -1035,7 +1284,7 @@ impl Liveness {
                             "liveness key had expired; attaching every session again"
                         );
                         for p in 0..link.partitions {
-                            link.reattach(p, "liveness key expired");
+                            link.reattach(p, Reattach::LivenessExpired);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot write the liveness key"),
@@ -1416,6 +1665,101 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: SessionKey = SessionKey {
+        node: 1,
+        core: 0,
+        slot: 1,
+        generation: 1,
+    };
+
+    /// A live message (its frame names it) as a relay brings it.
+    fn live(name: &'static [u8]) -> Delivery {
+        Delivery::Frame {
+            session: KEY,
+            class: Class::Message,
+            frame: Bytes::from_static(name),
+            origin: Some(Instant::now()),
+        }
+    }
+
+    fn frames(ds: &[Delivery]) -> Vec<&[u8]> {
+        ds.iter()
+            .filter_map(|d| match d {
+                Delivery::Frame { frame, .. } => Some(&frame[..]),
+                Delivery::Close { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nothing_live_reaches_a_session_before_its_catch_up_is_asked() {
+        let mut state = LinkState::default();
+        state.attached(KEY, 4);
+        assert!(state.hold(2, KEY, live(b"early")).is_none());
+        state.syncing(KEY, 0..4, 4);
+        assert!(
+            state.release(KEY, 2, false, 4).is_empty(),
+            "dropped, not held"
+        );
+    }
+
+    #[test]
+    fn a_partitions_live_messages_wait_for_its_catch_up_and_follow_it() {
+        let mut state = LinkState::default();
+        state.attached(KEY, 4);
+        state.syncing(KEY, 0..4, 4);
+        assert!(state.hold(2, KEY, live(b"a")).is_none());
+        assert!(state.hold(3, KEY, live(b"x")).is_none());
+        assert!(state.hold(2, KEY, live(b"b")).is_none());
+        // Partition 2's catch-up is done: its messages, in arrival order.
+        assert_eq!(frames(&state.release(KEY, 2, false, 4)), [b"a", b"b"]);
+        assert!(state.hold(2, KEY, live(b"c")).is_some(), "now live");
+        assert!(
+            state.hold(3, KEY, live(b"y")).is_none(),
+            "3 still catching up"
+        );
+        // A catch-up ended with more to come: what was held is dropped
+        // (the next catch-up brings it), and so is what comes meanwhile.
+        assert!(state.release(KEY, 3, true, 4).is_empty());
+        assert!(state.hold(3, KEY, live(b"z")).is_none());
+        state.syncing(KEY, 3..4, 4);
+        assert!(state.hold(3, KEY, live(b"w")).is_none());
+        for p in [0, 1] {
+            assert!(state.release(KEY, p, false, 4).is_empty());
+        }
+        assert_eq!(frames(&state.release(KEY, 3, false, 4)), [b"w"]);
+        assert!(state.holds.is_empty(), "every partition live: forgotten");
+        assert!(state.hold(3, KEY, live(b"v")).is_some());
+    }
+
+    #[test]
+    fn replies_and_a_late_sync_done_pass_untouched() {
+        let mut state = LinkState::default();
+        state.syncing(KEY, 0..2, 2);
+        assert_eq!(state.release(KEY, 0, false, 2).len(), 0);
+        // A second SyncDone from 0 (two owners answered) changes nothing.
+        assert_eq!(state.release(KEY, 0, false, 2).len(), 0);
+        assert!(state.hold(1, KEY, live(b"held")).is_none());
+        assert_eq!(frames(&state.release(KEY, 1, false, 2)), [b"held"]);
+    }
+
+    #[test]
+    fn a_session_holding_too_many_for_a_catch_up_is_closed_as_slow() {
+        let mut state = LinkState::default();
+        state.syncing(KEY, 0..2, 2);
+        for _ in 0..MAX_HELD {
+            assert!(state.hold(1, KEY, live(b"m")).is_none());
+        }
+        assert!(matches!(
+            state.hold(1, KEY, live(b"m")),
+            Some(Delivery::Close {
+                code: courier_protocol::close::SLOW_CONSUMER,
+                ..
+            })
+        ));
+        assert!(state.holds.is_empty());
+    }
 
     fn chat(conversation: &str, last_ms: u64) -> Chat {
         Chat {

@@ -1461,10 +1461,14 @@ fn a_live_gateway_taken_for_dead_attaches_its_sessions_again() {
     for p in 0..PARTITIONS {
         bus.publish(&command_subject(p), payload.clone()).unwrap();
     }
-    // Every partition held a session of the gateway (attach goes to all),
-    // so every one tells it.
+    // The users' partitions held their sessions (only a user's partition
+    // routes the user's sessions), so each of them tells it.
+    let homes: BTreeSet<u16> = ["wrongly-gone-alice", "wrongly-gone-bob"]
+        .iter()
+        .map(|u| partition_of(u, PARTITIONS))
+        .collect();
     let mut told = BTreeSet::new();
-    while told.len() < usize::from(PARTITIONS) {
+    while told.len() < homes.len() {
         let m = notices
             .recv_timeout(TIMEOUT)
             .expect("every partition tells the gateway");
@@ -1479,7 +1483,7 @@ fn a_live_gateway_taken_for_dead_attaches_its_sessions_again() {
     let started = Instant::now();
     loop {
         let acted = detach_notices(&node);
-        if acted == u64::from(PARTITIONS) {
+        if acted == homes.len() as u64 {
             break;
         }
         assert!(started.elapsed() < TIMEOUT, "{acted} notices counted");
@@ -1517,10 +1521,11 @@ fn a_restarted_gateway_does_not_act_on_the_detach_its_own_start_caused() {
     let new = fleet.gateway("g1-again", 1);
     let mut told = BTreeSet::new();
     let mut last_seen = BTreeSet::new();
-    while told.len() < usize::from(PARTITIONS) {
+    // Alice's partition, the only one that routed her session.
+    while told.is_empty() {
         let m = notices
             .recv_timeout(TIMEOUT)
-            .expect("every partition detaches the old session and says so");
+            .expect("alice's partition detaches the old session and says so");
         last_seen.extend(decode_detached(&m.payload));
         told.insert(m.subject);
     }
@@ -1531,4 +1536,36 @@ fn a_restarted_gateway_does_not_act_on_the_detach_its_own_start_caused() {
         0,
         "its own start's notices are not acted on"
     );
+}
+
+/// Only a user's partition routes the user's sessions, so the fleet
+/// keeps one route per session, not one per session per partition; the
+/// others relay what they have for the user there.
+#[test]
+fn a_session_is_routed_by_its_users_partition_only() {
+    let fleet = Fleet::start();
+    let node = fleet.gateway("g1", 1);
+    let users: Vec<String> = (0..12).map(|i| format!("routed-{i}")).collect();
+    let _online: Vec<_> = users.iter().map(|u| node.online(u, 1)).collect();
+    let mut expected = vec![0u64; usize::from(PARTITIONS)];
+    for u in &users {
+        expected[usize::from(partition_of(u, PARTITIONS))] += 1;
+    }
+    let started = Instant::now();
+    loop {
+        let mut routes = vec![0u64; usize::from(PARTITIONS)];
+        for router in &fleet.routers {
+            for (p, n) in partition_metric(router, "courier_routes_online") {
+                routes[usize::from(p)] += n;
+            }
+        }
+        if routes == expected {
+            break;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "routes by partition {routes:?}, users by partition {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

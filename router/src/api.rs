@@ -154,6 +154,89 @@ pub enum PeerMsg {
     /// Partition `from` has applied, durably, every reliable message the
     /// receiver sent it numbered up to `through`.
     Applied { from: u16, through: u64 },
+    /// Frames for sessions of users whose partition is the receiver's,
+    /// from partition `from` (a conversation's fan-out, receipts, typing,
+    /// key changes). Only a user's own partition holds the user's routes,
+    /// so every other partition hands it what is for them (see
+    /// [`Relay`]).
+    Relay(Box<Relay>),
+    /// A receipt moved `user`'s `device` cursor in `conversation` (of
+    /// another partition) to `seq`: the user's partition, which keeps the
+    /// user's waiting notifications, cancels what waits for it, and on a
+    /// read tells the user's other offline devices that `unread` messages
+    /// are left there.
+    PushReceipt {
+        user: Arc<str>,
+        device: u32,
+        conversation: Box<str>,
+        seq: u64,
+        read: bool,
+        unread: u64,
+    },
+}
+
+/// What one partition hands another for the sessions of the receiver's
+/// users, from one batch: every frame once, and who gets which.
+///
+/// The receiver queues each item's frame on every session of `user` it
+/// routes that `devices` selects, live or still catching up (the gateway
+/// holds a live message from partition `from` until that partition's
+/// catch-up for the session is done), and publishes them as `from`'s, so
+/// the gateway knows whose catch-up a message waits for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Relay {
+    /// The partition whose frames these are.
+    pub from: u16,
+    /// Complete WebSocket frames, each encoded once.
+    pub frames: Vec<Bytes>,
+    pub items: Vec<RelayItem>,
+    /// Messages to wake the offline devices of some of the users for.
+    pub push: Vec<RelayPush>,
+}
+
+/// One user's share of a [`Relay`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayItem {
+    pub user: Arc<str>,
+    pub devices: Devices,
+    pub class: Class,
+    /// When the gateway received the send this message answers (for the
+    /// delivery latency); `None` for frames that are not a live message.
+    pub origin: Option<Instant>,
+    /// Index into [`Relay::frames`].
+    pub frame: u32,
+}
+
+/// Which of a user's devices an item is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Devices {
+    All,
+    Except(u32),
+    Only(u32),
+}
+
+impl Devices {
+    /// True when `device` is selected.
+    pub fn includes(self, device: u32) -> bool {
+        match self {
+            Self::All => true,
+            Self::Except(d) => d != device,
+            Self::Only(d) => d == device,
+        }
+    }
+}
+
+/// A stored message whose notifications `users`' partition schedules for
+/// their devices with no session (it keeps their tokens and knows their
+/// sessions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayPush {
+    pub conversation: Box<str>,
+    pub seq: u64,
+    /// The entry as stored (`codec::StoredEntry::encode`): sender and
+    /// bodies, for the notification's content.
+    pub entry: Bytes,
+    pub users: Vec<Arc<str>>,
 }
 
 /// How urgent an outbound frame is; a session's queue drains in this order,
@@ -220,5 +303,24 @@ pub trait Outlet: Send + Sync + 'static {
     /// block. A single node never calls it.
     fn gateway_detached(&self, node: u16, last_seen_ms: u64) {
         let _ = (node, last_seen_ms);
+    }
+
+    /// Takes deliveries this partition made from another partition
+    /// `from`'s [`Relay`] (fleet mode): they go out as `from`'s. Called
+    /// from the router thread; must not block. By default they go out as
+    /// this partition's own, grouped per core.
+    fn relay(&self, from: u16, batch: Vec<Delivery>) {
+        let _ = from;
+        let mut per_core: Vec<(u16, Vec<Delivery>)> = Vec::new();
+        for d in batch {
+            let core = d.session().core;
+            match per_core.iter_mut().find(|(c, _)| *c == core) {
+                Some((_, list)) => list.push(d),
+                None => per_core.push((core, vec![d])),
+            }
+        }
+        for (core, list) in per_core {
+            self.deliver(core, list);
+        }
     }
 }

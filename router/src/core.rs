@@ -34,7 +34,9 @@ use courier_protocol::ws::{encode_frame, Opcode, MAX_HEADER};
 use prometheus_client::registry::Registry;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::api::{Class, Command, Delivery, Device, SessionKey};
+use crate::api::{
+    Class, Command, Delivery, Device, Devices, PeerMsg, Relay, RelayItem, RelayPush, SessionKey,
+};
 use crate::codec::{
     ConversationKind, ConversationMeta, Cursors, DedupeRecord, DeviceBodies, Member, Membership,
     StoredEntry,
@@ -280,6 +282,9 @@ struct Fanout {
     /// A per-device send's ciphertexts: each device gets `message` with
     /// its own body.
     per_device: Option<DeviceBodies>,
+    /// Fleet mode with push on: the stored message, for the partitions of
+    /// recipients from elsewhere to schedule their notifications.
+    push: Option<RelayPush>,
 }
 
 /// An answer held until the batch's commit is known.
@@ -381,11 +386,45 @@ struct Outbox {
     per_core: FxHashMap<u16, Vec<Delivery>>,
     /// Commands for other partitions (fleet mode).
     peers: Vec<(u16, Command)>,
+    /// Frames for other partitions' users, by their partition (fleet mode).
+    relays: FxHashMap<u16, Relay>,
 }
 
 impl Outbox {
     fn push(&mut self, d: Delivery) {
         self.per_core.entry(d.session().core).or_default().push(d);
+    }
+
+    /// Hands `frame` for `user`'s sessions to the user's partition `to`.
+    /// A frame relayed to several users of one partition travels once.
+    #[allow(clippy::too_many_arguments)]
+    fn relay(
+        &mut self,
+        to: u16,
+        from: u16,
+        user: &Arc<str>,
+        devices: Devices,
+        class: Class,
+        origin: Option<Instant>,
+        frame: &Bytes,
+    ) {
+        relay_to(
+            self.relays.entry(to).or_default(),
+            from,
+            user,
+            devices,
+            class,
+            origin,
+            frame,
+        );
+    }
+
+    /// Moves the relays into the commands for other partitions.
+    fn seal_relays(&mut self) {
+        for (to, relay) in self.relays.drain() {
+            self.peers
+                .push((to, Command::Peer(PeerMsg::Relay(Box::new(relay)))));
+        }
     }
 
     fn reply(&mut self, session: SessionKey, frame: &ServerFrame) {
@@ -402,6 +441,35 @@ impl Outbox {
         out.sort_unstable_by_key(|(core, _)| *core);
         out
     }
+}
+
+/// Adds `frame` for `user` to `relay`, the frame itself only if it is not
+/// the one added last (a frame fanned out to many users is added once).
+#[allow(clippy::too_many_arguments)]
+fn relay_to(
+    relay: &mut Relay,
+    from: u16,
+    user: &Arc<str>,
+    devices: Devices,
+    class: Class,
+    origin: Option<Instant>,
+    frame: &Bytes,
+) {
+    relay.from = from;
+    let same = relay
+        .frames
+        .last()
+        .is_some_and(|last| last.as_ptr() == frame.as_ptr() && last.len() == frame.len());
+    if !same {
+        relay.frames.push(frame.clone());
+    }
+    relay.items.push(RelayItem {
+        user: user.clone(),
+        devices,
+        class,
+        origin,
+        frame: (relay.frames.len() - 1) as u32,
+    });
 }
 
 /// A frame the router sends: either family of server frames.
@@ -692,6 +760,7 @@ impl RouterCore {
         for query in batch.queries {
             self.query(&mut out, query);
         }
+        out.seal_relays();
         self.peer.out.append(&mut out.peers);
         out.into_batches()
     }
@@ -1067,13 +1136,16 @@ impl RouterCore {
                     summary,
                     cursors,
                 } => {
-                    if !self.is_routed(&device, session) {
-                        // Refused at its attach (unlinked, over the limit)
-                        // or replaced since: it is being closed, and gets
-                        // nothing to catch up on.
-                        return;
+                    if self.is_home(&device.user) {
+                        if !self.is_routed(&device, session) {
+                            // Refused at its attach (unlinked, over the
+                            // limit) or replaced since: it is being closed,
+                            // and gets nothing to catch up on.
+                            return;
+                        }
+                        self.set_live(&device, session, false);
+                        self.relay_sync(&device, session, &cursors, tail, summary, received_at);
                     }
-                    self.set_live(&device, session, false);
                     self.push_synced(b, &device);
                     b.syncs.push(SyncRequest {
                         session,
@@ -1265,6 +1337,40 @@ impl RouterCore {
                 reference: client_id,
                 send: true,
             }),
+        }
+    }
+
+    /// Fleet mode: hands a catch-up request of a session of this
+    /// partition's user to every other partition, which serves its own
+    /// conversations' share to the session directly. Sent once this batch
+    /// is decided, so after the session's route here exists: whatever
+    /// another partition stores after it read its share is relayed here
+    /// and finds the route.
+    fn relay_sync(
+        &mut self,
+        device: &Device,
+        session: SessionKey,
+        cursors: &[Cursor],
+        tail: u16,
+        summary: bool,
+        received_at: Instant,
+    ) {
+        let Some((mine, n)) = self.config.partition else {
+            return;
+        };
+        for p in (0..n).filter(|p| *p != mine) {
+            let frame = ClientFrame::Sync {
+                tail,
+                summary,
+                cursors: cursors.to_vec(),
+            };
+            let command = Command::Frame {
+                session,
+                device: device.clone(),
+                frame,
+                received_at,
+            };
+            self.peer.out.push((p, command));
         }
     }
 
@@ -1548,6 +1654,7 @@ impl RouterCore {
             sender_device: device.device,
             origin: received_at,
             per_device,
+            push: self.relay_push(conversation, seq, &entry),
         };
         Ok((Some(fanout), sent))
     }
@@ -2149,6 +2256,7 @@ impl RouterCore {
             sender_device: device.device,
             origin: received_at,
             per_device: None,
+            push: None,
         }
     }
 
@@ -2295,6 +2403,12 @@ impl RouterCore {
     fn forward(&self, out: &mut Outbox, forward: &[Forward]) {
         for f in forward {
             let mut bytes: Option<Bytes> = None;
+            if let Some((home, mine)) = self.elsewhere(&f.user) {
+                let devices = f.except_device.map_or(Devices::All, Devices::Except);
+                let frame = bytes.get_or_insert_with(|| ws_frame(&f.frame));
+                out.relay(home, mine, &f.user, devices, Class::Message, None, frame);
+                continue;
+            }
             for r in self.routes.get(&f.user).into_iter().flatten() {
                 if Some(r.device) == f.except_device {
                     continue;
@@ -2314,7 +2428,38 @@ impl RouterCore {
     /// device that made it. The frame is encoded once and shared.
     fn fan_out(&self, out: &mut Outbox, f: &Fanout) {
         let mut bytes: Option<Bytes> = None;
+        let mut push_to: Vec<(u16, Arc<str>)> = Vec::new();
         for member in f.recipients.iter() {
+            if let Some((home, mine)) = self.elsewhere(&member.user) {
+                let sender = member.user == f.sender;
+                if f.push.is_some() && !sender {
+                    push_to.push((home, member.user.clone()));
+                }
+                let origin = Some(f.origin);
+                match &f.per_device {
+                    Some(list) => {
+                        for (_, device, body) in list.iter().filter(|(u, d, _)| {
+                            *u == member.user && !(sender && *d == f.sender_device)
+                        }) {
+                            let frame = ws_frame(&with_body(&f.message, body.clone()));
+                            let devices = Devices::Only(*device);
+                            let user = &member.user;
+                            out.relay(home, mine, user, devices, Class::Message, origin, &frame);
+                        }
+                    }
+                    None => {
+                        let devices = if sender {
+                            Devices::Except(f.sender_device)
+                        } else {
+                            Devices::All
+                        };
+                        let frame = bytes.get_or_insert_with(|| ws_frame(&f.message));
+                        let user = &member.user;
+                        out.relay(home, mine, user, devices, Class::Message, origin, frame);
+                    }
+                }
+                continue;
+            }
             for r in self.routes.get(&member.user).into_iter().flatten() {
                 if !r.live || (member.user == f.sender && r.device == f.sender_device) {
                     continue;
@@ -2334,6 +2479,30 @@ impl RouterCore {
                 });
             }
         }
+        if let Some(push) = &f.push {
+            push_to.sort_unstable();
+            push_to.dedup();
+            for (home, users) in push_to.chunk_by(|a, b| a.0 == b.0).map(|c| {
+                let users: Vec<Arc<str>> = c.iter().map(|(_, u)| u.clone()).collect();
+                (c[0].0, users)
+            }) {
+                let relay = out.relays.entry(home).or_default();
+                relay.push.push(RelayPush {
+                    users,
+                    ..push.clone()
+                });
+            }
+        }
+    }
+
+    /// Fleet mode: `(the user's partition, this one)` when `user`'s
+    /// partition is another one, which holds the user's routes and gets
+    /// the user's frames relayed; `None` on a single node and for this
+    /// partition's own users.
+    fn elsewhere(&self, user: &str) -> Option<(u16, u16)> {
+        let (mine, n) = self.config.partition?;
+        let home = crate::fleet::partition_of(user, n);
+        (home != mine).then_some((home, mine))
     }
 }
 

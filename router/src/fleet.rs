@@ -1380,6 +1380,17 @@ impl crate::api::Outlet for BusOutlet {
     }
 
     fn deliver(&self, _core: u16, batch: Vec<crate::api::Delivery>) {
+        self.publish_deliveries(self.1, batch);
+    }
+
+    fn relay(&self, from: u16, batch: Vec<crate::api::Delivery>) {
+        self.publish_deliveries(from, batch);
+    }
+}
+
+impl BusOutlet {
+    /// Publishes `batch` to the gateways it is for, as partition `p`'s.
+    fn publish_deliveries(&self, p: u16, batch: Vec<crate::api::Delivery>) {
         let mut by_node: FxHashMap<u16, Vec<crate::api::Delivery>> = FxHashMap::default();
         for delivery in batch {
             by_node
@@ -1389,7 +1400,7 @@ impl crate::api::Outlet for BusOutlet {
         }
         let encode = |d: &[crate::api::Delivery]| crate::wire::encode_deliveries(d);
         for (node, deliveries) in by_node {
-            let subject = gateway_subject(node, self.1);
+            let subject = gateway_subject(node, p);
             if let Err(e) = publish_split(&*self.0, &subject, &deliveries, &encode) {
                 tracing::warn!(gateway = node, error = %e, "publishing deliveries failed; the sessions catch up on reconnect");
             }

@@ -680,6 +680,9 @@ impl Worker {
         for (node, last_seen_ms) in self.core.take_detached_gateways() {
             self.outlet.gateway_detached(node, last_seen_ms);
         }
+        for (from, deliveries) in self.core.take_relayed() {
+            self.outlet.relay(from, deliveries);
+        }
         let commands = self.core.take_peer_commands();
         if commands.is_empty() {
             return;

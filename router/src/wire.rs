@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut, Bytes};
 use courier_protocol::frame::ClientFrame;
 
-use crate::api::{Class, Command, Delivery, Device, PeerMsg, SessionKey};
+use crate::api::{
+    Class, Command, Delivery, Device, Devices, PeerMsg, Relay, RelayItem, RelayPush, SessionKey,
+};
 
 /// Why a batch could not be read.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -196,7 +198,89 @@ impl Reader {
                 user: self.user()?,
                 flags: self.u8()?,
             },
+            13 => PeerMsg::Relay(Box::new(self.relay()?)),
+            14 => PeerMsg::PushReceipt {
+                user: self.user()?,
+                device: self.u32()?,
+                conversation: std::str::from_utf8(&self.bytes()?)
+                    .map_err(|_| Malformed("conversation id"))?
+                    .into(),
+                seq: self.u64()?,
+                read: self.u8()? != 0,
+                unread: self.u64()?,
+            },
             _ => return Err(Malformed("command kind")),
+        })
+    }
+
+    fn class(&mut self) -> Result<Class, Malformed> {
+        match self.u8()? {
+            0 => Ok(Class::Reply),
+            1 => Ok(Class::Message),
+            2 => Ok(Class::Ephemeral),
+            _ => Err(Malformed("class")),
+        }
+    }
+
+    fn relay(&mut self) -> Result<Relay, Malformed> {
+        let from = self.u16()?;
+        let n = self.u32()? as usize;
+        let mut frames = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            frames.push(self.bytes()?);
+        }
+        let n = self.u32()? as usize;
+        let mut items = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let user = self.user()?;
+            let devices = match (self.u8()?, self.u32()?) {
+                (0, _) => Devices::All,
+                (1, d) => Devices::Except(d),
+                (2, d) => Devices::Only(d),
+                _ => return Err(Malformed("device selection")),
+            };
+            let class = self.class()?;
+            let origin = match self.u64()? {
+                0 => None,
+                us => Some(from_wall(us)),
+            };
+            let frame = self.u32()?;
+            if frame as usize >= frames.len() {
+                return Err(Malformed("relayed frame index"));
+            }
+            items.push(RelayItem {
+                user,
+                devices,
+                class,
+                origin,
+                frame,
+            });
+        }
+        let n = self.u32()? as usize;
+        let mut push = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            let conversation = std::str::from_utf8(&self.bytes()?)
+                .map_err(|_| Malformed("conversation id"))?
+                .into();
+            let seq = self.u64()?;
+            let entry = self.bytes()?;
+            let count = self.u32()? as usize;
+            let mut users = Vec::with_capacity(count.min(1024));
+            for _ in 0..count {
+                users.push(self.user()?);
+            }
+            push.push(RelayPush {
+                conversation,
+                seq,
+                entry,
+                users,
+            });
+        }
+        Ok(Relay {
+            from,
+            frames,
+            items,
+            push,
         })
     }
 
@@ -348,6 +432,66 @@ fn put_peer(out: &mut Vec<u8>, message: &PeerMsg) {
             put_bytes(out, user.as_bytes());
             out.put_u8(*flags);
         }
+        PeerMsg::Relay(relay) => {
+            out.put_u8(13);
+            put_relay(out, relay);
+        }
+        PeerMsg::PushReceipt {
+            user,
+            device,
+            conversation,
+            seq,
+            read,
+            unread,
+        } => {
+            out.put_u8(14);
+            put_bytes(out, user.as_bytes());
+            out.put_u32(*device);
+            put_bytes(out, conversation.as_bytes());
+            out.put_u64(*seq);
+            out.put_u8(u8::from(*read));
+            out.put_u64(*unread);
+        }
+    }
+}
+
+fn class_byte(class: Class) -> u8 {
+    match class {
+        Class::Reply => 0,
+        Class::Message => 1,
+        Class::Ephemeral => 2,
+    }
+}
+
+fn put_relay(out: &mut Vec<u8>, relay: &Relay) {
+    out.put_u16(relay.from);
+    out.put_u32(relay.frames.len() as u32);
+    for frame in &relay.frames {
+        put_bytes(out, frame);
+    }
+    out.put_u32(relay.items.len() as u32);
+    for item in &relay.items {
+        put_bytes(out, item.user.as_bytes());
+        let (kind, device) = match item.devices {
+            Devices::All => (0, 0),
+            Devices::Except(d) => (1, d),
+            Devices::Only(d) => (2, d),
+        };
+        out.put_u8(kind);
+        out.put_u32(device);
+        out.put_u8(class_byte(item.class));
+        out.put_u64(item.origin.map_or(0, to_wall));
+        out.put_u32(item.frame);
+    }
+    out.put_u32(relay.push.len() as u32);
+    for p in &relay.push {
+        put_bytes(out, p.conversation.as_bytes());
+        out.put_u64(p.seq);
+        put_bytes(out, &p.entry);
+        out.put_u32(p.users.len() as u32);
+        for user in &p.users {
+            put_bytes(out, user.as_bytes());
+        }
     }
 }
 
@@ -435,11 +579,7 @@ pub fn encode_deliveries(deliveries: &[Delivery]) -> Vec<u8> {
             } => {
                 out.put_u8(1);
                 put_session(&mut out, session);
-                out.put_u8(match class {
-                    Class::Reply => 0,
-                    Class::Message => 1,
-                    Class::Ephemeral => 2,
-                });
+                out.put_u8(class_byte(*class));
                 out.put_u64(origin.map_or(0, to_wall));
                 put_bytes(&mut out, frame);
             }
@@ -470,12 +610,7 @@ pub fn decode_deliveries(raw: Bytes) -> Result<Vec<Delivery>, Malformed> {
         let delivery = match r.u8()? {
             1 => {
                 let session = r.session()?;
-                let class = match r.u8()? {
-                    0 => Class::Reply,
-                    1 => Class::Message,
-                    2 => Class::Ephemeral,
-                    _ => return Err(Malformed("class")),
-                };
+                let class = r.class()?;
                 let origin = match r.u64()? {
                     0 => None,
                     us => Some(from_wall(us)),
@@ -636,6 +771,50 @@ mod tests {
                 user: Arc::from("frank"),
                 flags: 0b11,
             },
+            PeerMsg::Relay(Box::new(Relay {
+                from: 6,
+                frames: vec![
+                    Bytes::from_static(b"\x82\x01a"),
+                    Bytes::from_static(b"\x82\x01b"),
+                ],
+                items: vec![
+                    RelayItem {
+                        user: Arc::from("gina"),
+                        devices: Devices::All,
+                        class: Class::Message,
+                        origin: None,
+                        frame: 0,
+                    },
+                    RelayItem {
+                        user: Arc::from("hal"),
+                        devices: Devices::Except(2),
+                        class: Class::Ephemeral,
+                        origin: None,
+                        frame: 1,
+                    },
+                    RelayItem {
+                        user: Arc::from("hal"),
+                        devices: Devices::Only(3),
+                        class: Class::Reply,
+                        origin: None,
+                        frame: 1,
+                    },
+                ],
+                push: vec![RelayPush {
+                    conversation: "d:gina:hal".into(),
+                    seq: 12,
+                    entry: Bytes::from_static(b"entry"),
+                    users: vec![Arc::from("gina")],
+                }],
+            })),
+            PeerMsg::PushReceipt {
+                user: Arc::from("ivy"),
+                device: 2,
+                conversation: "g:abc".into(),
+                seq: 40,
+                read: true,
+                unread: 3,
+            },
         ];
         for message in &peers {
             let stored = decode_peer(&encode_peer(message));
@@ -658,6 +837,32 @@ mod tests {
             })
             .collect();
         assert_eq!(back, peers);
+    }
+
+    #[test]
+    fn a_relayed_message_keeps_its_origin_and_a_bad_frame_index_is_refused() {
+        let relay = |frame| Relay {
+            from: 1,
+            frames: vec![Bytes::from_static(b"x")],
+            items: vec![RelayItem {
+                user: Arc::from("a"),
+                devices: Devices::All,
+                class: Class::Message,
+                origin: Some(Instant::now()),
+                frame,
+            }],
+            push: Vec::new(),
+        };
+        let encoded = encode_commands(&[Command::Peer(PeerMsg::Relay(Box::new(relay(0))))]);
+        let back = decode_commands(Bytes::from(encoded)).expect("decode");
+        assert!(
+            matches!(&back[..], [Command::Peer(PeerMsg::Relay(r))] if r.items[0].origin.is_some())
+        );
+        let encoded = encode_commands(&[Command::Peer(PeerMsg::Relay(Box::new(relay(1))))]);
+        assert_eq!(
+            decode_commands(Bytes::from(encoded)).map(|_| ()),
+            Err(Malformed("relayed frame index"))
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ use ed25519_dalek::{Signature as EdSignature, VerifyingKey};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::{error_frame, ws_frame, Batch, Outbox, Pending, Reject, RouterCore};
-use crate::api::{Class, Delivery, Device, SessionKey};
+use crate::api::{Class, Delivery, Device, Devices, SessionKey};
 use crate::codec::{ArchiveRecord, IdentityRecord};
 use crate::metrics::KindLabel;
 use crate::store::{self, Part, StoreError};
@@ -782,6 +782,14 @@ impl RouterCore {
                 }
                 let bytes = ws_frame(&frame);
                 for user in &users {
+                    if let Some((home, mine)) = self.elsewhere(user) {
+                        let devices = match &except {
+                            Some((u, d)) if u == user => Devices::Except(*d),
+                            _ => Devices::All,
+                        };
+                        out.relay(home, mine, user, devices, Class::Message, None, &bytes);
+                        continue;
+                    }
                     for r in self.routes.get(user).into_iter().flatten() {
                         if except
                             .as_ref()

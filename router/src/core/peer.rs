@@ -55,7 +55,7 @@ use courier_protocol::ids;
 use rustc_hash::FxHashMap;
 
 use super::{error_frame, Batch, Pending, RouterCore};
-use crate::api::{Command, PeerMsg};
+use crate::api::{Command, Delivery, PeerMsg, Relay};
 use crate::fleet::partition_of;
 use crate::store::{self, Part};
 
@@ -135,6 +135,9 @@ pub(super) struct PeerState {
     /// Gateways whose sessions a `GatewayGone` detached, with its last
     /// seen, to be told ([`RouterCore::take_detached_gateways`]).
     pub detached: Vec<(u16, u64)>,
+    /// Deliveries made from other partitions' relays, each with the
+    /// partition it came from ([`RouterCore::take_relayed`]).
+    pub relayed: Vec<(u16, Delivery)>,
     /// Reliable messages not acknowledged yet, by receiving partition.
     outbox: FxHashMap<u16, Outbound>,
     /// The last reliable message applied from each sending partition.
@@ -220,6 +223,49 @@ impl RouterCore {
     /// last seen of the `GatewayGone` that did it.
     pub fn take_detached_gateways(&mut self) -> Vec<(u16, u64)> {
         std::mem::take(&mut self.peer.detached)
+    }
+
+    /// Deliveries the last batches made from other partitions' relays,
+    /// grouped by the partition each came from, in the order made.
+    pub fn take_relayed(&mut self) -> Vec<(u16, Vec<Delivery>)> {
+        let mut out: Vec<(u16, Vec<Delivery>)> = Vec::new();
+        for (from, d) in self.peer.relayed.drain(..) {
+            match out.iter_mut().find(|(p, _)| *p == from) {
+                Some((_, list)) => list.push(d),
+                None => out.push((from, vec![d])),
+            }
+        }
+        out
+    }
+
+    /// Queues a relay's frames on the sessions of this partition's users
+    /// it names, live or still catching up: the gateway holds a message
+    /// until the catch-up of the partition it came from is done. They
+    /// leave right after this batch is decided, not after its commit: what
+    /// they carry is durable in the sending partition already.
+    fn relayed(&mut self, b: &mut Batch, relay: Relay) {
+        for item in &relay.items {
+            let Some(frame) = relay.frames.get(item.frame as usize) else {
+                continue;
+            };
+            for r in self.routes.get(&item.user).into_iter().flatten() {
+                if !item.devices.includes(r.device) {
+                    continue;
+                }
+                self.peer.relayed.push((
+                    relay.from,
+                    Delivery::Frame {
+                        session: r.session,
+                        class: item.class,
+                        frame: frame.clone(),
+                        origin: item.origin,
+                    },
+                ));
+            }
+        }
+        for push in relay.push {
+            self.push_relayed(b, push);
+        }
     }
 
     /// Parks `command` if it is a per-device send naming members of other
@@ -383,6 +429,18 @@ impl RouterCore {
                 removed_ms,
             } => self.peer_device_unlinked(b, &user, device, removed_ms),
             PeerMsg::Settings { user, flags } => self.peer_settings(b, &user, flags),
+            PeerMsg::Relay(relay) => self.relayed(b, *relay),
+            PeerMsg::PushReceipt {
+                user,
+                device,
+                conversation,
+                seq,
+                read,
+                unread,
+            } => {
+                let device = crate::api::Device { user, device };
+                self.push_receipt_here(b, &device, &conversation, seq, read.then_some(unread));
+            }
             PeerMsg::Reliable { from, seq, message } => {
                 let applied = self.peer.applied.get(&from).copied().unwrap_or(0);
                 if seq == applied + 1 {

@@ -6,12 +6,14 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use courier_protocol::error::ErrorCode;
 use courier_protocol::frame::{PushProvider, ReceiptKind, ServerFrame, MAX_PUSH_TOKEN_BYTES};
 use rustc_hash::FxHashMap;
 
 use super::{error_frame, Batch, Pending, Reject, RouterCore};
-use crate::api::{Device, PeerMsg, SessionKey};
+use crate::api::{Command, Device, PeerMsg, RelayPush, SessionKey};
 use crate::codec::{Member, StoredEntry};
 use crate::push::{
     Job, JobSender, Outcome, Payload, PushConfig, PushMetrics, Queue, QueueKey, QueueRecord,
@@ -125,6 +127,12 @@ impl RouterCore {
         self.routes
             .get(user)
             .is_some_and(|rs| rs.iter().any(|r| r.device == device && r.live))
+    }
+
+    fn device_routed(&self, user: &str, device: u32) -> bool {
+        self.routes
+            .get(user)
+            .is_some_and(|rs| rs.iter().any(|r| r.device == device))
     }
 
     /// `PushRegister`: stores (or replaces) the device's token.
@@ -316,7 +324,10 @@ impl RouterCore {
 
     /// A message was stored: each device of the other members with a token
     /// and no live session gets a notification scheduled (the sender's own
-    /// devices get the message on catch-up but are never woken for it).
+    /// devices get the message on catch-up but are never woken for it). In
+    /// a fleet only this partition's own users: the others' partitions
+    /// know their sessions and keep their tokens, and schedule theirs when
+    /// the fan-out relays the message to them ([`Self::relay_push`]).
     pub(super) fn push_message(
         &mut self,
         b: &mut Batch,
@@ -328,46 +339,108 @@ impl RouterCore {
         if !self.push.config.any_enabled() {
             return;
         }
+        for m in recipients {
+            if m.user == entry.sender || self.elsewhere(&m.user).is_some() {
+                continue;
+            }
+            self.push_user(b, conversation, seq, &m.user, entry, true);
+        }
+    }
+
+    /// Fleet mode with push on: what the fan-out hands the partitions of
+    /// recipients from elsewhere, so they schedule their notifications.
+    pub(super) fn relay_push(
+        &self,
+        conversation: &str,
+        seq: u64,
+        entry: &StoredEntry,
+    ) -> Option<RelayPush> {
+        if self.config.partition.is_none() || !self.push.config.any_enabled() {
+            return None;
+        }
+        Some(RelayPush {
+            conversation: conversation.into(),
+            seq,
+            entry: Bytes::from(entry.encode()),
+            users: Vec::new(),
+        })
+    }
+
+    /// Another partition's message for this partition's users: each of
+    /// their devices with a token and no session here is scheduled a
+    /// notification.
+    pub(super) fn push_relayed(&mut self, b: &mut Batch, push: RelayPush) {
+        if !self.push.config.any_enabled() {
+            return;
+        }
+        let entry = match StoredEntry::decode(&push.entry) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::warn!(error = %e, "relayed message unreadable; no notification");
+                return;
+            }
+        };
+        for user in &push.users {
+            if *user == entry.sender || self.elsewhere(user).is_some() {
+                continue;
+            }
+            self.push_user(b, &push.conversation, push.seq, user, &entry, false);
+        }
+    }
+
+    /// Schedules `entry`'s notification for each of `user`'s devices with
+    /// a token and no session: none live (`live_only`), or none at all (a
+    /// relayed message, which reaches a session still catching up too).
+    fn push_user(
+        &mut self,
+        b: &mut Batch,
+        conversation: &str,
+        seq: u64,
+        user: &Arc<str>,
+        entry: &StoredEntry,
+        live_only: bool,
+    ) {
         let now_ms = self.batch_now_ms;
         let delay = self.push.config.delay.as_millis() as u64;
         let window = self.push.config.coalesce_window.as_millis() as u64;
         let max_ciphertext = self.push.config.max_ciphertext;
-        for m in recipients {
-            if m.user == entry.sender {
+        let targets: Vec<(u32, bool)> = match self.push_tokens(user) {
+            Ok(list) => list.iter().map(|(d, t)| (*d, t.ciphertext)).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "push tokens unreadable; no notification");
+                return;
+            }
+        };
+        for (device, wants_body) in targets {
+            let online = if live_only {
+                self.device_live(user, device)
+            } else {
+                self.device_routed(user, device)
+            };
+            if online {
                 continue;
             }
-            let targets: Vec<(u32, bool)> = match self.push_tokens(&m.user) {
-                Ok(list) => list.iter().map(|(d, t)| (*d, t.ciphertext)).collect(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "push tokens unreadable; no notification");
-                    continue;
-                }
-            };
-            for (device, wants_body) in targets {
-                if self.device_live(&m.user, device) {
-                    continue;
-                }
-                let ciphertext = wants_body
-                    .then(|| entry.body_for(&m.user, device))
-                    .filter(|c| !c.is_empty() && c.len() <= max_ciphertext);
-                self.push.queue.add(
-                    &mut b.writes,
-                    (m.user.clone(), device, Box::from(conversation)),
-                    seq,
-                    &entry.sender,
-                    entry.sender_device,
-                    ciphertext,
-                    now_ms,
-                    delay,
-                    window,
-                );
-            }
+            let ciphertext = wants_body
+                .then(|| entry.body_for(user, device))
+                .filter(|c| !c.is_empty() && c.len() <= max_ciphertext);
+            self.push.queue.add(
+                &mut b.writes,
+                (user.clone(), device, Box::from(conversation)),
+                seq,
+                &entry.sender,
+                entry.sender_device,
+                ciphertext,
+                now_ms,
+                delay,
+                window,
+            );
         }
     }
 
     /// A receipt moved `device`'s cursor: an ack cancels what waits for
     /// it; a read also tells the user's other offline devices the new
-    /// unread count (a silent badge update).
+    /// unread count (a silent badge update). In a fleet, the user's own
+    /// partition does both, which keeps the user's notifications.
     pub(super) fn push_receipt(
         &mut self,
         b: &mut Batch,
@@ -376,17 +449,54 @@ impl RouterCore {
         seq: u64,
         kind: ReceiptKind,
     ) {
+        let unread = match kind {
+            ReceiptKind::Read => self
+                .conversations
+                .get(conversation)
+                .map(|c| c.last_seq.saturating_sub(seq)),
+            _ => None,
+        };
+        if let Some((home, _)) = self.elsewhere(&device.user) {
+            if self.push.config.any_enabled() {
+                let message = PeerMsg::PushReceipt {
+                    user: device.user.clone(),
+                    device: device.device,
+                    conversation: conversation.into(),
+                    seq,
+                    read: unread.is_some(),
+                    unread: unread.unwrap_or(0),
+                };
+                b.pending.push(Pending::Peer {
+                    partition: home,
+                    command: Command::Peer(message),
+                });
+            }
+            return;
+        }
+        self.push_receipt_here(b, device, conversation, seq, unread);
+    }
+
+    /// [`Self::push_receipt`] for this partition's user: cancels what
+    /// waits for `device` in `conversation` up to `seq`, and with `badge`
+    /// (a read, leaving that many unread) updates the other devices.
+    pub(super) fn push_receipt_here(
+        &mut self,
+        b: &mut Batch,
+        device: &Device,
+        conversation: &str,
+        seq: u64,
+        badge: Option<u64>,
+    ) {
         let key: QueueKey = (device.user.clone(), device.device, Box::from(conversation));
         if self.push.queue.delivered(&mut b.writes, &key, seq) {
             self.push.metrics.cancelled.inc();
         }
-        if kind != ReceiptKind::Read || !self.push.config.any_enabled() {
-            return;
-        }
-        let Some(last_seq) = self.conversations.get(conversation).map(|c| c.last_seq) else {
+        let Some(unread) = badge else {
             return;
         };
-        let unread = last_seq.saturating_sub(seq);
+        if !self.push.config.any_enabled() {
+            return;
+        }
         let others: Vec<(u32, TokenRecord)> = match self.push_tokens(&device.user) {
             Ok(list) => list
                 .iter()

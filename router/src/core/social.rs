@@ -23,8 +23,8 @@ use courier_protocol::frame::{settings, DeviceInfo, PresenceEntry, ServerFrame};
 use courier_protocol::ids;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::{error_frame, ws_frame, Batch, Forward, Pending, Reject, Route, RouterCore};
-use crate::api::{Class, Delivery, Device, PeerMsg, SessionKey};
+use super::{error_frame, relay_to, ws_frame, Batch, Forward, Pending, Reject, Route, RouterCore};
+use crate::api::{Class, Command, Delivery, Device, Devices, PeerMsg, Relay, SessionKey};
 use crate::codec::{DeviceRecord, UserSettings};
 use crate::rate::TokenBucket;
 use crate::store::{self, Part, StoreError, WriteSet};
@@ -128,13 +128,13 @@ impl RouterCore {
         issued_at_s: u64,
         now_ms: u64,
     ) {
-        let home = self.is_home(&device.user);
-        let allowed = if home {
-            self.link(b, &device, issued_at_s, now_ms)
-        } else {
-            self.visit(&device, issued_at_s)
-        };
-        if let Err(code) = allowed {
+        if !self.is_home(&device.user) {
+            // Fleet mode: only the user's partition routes the user's
+            // sessions; the others relay what is for them there.
+            tracing::debug!(user = %device.user, "attach for another partition's user ignored");
+            return;
+        }
+        if let Err(code) = self.link(b, &device, issued_at_s, now_ms) {
             let reason = match code {
                 close::DEVICE_REMOVED => "this device was unlinked; sign in again",
                 _ => "too many linked devices; unlink one first",
@@ -171,44 +171,12 @@ impl RouterCore {
                 self.metrics.routes_online.inc();
             }
         }
-        if !home {
-            // Presence, the device's record and its keys are the user's
-            // partition's; a visitor's session is only routed here.
-            return;
-        }
         // Back within the debounce window: subscribers never saw it leave.
         if was_offline && self.social.going_offline.remove(&device.user).is_none() {
             self.push_presence(b, &device.user);
         }
         // A device that was away while its prekeys ran low hears it now.
         self.remind_low_prekeys(b, &device);
-    }
-
-    /// Fleet mode: checks a session of another partition's user. The
-    /// user's partition links devices and enforces the device limit (it
-    /// closes a session over it itself); here only an unlinked device is
-    /// refused, by the record its unlinking left (`DeviceUnlinked`), so it
-    /// catches up on nothing. Nothing is written or kept but the route:
-    /// every partition sees every connect, and a visitor's connect that
-    /// cost more than a route made the fleet's cost per connect grow with
-    /// the partition count.
-    fn visit(&mut self, device: &Device, issued_at_s: u64) -> Result<(), u16> {
-        let record = match self.users.get_mut(&device.user) {
-            Some(state) => state.device(device.device).copied(),
-            None => match self.store.device(&device.user, device.device) {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::warn!(error = %e, "device records unavailable; visiting session not checked");
-                    None
-                }
-            },
-        };
-        match record {
-            Some(r) if r.removed_ms > 0 && issued_at_s.saturating_mul(1000) <= r.removed_ms => {
-                Err(close::DEVICE_REMOVED)
-            }
-            _ => Ok(()),
-        }
     }
 
     /// Checks that the device may have a session, linking it if it is new.
@@ -702,7 +670,22 @@ impl RouterCore {
             ttl_ms: self.config.typing_ttl.as_millis() as u32,
         });
         let mut relayed = 0;
+        let mut away: FxHashMap<u16, Relay> = FxHashMap::default();
         for other in &others {
+            if let Some((home, mine)) = self.elsewhere(other) {
+                let relay = away.entry(home).or_default();
+                relay_to(
+                    relay,
+                    mine,
+                    other,
+                    Devices::All,
+                    Class::Ephemeral,
+                    None,
+                    &frame,
+                );
+                relayed += 1;
+                continue;
+            }
             for r in self.routes.get(other).into_iter().flatten() {
                 if r.live {
                     b.pending.push(Pending::Always(Delivery::Frame {
@@ -714,6 +697,10 @@ impl RouterCore {
                     relayed += 1;
                 }
             }
+        }
+        for (home, relay) in away {
+            let command = Command::Peer(PeerMsg::Relay(Box::new(relay)));
+            self.peer.out.push((home, command));
         }
         self.metrics.typing_relayed.inc_by(relayed);
     }

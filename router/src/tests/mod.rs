@@ -79,6 +79,10 @@ impl Harness {
                 items.push(d);
             }
         }
+        // Fleet mode: what the batch made of other partitions' relays.
+        for (_, relayed) in self.core().take_relayed() {
+            items.extend(relayed);
+        }
         Out { items }
     }
 

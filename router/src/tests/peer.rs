@@ -264,25 +264,81 @@ fn a_batch_that_does_not_commit_leaves_the_numbering_as_it_was() {
     assert_eq!(outbox(&home), "courier_peer_outbox_messages 0");
 }
 
-/// A user and a 1:1 conversation with `peer` that lives in the other
-/// partition of two than the user's own.
-fn away_conversation(peer: &str) -> (String, String) {
+/// Two users of a 1:1 conversation in partitions of two: `(user, peer,
+/// conversation)`, the conversation in `peer`'s partition and `user` in
+/// the other one.
+fn away_conversation() -> (String, String, String) {
     (0..)
-        .map(|i| format!("reader{i}"))
-        .map(|user| {
-            let conversation = courier_protocol::ids::direct_conversation(&user, peer);
-            (user, conversation)
+        .flat_map(|i| (0..8).map(move |j| (format!("reader{i}"), format!("writer{j}"))))
+        .map(|(user, peer)| {
+            let conversation = courier_protocol::ids::direct_conversation(&user, &peer);
+            (user, peer, conversation)
         })
-        .find(|(user, c)| partition_of(user, 2) != partition_of(c, 2))
-        .expect("some name hashes apart")
+        .find(|(user, peer, c)| {
+            partition_of(user, 2) != partition_of(c, 2)
+                && partition_of(peer, 2) == partition_of(c, 2)
+        })
+        .expect("some names hash apart")
+}
+
+/// Only the partition of a message's recipient holds the recipient's
+/// route; the conversation's partition relays the message there, which
+/// queues it on the recipient's session as the conversation partition's.
+/// The recipient's catch-up reaches the conversation's partition from the
+/// recipient's, after the route exists.
+#[test]
+fn a_message_for_another_partitions_user_is_relayed_to_that_users_partition() {
+    let (reader, writer, conversation) = away_conversation();
+    let (h, c) = (partition_of(&reader, 2), partition_of(&conversation, 2));
+    let mut home = partition(h);
+    let mut away = partition(c);
+    let phone = home.client(&reader, 1, 0);
+    home.connect(&phone);
+    let handed = home.core().take_peer_commands();
+    assert!(
+        matches!(&handed[..], [(to, Command::Frame { frame: ClientFrame::Sync { .. }, .. })] if *to == c),
+        "the catch-up is handed to the other partition: {handed:?}"
+    );
+    // Served there, straight to the session, with no route there.
+    let (_, sync) = handed.into_iter().next().unwrap();
+    let out = away.step(vec![sync]);
+    assert_eq!(
+        out.frames(&phone),
+        vec![ServerFrame::SyncDone { more: false }]
+    );
+
+    let pen = away.client(&writer, 1, 1);
+    away.connect(&pen);
+    let out = away.step(vec![pen.send(&conversation, 1, b"hi")]);
+    assert!(out.frames(&phone).is_empty(), "no route of the reader here");
+    let relays: Vec<PeerMsg> = away
+        .core()
+        .take_peer_commands()
+        .into_iter()
+        .filter(|(to, _)| *to == h)
+        .filter_map(|(_, c)| match c {
+            Command::Peer(m @ PeerMsg::Relay(_)) => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(&relays[..], [PeerMsg::Relay(r)] if r.from == c && r.items.len() == 1),
+        "{relays:?}"
+    );
+    let out = home.step(relays.into_iter().map(Command::Peer).collect());
+    let got = out.frames(&phone);
+    assert!(
+        matches!(&got[..], [ServerFrame::Message { seq: 1, sender, .. }] if *sender == writer),
+        "{got:?}"
+    );
 }
 
 #[test]
 fn read_receipts_off_reaches_the_partition_of_the_users_conversations() {
-    let (reader, conversation) = away_conversation("writer");
+    let (reader, writer, conversation) = away_conversation();
     let mut home = partition(partition_of(&reader, 2));
     let mut away = partition(partition_of(&conversation, 2));
-    let writer = away.client("writer", 1, 0);
+    let writer = away.client(&writer, 1, 0);
     let in_away = away.client(&reader, 1, 0);
     away.connect(&writer);
     away.connect(&in_away);
@@ -316,6 +372,8 @@ fn read_receipts_off_reaches_the_partition_of_the_users_conversations() {
     })]);
     let copies = reliable(sent(&mut home));
     assert_eq!(copies.len(), 1, "{copies:?}");
+    // (What the conversation's partition relayed to the reader's so far.)
+    sent(&mut away);
     let answers = hand(&mut away, copies);
     assert!(matches!(
         answers.as_slice(),
@@ -337,8 +395,11 @@ fn read_receipts_off_reaches_the_partition_of_the_users_conversations() {
     assert_eq!(reads_seen(&out), 0);
 }
 
+/// Only the user's partition routes and links the user's sessions: an
+/// attach anywhere else is ignored (no route, no record, no presence, no
+/// device limit).
 #[test]
-fn a_visiting_session_is_only_routed_and_its_partition_writes_nothing() {
+fn a_session_is_attached_only_by_its_users_partition() {
     // Device limit 1 in both: the second device is over it.
     let limited = |p: u16| {
         Harness::with(|c| {
@@ -361,7 +422,7 @@ fn a_visiting_session_is_only_routed_and_its_partition_writes_nothing() {
     assert_eq!(
         away.core().stored_device(BOB, 1),
         None,
-        "no record of a visitor"
+        "no record elsewhere"
     );
     assert!(sent(&mut away).is_empty());
 
@@ -390,60 +451,6 @@ fn a_visiting_session_is_only_routed_and_its_partition_writes_nothing() {
         vec![(tablet_home.session, courier_protocol::close::DEVICE_LIMIT)]
     );
     assert!(home.core().stored_device(BOB, 1).is_some());
-}
-
-#[test]
-fn a_device_unlinked_at_home_is_refused_where_it_never_attached() {
-    let (mut home, mut away) = pair();
-    let phone = home.client(BOB, 1, 0);
-    let tablet = home.client(BOB, 2, 0);
-    home.step(vec![phone.attach(), tablet.attach()]);
-    home.step(vec![phone.frame(ClientFrame::DeviceRemove {
-        request: 1,
-        device: 2,
-    })]);
-    // The token's removal and the unlinking, in that order.
-    let unlinked = reliable(sent(&mut home));
-    assert!(
-        matches!(&unlinked[..], [_, PeerMsg::Reliable { message, .. }]
-            if matches!(**message, PeerMsg::DeviceUnlinked { device: 2, .. })),
-        "{unlinked:?}"
-    );
-
-    // Before the unlink arrives the tablet's old token still gets a
-    // route there; after, its old tokens are refused.
-    let old_token = away.client(BOB, 2, 0);
-    let out = away.step(vec![old_token.attach()]);
-    assert!(out.closes().is_empty());
-    away.step(vec![old_token.detach()]);
-    hand(&mut away, unlinked);
-    let again = away.client(BOB, 2, 0);
-    let out = away.step(vec![again.attach(), again.sync(vec![])]);
-    assert_eq!(
-        out.closes(),
-        vec![(again.session, courier_protocol::close::DEVICE_REMOVED)]
-    );
-    assert!(
-        !out.frames(&again)
-            .iter()
-            .any(|f| matches!(f, ServerFrame::SyncDone { .. })),
-        "no catch-up for a refused session"
-    );
-
-    // A token issued after the unlinking (the device signed in again) is
-    // let in, here as at home; and the refusal survives a restart.
-    away.restart();
-    let refused = away.client(BOB, 2, 0);
-    let out = away.step(vec![refused.attach()]);
-    assert_eq!(out.closes().len(), 1);
-    let relinked = away.client(BOB, 2, 0);
-    let issued_at_s = away.now_ms / 1000 + 60;
-    let out = away.step(vec![Command::Attach {
-        session: relinked.session,
-        device: relinked.device.clone(),
-        issued_at_s,
-    }]);
-    assert!(out.closes().is_empty());
 }
 
 /// A partition that detaches a gateway's sessions says so, once, with the
