@@ -15,6 +15,7 @@
 //!   every write restarts an entry's age.
 //! - [`NatsPubSub`]: core NATS subjects.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,10 @@ pub struct Nats {
     client: async_nats::Client,
     js: jetstream::Context,
     metrics: Option<LinkMetrics>,
+    /// Connections made (the first one included) and slow-consumer drops
+    /// reported by the client: see [`Nats::gaps`].
+    connects: Arc<AtomicU64>,
+    slow_drops: Arc<AtomicU64>,
     /// The round-trip probe, stopped with the connection.
     _probe: Option<Forwarder>,
 }
@@ -87,7 +92,22 @@ impl Nats {
             .iter()
             .map(|s| s.parse().map_err(|_| BusError::Invalid(s.clone())))
             .collect::<Result<_, _>>()?;
+        let connects = Arc::new(AtomicU64::new(0));
+        let slow_drops = Arc::new(AtomicU64::new(0));
+        let (counted, dropped) = (connects.clone(), slow_drops.clone());
         let options = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                match event {
+                    async_nats::Event::Connected => {
+                        counted.fetch_add(1, Ordering::AcqRel);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        dropped.fetch_add(1, Ordering::AcqRel);
+                    }
+                    _ => {}
+                }
+                std::future::ready(())
+            })
             .name(&config.name)
             .connection_timeout(config.request_timeout)
             .request_timeout(Some(config.request_timeout))
@@ -125,8 +145,21 @@ impl Nats {
             client,
             js,
             metrics: config.metrics.clone(),
+            connects,
+            slow_drops,
             _probe: probe,
         }))
+    }
+
+    /// How many times this link may have lost messages since it first
+    /// connected: each reconnect (what was in flight to or from the
+    /// server that went away is gone, and nothing was delivered to this
+    /// client's subscriptions until they were made again) and each
+    /// slow-consumer drop. Plain subjects do not resend, so a caller that
+    /// sees this grow repairs what it may have missed.
+    pub fn gaps(&self) -> u64 {
+        let connects = self.connects.load(Ordering::Acquire);
+        connects.saturating_sub(1) + self.slow_drops.load(Ordering::Acquire)
     }
 
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {

@@ -1,6 +1,7 @@
 //! The JetStream log at R3 on a real 3-server cluster: killing one server
 //! with SIGKILL in the middle of fenced appends loses no acknowledged
 //! record, and a retry of an append whose answer was lost is deduplicated.
+//! And a client whose server restarts counts the gap of its link.
 
 use std::time::{Duration, Instant};
 
@@ -115,4 +116,41 @@ fn r3_log_keeps_every_acknowledged_append_when_a_server_is_killed() {
         }
     }
     assert_eq!(replayed, acked, "every acknowledged append, once, in order");
+}
+
+/// A client whose server goes away and comes back counts one gap of its
+/// link (what was published to it meanwhile is gone), and its
+/// subscriptions work again after it reconnects.
+#[test]
+fn a_reconnect_is_counted_as_a_gap_of_the_link() {
+    use courier_bus::testing::NatsServer;
+    use courier_bus::PubSub;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = NatsServer::start(dir.path()).unwrap();
+    let nats = Nats::connect(&NatsConfig {
+        servers: vec![server.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(nats.gaps(), 0, "the first connection is no gap");
+    let bus = nats.pubsub();
+    let sub = bus.subscribe("gap.test").unwrap();
+    server.kill();
+    let _again = NatsServer::start_on(dir.path(), server.port()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nats.gaps() == 0 {
+        assert!(Instant::now() < deadline, "the reconnect was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(nats.gaps(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        bus.publish("gap.test", bytes::Bytes::from_static(b"after"))
+            .unwrap();
+        if sub.recv_timeout(Duration::from_millis(200)).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no delivery after the reconnect");
+    }
 }

@@ -343,7 +343,15 @@ impl LinkState {
         if more {
             return Vec::new();
         }
-        mine.into_iter().map(|(_, d)| d).collect()
+        // In sequence order per conversation: while `p` changed owner, or
+        // its relays' partition did, two processes may have published
+        // them, and their arrival order is not the order they were made.
+        let mut released: Vec<(Option<(String, u64)>, Delivery)> = mine
+            .into_iter()
+            .map(|(_, d)| (message_position(&d), d))
+            .collect();
+        released.sort_by(|a, b| a.0.cmp(&b.0));
+        released.into_iter().map(|(_, d)| d).collect()
     }
 
     /// The session's catch-up was asked of `partitions` (all of `of`):
@@ -532,7 +540,11 @@ pub struct FleetLink {
     started_ms: u64,
     /// Detach notices acted on (`courier_fleet_detach_notices_total`).
     detach_notices: prometheus_client::metrics::counter::Counter,
-    _nats: Arc<Nats>,
+    /// Gaps of the NATS link repaired (`courier_fleet_link_gaps_total`),
+    /// and the link's gap count when last repaired.
+    link_gaps: prometheus_client::metrics::counter::Counter,
+    gaps_seen: std::sync::atomic::AtomicU64,
+    nats: Arc<Nats>,
 }
 
 impl std::fmt::Debug for FleetLink {
@@ -639,6 +651,12 @@ impl FleetLink {
             "Partitions that detached this gateway's sessions while it lived (its liveness key was taken for gone) and had them attached again",
             detach_notices.clone(),
         );
+        let link_gaps = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "courier_fleet_link_gaps",
+            "Times this gateway's NATS link reconnected or dropped messages, after which every session was caught up again",
+            link_gaps.clone(),
+        );
         let liveness = Liveness::start(&nats, args)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let link = Arc::new(Self {
@@ -650,7 +668,9 @@ impl FleetLink {
             closed: AtomicBool::new(false),
             started_ms: liveness.started_ms,
             detach_notices,
-            _nats: nats,
+            link_gaps,
+            gaps_seen: std::sync::atomic::AtomicU64::new(nats.gaps()),
+            nats,
         });
         let sender = link.clone();
         std::thread::Builder::new()
@@ -883,6 +903,7 @@ impl FleetLink {
             let now = Instant::now();
             if now.duration_since(swept) >= CHAT_LIST_SWEEP {
                 swept = now;
+                self.repair_link_gap();
                 let expired = {
                     let mut state = lock(&self.state);
                     let mut expired = state.chat_lists.poll_expired(now);
@@ -915,6 +936,22 @@ impl FleetLink {
             .next()
             .and_then(|p| p.parse::<u16>().ok())
             .filter(|p| *p < self.partitions)
+    }
+
+    /// After the NATS link reconnected or dropped messages, whatever was
+    /// published to this gateway meanwhile is gone (plain subjects do
+    /// not resend): every session is attached again at its user's
+    /// partition with a catch-up, which that partition hands every other.
+    fn repair_link_gap(&self) {
+        let gaps = self.nats.gaps();
+        if self.gaps_seen.swap(gaps, Ordering::AcqRel) == gaps {
+            return;
+        }
+        self.link_gaps.inc();
+        tracing::warn!("the NATS link reconnected or dropped messages; catching every session up");
+        for p in 0..self.partitions {
+            self.reattach(p, Reattach::Reconnected);
+        }
     }
 
     /// Partition `p` detached this gateway's sessions (`courier.detached.<node>.<p>`):
@@ -1191,6 +1228,8 @@ enum Reattach {
     Detached,
     /// This gateway's liveness key expired while it lived.
     LivenessExpired,
+    /// This gateway's NATS link reconnected or dropped messages.
+    Reconnected,
 }
 
 impl Reattach {
@@ -1199,6 +1238,7 @@ impl Reattach {
             Self::NewOwner => "new owner",
             Self::Detached => "detached",
             Self::LivenessExpired => "liveness key expired",
+            Self::Reconnected => "link gap",
         }
     }
 }
@@ -1361,6 +1401,24 @@ fn answer_of(ws: &Bytes) -> Option<Answer> {
         Ok(ServerFrame::Presence { request, entries }) => {
             Some(Answer::Presence { request, entries })
         }
+        _ => None,
+    }
+}
+
+/// The conversation and sequence of a delivered `Message` frame.
+fn message_position(d: &Delivery) -> Option<(String, u64)> {
+    let Delivery::Frame { frame, .. } = d else {
+        return None;
+    };
+    let start = match *frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    match ServerFrame::decode(&frame.slice(start..)) {
+        Ok(ServerFrame::Message {
+            conversation, seq, ..
+        }) => Some((conversation, seq)),
         _ => None,
     }
 }
@@ -1611,6 +1669,10 @@ pub fn run_router(args: ServeArgs) -> anyhow::Result<()> {
         intake: Some(bus),
         gateways: Some(Arc::new(gateways)),
         metrics: Some(partition_metrics),
+        link_gaps: Some({
+            let nats = nats.clone();
+            rfleet::LinkGaps(Arc::new(move || nats.gaps()))
+        }),
     };
     let owner = rfleet::Owner::start(
         config,
@@ -1731,6 +1793,63 @@ mod tests {
         assert_eq!(frames(&state.release(KEY, 3, false, 4)), [b"w"]);
         assert!(state.holds.is_empty(), "every partition live: forgotten");
         assert!(state.hold(3, KEY, live(b"v")).is_some());
+    }
+
+    /// A live `Message` of `conversation` numbered `seq`.
+    fn message(conversation: &str, seq: u64) -> Delivery {
+        let frame = ServerFrame::Message {
+            conversation: conversation.into(),
+            seq,
+            server_id: seq,
+            timestamp_ms: 1,
+            kind: courier_protocol::frame::EntryKind::Message,
+            sender: "alice".into(),
+            sender_device: 1,
+            client_id: seq,
+            body: Bytes::new(),
+        };
+        let Delivery::Frame { frame, .. } = reply(KEY, &frame) else {
+            unreachable!()
+        };
+        Delivery::Frame {
+            session: KEY,
+            class: Class::Message,
+            frame,
+            origin: Some(Instant::now()),
+        }
+    }
+
+    #[test]
+    fn held_messages_are_released_in_sequence_order_per_conversation() {
+        let mut state = LinkState::default();
+        state.syncing(KEY, 0..2, 2);
+        // Two publishers of partition 1's relays (its users' partition
+        // changed owner): their messages arrived crossed.
+        for (c, seq) in [
+            ("d:a:b", 7),
+            ("g:x", 3),
+            ("d:a:b", 5),
+            ("d:a:b", 6),
+            ("g:x", 2),
+        ] {
+            assert!(state.hold(1, KEY, message(c, seq)).is_none());
+        }
+        let released: Vec<_> = state
+            .release(KEY, 1, false, 2)
+            .iter()
+            .filter_map(message_position)
+            .collect();
+        let order: Vec<(&str, u64)> = released.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+        assert_eq!(
+            order,
+            [
+                ("d:a:b", 5),
+                ("d:a:b", 6),
+                ("d:a:b", 7),
+                ("g:x", 2),
+                ("g:x", 3)
+            ]
+        );
     }
 
     #[test]

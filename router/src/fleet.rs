@@ -399,6 +399,23 @@ pub struct OwnerConfig {
     /// the process's endpoint to serve with a `partition` label. `None`:
     /// they are not served.
     pub metrics: Option<Arc<PartitionMetrics>>,
+    /// How many times the process's NATS link may have lost messages
+    /// (`courier_bus::nats::Nats::gaps`). When it grows, every served
+    /// partition is announced on `courier.owner.<p>` again, as by a new
+    /// owner: what the partition relayed or published, or was relayed,
+    /// while the link was down is lost on plain subjects, and the
+    /// gateways' catch-ups bring it back. `None`: not watched.
+    pub link_gaps: Option<LinkGaps>,
+}
+
+/// Reads the NATS link's gap count (see [`OwnerConfig::link_gaps`]).
+#[derive(Clone)]
+pub struct LinkGaps(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for LinkGaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LinkGaps").field(&(self.0)()).finish()
+    }
 }
 
 /// Which router serves each partition, and the routers of this process.
@@ -485,6 +502,7 @@ impl Owner {
             stalled: false,
             gateways_seen: FxHashSet::default(),
             gateways_absent: FxHashSet::default(),
+            gaps_seen: 0,
         };
         let thread = std::thread::Builder::new()
             .name("courier-leases".into())
@@ -593,6 +611,9 @@ struct Supervisor {
     /// first see each other's membership, so each takes only its share
     /// instead of the first taking everything and handing half back.
     settle_until: Instant,
+    /// The link's gap count when the served partitions were last
+    /// announced (see [`OwnerConfig::link_gaps`]).
+    gaps_seen: u64,
 }
 
 impl Supervisor {
@@ -604,6 +625,7 @@ impl Supervisor {
                 _ => return self.abandon_all(),
             }
             self.renew();
+            self.announce_after_gap();
             self.watch_gateways();
             if self.stalled {
                 tracing::info!(
@@ -619,6 +641,31 @@ impl Supervisor {
 
     fn partition_key(p: u16) -> String {
         format!("partition.{p}")
+    }
+
+    /// Announces every served partition again once the NATS link has had
+    /// a gap since the last scan (see [`OwnerConfig::link_gaps`]).
+    fn announce_after_gap(&mut self) {
+        let (Some(gaps), Some(bus)) = (&self.config.link_gaps, &self.config.intake) else {
+            return;
+        };
+        let now = (gaps.0)();
+        if now == self.gaps_seen {
+            return;
+        }
+        self.gaps_seen = now;
+        let mut served: Vec<u16> = self.served.keys().copied().collect();
+        served.sort_unstable();
+        tracing::warn!(
+            partitions = ?served,
+            "the NATS link reconnected or dropped messages; announcing the served partitions again so gateways catch their sessions up"
+        );
+        for p in served {
+            let id = Bytes::copy_from_slice(self.config.router_id.as_bytes());
+            if let Err(e) = bus.publish(&owner_subject(p), id) {
+                tracing::warn!(partition = p, error = %e, "announcing the partition again failed");
+            }
+        }
     }
 
     /// Renews every lease; drops partitions whose lease is lost or whose

@@ -36,6 +36,7 @@ fn outlets() -> (OutletFactory, Rx) {
 /// Router `id` of `partitions`, its data under `dir`, scanning every `scan`.
 fn owner_config(id: &str, dir: &std::path::Path, partitions: u16, scan: Duration) -> OwnerConfig {
     OwnerConfig {
+        link_gaps: None,
         router_id: id.into(),
         partitions,
         scan_interval: scan,

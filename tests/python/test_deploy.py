@@ -37,6 +37,7 @@ FLEET_ONLY = {
     "courier_fleet_gateways_live",
     "courier_fleet_gateways_expired_total",
     "courier_fleet_detach_notices_total",
+    "courier_fleet_link_gaps_total",
     "courier_router_leases_lost_total",
     "courier_nats_call_seconds_bucket",
     "courier_nats_call_failures_total",
