@@ -1370,12 +1370,7 @@ enum Answer {
 /// What `ws` (a complete WebSocket frame from a router) is, when it is an
 /// answer the link gathers; `None` for everything else, undecoded.
 fn answer_of(ws: &Bytes) -> Option<Answer> {
-    let len7 = *ws.get(1)? & 0x7f;
-    let start = match len7 {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
+    let start = payload_start(ws)?;
     let ty = *ws.get(start)?;
     if ![
         frame::ty::SYNC_DONE,
@@ -1405,16 +1400,22 @@ fn answer_of(ws: &Bytes) -> Option<Answer> {
     }
 }
 
+/// Where the payload of `ws`, a WebSocket frame as a router built it
+/// (unmasked), starts.
+fn payload_start(ws: &[u8]) -> Option<usize> {
+    Some(match *ws.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    })
+}
+
 /// The conversation and sequence of a delivered `Message` frame.
 fn message_position(d: &Delivery) -> Option<(String, u64)> {
     let Delivery::Frame { frame, .. } = d else {
         return None;
     };
-    let start = match *frame.get(1)? & 0x7f {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
+    let start = payload_start(frame)?;
     match ServerFrame::decode(&frame.slice(start..)) {
         Ok(ServerFrame::Message {
             conversation, seq, ..
