@@ -1647,6 +1647,7 @@ impl RouterCore {
             server_id,
             timestamp_ms: now_ms,
         };
+        let push = self.relay_push(conversation, seq, &entry, &recipients);
         let fanout = Fanout {
             message: message_frame(conversation, seq, &entry),
             recipients,
@@ -1654,7 +1655,7 @@ impl RouterCore {
             sender_device: device.device,
             origin: received_at,
             per_device,
-            push: self.relay_push(conversation, seq, &entry),
+            push,
         };
         Ok((Some(fanout), sent))
     }

@@ -348,14 +348,19 @@ impl RouterCore {
     }
 
     /// Fleet mode with push on: what the fan-out hands the partitions of
-    /// recipients from elsewhere, so they schedule their notifications.
+    /// recipients from elsewhere, so they schedule their notifications
+    /// (`None` when every recipient is this partition's).
     pub(super) fn relay_push(
         &self,
         conversation: &str,
         seq: u64,
         entry: &StoredEntry,
+        recipients: &[Member],
     ) -> Option<RelayPush> {
-        if self.config.partition.is_none() || !self.push.config.any_enabled() {
+        let away = recipients
+            .iter()
+            .any(|m| m.user != entry.sender && self.elsewhere(&m.user).is_some());
+        if !away || !self.push.config.any_enabled() {
             return None;
         }
         Some(RelayPush {
