@@ -13,9 +13,16 @@
 //! inserts of the commit, answers and fan-out. The clock steps 1 ms per
 //! batch, so cursors are written behind and the dedupe window is real.
 //!
+//! Then a fifth of the users go offline for another fifth of the sends and
+//! come back: each attaches and syncs, and the catch-up (range reads of the
+//! entries stored meanwhile, over every table of the store) is timed too.
+//!
 //! ```sh
-//! cargo run --release -p courier-benches --example router_batch -- [SENDS_TOTAL] [ROUNDS]
+//! cargo run --release -p courier-benches --example router_batch -- [SENDS_TOTAL] [ROUNDS] [tiered|leveled]
 //! ```
+//!
+//! The third argument is the store's compaction of the dedupe records
+//! (`--store-dedupe-compaction`); tiered by default, as in the gateway.
 //!
 //! (Run it with `MIMALLOC_PURGE_DELAY=0`, as the gateway configures its
 //! allocator.) Prints the time per send and per command of each round; compare the
@@ -28,7 +35,7 @@ use bytes::Bytes;
 use courier_protocol::frame::{ClientFrame, ServerFrame};
 use courier_protocol::ids;
 use courier_router::api::{Command, Delivery, Device, SessionKey};
-use courier_router::{RouterConfig, RouterCore};
+use courier_router::{Compaction, RouterConfig, RouterCore, StoreLimits};
 use prometheus_client::registry::Registry;
 
 // The gateway binary's allocator, so allocation costs what it costs there.
@@ -110,22 +117,45 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let total: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let compaction = match args.next().as_deref() {
+        None | Some("tiered") => Compaction::Tiered,
+        Some("leveled") => Compaction::Leveled,
+        Some(other) => panic!("compaction {other}: tiered or leveled"),
+    };
     for round in 1..=rounds {
         let dir = tempfile::tempdir().expect("tempdir");
-        let f = run(dir.path(), total);
+        let f = run(dir.path(), total, compaction);
         println!(
             "round {round}: {total} sends in {} batches: router {:.2} us per send, {:.2} us \
-             per command; thread CPU {:.2} us per send",
-            f.batches, f.per_send, f.per_command, f.cpu_per_send
+             per command; thread CPU {:.2} us per send; store wrote {:.1} MB",
+            f.batches,
+            f.per_send,
+            f.per_command,
+            f.cpu_per_send,
+            f.written as f64 / 1e6
+        );
+        let c = &f.catch_up;
+        println!(
+            "  catch-up: {} users back after {} sends, {} messages: {:.1} us per user, \
+             {:.2} us per message",
+            c.users,
+            c.sends,
+            c.messages,
+            c.busy.as_secs_f64() * 1e6 / c.users as f64,
+            c.busy.as_secs_f64() * 1e6 / c.messages.max(1) as f64
         );
     }
 }
 
-fn run(dir: &std::path::Path, total: usize) -> Figures {
+fn run(dir: &std::path::Path, total: usize, compaction: Compaction) -> Figures {
     let config = RouterConfig {
         data_dir: dir.join("store"),
         send_rate_per_s: 1e9,
         send_burst: 1e9,
+        store: StoreLimits {
+            dedupe_compaction: compaction,
+            ..StoreLimits::default()
+        },
         ..RouterConfig::default()
     };
     let core = RouterCore::open(config, &mut Registry::default()).expect("open");
@@ -211,55 +241,157 @@ fn run(dir: &std::path::Path, total: usize) -> Figures {
 
     // The measured part.
     let cpu_before = thread_cpu_ns();
+    let written_before = process_write_bytes();
     d.busy = Duration::ZERO;
     d.commands = 0;
-    let body = Bytes::from(vec![0x5a; 200]);
-    let mut acks: Vec<Command> = Vec::new();
-    let mut sent = 0;
-    let mut batches = 0;
-    let mut client_id = 0u64;
-    while sent < total {
-        let mut commands = std::mem::take(&mut acks);
-        for _ in 0..SENDS {
-            client_id += 1;
-            let (sender, conversation) = if rng.below(5) == 0 {
-                let (members, id) = &groups[rng.below(GROUPS)];
-                (members[rng.below(members.len())], id.clone())
-            } else {
-                let (sender, id) = &directs[rng.below(USERS)];
-                (*sender, id.clone())
-            };
-            commands.push(d.frame(
-                sender,
-                ClientFrame::Send {
-                    conversation,
-                    client_id,
-                    body: body.clone(),
-                },
-            ));
-        }
-        sent += SENDS;
-        batches += 1;
-        for (user, frame) in d.step(commands) {
-            if let ServerFrame::Message {
-                conversation, seq, ..
-            } = frame
-            {
-                acks.push(d.frame(user, ClientFrame::Delivered { conversation, seq }));
-            }
-        }
-    }
+    let mut traffic = Traffic {
+        rng,
+        directs,
+        groups,
+        body: Bytes::from(vec![0x5a; 200]),
+        client_id: 0,
+        online: vec![true; USERS],
+    };
+    let batches = traffic.drive(&mut d, total);
     let busy_us = d.busy.as_secs_f64() * 1e6;
+    let per_command = busy_us / d.commands as f64;
+    let catch_up = catch_up(&mut d, &mut traffic, total / 5);
     // Closing writes what is still written behind (cursors): part of the
     // cost, so inside the CPU figure.
     d.core.close();
     let cpu_us = thread_cpu_ns().saturating_sub(cpu_before) as f64 / 1e3;
+    let sent = total + catch_up.sends;
     Figures {
-        per_send: busy_us / sent as f64,
-        per_command: busy_us / d.commands as f64,
+        per_send: busy_us / total as f64,
+        per_command,
         cpu_per_send: cpu_us / sent as f64,
         batches,
+        written: process_write_bytes().saturating_sub(written_before),
+        catch_up,
     }
+}
+
+/// The scenario's traffic: who talks in which conversation.
+struct Traffic {
+    rng: Rng,
+    directs: Vec<(usize, String)>,
+    groups: Vec<(Vec<usize>, String)>,
+    body: Bytes,
+    client_id: u64,
+    /// Users who ack what they receive (the others are offline).
+    online: Vec<bool>,
+}
+
+impl Traffic {
+    /// Sends `total` messages, `SENDS` a batch, each batch carrying the
+    /// online recipients' acks for the batch before; returns the batches.
+    fn drive(&mut self, d: &mut Driver, total: usize) -> usize {
+        let mut acks: Vec<Command> = Vec::new();
+        let mut sent = 0;
+        let mut batches = 0;
+        while sent < total {
+            let mut commands = std::mem::take(&mut acks);
+            for _ in 0..SENDS {
+                self.client_id += 1;
+                let (sender, conversation) = if self.rng.below(5) == 0 {
+                    let (members, id) = &self.groups[self.rng.below(GROUPS)];
+                    (members[self.rng.below(members.len())], id.clone())
+                } else {
+                    let (sender, id) = &self.directs[self.rng.below(USERS)];
+                    (*sender, id.clone())
+                };
+                if !self.online[sender] {
+                    continue;
+                }
+                commands.push(d.frame(
+                    sender,
+                    ClientFrame::Send {
+                        conversation,
+                        client_id: self.client_id,
+                        body: self.body.clone(),
+                    },
+                ));
+                sent += 1;
+            }
+            batches += 1;
+            for (user, frame) in d.step(commands) {
+                if let ServerFrame::Message {
+                    conversation, seq, ..
+                } = frame
+                {
+                    acks.push(d.frame(user, ClientFrame::Delivered { conversation, seq }));
+                }
+            }
+        }
+        batches
+    }
+}
+
+/// A fifth of the users detach, `sends` more messages go out, and they
+/// come back: attach and sync, `CATCH_UP_BATCH` users a batch. Only the
+/// returning users' batches are timed.
+fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
+    let away: Vec<usize> = (0..USERS).step_by(5).collect();
+    let detach = away
+        .iter()
+        .map(|&i| {
+            traffic.online[i] = false;
+            Command::Detach {
+                session: d.sessions[i],
+                device: d.users[i].clone(),
+                last_seen_ms: d.now_ms,
+            }
+        })
+        .collect();
+    d.step(detach);
+    traffic.drive(d, sends);
+    d.busy = Duration::ZERO;
+    let mut messages = 0;
+    for chunk in away.chunks(CATCH_UP_BATCH) {
+        let mut commands = Vec::new();
+        for &i in chunk {
+            d.sessions[i].generation += 1;
+            traffic.online[i] = true;
+            commands.push(Command::Attach {
+                session: d.sessions[i],
+                device: d.users[i].clone(),
+                issued_at_s: 0,
+            });
+            commands.push(d.frame(
+                i,
+                ClientFrame::Sync {
+                    tail: 0,
+                    summary: false,
+                    cursors: Vec::new(),
+                },
+            ));
+        }
+        let frames = d.step(commands);
+        messages += frames
+            .iter()
+            .filter(|(_, f)| matches!(f, ServerFrame::Message { .. }))
+            .count();
+    }
+    CatchUp {
+        users: away.len(),
+        sends,
+        messages,
+        busy: d.busy,
+    }
+}
+
+/// Users attaching and syncing in one batch of the catch-up.
+const CATCH_UP_BATCH: usize = 100;
+
+/// What the catch-up phase measured.
+struct CatchUp {
+    users: usize,
+    /// Sends while they were away.
+    sends: usize,
+    /// Messages their syncs delivered.
+    messages: usize,
+    /// Wall time in `prepare` + `finish` of their attach and sync batches.
+    busy: Duration,
 }
 
 /// What one round measured.
@@ -273,6 +405,10 @@ struct Figures {
     /// the core.
     cpu_per_send: f64,
     batches: usize,
+    /// Bytes the process handed to the file system over the measured part
+    /// (journal, flushes and the compactions that ran meanwhile).
+    written: u64,
+    catch_up: CatchUp,
 }
 
 /// This thread's time on a CPU so far, in nanoseconds (Linux
@@ -281,5 +417,18 @@ fn thread_cpu_ns() -> u64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes this process has handed to the file system so far (Linux
+/// `/proc/self/io`, `write_bytes`; 0 where it cannot be read).
+fn process_write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0)
 }

@@ -63,6 +63,17 @@ pub enum Role {
     Router,
 }
 
+/// How the store compacts the dedupe records it takes on every send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreCompaction {
+    /// Size-tiered: a record is rewritten about once a level; a lookup
+    /// checks a few more tables' bloom filters.
+    Tiered,
+    /// Levelled (fjall's default): fewer tables, several times the
+    /// background writes.
+    Leveled,
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -274,6 +285,10 @@ pub struct ServeArgs {
     /// priority so their bursts of CPU do not delay live messages.
     #[arg(long, env = "COURIER_STORE_BACKGROUND_NICE", default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
     pub store_background_nice: u8,
+    /// How the store compacts its dedupe records, written on every send.
+    /// Fixed for each of its parts when the store is created.
+    #[arg(long, env = "COURIER_STORE_DEDUPE_COMPACTION", value_enum, default_value_t = StoreCompaction::Tiered)]
+    pub store_dedupe_compaction: StoreCompaction,
     /// Browser origins allowed to open a session, comma-separated (for
     /// example `https://chat.example,https://web.chat.example`). Empty:
     /// every origin. A request without an `Origin` header (native apps send

@@ -82,6 +82,7 @@ pub const KEYS: &[Key] = &[
     key("store", "write_buffer_mib", "store_write_buffer_mib"),
     key("store", "memtable_mib", "store_memtable_mib"),
     key("store", "background_nice", "store_background_nice"),
+    key("store", "dedupe_compaction", "store_dedupe_compaction"),
     key("shutdown", "drain_window_ms", "drain_window_ms"),
     key("push", "delay_ms", "push_delay_ms"),
     key("push", "coalesce_ms", "push_coalesce_ms"),

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin::{Access, AdminToken};
-use crate::config::{DriverChoice, Role, ServeArgs};
+use crate::config::{DriverChoice, Role, ServeArgs, StoreCompaction};
 use crate::core::{self, CoreMsg, Shared};
 use crate::fleet::{FleetLink, Upstream};
 use crate::mailbox::Mailbox;
@@ -339,6 +339,10 @@ pub fn router_config(args: &ServeArgs) -> RouterConfig {
             write_buffer_bytes: args.store_write_buffer_mib << 20,
             memtable_bytes: args.store_memtable_mib << 20,
             background_nice: i32::from(args.store_background_nice),
+            dedupe_compaction: match args.store_dedupe_compaction {
+                StoreCompaction::Tiered => courier_router::Compaction::Tiered,
+                StoreCompaction::Leveled => courier_router::Compaction::Leveled,
+            },
         },
         node_id: args.node_id,
         max_body: args.max_body,

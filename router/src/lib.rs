@@ -66,7 +66,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use prometheus_client::registry::Registry;
 
 pub use crate::core::RouterCore;
-pub use crate::store::StoreLimits;
+pub use crate::store::{Compaction, StoreLimits};
 
 /// The router's settings. Every field has a default ([`Default`]); a value
 /// out of range stops the start with [`RouterError::Config`] naming it.

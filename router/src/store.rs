@@ -33,6 +33,7 @@
 use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 
+use fjall::compaction::{SizeTiered, Strategy as CompactionStrategy};
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
 use rustc_hash::FxHashMap;
 
@@ -281,6 +282,22 @@ pub struct StoreLimits {
     /// the router and the gateway cores that a message is waiting on; at a
     /// lower priority it runs in the time they leave.
     pub background_nice: i32,
+    /// How the dedupe partitions, written on every send, are compacted (see
+    /// [`part_options`]). Fixed when a partition is created.
+    pub dedupe_compaction: Compaction,
+}
+
+/// An LSM compaction strategy of fjall's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compaction {
+    /// Size-tiered: a level's tables are merged into the next level once
+    /// it holds `ratio` times the level before; each record is rewritten
+    /// about once a level, and reads look at more tables.
+    #[default]
+    Tiered,
+    /// Levelled, fjall's default: few tables to read, but each flush of
+    /// keys spread over the key space rewrites level 1 whole.
+    Leveled,
 }
 
 impl Default for StoreLimits {
@@ -290,6 +307,7 @@ impl Default for StoreLimits {
             write_buffer_bytes: 16 << 20,
             memtable_bytes: 4 << 20,
             background_nice: 19,
+            dedupe_compaction: Compaction::Tiered,
         }
     }
 }
@@ -309,17 +327,62 @@ impl Default for StoreLimits {
 /// lookup misses on almost every call, and the filter answers it without
 /// reading a block.
 ///
+/// The two dedupe partitions, which take a record per send, are compacted
+/// size-tiered by default, not levelled (fjall's default). A dedupe key
+/// starts with its sender, so every flushed table spans the whole key space
+/// and overlaps all of level 1; and the dedupe memtable is small, so it is
+/// often among those fjall seals early to keep the memtables within the
+/// write buffer. Levelled compaction rewrote level 1 whole each time level
+/// 0 filled with such tables: at issue 2's 5,000 sends/s the compactor
+/// wrote about 250 MB a minute for 8 MB of dedupe records. Size-tiered
+/// merges a level into the next only once it holds `TIERED_RATIO` times
+/// the level before, so a record is rewritten about once a level: 34 MB
+/// a minute in the same run. Those writes share the disk with the
+/// journal, whose fdatasync waits behind them, and slow syncs are part of
+/// the end-to-end tail (docs/benchmarks.md, "Size-tiered compaction of the
+/// dedupe records"). What it costs is reads: a lookup checks the bloom
+/// filter of each of a few more tables, and a range read (the sweep, by
+/// time, whose tables barely overlap) opens only those its range touches.
+///
+/// The entries stay levelled: catch-up and history are range reads of a
+/// conversation, which every table overlaps, and size-tiered made the
+/// catch-up of a returning user five times slower (`router_batch`).
+///
 /// fjall records these with a partition when it creates it: a store created
 /// before keeps the ones it was created with.
-fn part_options(part: Part, base: &PartitionCreateOptions) -> PartitionCreateOptions {
+fn part_options(
+    part: Part,
+    base: &PartitionCreateOptions,
+    dedupe_compaction: Compaction,
+) -> PartitionCreateOptions {
+    let dedupe = || match dedupe_compaction {
+        Compaction::Tiered => base
+            .clone()
+            .compaction_strategy(CompactionStrategy::SizeTiered(SizeTiered::new(
+                TIERED_BASE_BYTES,
+                TIERED_RATIO,
+            ))),
+        Compaction::Leveled => base.clone(),
+    };
     match part {
-        Part::Entries | Part::DedupeByTime => base
+        Part::Entries => base
             .clone()
             .bloom_filter_bits(None)
             .block_size(RANGE_BLOCK_BYTES),
+        Part::DedupeByTime => dedupe()
+            .bloom_filter_bits(None)
+            .block_size(RANGE_BLOCK_BYTES),
+        Part::Dedupe => dedupe(),
         _ => base.clone(),
     }
 }
+
+/// Size-tiered compaction of the dedupe partitions (see [`part_options`]):
+/// level n is merged into level n + 1 once it holds
+/// `TIERED_BASE_BYTES * TIERED_RATIO^(n + 1)`, so level 0 at 32 MiB, level
+/// 1 at 128 MiB, and so on.
+const TIERED_BASE_BYTES: u32 = 8 << 20;
+const TIERED_RATIO: u8 = 4;
 
 /// Block size of the partitions read only by range (see [`part_options`]).
 const RANGE_BLOCK_BYTES: u32 = 16 << 10;
@@ -338,7 +401,12 @@ impl Open {
         // it: a store created before keeps its own, and only the total write
         // buffer bound above applies to it.
         let options = PartitionCreateOptions::default().max_memtable_size(limits.memtable_bytes);
-        let open = |part: Part| keyspace.open_partition(part.name(), part_options(part, &options));
+        let open = |part: Part| {
+            keyspace.open_partition(
+                part.name(),
+                part_options(part, &options, limits.dedupe_compaction),
+            )
+        };
         // In `Part` order: `part()` indexes this array by discriminant.
         let parts = [
             open(Part::Entries)?,
@@ -1088,6 +1156,9 @@ pub fn dedupe_time_key(stored_at_ms: u64, dedupe_key: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use courier_protocol::frame::EntryKind;
+    use std::sync::Arc;
 
     /// The niceness in a `/proc/.../stat` line: its 19th field, the 17th
     /// after the command's closing parenthesis.
@@ -1200,6 +1271,99 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// The dedupe partitions are compacted size-tiered, which leaves more
+    /// tables next to each other, and reads merge them. About forty flushed
+    /// 64 KiB memtables of interleaved conversations and senders (26 tables
+    /// once fjall has merged its oldest) read back whole and in order,
+    /// before and after a reopen.
+    #[test]
+    fn the_per_send_partitions_read_back_across_many_tables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = StoreLimits {
+            cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            memtable_bytes: 64 << 10,
+            ..StoreLimits::default()
+        };
+        const CONVERSATIONS: u64 = 16;
+        const PER_CONVERSATION: u64 = 160;
+        let conversation = |c: u64| format!("g:tiered-{c}");
+        let mut store = Store::open_with(dir.path(), limits).expect("open");
+        for seq in 1..=PER_CONVERSATION {
+            let mut w = WriteSet::default();
+            for c in 0..CONVERSATIONS {
+                let sender = format!("user-{c}");
+                let entry = StoredEntry {
+                    kind: EntryKind::Message,
+                    server_id: c << 32 | seq,
+                    timestamp_ms: seq,
+                    sender: Arc::from(sender.as_str()),
+                    sender_device: 1,
+                    client_id: seq,
+                    body: Bytes::from(vec![c as u8; 1024]),
+                    per_device: None,
+                };
+                w.put(
+                    Part::Entries,
+                    entry_key(&conversation(c), seq),
+                    entry.encode(),
+                );
+                let dedupe = dedupe_key(&sender, 1, seq);
+                let record = DedupeRecord {
+                    conversation: Arc::from(conversation(c).as_str()),
+                    seq,
+                    server_id: c << 32 | seq,
+                    timestamp_ms: seq,
+                    stored_at_ms: seq,
+                };
+                w.put(
+                    Part::DedupeByTime,
+                    dedupe_time_key(seq, &dedupe),
+                    Vec::new(),
+                );
+                w.put(Part::Dedupe, dedupe, record.encode());
+            }
+            store.commit(w, false).expect("commit");
+        }
+        let check = |store: &Store| {
+            for c in 0..CONVERSATIONS {
+                let read = store
+                    .entries(&conversation(c), 1, u64::MAX, usize::MAX)
+                    .expect("entries");
+                let seqs: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
+                assert_eq!(seqs, (1..=PER_CONVERSATION).collect::<Vec<_>>());
+                for (seq, entry) in read {
+                    let entry = entry.expect("entry decodes");
+                    assert_eq!(entry.server_id, c << 32 | seq);
+                    assert_eq!(entry.body[0], c as u8);
+                }
+                let retry = store
+                    .dedupe(&dedupe_key(&format!("user-{c}"), 1, PER_CONVERSATION / 2))
+                    .expect("dedupe")
+                    .expect("record");
+                assert_eq!(retry.seq, PER_CONVERSATION / 2);
+                assert_eq!(&*retry.conversation, conversation(c));
+            }
+            let expired = store.expired_dedupe(11, usize::MAX).expect("expired");
+            assert_eq!(expired.len() as u64, 10 * CONVERSATIONS);
+            assert!(expired.windows(2).all(|w| w[0].index_key < w[1].index_key));
+        };
+        // Flushes run on fjall's own threads: wait for them, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.write_buffer_bytes() > limits.write_buffer_bytes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flushes did not catch up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        check(&store);
+        store.flush().expect("flush");
+        drop(store);
+        let store = Store::open_with(dir.path(), limits).expect("reopen");
+        check(&store);
     }
 
     #[test]
