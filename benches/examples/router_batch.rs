@@ -92,6 +92,22 @@ impl Driver {
         frames
     }
 
+    /// A user's session attaching and asking for what it missed since its
+    /// delivery cursors.
+    fn attach_and_sync(&self, user: usize) -> [Command; 2] {
+        let attach = Command::Attach {
+            session: self.sessions[user],
+            device: self.users[user].clone(),
+            issued_at_s: 0,
+        };
+        let sync = ClientFrame::Sync {
+            tail: 0,
+            summary: false,
+            cursors: Vec::new(),
+        };
+        [attach, self.frame(user, sync)]
+    }
+
     fn frame(&self, user: usize, frame: ClientFrame) -> Command {
         Command::Frame {
             session: self.sessions[user],
@@ -187,19 +203,7 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction) -> Figures {
     for chunk in (0..USERS).collect::<Vec<_>>().chunks(500) {
         let mut commands = Vec::new();
         for &i in chunk {
-            commands.push(Command::Attach {
-                session: d.sessions[i],
-                device: d.users[i].clone(),
-                issued_at_s: 0,
-            });
-            commands.push(d.frame(
-                i,
-                ClientFrame::Sync {
-                    tail: 0,
-                    summary: false,
-                    cursors: Vec::new(),
-                },
-            ));
+            commands.extend(d.attach_and_sync(i));
         }
         d.step(commands);
     }
@@ -352,19 +356,7 @@ fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
         for &i in chunk {
             d.sessions[i].generation += 1;
             traffic.online[i] = true;
-            commands.push(Command::Attach {
-                session: d.sessions[i],
-                device: d.users[i].clone(),
-                issued_at_s: 0,
-            });
-            commands.push(d.frame(
-                i,
-                ClientFrame::Sync {
-                    tail: 0,
-                    summary: false,
-                    cursors: Vec::new(),
-                },
-            ));
+            commands.extend(d.attach_and_sync(i));
         }
         let frames = d.step(commands);
         messages += frames

@@ -1242,12 +1242,7 @@ mod tests {
     #[test]
     fn memtables_are_flushed_to_stay_within_the_write_buffer_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let limits = StoreLimits {
-            cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            memtable_bytes: 256 << 10,
-            ..StoreLimits::default()
-        };
+        let limits = small_limits(256 << 10);
         let mut store = Store::open_with(dir.path(), limits).expect("open");
         // 8 MiB of entries, eight times the limit.
         for batch in 0..128u64 {
@@ -1261,7 +1256,24 @@ mod tests {
             }
             store.commit(w, false).expect("commit");
         }
-        // Flushes run on fjall's own threads: wait for them, bounded.
+        // Flushes run on fjall's own threads.
+        wait_for_flushes(&store, &limits);
+    }
+
+    /// A store with a 1 MiB cache and write buffer and `memtable_bytes`
+    /// memtables, so a test fills them quickly.
+    fn small_limits(memtable_bytes: u32) -> StoreLimits {
+        StoreLimits {
+            cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            memtable_bytes,
+            ..StoreLimits::default()
+        }
+    }
+
+    /// Waits, bounded, until fjall's own threads have flushed the
+    /// memtables back within the write buffer.
+    fn wait_for_flushes(store: &Store, limits: &StoreLimits) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while store.write_buffer_bytes() > limits.write_buffer_bytes {
             assert!(
@@ -1281,12 +1293,7 @@ mod tests {
     #[test]
     fn the_per_send_partitions_read_back_across_many_tables() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let limits = StoreLimits {
-            cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            memtable_bytes: 64 << 10,
-            ..StoreLimits::default()
-        };
+        let limits = small_limits(64 << 10);
         const CONVERSATIONS: u64 = 16;
         const PER_CONVERSATION: u64 = 160;
         let conversation = |c: u64| format!("g:tiered-{c}");
@@ -1350,15 +1357,7 @@ mod tests {
             assert_eq!(expired.len() as u64, 10 * CONVERSATIONS);
             assert!(expired.windows(2).all(|w| w[0].index_key < w[1].index_key));
         };
-        // Flushes run on fjall's own threads: wait for them, bounded.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while store.write_buffer_bytes() > limits.write_buffer_bytes {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "flushes did not catch up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for_flushes(&store, &limits);
         check(&store);
         store.flush().expect("flush");
         drop(store);
