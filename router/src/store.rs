@@ -332,21 +332,22 @@ impl Default for StoreLimits {
 /// starts with its sender, so every flushed table spans the whole key space
 /// and overlaps all of level 1; and the dedupe memtable is small, so it is
 /// often among those fjall seals early to keep the memtables within the
-/// write buffer. Levelled compaction rewrote level 1 whole each time level
-/// 0 filled with such tables: at issue 2's 5,000 sends/s the compactor
-/// wrote about 250 MB a minute for 8 MB of dedupe records. Size-tiered
-/// merges a level into the next only once it holds `TIERED_RATIO` times
-/// the level before, so a record is rewritten about once a level: 34 MB
-/// a minute in the same run. Those writes share the disk with the
-/// journal, whose fdatasync waits behind them, and slow syncs are part of
-/// the end-to-end tail (docs/benchmarks.md, "Size-tiered compaction of the
-/// dedupe records"). What it costs is reads: a lookup checks the bloom
-/// filter of each of a few more tables, and a range read (the sweep, by
-/// time, whose tables barely overlap) opens only those its range touches.
+/// write buffer. Levelled compaction rewrites level 1 whole each time level
+/// 0 fills with such tables. Size-tiered merges a level into the next only
+/// once it holds `TIERED_RATIO` times the level before, so a record is
+/// rewritten about once a level: at issue 2's 5,000 sends/s the compactor
+/// wrote 226 MB a minute instead of 252. Those writes share the disk with
+/// the journal, whose fdatasync waits behind them, and slow syncs are part
+/// of the end-to-end tail (docs/benchmarks.md, "Size-tiered compaction").
+/// What it costs is reads: a lookup checks the bloom filter of each of a
+/// few more tables, and a range read (the sweep, by time, whose tables
+/// barely overlap) opens only those its range touches.
 ///
-/// The entries stay levelled: catch-up and history are range reads of a
-/// conversation, which every table overlaps, and size-tiered made the
-/// catch-up of a returning user five times slower (`router_batch`).
+/// The entries have the same key spread and make the rest of those writes
+/// (tiered too, the compactor wrote 34 to 44 MB a minute), but they stay
+/// levelled: catch-up and history are range reads of a conversation, which
+/// every table overlaps, and size-tiered made the catch-up of a returning
+/// user five times slower (`router_batch`).
 ///
 /// fjall records these with a partition when it creates it: a store created
 /// before keeps the ones it was created with.
