@@ -289,6 +289,14 @@ pub struct ServeArgs {
     /// Fixed for each of its parts when the store is created.
     #[arg(long, env = "COURIER_STORE_DEDUPE_COMPACTION", value_enum, default_value_t = StoreCompaction::Tiered)]
     pub store_dedupe_compaction: StoreCompaction,
+    /// How the store compacts the messages. Fixed for each of its parts
+    /// when the store is created.
+    #[arg(long, env = "COURIER_STORE_ENTRIES_COMPACTION", value_enum, default_value_t = StoreCompaction::Tiered)]
+    pub store_entries_compaction: StoreCompaction,
+    /// MiB of the newest messages the router keeps in memory for catch-up
+    /// and history (0: none; fleet mode: per partition served).
+    #[arg(long, env = "COURIER_RECENT_ENTRIES_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=65536))]
+    pub recent_entries_mib: u64,
     /// Browser origins allowed to open a session, comma-separated (for
     /// example `https://chat.example,https://web.chat.example`). Empty:
     /// every origin. A request without an `Origin` header (native apps send

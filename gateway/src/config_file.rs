@@ -83,6 +83,8 @@ pub const KEYS: &[Key] = &[
     key("store", "memtable_mib", "store_memtable_mib"),
     key("store", "background_nice", "store_background_nice"),
     key("store", "dedupe_compaction", "store_dedupe_compaction"),
+    key("store", "entries_compaction", "store_entries_compaction"),
+    key("store", "recent_entries_mib", "recent_entries_mib"),
     key("shutdown", "drain_window_ms", "drain_window_ms"),
     key("push", "delay_ms", "push_delay_ms"),
     key("push", "coalesce_ms", "push_coalesce_ms"),

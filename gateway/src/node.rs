@@ -339,11 +339,10 @@ pub fn router_config(args: &ServeArgs) -> RouterConfig {
             write_buffer_bytes: args.store_write_buffer_mib << 20,
             memtable_bytes: args.store_memtable_mib << 20,
             background_nice: i32::from(args.store_background_nice),
-            dedupe_compaction: match args.store_dedupe_compaction {
-                StoreCompaction::Tiered => courier_router::Compaction::Tiered,
-                StoreCompaction::Leveled => courier_router::Compaction::Leveled,
-            },
+            dedupe_compaction: compaction(args.store_dedupe_compaction),
+            entries_compaction: compaction(args.store_entries_compaction),
         },
+        recent_entries_bytes: usize::try_from(args.recent_entries_mib << 20).unwrap_or(usize::MAX),
         node_id: args.node_id,
         max_body: args.max_body,
         max_group_members: args.max_group_members,
@@ -357,6 +356,13 @@ pub fn router_config(args: &ServeArgs) -> RouterConfig {
         presence_debounce: Duration::from_millis(args.presence_debounce_ms),
         presence_writes_per_s: args.presence_writes_per_s,
         ..RouterConfig::default()
+    }
+}
+
+fn compaction(c: StoreCompaction) -> courier_router::Compaction {
+    match c {
+        StoreCompaction::Tiered => courier_router::Compaction::Tiered,
+        StoreCompaction::Leveled => courier_router::Compaction::Leveled,
     }
 }
 

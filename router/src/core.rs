@@ -50,6 +50,7 @@ use crate::{RouterConfig, RouterError};
 mod keys;
 mod peer;
 mod push;
+mod recent;
 mod social;
 mod views;
 
@@ -153,6 +154,9 @@ pub struct RouterCore {
     /// Fleet mode: sends waiting for other partitions, and commands for
     /// them (see `peer.rs`).
     peer: peer::PeerState,
+    /// The newest entries written, for catch-up and history (see
+    /// `recent.rs`). Cleared when a write or sync fails.
+    recent: recent::Recent,
 }
 
 /// A batch whose writes are in the store but not yet known to be durable:
@@ -552,6 +556,7 @@ impl RouterCore {
             .map_err(|e| store_error(Box::new(e)))?;
         let mut core = Self {
             ids: ServerIds::resume(config.node_id, high),
+            recent: recent::Recent::new(config.recent_entries_bytes),
             push: push::PushState::new(config.push.clone()),
             config,
             store,
@@ -749,6 +754,9 @@ impl RouterCore {
         } else {
             self.after_failed_commit(&mut batch);
         }
+        self.metrics
+            .recent_entries_bytes
+            .set(i64::try_from(self.recent.bytes()).unwrap_or(i64::MAX));
 
         let mut out = Outbox::default();
         for pending in batch.pending {
@@ -923,6 +931,9 @@ impl RouterCore {
     /// Counts and logs (rate-limited) a failed write or sync.
     fn commit_failed(&mut self, e: &StoreError, now_ms: u64) {
         self.metrics.commit_failures.inc();
+        // The store may have lost entries the recent ones hold, and the
+        // sequences after them will be given again.
+        self.recent.clear();
         let quiet = self
             .last_failure_log_ms
             .is_some_and(|at| now_ms < at + FAILURE_LOG_INTERVAL_MS);
@@ -1449,12 +1460,15 @@ impl RouterCore {
     }
 
     /// Writes entry `seq` of `conversation`.
+    /// Writes entry `seq` of `conversation`, and keeps it in the recent
+    /// entries: if the batch's write or sync fails, they are cleared.
     fn write_entry(&mut self, b: &mut Batch, conversation: &str, seq: u64, entry: &StoredEntry) {
         b.writes.put(
             Part::Entries,
             store::entry_key(conversation, seq),
             entry.encode(),
         );
+        self.recent.insert(conversation, seq, entry);
     }
 
     /// Validates, dedupes and sequences a send. `Ok` holds the fan-out (none

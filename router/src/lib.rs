@@ -94,6 +94,11 @@ pub struct RouterConfig {
     /// Most body bytes one catch-up page carries (a page always carries at
     /// least one entry), so a page fits in a session's outbound queue.
     pub sync_page_bytes: usize,
+    /// Bytes of the newest entries kept in memory, so that catch-up and
+    /// history read them without a range read of the store (a returning
+    /// device usually asks for the last few minutes); 0 keeps none. In a
+    /// fleet router, per partition it serves.
+    pub recent_entries_bytes: usize,
     /// Most commands handled by one batch (one commit).
     pub max_batch: usize,
     /// Commands waiting for the router beyond which sends are refused.
@@ -164,6 +169,7 @@ impl Default for RouterConfig {
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             sync_page: 500,
             sync_page_bytes: 256 * 1024,
+            recent_entries_bytes: 32 << 20,
             max_batch: 4096,
             max_inflight: 100_000,
             batch_linger: Duration::ZERO,

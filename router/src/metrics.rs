@@ -31,6 +31,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// The `source` label of `courier_router_entry_reads_total`: `memory` (the
+/// recent entries) or `store`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
 /// Handles to every router metric. Created once per router and registered
 /// in the registry the gateway serves.
 #[derive(Clone, Debug)]
@@ -45,6 +52,12 @@ pub struct Metrics {
     pub batch_commands: Histogram,
     /// Bytes in the store's memtables after the last commit.
     pub store_write_buffer: Gauge,
+    /// Bytes the recent entries hold, as counted against their limit.
+    pub recent_entries_bytes: Gauge,
+    /// Catch-up and history reads of a conversation's entries answered by
+    /// the recent entries, and by the store.
+    pub entry_reads_memory: Counter,
+    pub entry_reads_store: Counter,
     /// From the gateway reading a send to its `Sent` being handed out.
     pub sent_ack_duration: Histogram,
     /// From the gateway reading a send to the router starting to decide
@@ -110,11 +123,24 @@ pub struct SnapshotMetrics {
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
+        // Both sources are listed from the start; the handles share the
+        // family's counters. (Each guard `get_or_create` returns is dropped
+        // before the next call, which takes the family's lock to write.)
+        let reads = Family::<SourceLabel, Counter>::default();
+        let from_memory = reads
+            .get_or_create(&SourceLabel { source: "memory" })
+            .clone();
+        let from_store = reads
+            .get_or_create(&SourceLabel { source: "store" })
+            .clone();
         let m = Self {
             commit_duration: Histogram::new(LATENCY_BUCKETS),
             write_duration: Histogram::new(LATENCY_BUCKETS),
             batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             store_write_buffer: Gauge::default(),
+            recent_entries_bytes: Gauge::default(),
+            entry_reads_memory: from_memory,
+            entry_reads_store: from_store,
             sent_ack_duration: Histogram::new(LATENCY_BUCKETS),
             queue_wait_duration: Histogram::new(LATENCY_BUCKETS),
             messages_stored: Counter::default(),
@@ -158,6 +184,17 @@ impl Metrics {
             "Bytes held in the store's memtables (bounded by the store's write buffer limit)",
             Unit::Bytes,
             m.store_write_buffer.clone(),
+        );
+        registry.register_with_unit(
+            "courier_router_recent_entries",
+            "Bytes held by the router's recent entries (the newest messages, read by catch-up and history)",
+            Unit::Bytes,
+            m.recent_entries_bytes.clone(),
+        );
+        registry.register(
+            "courier_router_entry_reads",
+            "Reads of a conversation's entries by catch-up and history, by where they were answered: memory (the recent entries) or store",
+            reads,
         );
         registry.register(
             "courier_router_batch_commands",

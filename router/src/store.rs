@@ -285,6 +285,9 @@ pub struct StoreLimits {
     /// How the dedupe partitions, written on every send, are compacted (see
     /// [`part_options`]). Fixed when a partition is created.
     pub dedupe_compaction: Compaction,
+    /// How the entries (the messages) are compacted (see [`part_options`]).
+    /// Fixed when a partition is created.
+    pub entries_compaction: Compaction,
 }
 
 /// An LSM compaction strategy of fjall's.
@@ -308,6 +311,7 @@ impl Default for StoreLimits {
             memtable_bytes: 4 << 20,
             background_nice: 19,
             dedupe_compaction: Compaction::Tiered,
+            entries_compaction: Compaction::Tiered,
         }
     }
 }
@@ -327,36 +331,37 @@ impl Default for StoreLimits {
 /// lookup misses on almost every call, and the filter answers it without
 /// reading a block.
 ///
-/// The two dedupe partitions, which take a record per send, are compacted
-/// size-tiered by default, not levelled (fjall's default). A dedupe key
-/// starts with its sender, so every flushed table spans the whole key space
-/// and overlaps all of level 1; and the dedupe memtable is small, so it is
-/// often among those fjall seals early to keep the memtables within the
-/// write buffer. Levelled compaction rewrites level 1 whole each time level
-/// 0 fills with such tables. Size-tiered merges a level into the next only
-/// once it holds `TIERED_RATIO` times the level before, so a record is
-/// rewritten about once a level: at issue 2's 5,000 sends/s the compactor
-/// wrote 226 MB a minute instead of 252. Those writes share the disk with
-/// the journal, whose fdatasync waits behind them, and slow syncs are part
-/// of the end-to-end tail (docs/benchmarks.md, "Size-tiered compaction").
-/// What it costs is reads: a lookup checks the bloom filter of each of a
-/// few more tables, and a range read (the sweep, by time, whose tables
-/// barely overlap) opens only those its range touches.
+/// The three partitions that take a record per send, the entries and the
+/// two of the dedupe records, are compacted size-tiered by default, not
+/// levelled (fjall's default). Their keys spread over the whole key space
+/// (an entry's starts with its conversation, a dedupe record's with its
+/// sender), so every flushed table overlaps all of level 1, and levelled
+/// compaction rewrites level 1 whole each time level 0 fills: at issue 2's
+/// 5,000 sends/s the compactor wrote about 250 MB a minute for 50 MB of
+/// data. Size-tiered merges a level into the next only once it holds
+/// `TIERED_RATIO` times the level before, so a record is rewritten about
+/// once a level: 34 to 44 MB a minute. Those writes share the disk with the
+/// journal, whose fdatasync waits behind them, and slow syncs are part of
+/// the end-to-end tail (docs/benchmarks.md, "Size-tiered compaction").
 ///
-/// The entries have the same key spread and make the rest of those writes
-/// (tiered too, the compactor wrote 34 to 44 MB a minute), but they stay
-/// levelled: catch-up and history are range reads of a conversation, which
-/// every table overlaps, and size-tiered made the catch-up of a returning
-/// user five times slower (`router_batch`).
+/// What it costs is reads. A dedupe lookup checks the bloom filter of each
+/// of a few more tables, and the sweep's range read by time opens only the
+/// tables its range touches (they barely overlap). A conversation's range
+/// read (catch-up, history) overlaps every table, and opening about ten
+/// made a catch-up from the store five times slower; the router answers the
+/// common ones, a device back after minutes, from its recent entries in
+/// memory instead (`core/recent.rs`), and an operator whose devices mostly
+/// come back after the recent entries have moved on may keep the entries
+/// levelled (`store.entries_compaction`).
 ///
 /// fjall records these with a partition when it creates it: a store created
 /// before keeps the ones it was created with.
 fn part_options(
     part: Part,
     base: &PartitionCreateOptions,
-    dedupe_compaction: Compaction,
+    limits: &StoreLimits,
 ) -> PartitionCreateOptions {
-    let dedupe = || match dedupe_compaction {
+    let compacted = |how: Compaction| match how {
         Compaction::Tiered => base
             .clone()
             .compaction_strategy(CompactionStrategy::SizeTiered(SizeTiered::new(
@@ -365,9 +370,9 @@ fn part_options(
             ))),
         Compaction::Leveled => base.clone(),
     };
+    let dedupe = || compacted(limits.dedupe_compaction);
     match part {
-        Part::Entries => base
-            .clone()
+        Part::Entries => compacted(limits.entries_compaction)
             .bloom_filter_bits(None)
             .block_size(RANGE_BLOCK_BYTES),
         Part::DedupeByTime => dedupe()
@@ -378,7 +383,7 @@ fn part_options(
     }
 }
 
-/// Size-tiered compaction of the dedupe partitions (see [`part_options`]):
+/// Size-tiered compaction of the per-send partitions (see [`part_options`]):
 /// level n is merged into level n + 1 once it holds
 /// `TIERED_BASE_BYTES * TIERED_RATIO^(n + 1)`, so level 0 at 32 MiB, level
 /// 1 at 128 MiB, and so on.
@@ -403,10 +408,7 @@ impl Open {
         // buffer bound above applies to it.
         let options = PartitionCreateOptions::default().max_memtable_size(limits.memtable_bytes);
         let open = |part: Part| {
-            keyspace.open_partition(
-                part.name(),
-                part_options(part, &options, limits.dedupe_compaction),
-            )
+            keyspace.open_partition(part.name(), part_options(part, &options, &limits))
         };
         // In `Part` order: `part()` indexes this array by discriminant.
         let parts = [

@@ -2,7 +2,9 @@
 //! catch-up (with its summary and per-conversation tail), history pages,
 //! the chat list and group receipt summaries. All of it reads the
 //! committed store (below any unsynced batch), so nothing shown here can
-//! later turn out not to be durable.
+//! later turn out not to be durable. A conversation's entries are read from
+//! the recent entries when they hold the whole read (`recent.rs`), else
+//! from the store.
 
 use std::sync::Arc;
 
@@ -13,7 +15,7 @@ use rustc_hash::FxHashMap;
 
 use super::{error_frame, message_frame_for, Outbox, Reject, RouterCore, SyncRequest};
 use crate::api::{Device, SessionKey};
-use crate::codec::ConversationKind;
+use crate::codec::{ConversationKind, StoredEntry};
 use crate::store::{self, StoreError};
 
 /// Entries in a history or chat-list page when the client asks for 0.
@@ -56,10 +58,10 @@ struct Plan {
     conversation: String,
     /// The highest sequence the device holds (its cursor or the client's).
     held: u64,
-    /// The first sequence to stream, and the last one it may see.
+    /// The first sequence to stream, and the last one it may see (the
+    /// newest entry, below any unsynced batch and the user's leaving).
     from: u64,
     last: u64,
-    until: u64,
     last_ms: u64,
     join_seq: u64,
     peer: Option<Arc<str>>,
@@ -116,14 +118,24 @@ impl RouterCore {
     }
 
     /// The range of `conversation` the user may read: from its join to its
-    /// removal (or the last durable entry).
+    /// removal or the last durable entry, whichever is first.
     fn visible(&mut self, user: &Arc<str>, conversation: &str) -> Result<(u64, u64), Reject> {
         let kind = ids::parse_conversation(conversation)
             .ok_or_else(|| Reject::new(ErrorCode::BadRequest, "malformed conversation id"))?;
         match self.store.membership(user, conversation)? {
             Some(m) => {
                 let until = if m.left_seq > 0 { m.left_seq } else { u64::MAX };
-                Ok((m.join_seq.max(1), self.durable_until(conversation, until)))
+                let until = self.durable_until(conversation, until);
+                // Bounded by the newest entry too, so that the recent
+                // entries can answer the read.
+                let newest = match self.load(conversation)? {
+                    true => self
+                        .conversations
+                        .get(conversation)
+                        .map_or(0, |c| c.last_seq),
+                    false => self.store.last_seq(conversation)?,
+                };
+                Ok((m.join_seq.max(1), until.min(newest)))
             }
             // A direct conversation with no message yet: empty, not refused.
             None if matches!(kind, IdKind::Direct(a, b) if *a == **user || *b == **user) => {
@@ -150,9 +162,7 @@ impl RouterCore {
             before => last.min(before - 1),
         };
         let limit = self.page_limit(limit);
-        let mut newest = self
-            .store
-            .entries_newest_first(&conversation, first, to, limit + 1)?;
+        let mut newest = self.entries_newest_first(&conversation, first, to, limit + 1)?;
         let mut more = newest.len() > limit;
         newest.truncate(limit);
         let mut bytes_left = self.config.sync_page_bytes;
@@ -253,7 +263,6 @@ impl RouterCore {
             ));
         }
         let entry = self
-            .store
             .entries(&conversation, seq, seq, 1)?
             .into_iter()
             .next()
@@ -375,7 +384,6 @@ impl RouterCore {
                 held,
                 from,
                 last,
-                until,
                 last_ms,
                 join_seq: m.join_seq,
                 peer,
@@ -460,18 +468,18 @@ impl RouterCore {
         let mut bytes_left = self.config.sync_page_bytes;
         for p in &plans {
             let after = p.from - 1;
+            // `last` is `until` bounded by the conversation's newest entry:
+            // the same entries, and a range the recent entries can answer.
             if budget == 0 {
-                if self.store.has_entries(&p.conversation, after, p.until)? {
+                if self.has_entries(&p.conversation, after, p.last)? {
                     return Ok(true);
                 }
                 continue;
             }
-            if after >= p.until {
+            if after >= p.last {
                 continue;
             }
-            let entries = self
-                .store
-                .entries(&p.conversation, after + 1, p.until, budget)?;
+            let entries = self.entries(&p.conversation, after + 1, p.last, budget)?;
             let mut last = after;
             let mut taken = 0;
             for (seq, entry) in &entries {
@@ -495,10 +503,58 @@ impl RouterCore {
                 taken += 1;
             }
             budget = budget.saturating_sub(taken);
-            if budget == 0 && self.store.has_entries(&p.conversation, last, p.until)? {
+            if budget == 0 && self.has_entries(&p.conversation, last, p.last)? {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+}
+
+/// A conversation's entries: from the recent entries when they hold the
+/// whole read, else from the store (the same answer either way).
+impl RouterCore {
+    /// Entries `from..=to`, oldest first, at most `limit`.
+    fn entries(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
+        if let Some(held) = self.recent.entries(conversation, from, to, limit) {
+            self.metrics.entry_reads_memory.inc();
+            return Ok(held);
+        }
+        self.metrics.entry_reads_store.inc();
+        self.store.entries(conversation, from, to, limit)
+    }
+
+    /// The newest entries in `from..=to`, newest first, at most `limit`.
+    fn entries_newest_first(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
+        if let Some(held) = self
+            .recent
+            .entries_newest_first(conversation, from, to, limit)
+        {
+            self.metrics.entry_reads_memory.inc();
+            return Ok(held);
+        }
+        self.metrics.entry_reads_store.inc();
+        self.store
+            .entries_newest_first(conversation, from, to, limit)
+    }
+
+    /// Whether there is an entry in `after + 1..=to`.
+    fn has_entries(&self, conversation: &str, after: u64, to: u64) -> Result<bool, StoreError> {
+        match self.recent.has_entries(conversation, after, to) {
+            Some(answer) => Ok(answer),
+            None => self.store.has_entries(conversation, after, to),
+        }
     }
 }

@@ -248,3 +248,86 @@ fn a_catch_up_page_stops_at_its_byte_budget() {
     let got: Vec<u64> = messages(&out.frames(&bob)).iter().map(|m| m.1).collect();
     assert_eq!(got, vec![3, 4]);
 }
+
+/// What bob's catch-up from nothing and his history page of `AB` show
+/// after alice and carol sent him 30 messages while he was away,
+/// with `recent` bytes of recent entries; and the router's metrics.
+const BC: &str = "d:bob:carol";
+
+fn away_and_back(recent: usize) -> (Vec<(String, u64, bytes::Bytes)>, Vec<u64>, String) {
+    let mut h = Harness::with(|c| {
+        c.recent_entries_bytes = recent;
+        c.sync_page = 7;
+    });
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    let carol = h.client("carol", 1, 0);
+    h.connect(&alice);
+    h.connect(&carol);
+    let bodies: [&'static [u8]; 3] = [b"first", b"second", b"third"];
+    for i in 0..15u64 {
+        h.step(vec![
+            alice.send(AB, i + 1, bodies[(i % 3) as usize]),
+            carol.send(BC, i + 1, bodies[((i + 1) % 3) as usize]),
+        ]);
+    }
+    let mut caught = Vec::new();
+    let mut out = h.step(vec![bob.attach(), bob.sync(vec![])]);
+    loop {
+        let frames = out.frames(&bob);
+        caught.extend(messages(&frames));
+        if frames.last() == Some(&ServerFrame::SyncDone { more: false }) {
+            break;
+        }
+        let held = |c: &str| caught.iter().filter(|m| m.0 == c).map(|m| m.1).max();
+        let cursors = [AB, BC]
+            .into_iter()
+            .filter_map(|c| held(c).map(|s| (c, s)))
+            .collect();
+        out = h.step(vec![bob.sync(cursors)]);
+    }
+    let out = h.step(vec![bob.frame(ClientFrame::History {
+        request: 1,
+        conversation: AB.into(),
+        before_seq: 0,
+        limit: 10,
+    })]);
+    let history = match out.frames(&bob).pop() {
+        Some(ServerFrame::History { entries, .. }) => entries.iter().map(|e| e.seq).collect(),
+        other => panic!("{other:?}"),
+    };
+    (caught, history, h.metrics_text())
+}
+
+fn reads(metrics: &str, source: &str) -> u64 {
+    let name = format!("courier_router_entry_reads_total{{source=\"{source}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+#[test]
+fn catch_up_and_history_read_the_same_from_memory_as_from_the_store() {
+    let (from_store, history_store, metrics) = away_and_back(0);
+    assert_eq!(reads(&metrics, "memory"), 0);
+    assert_eq!(from_store.len(), 30);
+    assert_eq!(history_store, (6..=15).collect::<Vec<_>>());
+
+    // All of it in memory: no read goes to the store.
+    let (from_memory, history_memory, metrics) = away_and_back(1 << 20);
+    assert_eq!(from_memory, from_store);
+    assert_eq!(history_memory, history_store);
+    assert_eq!(reads(&metrics, "store"), 0);
+    assert!(reads(&metrics, "memory") > 0);
+
+    // Room for about the last dozen entries: the older pages come from the
+    // store, the newer from memory, and the whole is the same.
+    let (mixed, history_mixed, metrics) = away_and_back(4_000);
+    assert_eq!(mixed, from_store);
+    assert_eq!(history_mixed, history_store);
+    assert!(reads(&metrics, "store") > 0, "{metrics}");
+    assert!(reads(&metrics, "memory") > 0, "{metrics}");
+    assert!(metrics.contains("courier_router_recent_entries_bytes "));
+}

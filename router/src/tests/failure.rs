@@ -157,3 +157,37 @@ fn repeated_failures_reopen_the_store_at_most_once_a_second() {
     let out = h.step(vec![alice.send(AB, 4, b"m")]);
     assert_eq!(out.sent(&alice).0, 1, "the sequence continues with no gap");
 }
+
+#[test]
+fn entries_a_failed_commit_wrote_are_never_read_back() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.step(vec![alice.send(AB, 1, b"one")]);
+    // The failed batch wrote sequences 2 and 3 before its commit failed.
+    h.core().fail_next_commits(1);
+    h.step(vec![alice.send(AB, 2, b"lost"), alice.send(AB, 3, b"lost")]);
+    // Sequence 2 is given again, to another message.
+    let out = h.step(vec![alice.send(AB, 4, b"kept")]);
+    assert_eq!(out.sent(&alice).0, 2);
+
+    let got: Vec<_> = messages(&h.connect(&bob))
+        .into_iter()
+        .map(|m| (m.1, m.2))
+        .collect();
+    assert_eq!(got, vec![(1, "one".into()), (2, "kept".into())]);
+    let out = h.step(vec![bob.frame(ClientFrame::History {
+        request: 1,
+        conversation: AB.into(),
+        before_seq: 0,
+        limit: 10,
+    })]);
+    match out.frames(&bob).pop() {
+        Some(ServerFrame::History { entries, .. }) => {
+            let got: Vec<_> = entries.iter().map(|e| (e.seq, e.body.clone())).collect();
+            assert_eq!(got, vec![(1, "one".into()), (2, "kept".into())]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
