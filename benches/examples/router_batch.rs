@@ -18,11 +18,13 @@
 //! entries stored meanwhile, over every table of the store) is timed too.
 //!
 //! ```sh
-//! cargo run --release -p courier-benches --example router_batch -- [SENDS_TOTAL] [ROUNDS] [tiered|leveled]
+//! cargo run --release -p courier-benches --example router_batch -- [SENDS_TOTAL] [ROUNDS] [tiered|leveled] [RECENT_MIB]
 //! ```
 //!
-//! The third argument is the store's compaction of the dedupe records
-//! (`--store-dedupe-compaction`); tiered by default, as in the gateway.
+//! The third argument is the store's compaction of the messages
+//! (`--store-entries-compaction`), the fourth the MiB of recent entries the
+//! router keeps for catch-up (`--recent-entries-mib`; 0 makes every
+//! catch-up read the store); both as in the gateway by default.
 //!
 //! (Run it with `MIMALLOC_PURGE_DELAY=0`, as the gateway configures its
 //! allocator.) Prints the time per send and per command of each round; compare the
@@ -32,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_protocol::frame::{ClientFrame, ServerFrame};
+use courier_protocol::frame::{ClientFrame, Cursor, ServerFrame};
 use courier_protocol::ids;
 use courier_router::api::{Command, Delivery, Device, SessionKey};
 use courier_router::{Compaction, RouterConfig, RouterCore, StoreLimits};
@@ -94,7 +96,8 @@ impl Driver {
 
     /// A user's session attaching and asking for what it missed since its
     /// delivery cursors.
-    fn attach_and_sync(&self, user: usize) -> [Command; 2] {
+    /// An attach and a `Sync` listing `cursors`.
+    fn attach_and_sync(&self, user: usize, cursors: Vec<Cursor>) -> [Command; 2] {
         let attach = Command::Attach {
             session: self.sessions[user],
             device: self.users[user].clone(),
@@ -103,7 +106,7 @@ impl Driver {
         let sync = ClientFrame::Sync {
             tail: 0,
             summary: false,
-            cursors: Vec::new(),
+            cursors,
         };
         [attach, self.frame(user, sync)]
     }
@@ -138,9 +141,13 @@ fn main() {
         Some("leveled") => Compaction::Leveled,
         Some(other) => panic!("compaction {other}: tiered or leveled"),
     };
+    let recent_bytes = match args.next() {
+        None => RouterConfig::default().recent_entries_bytes,
+        Some(mib) => mib.parse::<usize>().expect("RECENT_MIB: a number") << 20,
+    };
     for round in 1..=rounds {
         let dir = tempfile::tempdir().expect("tempdir");
-        let f = run(dir.path(), total, compaction);
+        let f = run(dir.path(), total, compaction, recent_bytes);
         println!(
             "round {round}: {total} sends in {} batches: router {:.2} us per send, {:.2} us \
              per command; thread CPU {:.2} us per send; store wrote {:.1} MB",
@@ -153,28 +160,32 @@ fn main() {
         let c = &f.catch_up;
         println!(
             "  catch-up: {} users back after {} sends, {} messages: {:.1} us per user, \
-             {:.2} us per message",
+             {:.2} us per message; entry reads {} from memory, {} from the store",
             c.users,
             c.sends,
             c.messages,
             c.busy.as_secs_f64() * 1e6 / c.users as f64,
-            c.busy.as_secs_f64() * 1e6 / c.messages.max(1) as f64
+            c.busy.as_secs_f64() * 1e6 / c.messages.max(1) as f64,
+            c.reads.0,
+            c.reads.1
         );
     }
 }
 
-fn run(dir: &std::path::Path, total: usize, compaction: Compaction) -> Figures {
+fn run(dir: &std::path::Path, total: usize, compaction: Compaction, recent: usize) -> Figures {
     let config = RouterConfig {
         data_dir: dir.join("store"),
         send_rate_per_s: 1e9,
         send_burst: 1e9,
+        recent_entries_bytes: recent,
         store: StoreLimits {
-            dedupe_compaction: compaction,
+            entries_compaction: compaction,
             ..StoreLimits::default()
         },
         ..RouterConfig::default()
     };
-    let core = RouterCore::open(config, &mut Registry::default()).expect("open");
+    let mut registry = Registry::default();
+    let core = RouterCore::open(config, &mut registry).expect("open");
     let users: Vec<Device> = (0..USERS)
         .map(|i| Device {
             user: Arc::from(format!("u{i:05}")),
@@ -203,7 +214,7 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction) -> Figures {
     for chunk in (0..USERS).collect::<Vec<_>>().chunks(500) {
         let mut commands = Vec::new();
         for &i in chunk {
-            commands.extend(d.attach_and_sync(i));
+            commands.extend(d.attach_and_sync(i, Vec::new()));
         }
         d.step(commands);
     }
@@ -255,6 +266,7 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction) -> Figures {
         body: Bytes::from(vec![0x5a; 200]),
         client_id: 0,
         online: vec![true; USERS],
+        heads: std::collections::HashMap::new(),
     };
     let batches = traffic.drive(&mut d, total);
     let busy_us = d.busy.as_secs_f64() * 1e6;
@@ -262,7 +274,13 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction) -> Figures {
     // The catch-up phase is timed on its own, and its CPU kept out of the
     // per-send figure, which stays comparable with earlier rounds.
     let cpu_away = thread_cpu_ns();
-    let catch_up = catch_up(&mut d, &mut traffic, total / 5);
+    let reads_before = entry_reads(&registry);
+    let mut catch_up = catch_up(&mut d, &mut traffic, total / 5);
+    let reads_after = entry_reads(&registry);
+    catch_up.reads = (
+        reads_after.0 - reads_before.0,
+        reads_after.1 - reads_before.1,
+    );
     let cpu_away = thread_cpu_ns().saturating_sub(cpu_away);
     // Closing writes what is still written behind (cursors): part of the
     // cost, so inside the CPU figure.
@@ -287,6 +305,8 @@ struct Traffic {
     client_id: u64,
     /// Users who ack what they receive (the others are offline).
     online: Vec<bool>,
+    /// Each conversation's newest sequence, from the `Sent` answers.
+    heads: std::collections::HashMap<String, u64>,
 }
 
 impl Traffic {
@@ -322,11 +342,16 @@ impl Traffic {
             }
             batches += 1;
             for (user, frame) in d.step(commands) {
-                if let ServerFrame::Message {
-                    conversation, seq, ..
-                } = frame
-                {
-                    acks.push(d.frame(user, ClientFrame::Delivered { conversation, seq }));
+                match frame {
+                    ServerFrame::Message {
+                        conversation, seq, ..
+                    } => acks.push(d.frame(user, ClientFrame::Delivered { conversation, seq })),
+                    ServerFrame::Sent {
+                        conversation, seq, ..
+                    } => {
+                        self.heads.insert(conversation, seq);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -339,6 +364,34 @@ impl Traffic {
 /// returning users' batches are timed.
 fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
     let away: Vec<usize> = (0..USERS).step_by(5).collect();
+    // Each holds everything up to the moment it goes, its own sends
+    // included, and lists that in its `Sync` on return, as a client with a
+    // local copy does (loadgen's too).
+    let mut convs_of: Vec<Vec<&str>> = vec![Vec::new(); USERS];
+    for (_, id) in &traffic.directs {
+        // "d:u00012:u04711": both users are in it.
+        for name in id.split(':').skip(1) {
+            convs_of[name[1..].parse::<usize>().expect("a user number")].push(id);
+        }
+    }
+    for (members, id) in &traffic.groups {
+        for &m in members {
+            convs_of[m].push(id);
+        }
+    }
+    let held: Vec<Vec<Cursor>> = away
+        .iter()
+        .map(|&i| {
+            convs_of[i]
+                .iter()
+                .map(|&id| Cursor {
+                    conversation: id.to_owned(),
+                    seq: traffic.heads.get(id).copied().unwrap_or(0),
+                })
+                .collect()
+        })
+        .collect();
+    drop(convs_of);
     let detach = away
         .iter()
         .map(|&i| {
@@ -354,12 +407,14 @@ fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
     traffic.drive(d, sends);
     d.busy = Duration::ZERO;
     let mut messages = 0;
+    let mut held = held.into_iter();
     for chunk in away.chunks(CATCH_UP_BATCH) {
         let mut commands = Vec::new();
         for &i in chunk {
             d.sessions[i].generation += 1;
             traffic.online[i] = true;
-            commands.extend(d.attach_and_sync(i));
+            let cursors = held.next().expect("one list per returning user");
+            commands.extend(d.attach_and_sync(i, cursors));
         }
         let frames = d.step(commands);
         messages += frames
@@ -372,7 +427,22 @@ fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
         sends,
         messages,
         busy: d.busy,
+        reads: (0, 0),
     }
+}
+
+/// The router's entry reads so far: (from memory, from the store).
+fn entry_reads(registry: &Registry) -> (u64, u64) {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+    let count = |source: &str| {
+        let name = format!("courier_router_entry_reads_total{{source=\"{source}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (count("memory"), count("store"))
 }
 
 /// Users attaching and syncing in one batch of the catch-up.
@@ -387,6 +457,9 @@ struct CatchUp {
     messages: usize,
     /// Wall time in `prepare` + `finish` of their attach and sync batches.
     busy: Duration,
+    /// Their reads of entries answered from the recent entries, and from
+    /// the store.
+    reads: (u64, u64),
 }
 
 /// What one round measured.
