@@ -390,6 +390,22 @@ fn part_options(
 const TIERED_BASE_BYTES: u32 = 8 << 20;
 const TIERED_RATIO: u8 = 4;
 
+/// Most sealed memtables fjall's flush worker takes each time it wakes
+/// (`Config::flush_workers`, which fjall also calls its parallelism: it
+/// flushes them on one thread per partition). fjall wakes the worker once
+/// per memtable sealed, but after a crash it wakes it once per partition
+/// with recovered memtables, though a partition may have several; and by
+/// default (one less than the CPUs, at most 4) it takes one task a wake-up
+/// here. The tasks left over then stay queued for good, one of them in a
+/// partition rarely written (the devices) whose sealed memtable is never
+/// flushed, so no journal after it can be deleted; at 16 journals (fjall
+/// counts each at its preallocated 32 MiB against its 512 MiB limit)
+/// every write halts, and the monitor will not flush a partition with a
+/// task queued. The node stopped committing 12 s after a restart at 2,000
+/// msg/s (`benches/scripts/kill9.sh`). Taking every queued task at each
+/// wake-up clears any such backlog at the next one.
+const FLUSH_TASKS_PER_WAKE: usize = 64;
+
 /// Block size of the partitions read only by range (see [`part_options`]).
 const RANGE_BLOCK_BYTES: u32 = 16 << 10;
 
@@ -400,6 +416,7 @@ impl Open {
         let config = Config::new(path)
             .manual_journal_persist(true)
             .fsync_ms(None)
+            .flush_workers(FLUSH_TASKS_PER_WAKE)
             .cache_size(limits.cache_bytes)
             .max_write_buffer_size(limits.write_buffer_bytes.max(1 << 20));
         let keyspace = open_keyspace(config, limits.background_nice)?;
