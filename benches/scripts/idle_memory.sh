@@ -4,11 +4,11 @@
 # sampled after the ramp and a full heartbeat cycle.
 source "$(dirname "$0")/common.sh"
 N=${N:-15000}
-build
+[ "${NO_BUILD:-0}" = 1 ] || build
 data=$(mktemp -d)
 start_gateway "$data"
 before=$(rss_kb "$GW_PID")
-"$LOADGEN" --data-dir "$data" --connections "$N" --rate 0 --duration 40s --ramp 5000 --quiet \
+"$LOADGEN" --url "ws://127.0.0.1:$PORT/" --data-dir "$data" --connections "$N" --rate 0 --duration 40s --ramp 5000 --quiet \
     --report "$OUT/idle_memory.json" &
 lg=$!
 sleep $(( N / 5000 + 32 ))

@@ -2,14 +2,15 @@
 # The node SIGKILLed in the middle of a loadgen run and started again on the
 # same data directory: loadgen reconnects, resends what was never acked
 # (same client ids), catches up, and must report 0 lost among SENT-acked
-# messages. Writes bench-out/kill9.json.
+# messages. Writes bench-out/kill9.json. PORT and METRICS_PORT move the
+# node off the default ports; NO_BUILD=1 runs the binaries already built.
 source "$(dirname "$0")/common.sh"
 CONNS=${CONNS:-10000}
 RATE=${RATE:-2000}
-build
+[ "${NO_BUILD:-0}" = 1 ] || build
 data=$(mktemp -d)
 start_gateway "$data"
-"$LOADGEN" --data-dir "$data" --connections "$CONNS" --rate "$RATE" --duration 60s --ramp 5000 \
+"$LOADGEN" --url "ws://127.0.0.1:$PORT/" --data-dir "$data" --connections "$CONNS" --rate "$RATE" --duration 60s --ramp 5000 \
     --drain 15s --report "$OUT/kill9.json" --quiet &
 lg=$!
 sleep 25

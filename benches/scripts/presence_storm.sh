@@ -9,7 +9,7 @@
 source "$(dirname "$0")/common.sh"
 CONNS=${CONNS:-10000}
 WRITES_PER_S=${WRITES_PER_S:-2000}
-build
+[ "${NO_BUILD:-0}" = 1 ] || build
 data=$(mktemp -d)
 start_gateway "$data" --presence-writes-per-s "$WRITES_PER_S"
 metric() { curl -sf http://127.0.0.1:9100/metrics | awk -v m="$1" '$1 == m {print $2}'; }
@@ -22,7 +22,7 @@ wait_for_online() {
     return 1
 }
 
-"$LOADGEN" --data-dir "$data" --connections "$CONNS" --rate 0 --duration 600s --ramp 5000 --quiet \
+"$LOADGEN" --url "ws://127.0.0.1:$PORT/" --data-dir "$data" --connections "$CONNS" --rate 0 --duration 600s --ramp 5000 --quiet \
     >"$OUT/presence_storm_loadgen1.log" 2>&1 &
 lg=$!
 wait_for_online "$CONNS"
@@ -47,7 +47,7 @@ sleep 1
 kill -KILL "$lg"
 wait "$lg" 2>/dev/null || true
 killed_at=$(date +%s%3N)
-"$LOADGEN" --data-dir "$data" --connections "$CONNS" --rate 0 --duration 600s --ramp 5000 --quiet \
+"$LOADGEN" --url "ws://127.0.0.1:$PORT/" --data-dir "$data" --connections "$CONNS" --rate 0 --duration 600s --ramp 5000 --quiet \
     >"$OUT/presence_storm_loadgen2.log" 2>&1 &
 lg=$!
 wait_for_online "$CONNS"
