@@ -403,7 +403,9 @@ const TIERED_RATIO: u8 = 4;
 /// every write halts, and the monitor will not flush a partition with a
 /// task queued. The node stopped committing 12 s after a restart at 2,000
 /// msg/s (`benches/scripts/kill9.sh`). Taking every queued task at each
-/// wake-up clears any such backlog at the next one.
+/// wake-up clears any such backlog at the next one. (fjall's tracker has
+/// the same stall after recovery in its 3.x line: fjall-rs/fjall issues
+/// 257 and 288.)
 const FLUSH_TASKS_PER_WAKE: usize = 64;
 
 /// Block size of the partitions read only by range (see [`part_options`]).
