@@ -32,6 +32,15 @@ const ENTRY_OVERHEAD: usize = size_of::<StoredEntry>() + size_of::<(Arc<str>, u6
 /// slot, the run and the name's allocation.
 const RUN_OVERHEAD: usize = size_of::<(Arc<str>, Run)>() + 48;
 
+/// Which end of a range of entries a read starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Oldest first (catch-up).
+    Oldest,
+    /// The newest, newest first (history pages).
+    Newest,
+}
+
 /// The cache. A limit of 0 turns it off.
 #[derive(Debug)]
 pub(crate) struct Recent {
@@ -178,56 +187,42 @@ impl Recent {
         }
     }
 
-    /// Entries `from..=to` of `conversation`, oldest first, at most
-    /// `limit`, as [`crate::store::Store::entries`] reads them; `None` when
-    /// the cache does not hold all of them.
+    /// At most `limit` entries of `conversation` in `from..=to`, from the
+    /// end `order` names, as the store's `entries` and
+    /// `entries_newest_first` read them; `None` when the cache does not
+    /// hold all of them.
     pub(crate) fn entries(
         &self,
         conversation: &str,
         from: u64,
         to: u64,
         limit: usize,
+        order: Order,
     ) -> Option<Vec<(u64, Option<StoredEntry>)>> {
         if from > to || limit == 0 {
             return Some(Vec::new());
         }
         let run = self.runs.get(conversation)?;
-        let to = to.min(from.saturating_add(limit as u64 - 1));
-        if from < run.first || to > run.last() {
-            return None;
+        let entry = |s| (s, Some(run.get(s).clone()));
+        match order {
+            Order::Oldest => {
+                let to = to.min(from.saturating_add(limit as u64 - 1));
+                let held = from >= run.first && to <= run.last();
+                held.then(|| (from..=to).map(entry).collect())
+            }
+            Order::Newest => {
+                if to < run.first || to > run.last() {
+                    return None;
+                }
+                let held = to - run.first.max(from) + 1;
+                if run.first > from && held < limit as u64 {
+                    // The page reaches below the run.
+                    return None;
+                }
+                let oldest = to - held.min(limit as u64) + 1;
+                Some((oldest..=to).rev().map(entry).collect())
+            }
         }
-        Some((from..=to).map(|s| (s, Some(run.get(s).clone()))).collect())
-    }
-
-    /// The newest entries of `conversation` in `from..=to`, newest first,
-    /// at most `limit`, as [`crate::store::Store::entries_newest_first`]
-    /// reads them; `None` when the cache does not hold all of them.
-    pub(crate) fn entries_newest_first(
-        &self,
-        conversation: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-    ) -> Option<Vec<(u64, Option<StoredEntry>)>> {
-        if from > to || limit == 0 {
-            return Some(Vec::new());
-        }
-        let run = self.runs.get(conversation)?;
-        if to > run.last() || to < run.first {
-            return None;
-        }
-        let held = to - run.first.max(from) + 1;
-        if run.first > from && held < limit as u64 {
-            // The page reaches below the run.
-            return None;
-        }
-        let oldest = to - held.min(limit as u64) + 1;
-        Some(
-            (oldest..=to)
-                .rev()
-                .map(|s| (s, Some(run.get(s).clone())))
-                .collect(),
-        )
     }
 
     /// Whether `conversation` has an entry in `after + 1..=to`, as
@@ -279,28 +274,39 @@ mod tests {
             r.insert("d:a:b", s, &entry(s, 10));
         }
         assert_eq!(
-            seqs(r.entries("d:a:b", 5, 9, 100)),
+            seqs(r.entries("d:a:b", 5, 9, 100, Order::Oldest)),
             Some(vec![5, 6, 7, 8, 9])
         );
-        assert_eq!(seqs(r.entries("d:a:b", 6, 9, 2)), Some(vec![6, 7]));
+        assert_eq!(
+            seqs(r.entries("d:a:b", 6, 9, 2, Order::Oldest)),
+            Some(vec![6, 7])
+        );
+        // A page that ends inside the run is answered, whatever `to` says.
+        assert_eq!(
+            seqs(r.entries("d:a:b", 6, 12, 2, Order::Oldest)),
+            Some(vec![6, 7])
+        );
         // Below the run, above it, or another conversation: the store's.
-        assert_eq!(seqs(r.entries("d:a:b", 4, 9, 100)), None);
-        assert_eq!(seqs(r.entries("d:a:b", 6, 10, 100)), None);
-        assert_eq!(seqs(r.entries("d:a:c", 1, 2, 100)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 4, 9, 100, Order::Oldest)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 6, 10, 100, Order::Oldest)), None);
+        assert_eq!(seqs(r.entries("d:a:c", 1, 2, 100, Order::Oldest)), None);
         // Nothing asked: nothing to read.
-        assert_eq!(seqs(r.entries("d:a:c", 3, 2, 100)), Some(vec![]));
+        assert_eq!(
+            seqs(r.entries("d:a:c", 3, 2, 100, Order::Oldest)),
+            Some(vec![])
+        );
 
         assert_eq!(
-            seqs(r.entries_newest_first("d:a:b", 1, 9, 3)),
+            seqs(r.entries("d:a:b", 1, 9, 3, Order::Newest)),
             Some(vec![9, 8, 7])
         );
         assert_eq!(
-            seqs(r.entries_newest_first("d:a:b", 6, 8, 10)),
+            seqs(r.entries("d:a:b", 6, 8, 10, Order::Newest)),
             Some(vec![8, 7, 6])
         );
         // The page would reach below the run.
-        assert_eq!(seqs(r.entries_newest_first("d:a:b", 1, 9, 6)), None);
-        assert_eq!(seqs(r.entries_newest_first("d:a:b", 1, 10, 1)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 1, 9, 6, Order::Newest)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 1, 10, 1, Order::Newest)), None);
 
         assert_eq!(r.has_entries("d:a:b", 8, 9), Some(true));
         assert_eq!(r.has_entries("d:a:b", 9, 9), Some(false));
@@ -321,12 +327,12 @@ mod tests {
         assert!(r.bytes() <= limit, "{} > {limit}", r.bytes());
         // Ten entries fit: the five newest of each conversation.
         assert_eq!(
-            seqs(r.entries("d:a:b", 4, 8, 100)),
+            seqs(r.entries("d:a:b", 4, 8, 100, Order::Oldest)),
             Some(vec![4, 5, 6, 7, 8])
         );
-        assert_eq!(seqs(r.entries("d:a:c", 3, 8, 100)), None);
+        assert_eq!(seqs(r.entries("d:a:c", 3, 8, 100, Order::Oldest)), None);
         assert_eq!(
-            seqs(r.entries("d:a:c", 4, 8, 100)),
+            seqs(r.entries("d:a:c", 4, 8, 100, Order::Oldest)),
             Some(vec![4, 5, 6, 7, 8])
         );
 
@@ -349,8 +355,11 @@ mod tests {
         let one_run = r.bytes();
         // Sequences 4 to 6 were written elsewhere.
         r.insert("d:a:b", 7, &entry(7, 10));
-        assert_eq!(seqs(r.entries("d:a:b", 3, 7, 100)), None);
-        assert_eq!(seqs(r.entries("d:a:b", 7, 7, 100)), Some(vec![7]));
+        assert_eq!(seqs(r.entries("d:a:b", 3, 7, 100, Order::Oldest)), None);
+        assert_eq!(
+            seqs(r.entries("d:a:b", 7, 7, 100, Order::Oldest)),
+            Some(vec![7])
+        );
         assert!(r.bytes() < one_run);
         // The stale records of 1 to 3 are skipped, not mistaken for 7's.
         r.limit = 0;
@@ -362,7 +371,7 @@ mod tests {
         r.insert("d:a:b", 1, &entry(1, 10));
         r.clear();
         assert_eq!(r.bytes(), 0);
-        assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1, Order::Oldest)), None);
     }
 
     #[test]
@@ -371,10 +380,13 @@ mod tests {
         r.insert("d:a:b", 1, &entry(1, 100));
         r.insert("d:a:b", 2, &entry(2, 100_000));
         assert_eq!(r.bytes(), 0);
-        assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1, Order::Oldest)), None);
         r.insert("d:a:b", 3, &entry(3, 100));
-        assert_eq!(seqs(r.entries("d:a:b", 3, 3, 1)), Some(vec![3]));
-        assert_eq!(seqs(r.entries("d:a:b", 2, 3, 2)), None);
+        assert_eq!(
+            seqs(r.entries("d:a:b", 3, 3, 1, Order::Oldest)),
+            Some(vec![3])
+        );
+        assert_eq!(seqs(r.entries("d:a:b", 2, 3, 2, Order::Oldest)), None);
     }
 
     #[test]
@@ -384,7 +396,12 @@ mod tests {
         e.body = frame.slice(100..200);
         let mut r = Recent::new(1 << 20);
         r.insert("d:a:b", 1, &e);
-        let held = r.entries("d:a:b", 1, 1, 1).unwrap().remove(0).1.unwrap();
+        let held = r
+            .entries("d:a:b", 1, 1, 1, Order::Oldest)
+            .unwrap()
+            .remove(0)
+            .1
+            .unwrap();
         assert_eq!(held.body, e.body);
         drop(e);
         // The frame's only owner is `frame` again.
@@ -396,6 +413,6 @@ mod tests {
         let mut r = Recent::new(0);
         r.insert("d:a:b", 1, &entry(1, 10));
         assert_eq!(r.bytes(), 0);
-        assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1)), None);
+        assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1, Order::Oldest)), None);
     }
 }

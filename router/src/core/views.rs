@@ -13,6 +13,7 @@ use courier_protocol::frame::{Chat, ConversationSummary, HistoryEntry, ServerFra
 use courier_protocol::ids::{self, ConversationKind as IdKind};
 use rustc_hash::FxHashMap;
 
+use super::recent::Order;
 use super::{error_frame, message_frame_for, Outbox, Reject, RouterCore, SyncRequest};
 use crate::api::{Device, SessionKey};
 use crate::codec::{ConversationKind, StoredEntry};
@@ -162,7 +163,7 @@ impl RouterCore {
             before => last.min(before - 1),
         };
         let limit = self.page_limit(limit);
-        let mut newest = self.entries_newest_first(&conversation, first, to, limit + 1)?;
+        let mut newest = self.entries(&conversation, first..=to, limit + 1, Order::Newest)?;
         let mut more = newest.len() > limit;
         newest.truncate(limit);
         let mut bytes_left = self.config.sync_page_bytes;
@@ -263,7 +264,7 @@ impl RouterCore {
             ));
         }
         let entry = self
-            .entries(&conversation, seq, seq, 1)?
+            .entries(&conversation, seq..=seq, 1, Order::Oldest)?
             .into_iter()
             .next()
             .and_then(|(_, e)| e);
@@ -479,7 +480,8 @@ impl RouterCore {
             if after >= p.last {
                 continue;
             }
-            let entries = self.entries(&p.conversation, after + 1, p.last, budget)?;
+            let range = after + 1..=p.last;
+            let entries = self.entries(&p.conversation, range, budget, Order::Oldest)?;
             let mut last = after;
             let mut taken = 0;
             for (seq, entry) in &entries {
@@ -514,40 +516,26 @@ impl RouterCore {
 /// A conversation's entries: from the recent entries when they hold the
 /// whole read, else from the store (the same answer either way).
 impl RouterCore {
-    /// Entries `from..=to`, oldest first, at most `limit`.
+    /// At most `limit` entries in `range`, from the end `order` names.
     fn entries(
         &self,
         conversation: &str,
-        from: u64,
-        to: u64,
+        range: std::ops::RangeInclusive<u64>,
         limit: usize,
+        order: Order,
     ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
-        if let Some(held) = self.recent.entries(conversation, from, to, limit) {
+        let (from, to) = range.into_inner();
+        if let Some(held) = self.recent.entries(conversation, from, to, limit, order) {
             self.metrics.entry_reads_memory.inc();
             return Ok(held);
         }
         self.metrics.entry_reads_store.inc();
-        self.store.entries(conversation, from, to, limit)
-    }
-
-    /// The newest entries in `from..=to`, newest first, at most `limit`.
-    fn entries_newest_first(
-        &self,
-        conversation: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Option<StoredEntry>)>, StoreError> {
-        if let Some(held) = self
-            .recent
-            .entries_newest_first(conversation, from, to, limit)
-        {
-            self.metrics.entry_reads_memory.inc();
-            return Ok(held);
+        match order {
+            Order::Oldest => self.store.entries(conversation, from, to, limit),
+            Order::Newest => self
+                .store
+                .entries_newest_first(conversation, from, to, limit),
         }
-        self.metrics.entry_reads_store.inc();
-        self.store
-            .entries_newest_first(conversation, from, to, limit)
     }
 
     /// Whether there is an entry in `after + 1..=to`.
