@@ -1459,7 +1459,6 @@ impl RouterCore {
         }
     }
 
-    /// Writes entry `seq` of `conversation`.
     /// Writes entry `seq` of `conversation`, and keeps it in the recent
     /// entries: if the batch's write or sync fails, they are cleared.
     fn write_entry(&mut self, b: &mut Batch, conversation: &str, seq: u64, entry: &StoredEntry) {
