@@ -94,9 +94,8 @@ impl Driver {
         frames
     }
 
-    /// A user's session attaching and asking for what it missed since its
-    /// delivery cursors.
-    /// An attach and a `Sync` listing `cursors`.
+    /// A user's session attaching, and its `Sync` listing `cursors` (none:
+    /// resume from its delivery cursors).
     fn attach_and_sync(&self, user: usize, cursors: Vec<Cursor>) -> [Command; 2] {
         let attach = Command::Attach {
             session: self.sessions[user],
@@ -274,13 +273,7 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction, recent: usiz
     // The catch-up phase is timed on its own, and its CPU kept out of the
     // per-send figure, which stays comparable with earlier rounds.
     let cpu_away = thread_cpu_ns();
-    let reads_before = entry_reads(&registry);
-    let mut catch_up = catch_up(&mut d, &mut traffic, total / 5);
-    let reads_after = entry_reads(&registry);
-    catch_up.reads = (
-        reads_after.0 - reads_before.0,
-        reads_after.1 - reads_before.1,
-    );
+    let catch_up = catch_up(&mut d, &mut traffic, total / 5, &registry);
     let cpu_away = thread_cpu_ns().saturating_sub(cpu_away);
     // Closing writes what is still written behind (cursors): part of the
     // cost, so inside the CPU figure.
@@ -362,7 +355,7 @@ impl Traffic {
 /// A fifth of the users detach, `sends` more messages go out, and they
 /// come back: attach and sync, `CATCH_UP_BATCH` users a batch. Only the
 /// returning users' batches are timed.
-fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
+fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize, registry: &Registry) -> CatchUp {
     let away: Vec<usize> = (0..USERS).step_by(5).collect();
     // Each holds everything up to the moment it goes, its own sends
     // included, and lists that in its `Sync` on return, as a client with a
@@ -406,6 +399,7 @@ fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
     d.step(detach);
     traffic.drive(d, sends);
     d.busy = Duration::ZERO;
+    let reads_before = entry_reads(registry);
     let mut messages = 0;
     let mut held = held.into_iter();
     for chunk in away.chunks(CATCH_UP_BATCH) {
@@ -422,12 +416,13 @@ fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize) -> CatchUp {
             .filter(|(_, f)| matches!(f, ServerFrame::Message { .. }))
             .count();
     }
+    let reads = entry_reads(registry);
     CatchUp {
         users: away.len(),
         sends,
         messages,
         busy: d.busy,
-        reads: (0, 0),
+        reads: (reads.0 - reads_before.0, reads.1 - reads_before.1),
     }
 }
 

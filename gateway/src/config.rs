@@ -63,7 +63,8 @@ pub enum Role {
     Router,
 }
 
-/// How the store compacts the dedupe records it takes on every send.
+/// How the store compacts a part written on every send (the messages, the
+/// dedupe records).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StoreCompaction {
     /// Size-tiered: a record is rewritten about once a level; a lookup

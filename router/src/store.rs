@@ -1307,7 +1307,7 @@ mod tests {
         }
     }
 
-    /// The dedupe partitions are compacted size-tiered, which leaves more
+    /// The per-send partitions are compacted size-tiered, which leaves more
     /// tables next to each other, and reads merge them. About forty flushed
     /// 64 KiB memtables of interleaved conversations and senders (26 tables
     /// once fjall has merged its oldest) read back whole and in order,
