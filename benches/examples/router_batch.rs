@@ -18,13 +18,16 @@
 //! entries stored meanwhile, over every table of the store) is timed too.
 //!
 //! ```sh
-//! cargo run --release -p courier-benches --example router_batch -- [SENDS_TOTAL] [ROUNDS] [tiered|leveled] [RECENT_MIB]
+//! cargo run --release -p courier-benches --example router_batch -- [SENDS_TOTAL] [ROUNDS] [tiered|leveled] [RECENT_MIB] [restart]
 //! ```
 //!
 //! The third argument is the store's compaction of the messages
 //! (`--store-entries-compaction`), the fourth the MiB of recent entries the
 //! router keeps for catch-up (`--recent-entries-mib`; 0 makes every
-//! catch-up read the store); both as in the gateway by default.
+//! catch-up read the store); both as in the gateway by default. With
+//! `restart` the router is closed and opened again on its store before the
+//! absent users come back, as after a node restart: the recent entries
+//! start empty, and only the returning users are attached.
 //!
 //! (Run it with `MIMALLOC_PURGE_DELAY=0`, as the gateway configures its
 //! allocator.) Prints the time per send and per command of each round; compare the
@@ -62,7 +65,8 @@ impl Rng {
 }
 
 struct Driver {
-    core: RouterCore,
+    /// `None` only while the router restarts.
+    core: Option<RouterCore>,
     now_ms: u64,
     users: Vec<Device>,
     /// Sessions by user index; a session's slot is its user index.
@@ -77,8 +81,9 @@ impl Driver {
     fn step(&mut self, commands: Vec<Command>) -> Vec<(usize, ServerFrame)> {
         self.commands += commands.len();
         let started = Instant::now();
-        let written = self.core.prepare(commands, self.now_ms);
-        let out = self.core.finish(written, Ok(Duration::ZERO));
+        let core = self.core.as_mut().expect("the router is open");
+        let written = core.prepare(commands, self.now_ms);
+        let out = core.finish(written, Ok(Duration::ZERO));
         self.busy += started.elapsed();
         self.now_ms += 1;
         let mut frames = Vec::new();
@@ -144,9 +149,14 @@ fn main() {
         None => RouterConfig::default().recent_entries_bytes,
         Some(mib) => mib.parse::<usize>().expect("RECENT_MIB: a number") << 20,
     };
+    let restart = match args.next().as_deref() {
+        None => false,
+        Some("restart") => true,
+        Some(other) => panic!("{other}: the fifth argument is `restart` or nothing"),
+    };
     for round in 1..=rounds {
         let dir = tempfile::tempdir().expect("tempdir");
-        let f = run(dir.path(), total, compaction, recent_bytes);
+        let f = run(dir.path(), total, compaction, recent_bytes, restart);
         println!(
             "round {round}: {total} sends in {} batches: router {:.2} us per send, {:.2} us \
              per command; thread CPU {:.2} us per send; store wrote {:.1} MB",
@@ -171,7 +181,13 @@ fn main() {
     }
 }
 
-fn run(dir: &std::path::Path, total: usize, compaction: Compaction, recent: usize) -> Figures {
+fn run(
+    dir: &std::path::Path,
+    total: usize,
+    compaction: Compaction,
+    recent: usize,
+    restart: bool,
+) -> Figures {
     let config = RouterConfig {
         data_dir: dir.join("store"),
         send_rate_per_s: 1e9,
@@ -184,7 +200,7 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction, recent: usiz
         ..RouterConfig::default()
     };
     let mut registry = Registry::default();
-    let core = RouterCore::open(config, &mut registry).expect("open");
+    let core = RouterCore::open(config.clone(), &mut registry).expect("open");
     let users: Vec<Device> = (0..USERS)
         .map(|i| Device {
             user: Arc::from(format!("u{i:05}")),
@@ -200,7 +216,7 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction, recent: usiz
         })
         .collect();
     let mut d = Driver {
-        core,
+        core: Some(core),
         now_ms: 1_700_000_000_000,
         users,
         sessions,
@@ -273,11 +289,12 @@ fn run(dir: &std::path::Path, total: usize, compaction: Compaction, recent: usiz
     // The catch-up phase is timed on its own, and its CPU kept out of the
     // per-send figure, which stays comparable with earlier rounds.
     let cpu_away = thread_cpu_ns();
-    let catch_up = catch_up(&mut d, &mut traffic, total / 5, &registry);
+    let reopen = restart.then_some(&config);
+    let catch_up = catch_up(&mut d, &mut traffic, total / 5, &mut registry, reopen);
     let cpu_away = thread_cpu_ns().saturating_sub(cpu_away);
     // Closing writes what is still written behind (cursors): part of the
     // cost, so inside the CPU figure.
-    d.core.close();
+    d.core.take().expect("the router is open").close();
     let cpu_us = thread_cpu_ns().saturating_sub(cpu_before + cpu_away) as f64 / 1e3;
     Figures {
         per_send: busy_us / total as f64,
@@ -354,8 +371,15 @@ impl Traffic {
 
 /// A fifth of the users detach, `sends` more messages go out, and they
 /// come back: attach and sync, `CATCH_UP_BATCH` users a batch. Only the
-/// returning users' batches are timed.
-fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize, registry: &Registry) -> CatchUp {
+/// returning users' batches are timed. With `reopen`, the router is closed
+/// and opened again on its store before they come back.
+fn catch_up(
+    d: &mut Driver,
+    traffic: &mut Traffic,
+    sends: usize,
+    registry: &mut Registry,
+    reopen: Option<&RouterConfig>,
+) -> CatchUp {
     let away: Vec<usize> = (0..USERS).step_by(5).collect();
     // Each holds everything up to the moment it goes, its own sends
     // included, and lists that in its `Sync` on return, as a client with a
@@ -398,6 +422,11 @@ fn catch_up(d: &mut Driver, traffic: &mut Traffic, sends: usize, registry: &Regi
         .collect();
     d.step(detach);
     traffic.drive(d, sends);
+    if let Some(config) = reopen {
+        d.core.take().expect("the router is open").close();
+        *registry = Registry::default();
+        d.core = Some(RouterCore::open(config.clone(), registry).expect("open again"));
+    }
     d.busy = Duration::ZERO;
     let reads_before = entry_reads(registry);
     let mut messages = 0;

@@ -155,6 +155,64 @@ impl Recent {
         self.evict();
     }
 
+    /// Starts `conversation`'s run with entries read from the store, when
+    /// they are a run: consecutive sequences, none corrupt, in either
+    /// order, up to `newest`, the newest entry the conversation has (so a
+    /// node that restarted, or whose entries moved on, answers the next
+    /// reader of the same messages from memory: the other members of a
+    /// group catching up after the first). They count as just written for
+    /// eviction. Nothing happens when a run is already held: it ends at
+    /// the newest entry too, and the read came to the store because it
+    /// reached below it.
+    pub(crate) fn fill(
+        &mut self,
+        conversation: &str,
+        read: &[(u64, Option<StoredEntry>)],
+        newest: u64,
+    ) {
+        if self.limit == 0 || read.is_empty() || self.runs.contains_key(conversation) {
+            return;
+        }
+        let (first, last) = match (read.first(), read.last()) {
+            (Some(a), Some(b)) => (a.0.min(b.0), a.0.max(b.0)),
+            _ => return,
+        };
+        let ascending = read.first().is_some_and(|e| e.0 == first);
+        let consecutive = read.iter().enumerate().all(|(i, (seq, entry))| {
+            let at = if ascending {
+                first + i as u64
+            } else {
+                last - i as u64
+            };
+            *seq == at && entry.is_some()
+        });
+        if !consecutive || last != newest || last - first + 1 != read.len() as u64 {
+            return;
+        }
+        let key: Arc<str> = Arc::from(conversation);
+        let entries: VecDeque<StoredEntry> = if ascending {
+            read.iter()
+                .filter_map(|(_, e)| e.as_ref())
+                .map(compact)
+                .collect()
+        } else {
+            read.iter()
+                .rev()
+                .filter_map(|(_, e)| e.as_ref())
+                .map(compact)
+                .collect()
+        };
+        let cost = RUN_OVERHEAD + key.len() + entries.iter().map(cost).sum::<usize>();
+        if cost > self.limit {
+            return;
+        }
+        self.order
+            .extend((first..=last).map(|seq| (key.clone(), seq)));
+        self.runs.insert(key, Run { first, entries });
+        self.bytes += cost;
+        self.evict();
+    }
+
     /// Drops the oldest written entries until the cache is within its limit.
     fn evict(&mut self) {
         // Every live entry costs at least ENTRY_OVERHEAD, so this bounds the
@@ -372,6 +430,57 @@ mod tests {
         r.clear();
         assert_eq!(r.bytes(), 0);
         assert_eq!(seqs(r.entries("d:a:b", 1, 1, 1, Order::Oldest)), None);
+    }
+
+    #[test]
+    fn a_read_that_reaches_the_newest_entry_starts_a_run() {
+        let read = |seqs: &[u64]| -> Vec<(u64, Option<StoredEntry>)> {
+            seqs.iter().map(|&s| (s, Some(entry(s, 10)))).collect()
+        };
+        let mut r = Recent::new(1 << 20);
+        // Not a run: short of the newest entry, a gap, a corrupt entry.
+        r.fill("d:a:b", &read(&[3, 4, 5]), 6);
+        r.fill("d:a:b", &read(&[3, 5, 6]), 6);
+        let mut corrupt = read(&[4, 5, 6]);
+        corrupt[1].1 = None;
+        r.fill("d:a:b", &corrupt, 6);
+        r.fill("d:a:b", &[], 6);
+        assert_eq!(r.bytes(), 0);
+        assert!(r.runs.is_empty() && r.order.is_empty());
+
+        // A history page reads newest first: the same run.
+        r.fill("d:a:b", &read(&[6, 5, 4]), 6);
+        assert_eq!(
+            seqs(r.entries("d:a:b", 4, 6, 100, Order::Oldest)),
+            Some(vec![4, 5, 6])
+        );
+        assert_eq!(seqs(r.entries("d:a:b", 3, 6, 100, Order::Oldest)), None);
+        // The next write extends it; a later fill leaves a held run alone.
+        r.insert("d:a:b", 7, &entry(7, 10));
+        let held = r.bytes();
+        r.fill("d:a:b", &read(&[1, 2, 3, 4, 5, 6, 7]), 7);
+        assert_eq!(r.bytes(), held);
+        assert_eq!(
+            seqs(r.entries("d:a:b", 4, 7, 100, Order::Oldest)),
+            Some(vec![4, 5, 6, 7])
+        );
+
+        // Filled entries leave in the order they came in, like written ones.
+        r.fill("d:a:c", &read(&[1, 2]), 2);
+        r.limit = r.bytes() - 1;
+        r.evict();
+        assert_eq!(seqs(r.entries("d:a:b", 4, 7, 100, Order::Oldest)), None);
+        assert_eq!(
+            seqs(r.entries("d:a:b", 5, 7, 100, Order::Oldest)),
+            Some(vec![5, 6, 7])
+        );
+        r.limit = 0;
+        r.evict();
+        assert_eq!(r.bytes(), 0);
+        assert!(r.runs.is_empty() && r.order.is_empty());
+        // Off: nothing is filled.
+        r.fill("d:a:b", &read(&[1]), 1);
+        assert!(r.runs.is_empty());
     }
 
     #[test]

@@ -516,9 +516,11 @@ impl RouterCore {
 /// A conversation's entries: from the recent entries when they hold the
 /// whole read, else from the store (the same answer either way).
 impl RouterCore {
-    /// At most `limit` entries in `range`, from the end `order` names.
+    /// At most `limit` entries in `range`, from the end `order` names. A
+    /// read from the store that ends at the conversation's newest entry
+    /// starts its run in the recent entries.
     fn entries(
-        &self,
+        &mut self,
         conversation: &str,
         range: std::ops::RangeInclusive<u64>,
         limit: usize,
@@ -530,12 +532,20 @@ impl RouterCore {
             return Ok(held);
         }
         self.metrics.entry_reads_store.inc();
-        match order {
-            Order::Oldest => self.store.entries(conversation, from, to, limit),
+        let read = match order {
+            Order::Oldest => self.store.entries(conversation, from, to, limit)?,
             Order::Newest => self
                 .store
-                .entries_newest_first(conversation, from, to, limit),
+                .entries_newest_first(conversation, from, to, limit)?,
+        };
+        // Only the newest entry the store has synced: an unsynced batch's
+        // entries are in the recent ones already, and may yet be lost.
+        if let Some(newest) = self.conversations.get(conversation).map(|c| c.last_seq) {
+            if self.durable_until(conversation, newest) == newest {
+                self.recent.fill(conversation, &read, newest);
+            }
         }
+        Ok(read)
     }
 
     /// Whether there is an entry in `after + 1..=to`.

@@ -331,3 +331,47 @@ fn catch_up_and_history_read_the_same_from_memory_as_from_the_store() {
     assert!(reads(&metrics, "memory") > 0, "{metrics}");
     assert!(metrics.contains("courier_router_recent_entries_bytes "));
 }
+
+#[test]
+fn after_a_restart_the_first_catch_up_of_a_group_from_the_store_serves_the_next_from_memory() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    h.connect(&alice);
+    let out = h.step(vec![alice.frame(ClientFrame::GroupCreate {
+        request: 1,
+        members: vec!["bob".into(), "carol".into(), "dave".into()],
+    })]);
+    let group = match out.frames(&alice).as_slice() {
+        [ServerFrame::GroupCreated { conversation, .. }] => conversation.clone(),
+        other => panic!("{other:?}"),
+    };
+    let bodies: [&'static [u8]; 3] = [b"one", b"two", b"three"];
+    for (i, body) in bodies.iter().enumerate() {
+        h.step(vec![alice.send(&group, i as u64 + 1, body)]);
+    }
+    h.restart();
+
+    // Each comes back holding the group's first entry (its creation).
+    let mut caught = Vec::new();
+    for name in ["bob", "carol", "dave"] {
+        let c = h.client(name, 1, 0);
+        let out = h.step(vec![c.attach(), c.sync(vec![(group.as_str(), 1)])]);
+        caught.push(messages(&out.frames(&c)));
+    }
+    assert_eq!(caught[0].iter().map(|m| m.1).collect::<Vec<_>>(), [2, 3, 4]);
+    assert_eq!(caught[1], caught[0]);
+    assert_eq!(caught[2], caught[0]);
+    let metrics = h.metrics_text();
+    assert_eq!(reads(&metrics, "store"), 1, "{metrics}");
+    assert_eq!(reads(&metrics, "memory"), 2, "{metrics}");
+
+    // A send after them extends the run the read started.
+    let alice = alice.reconnect();
+    h.step(vec![alice.attach(), alice.sync(vec![(group.as_str(), 4)])]);
+    h.step(vec![alice.send(&group, 9, b"four")]);
+    let erin = h.client("dave", 2, 0);
+    let out = h.step(vec![erin.attach(), erin.sync(vec![(group.as_str(), 1)])]);
+    let got: Vec<u64> = messages(&out.frames(&erin)).iter().map(|m| m.1).collect();
+    assert_eq!(got, [2, 3, 4, 5]);
+    assert_eq!(reads(&h.metrics_text(), "store"), 1);
+}
