@@ -167,8 +167,9 @@ pub struct Written {
     id: u64,
     batch: Batch,
     now_ms: u64,
-    /// The batch wrote something, so its effects wait for a sync.
-    wrote: bool,
+    /// The batch's effects wait for a sync: it wrote more than
+    /// written-behind cursors (see [`RouterCore::prepare`]).
+    sync: bool,
     /// Writing the batch (before any sync) already failed.
     write_failed: bool,
     /// The batch's writes encoded for the changelog (fleet mode only).
@@ -178,7 +179,7 @@ pub struct Written {
 impl Written {
     /// True when the batch's effects wait for a sync of the store.
     pub fn needs_sync(&self) -> bool {
-        self.wrote && !self.write_failed
+        self.sync && !self.write_failed
     }
 
     /// The batch's writes for the changelog, taken once (fleet mode).
@@ -593,6 +594,12 @@ impl RouterCore {
         self.store.fsyncs()
     }
 
+    /// Test hook: commits of writes since the store was opened, synced or not.
+    #[cfg(test)]
+    pub(crate) fn store_writes(&self) -> u64 {
+        self.store.commits
+    }
+
     /// Test hook: the next `n` commits fail before anything reaches the
     /// journal, as a full disk would fail them.
     #[cfg(test)]
@@ -678,6 +685,13 @@ impl RouterCore {
                 self.ids.high().to_le_bytes().to_vec(),
             );
         }
+        // Written-behind cursors need no sync of their own, as the sweep's
+        // deletions: they were never promised durable (a crash loses the
+        // last seconds of them either way, and the messages after the
+        // stored cursor come again), and the next batch that syncs covers
+        // them. A batch of receipts alone is then answered without an
+        // fdatasync. In fleet mode every write goes to the changelog.
+        let must_sync = !batch.writes.is_empty() || self.config.changelog.is_some();
         let due = now_ms.saturating_sub(CURSOR_FLUSH_INTERVAL_MS);
         batch.flushed_cursors = self.flush_cursors(&mut batch.writes, due, CURSOR_FLUSH_CHUNK);
 
@@ -685,6 +699,7 @@ impl RouterCore {
         let id = self.next_batch;
         self.next_batch += 1;
         let wrote = !writes.is_empty();
+        let sync = wrote && must_sync;
         let first_entries = writes.first_entries();
         let encoded = (wrote && self.config.changelog.is_some()).then(|| writes.encode());
         let writing = Instant::now();
@@ -701,14 +716,14 @@ impl RouterCore {
                 true
             }
         };
-        if wrote && !write_failed {
+        if sync && !write_failed {
             self.unsynced.push((id, first_entries));
         }
         Written {
             id,
             batch,
             now_ms,
-            wrote,
+            sync,
             write_failed,
             encoded,
         }
@@ -727,7 +742,7 @@ impl RouterCore {
             id,
             mut batch,
             now_ms,
-            wrote,
+            sync,
             write_failed,
             encoded: _,
         } = written;
@@ -735,7 +750,7 @@ impl RouterCore {
         let committed = match synced {
             _ if write_failed => false,
             Ok(took) => {
-                if wrote {
+                if sync {
                     self.metrics.commit_duration.observe(took.as_secs_f64());
                 }
                 true

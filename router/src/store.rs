@@ -541,6 +541,9 @@ pub struct Store {
     limits: StoreLimits,
     open: Option<Open>,
     fsyncs: u64,
+    /// Commits of a non-empty write set, synced or not.
+    #[cfg(test)]
+    pub commits: u64,
     /// Test hook: how many of the next commits fail before anything reaches
     /// the journal, as a full disk would fail them.
     #[cfg(test)]
@@ -571,6 +574,8 @@ impl Store {
             limits,
             open: Some(Open::new(path, limits)?),
             fsyncs: 0,
+            #[cfg(test)]
+            commits: 0,
             #[cfg(test)]
             fail_commits: 0,
         })
@@ -608,6 +613,10 @@ impl Store {
             }
         }
         batch.commit()?;
+        #[cfg(test)]
+        {
+            self.commits += 1;
+        }
         if durable {
             self.fsyncs += 1;
         }

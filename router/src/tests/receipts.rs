@@ -80,8 +80,8 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
     h.connect(&bob);
     h.step((1..=5).map(|i| alice.send(AB, i, b"m")).collect());
     // Receipts move the cached cursor at once and reach the store behind,
-    // within the flush interval: a batch of receipts alone costs no sync
-    // until the interval is up.
+    // within the flush interval; a batch of receipts alone costs no sync,
+    // even the one that writes them: the next batch that syncs covers them.
     h.step(vec![bob.frame(delivered(1))]);
     let before = h.core().store_fsyncs();
     h.step(vec![
@@ -91,11 +91,23 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
     ]);
     assert_eq!(h.core().store_fsyncs() - before, 0, "written behind");
     h.advance(6_000);
+    let written = h.core().store_writes();
     h.step(vec![bob.frame(delivered(4))]);
+    assert_eq!(
+        h.core().store_writes() - written,
+        1,
+        "written once the interval is up"
+    );
+    assert_eq!(
+        h.core().store_fsyncs() - before,
+        0,
+        "with no sync of its own"
+    );
+    h.step(vec![alice.send(AB, 6, b"m")]);
     assert_eq!(
         h.core().store_fsyncs() - before,
         1,
-        "flushed once the interval is up"
+        "a send's sync covers it"
     );
 
     h.restart();
@@ -106,7 +118,7 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
         .iter()
         .map(|m| m.1)
         .collect();
-    assert_eq!(got, vec![5], "resumes after the stored delivered cursor");
+    assert_eq!(got, vec![5, 6], "resumes after the stored delivered cursor");
     // Still monotonic after the restart.
     let out = h.step(vec![bob.frame(delivered(3))]);
     assert!(out.frames(&alice).is_empty());
