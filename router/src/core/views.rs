@@ -432,7 +432,13 @@ impl RouterCore {
             let (peer_delivered, peer_read) = match peer_cursor {
                 Some((peer, c)) => {
                     let reads = my_reads && self.read_receipts_on(&peer)?;
-                    (c.delivered, if reads { c.read } else { 0 })
+                    // A read the row shows counts as delivered: a peer's
+                    // send moves only its read cursor (replying means
+                    // having read), and delivered must not show less.
+                    match reads {
+                        true => (c.delivered.max(c.read), c.read),
+                        false => (c.delivered, 0),
+                    }
                 }
                 None => (0, 0),
             };

@@ -108,6 +108,32 @@ fn a_read_on_one_device_reaches_the_users_other_devices_and_the_sender() {
 }
 
 #[test]
+fn a_peer_who_only_sent_counts_as_delivered_as_far_as_read() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+    h.step(vec![alice.send(AB, 1, b"one")]);
+    h.step(vec![alice.detach()]);
+    // bob answers without a receipt: his send marks the conversation read
+    // up to his message, and what he has read he has.
+    h.step(vec![bob.send(AB, 1, b"two")]);
+    let alice = alice.reconnect();
+    let out = h.step(vec![alice.attach(), summary_sync(&alice, 0)]);
+    let summary = out
+        .frames(&alice)
+        .into_iter()
+        .find_map(|f| match f {
+            ServerFrame::SyncSummary { conversations } => Some(conversations),
+            _ => None,
+        })
+        .expect("a summary");
+    let row = summary.iter().find(|r| r.conversation == AB).expect(AB);
+    assert_eq!((row.peer_delivered, row.peer_read), (2, 2), "{row:?}");
+}
+
+#[test]
 fn receipts_made_while_the_sender_was_offline_reach_it_on_reconnect() {
     let mut h = Harness::new();
     let alice = h.client("alice", 1, 0);
