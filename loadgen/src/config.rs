@@ -22,7 +22,16 @@ pub const CONNECTIONS_PER_PROCESS: u32 = 18_000;
 /// Drive real WebSocket clients against a Courier node and check that every
 /// acknowledged message arrived exactly once, in order.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "loadgen", version, about, long_about = None)]
+#[command(
+    name = "loadgen",
+    version,
+    about,
+    long_about = None,
+    after_help = "Other commands (each with its own --help):\n  \
+        loadgen size REPORT.json   size a fleet from a saved --report\n  \
+        loadgen push ...           push notifications under load, checked end to end\n  \
+        loadgen peer ...           Courier and peer servers measured in their own protocols"
+)]
 pub struct Args {
     /// The gateway to load (ws:// on a loopback address).
     #[arg(long, default_value = "ws://127.0.0.1:8080/")]

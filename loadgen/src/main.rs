@@ -32,11 +32,17 @@ const EXIT_THRESHOLD: u8 = 3;
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
+    // A command's own flags, after its name as its usage shows it.
+    let command = |name: &str| -> Vec<String> {
+        std::iter::once(format!("loadgen {name}"))
+            .chain(argv.iter().skip(2).cloned())
+            .collect()
+    };
     match argv.get(1).map(String::as_str) {
         Some("worker") => return courier_loadgen::worker_process(),
-        Some("size") => return size(&argv[1..]),
-        Some("push") => return courier_loadgen::push::main(&argv[1..]),
-        Some("peer") => return courier_loadgen::peer::main(&argv[1..]),
+        Some("size") => return size(&command("size")),
+        Some("push") => return courier_loadgen::push::main(&command("push")),
+        Some("peer") => return courier_loadgen::peer::main(&command("peer")),
         Some("peer-worker") => return courier_loadgen::peer::worker_process(),
         _ => {}
     }

@@ -239,7 +239,38 @@ impl Sizing {
             show(r.gateway_nodes_for_cpu),
             show(r.router_nodes)
         );
+        if let Some(caution) = self.measured.caution() {
+            let _ = writeln!(s, "  caution: {caution}");
+        }
         s
+    }
+}
+
+/// Below these a run's per-connection and per-delivery figures are mostly
+/// fixed costs and noise (docs/loadgen.md).
+const SMALL_RUN_CONNECTIONS: u64 = 10_000;
+const SMALL_RUN_DELIVERIES: u64 = 1_000_000;
+
+impl Measured {
+    /// Why the sizing of this run should not be trusted, if it should not.
+    pub fn caution(&self) -> Option<String> {
+        let few_connections = self
+            .connections
+            .filter(|&c| c < SMALL_RUN_CONNECTIONS)
+            .map(|c| format!("{c} connections"));
+        let few_deliveries = self
+            .deliveries
+            .filter(|&d| d < SMALL_RUN_DELIVERIES)
+            .map(|d| format!("{d} deliveries"));
+        let small: Vec<String> = few_connections.into_iter().chain(few_deliveries).collect();
+        (!small.is_empty()).then(|| {
+            format!(
+                "measured on {}: a run this small is mostly fixed costs and noise; size from \
+                 one of at least {SMALL_RUN_CONNECTIONS} connections and {SMALL_RUN_DELIVERIES} \
+                 deliveries",
+                small.join(" and ")
+            )
+        })
     }
 }
 
@@ -746,5 +777,28 @@ mod tests {
         assert_eq!(r.gateway_nodes, Some(3));
         assert!(r.missing.is_empty(), "{:?}", r.missing);
         assert!(r.lines.iter().all(|l| !l.from.is_empty()));
+    }
+
+    #[test]
+    fn a_small_run_is_sized_with_a_caution() {
+        let small = Measured {
+            connections: Some(200),
+            deliveries: Some(4_283),
+            ..Measured::default()
+        };
+        let text = Sizing::compute(small, &Assumptions::default()).text();
+        assert!(
+            text.contains("caution: measured on 200 connections and 4283 deliveries"),
+            "{text}"
+        );
+        let issue_run = Measured {
+            connections: Some(10_000),
+            deliveries: Some(1_371_361),
+            ..Measured::default()
+        };
+        assert_eq!(issue_run.caution(), None);
+        assert!(!Sizing::compute(issue_run, &Assumptions::default())
+            .text()
+            .contains("caution"));
     }
 }
