@@ -962,8 +962,19 @@ async fn upgrade(core: Rc<Core>, stream: TcpStream, addr: SocketAddr) {
 }
 
 /// Logs a refused upgrade, rate-limited per core. Names the peer and the
-/// reason, never the token.
+/// reason, never the token. A plain HTTP request (426: no upgrade asked, as
+/// a health check or a browser sends) is at debug: not a client in trouble.
 fn warn_refused(core: &Core, addr: SocketAddr, status: u16, reason: &str) {
+    if status == 426 {
+        tracing::debug!(
+            conn.core = core.id,
+            client.addr = %addr,
+            http.status = status,
+            reason,
+            "upgrade refused"
+        );
+        return;
+    }
     if let Some(held) = core.warn.upgrade.admit(Instant::now()) {
         tracing::warn!(
             conn.core = core.id,
