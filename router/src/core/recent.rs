@@ -4,7 +4,10 @@
 //!
 //! Every entry the router writes goes in, in write order, and the oldest
 //! written go first once the cache is over its byte limit: it holds the
-//! last few minutes of traffic, whichever conversations they were in. For
+//! last few minutes of traffic, whichever conversations they were in. A
+//! read the store answered that ends at a conversation's newest entry goes
+//! in too, when the conversation has no run ([`Recent::fill`]): after a
+//! restart the first member of a group to catch up pays for the rest. For
 //! each conversation it holds one run of consecutive sequences ending at
 //! the newest entry written, so a read it answers is exactly what the store
 //! would answer; a read that reaches below a run, or above it (a run left
