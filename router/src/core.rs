@@ -130,6 +130,10 @@ pub struct RouterCore {
     /// these, so no device is shown an entry before it is durable. Added by
     /// [`RouterCore::prepare`], removed by [`RouterCore::finish`].
     unsynced: Vec<(u64, FxHashMap<Box<str>, u64>)>,
+    /// When the oldest cursor records committed without a sync were
+    /// committed, until a sync covers them; a batch, even an empty tick,
+    /// syncs once they are [`CURSOR_FLUSH_INTERVAL_MS`] old.
+    lazy_since_ms: Option<u64>,
     next_batch: u64,
     /// Delivery cursors as the router knows them, by cursor key: read from
     /// the store on first use, moved by receipts. The store may lag behind
@@ -569,6 +573,7 @@ impl RouterCore {
             last_failure_log_ms: None,
             last_reopen_ms: None,
             unsynced: Vec::new(),
+            lazy_since_ms: None,
             next_batch: 0,
             cursor_cache: FxHashMap::default(),
             dirty_cursors: 0,
@@ -690,7 +695,10 @@ impl RouterCore {
         // last seconds of them either way, and the messages after the
         // stored cursor come again), and the next batch that syncs covers
         // them. A batch of receipts alone is then answered without an
-        // fdatasync. In fleet mode every write goes to the changelog.
+        // fdatasync. So that a quiet node does not leave read cursors
+        // unsynced for long (unread counts would come back after a crash),
+        // any batch syncs once they have waited the flush interval. In
+        // fleet mode every write goes to the changelog.
         let must_sync = !batch.writes.is_empty() || self.config.changelog.is_some();
         let due = now_ms.saturating_sub(CURSOR_FLUSH_INTERVAL_MS);
         batch.flushed_cursors = self.flush_cursors(&mut batch.writes, due, CURSOR_FLUSH_CHUNK);
@@ -699,7 +707,13 @@ impl RouterCore {
         let id = self.next_batch;
         self.next_batch += 1;
         let wrote = !writes.is_empty();
-        let sync = wrote && must_sync;
+        let lazy_due = self.lazy_since_ms.is_some_and(|since| since <= due);
+        let sync = (wrote && must_sync) || lazy_due;
+        if sync {
+            self.lazy_since_ms = None;
+        } else if wrote {
+            self.lazy_since_ms.get_or_insert(now_ms);
+        }
         let first_entries = writes.first_entries();
         let encoded = (wrote && self.config.changelog.is_some()).then(|| writes.encode());
         let writing = Instant::now();

@@ -127,6 +127,32 @@ fn receipt_cursors_are_durable_and_drive_catch_up() {
 }
 
 #[test]
+fn on_a_quiet_node_the_idle_tick_syncs_cursors_written_without_a_sync() {
+    let mut h = Harness::new();
+    let alice = h.client("alice", 1, 0);
+    let bob = h.client("bob", 1, 0);
+    h.connect(&alice);
+    h.connect(&bob);
+    h.step(vec![alice.send(AB, 1, b"m")]);
+    h.step(vec![bob.frame(read(1))]);
+    h.advance(6_000);
+    // The read cursor reaches the store with the next batch, unsynced.
+    let (written, synced) = (h.core().store_writes(), h.core().store_fsyncs());
+    h.step(vec![]);
+    assert_eq!(h.core().store_writes() - written, 1);
+    assert_eq!(h.core().store_fsyncs() - synced, 0, "not synced yet");
+    h.advance(4_000);
+    h.step(vec![]);
+    assert_eq!(h.core().store_fsyncs() - synced, 0, "not due yet");
+    h.advance(1_000);
+    h.step(vec![]);
+    assert_eq!(h.core().store_fsyncs() - synced, 1, "the tick syncs it");
+    h.advance(10_000);
+    h.step(vec![]);
+    assert_eq!(h.core().store_fsyncs() - synced, 1, "and only once");
+}
+
+#[test]
 fn a_receipt_writes_only_its_devices_cursor_and_the_users_is_derived() {
     let mut h = Harness::new();
     let alice = h.client("alice", 1, 0);
