@@ -4,12 +4,28 @@
 
 use courier_protocol::close;
 use courier_protocol::error::ErrorCode;
-use courier_protocol::frame::{settings, ClientFrame, ReceiptKind, ServerFrame};
+use courier_protocol::frame::{
+    settings, ClientFrame, ConversationSummary, ReceiptKind, ServerFrame,
+};
 
-use super::{Client, Harness};
+use super::{Client, Harness, Out};
 use crate::api::{Class, Command};
 
 const AB: &str = "d:alice:bob";
+
+/// The row for `conversation` of the `SyncSummary` `client` got in `out`.
+fn summary_row(out: &Out, client: &Client, conversation: &str) -> ConversationSummary {
+    out.frames(client)
+        .into_iter()
+        .find_map(|f| match f {
+            ServerFrame::SyncSummary { conversations } => Some(conversations),
+            _ => None,
+        })
+        .expect("a summary")
+        .into_iter()
+        .find(|r| r.conversation == conversation)
+        .unwrap_or_else(|| panic!("no row for {conversation}"))
+}
 
 fn attach_issued(c: &Client, issued_at_s: u64) -> Command {
     Command::Attach {
@@ -121,15 +137,7 @@ fn a_peer_who_only_sent_counts_as_delivered_as_far_as_read() {
     h.step(vec![bob.send(AB, 1, b"two")]);
     let alice = alice.reconnect();
     let out = h.step(vec![alice.attach(), summary_sync(&alice, 0)]);
-    let summary = out
-        .frames(&alice)
-        .into_iter()
-        .find_map(|f| match f {
-            ServerFrame::SyncSummary { conversations } => Some(conversations),
-            _ => None,
-        })
-        .expect("a summary");
-    let row = summary.iter().find(|r| r.conversation == AB).expect(AB);
+    let row = summary_row(&out, &alice, AB);
     assert_eq!((row.peer_delivered, row.peer_read), (2, 2), "{row:?}");
 }
 
@@ -147,15 +155,7 @@ fn receipts_made_while_the_sender_was_offline_reach_it_on_reconnect() {
 
     let alice = alice.reconnect();
     let out = h.step(vec![alice.attach(), summary_sync(&alice, 0)]);
-    let summary = out
-        .frames(&alice)
-        .into_iter()
-        .find_map(|f| match f {
-            ServerFrame::SyncSummary { conversations } => Some(conversations),
-            _ => None,
-        })
-        .expect("a summary");
-    let row = summary.iter().find(|r| r.conversation == AB).expect(AB);
+    let row = summary_row(&out, &alice, AB);
     assert_eq!((row.peer_delivered, row.peer_read), (2, 2), "{row:?}");
     assert_eq!(row.last_seq, 2);
 
