@@ -391,10 +391,10 @@ impl ServeArgs {
 #[derive(Clone, Debug, Args)]
 pub struct TokenArgs {
     /// The user the token is for.
-    #[arg(long)]
+    #[arg(long, value_parser = user_id)]
     pub user: String,
-    /// The device number of the user.
-    #[arg(long, default_value_t = 1)]
+    /// The device number of the user, from 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub device: u32,
     /// Seconds the token stays valid.
     #[arg(long, default_value_t = 86_400)]
@@ -405,6 +405,14 @@ pub struct TokenArgs {
     /// The node's TOML configuration file, for its `store.data_dir`.
     #[arg(long, env = "COURIER_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// A user id a token may name.
+fn user_id(s: &str) -> Result<String, String> {
+    match courier_protocol::ids::is_valid_user_id(s) {
+        true => Ok(s.to_owned()),
+        false => Err("1 to 64 characters of [A-Za-z0-9._@+-]".into()),
+    }
 }
 
 /// A finite number, 0 or more.

@@ -328,6 +328,24 @@ fn a_node_serves_with_its_file_and_token_reads_the_data_dir_from_it() {
 }
 
 #[test]
+fn a_token_for_a_bad_user_or_device_is_refused_as_a_bad_flag() {
+    for (args, says) in [
+        (&["token", "--user", "al ice"][..], "--user"),
+        (&["token", "--user", ""][..], "--user"),
+        (
+            &["token", "--user", "alice", "--device", "0"][..],
+            "--device",
+        ),
+    ] {
+        let out = gateway(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
 fn serving_flags_before_a_subcommand_are_refused_not_ignored() {
     // `gateway --config F serve` would otherwise serve without the file.
     let out = gateway(&["--cores", "3", "serve", "--print-config"], &[]);
