@@ -189,7 +189,7 @@ impl Recent {
             };
             *seq == at && entry.is_some()
         });
-        if !consecutive || last != newest || last - first + 1 != read.len() as u64 {
+        if !consecutive || last != newest {
             return;
         }
         let key: Arc<str> = Arc::from(conversation);
